@@ -1,0 +1,40 @@
+//! The custom resources of `matrix.openmeet.net/v1alpha1`, one file per kind.
+//!
+//! The CRD YAML in `crds/` is generated from these types (`make crds`), so
+//! admission-time validation (patterns, enums, ranges, CEL rules) lives here.
+
+pub mod conditions;
+pub mod permission;
+pub mod room;
+pub mod user;
+
+pub use conditions::Condition;
+pub use permission::{RoomPermission, RoomPermissionSpec, RoomPermissionStatus};
+pub use room::{MatrixRoom, MatrixRoomSpec, MatrixRoomStatus};
+pub use user::{MatrixUser, MatrixUserSpec, MatrixUserStatus, UserDeletionPolicy};
+
+use kube::CustomResourceExt;
+
+/// API group of every kind the operator serves.
+pub const GROUP: &str = "matrix.openmeet.net";
+/// The one field manager the operator uses for server-side apply.
+pub const FIELD_MANAGER: &str = "openmeet-matrix-operator";
+/// Namespace label that names the tenant a namespace belongs to.
+pub const TENANT_LABEL: &str = "matrix.openmeet.net/tenant";
+
+/// Every CRD the operator serves, in a stable order.
+pub fn crds(
+) -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    vec![MatrixUser::crd(), MatrixRoom::crd(), RoomPermission::crd()]
+}
+
+/// All CRDs as one multi-document YAML stream.
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    let mut out = String::new();
+    for crd in crds() {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,129 @@
+//! `RoomPermission`: one user's place in one room, like a RoleBinding.
+
+use super::conditions::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One user's membership and power in one room of the same namespace.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "matrix.openmeet.net",
+    version = "v1alpha1",
+    kind = "RoomPermission",
+    plural = "roompermissions",
+    singular = "roompermission",
+    shortname = "mxperm",
+    category = "matrix",
+    namespaced,
+    status = "RoomPermissionStatus",
+    doc = "One user's membership and power level in one room of the same namespace.",
+    printcolumn = r#"{"name":"Room","type":"string","jsonPath":".spec.roomRef.name"}"#,
+    printcolumn = r#"{"name":"User","type":"string","jsonPath":".spec.userRef.name"}"#,
+    printcolumn = r#"{"name":"Membership","type":"string","jsonPath":".spec.membership"}"#,
+    printcolumn = r#"{"name":"Power","type":"integer","jsonPath":".status.effectivePowerLevel"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("!(has(self.role) && has(self.powerLevel))").message("set either role or powerLevel, not both"))]
+#[serde(rename_all = "camelCase")]
+pub struct RoomPermissionSpec {
+    /// The `MatrixRoom` in this namespace. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("roomRef is immutable"))]
+    pub room_ref: LocalRef,
+    /// The `MatrixUser` in this namespace. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("userRef is immutable"))]
+    pub user_ref: LocalRef,
+    /// Named role: Member = 0, Moderator = 50, Admin = 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// Explicit power level, instead of a role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub power_level: Option<i64>,
+    /// Join (default), Invite or Ban.
+    #[serde(default)]
+    pub membership: Membership,
+}
+
+/// A reference to an object of the same namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LocalRef {
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+        length(min = 1, max = 253)
+    )]
+    pub name: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Role {
+    Member,
+    Moderator,
+    Admin,
+}
+
+impl Role {
+    pub fn power_level(self) -> i64 {
+        match self {
+            Role::Member => 0,
+            Role::Moderator => 50,
+            Role::Admin => 100,
+        }
+    }
+}
+
+impl RoomPermissionSpec {
+    /// The power level this permission asks for.
+    pub fn desired_power_level(&self) -> i64 {
+        self.power_level
+            .or(self.role.map(Role::power_level))
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Membership {
+    #[default]
+    Join,
+    Invite,
+    Ban,
+}
+
+/// Observed state of a `RoomPermission`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomPermissionStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_power_level: Option<i64>,
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_power_level_wins_over_default() {
+        let spec = RoomPermissionSpec {
+            room_ref: LocalRef { name: "r".into() },
+            user_ref: LocalRef { name: "u".into() },
+            role: None,
+            power_level: Some(42),
+            membership: Membership::Join,
+        };
+        assert_eq!(spec.desired_power_level(), 42);
+        let spec = RoomPermissionSpec {
+            power_level: None,
+            role: Some(Role::Moderator),
+            ..spec
+        };
+        assert_eq!(spec.desired_power_level(), 50);
+        let spec = RoomPermissionSpec { role: None, ..spec };
+        assert_eq!(spec.desired_power_level(), 0);
+    }
+}

@@ -1,0 +1,191 @@
+//! `MatrixRoom`: a room for an OpenMeet event, group or direct conversation.
+
+use super::conditions::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A Matrix room the operator creates, keeps converged and eventually closes.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "matrix.openmeet.net",
+    version = "v1alpha1",
+    kind = "MatrixRoom",
+    plural = "matrixrooms",
+    singular = "matrixroom",
+    shortname = "mxroom",
+    category = "matrix",
+    namespaced,
+    status = "MatrixRoomStatus",
+    doc = "A Matrix room for an OpenMeet event, group or direct conversation.",
+    printcolumn = r#"{"name":"Room ID","type":"string","jsonPath":".status.roomId"}"#,
+    printcolumn = r#"{"name":"Alias","type":"string","jsonPath":".status.canonicalAlias"}"#,
+    printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.joinedMembers"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("!has(oldSelf.encrypted) || !oldSelf.encrypted || (has(self.encrypted) && self.encrypted)").message("encryption cannot be turned off once enabled"))]
+#[serde(rename_all = "camelCase")]
+pub struct MatrixRoomSpec {
+    /// Local part of the room's canonical alias, mapped into the operator's
+    /// alias namespace. Immutable.
+    #[schemars(
+        regex(pattern = r"^[a-z0-9][a-z0-9._=-]*$"),
+        length(min = 1, max = 128)
+    )]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("alias is immutable"))]
+    pub alias: String,
+
+    /// Room name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub name: Option<String>,
+
+    /// Room topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub topic: Option<String>,
+
+    /// Room avatar as an `mxc://` content URI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^mxc://[A-Za-z0-9.:_-]+/[A-Za-z0-9_-]+$"),
+        length(max = 512)
+    )]
+    pub avatar_url: Option<String>,
+
+    /// The platform object this room belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<RoomSource>,
+
+    /// Who may join.
+    #[serde(default)]
+    pub join_rule: JoinRule,
+
+    /// Who may read history.
+    #[serde(default)]
+    pub history_visibility: HistoryVisibility,
+
+    /// Whether guests may join.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guest_access: bool,
+
+    /// End-to-end encryption. One way: it can be turned on, never off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
+
+    /// Publish the room in the server's room directory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publish_to_directory: bool,
+
+    /// Power-level thresholds for the room's actions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<RoomThresholds>,
+
+    /// Whether undeclared members are removed.
+    #[serde(default)]
+    pub membership_policy: MembershipPolicy,
+
+    /// What happens to the room when this object is deleted.
+    #[serde(default)]
+    pub deletion_policy: RoomDeletionPolicy,
+}
+
+/// The platform object a room serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomSource {
+    pub kind: SourceKind,
+    /// The platform's slug of the event or group.
+    #[schemars(length(min = 1, max = 255))]
+    pub slug: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SourceKind {
+    Event,
+    Group,
+    Direct,
+}
+
+/// `m.room.join_rules`, as Matrix spells it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JoinRule {
+    #[default]
+    Invite,
+    Public,
+    Knock,
+}
+
+/// `m.room.history_visibility`, as Matrix spells it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryVisibility {
+    #[default]
+    Shared,
+    Invited,
+    Joined,
+    WorldReadable,
+}
+
+/// Power levels needed for each action (0–100).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomThresholds {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub send_messages: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub invite: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub kick: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub ban: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub redact: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub change_settings: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MembershipPolicy {
+    /// Only declared users stay joined.
+    #[default]
+    Exclusive,
+    /// Undeclared members are never removed.
+    Additive,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RoomDeletionPolicy {
+    /// Leave the room as it is.
+    Retain,
+    /// Remove members, drop the alias, and leave.
+    #[default]
+    Close,
+    /// Delete the room in Synapse and purge its history.
+    Purge,
+}
+
+/// Observed state of a `MatrixRoom`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MatrixRoomStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canonical_alias: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joined_members: Option<i64>,
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

@@ -1,0 +1,171 @@
+//! The controller: watches the custom resources and converges Synapse to them.
+//! Each kind has a module shaped `observe → plan (pure) → apply → status`.
+
+pub mod backoff;
+pub mod claims;
+pub mod user;
+
+use crate::synapse::{SynapseClient, SynapseError};
+use backoff::Backoff;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::Client;
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Finalizer the operator puts on every object it converges.
+pub const FINALIZER: &str = "matrix.openmeet.net/cleanup";
+/// External-id provider that marks an account as the operator's.
+pub const OWNER_PROVIDER: &str = "net.openmeet.owner";
+
+/// Why a reconcile failed. Each variant maps to one condition reason.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Synapse(#[from] SynapseError),
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer error: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("invalid object: {0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// The stable condition reason for this failure.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Synapse(e) if e.is_transient() => "SynapseUnavailable",
+            Error::Synapse(_) => "SynapseRejected",
+            Error::Kube(_) | Error::Finalizer(_) => "KubernetesError",
+            Error::Invalid(_) => "InvalidSpec",
+        }
+    }
+
+    /// Transient errors are retried with backoff; the rest wait for a change.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Synapse(e) => e.is_transient(),
+            Error::Kube(_) | Error::Finalizer(_) => true,
+            Error::Invalid(_) => false,
+        }
+    }
+}
+
+/// Operator-wide policy that tenants cannot change for themselves.
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// The `idp_id` of the sidecar in Synapse's `oidc_providers`.
+    pub sso_idp_id: String,
+    /// Localparts no `MatrixUser` may take (the operator's own accounts, `admin`, …).
+    pub reserved_localparts: BTreeSet<String>,
+    /// Namespaces allowed to adopt accounts that already exist in Synapse.
+    pub adopt_namespaces: BTreeSet<String>,
+    /// Namespaces whose users may be server admins.
+    pub admin_namespaces: BTreeSet<String>,
+    /// Periodic resync: the safety net behind watches.
+    pub resync_interval: Duration,
+    /// Watch one namespace only (namespaced install); all when `None`.
+    pub namespace: Option<String>,
+    /// Watch only objects with these labels.
+    pub label_selector: Option<String>,
+    /// This replica's name, for Events.
+    pub instance: Option<String>,
+}
+
+impl OperatorConfig {
+    /// Reserved whatever the configuration adds.
+    pub fn builtin_reserved(admin_localpart: &str, sender_localpart: &str) -> BTreeSet<String> {
+        [
+            admin_localpart,
+            sender_localpart,
+            "admin",
+            "administrator",
+            "root",
+            "system",
+            "synapse",
+            "server",
+            "support",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+    }
+
+    pub fn sso_provider(&self) -> String {
+        format!("oidc-{}", self.sso_idp_id)
+    }
+}
+
+/// Counters the operator keeps about its own work.
+#[derive(Debug, Default)]
+pub struct ReconcileStats {
+    pub user_reconciles: AtomicU64,
+    pub user_failures: AtomicU64,
+}
+
+impl ReconcileStats {
+    pub fn user_reconciles(&self) -> u64 {
+        self.user_reconciles.load(Ordering::Relaxed)
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub synapse: SynapseClient,
+    pub config: OperatorConfig,
+    pub recorder: Recorder,
+    pub users: Store<crate::api::MatrixUser>,
+    pub backoff: Backoff,
+    pub stats: Arc<ReconcileStats>,
+}
+
+/// The controller process: everything `run` needs.
+pub struct Operator {
+    client: Client,
+    synapse: SynapseClient,
+    config: OperatorConfig,
+    stats: Arc<ReconcileStats>,
+}
+
+impl Operator {
+    pub fn new(client: Client, synapse: SynapseClient, config: OperatorConfig) -> Self {
+        Operator {
+            client,
+            synapse,
+            config,
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<ReconcileStats> {
+        self.stats.clone()
+    }
+
+    /// Runs every controller until `shutdown` resolves; in-flight reconciles finish first.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+        let reporter = Reporter {
+            controller: crate::api::FIELD_MANAGER.into(),
+            instance: self.config.instance.clone(),
+        };
+        let recorder = Recorder::new(self.client.clone(), reporter);
+        user::run(
+            self.client,
+            self.synapse,
+            self.config,
+            recorder,
+            self.stats,
+            shutdown,
+        )
+        .await;
+    }
+}
+
+/// Backoff bounds for transient failures.
+pub fn default_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(500), Duration::from_secs(300))
+}

@@ -1,0 +1,484 @@
+//! Pure planning for `MatrixUser`: desired spec + observed account → actions.
+//! No I/O here; every branch is driven from fixtures in the tests below.
+
+use crate::api::MatrixUserSpec;
+use crate::synapse::{ExternalId, SynapseUser, UserUpsert};
+
+/// Why a user cannot be converged right now. Each is a stable condition reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blocked {
+    /// The localpart is on the operator's reserved list.
+    ReservedLocalpart,
+    /// An older `MatrixUser` claims the same localpart.
+    LocalpartConflict,
+    /// `admin: true` in a namespace the operator does not allow it for.
+    AdminNotAllowed,
+    /// The account exists, is not the operator's, and adoption is not allowed here.
+    AccountExists,
+}
+
+impl Blocked {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Blocked::ReservedLocalpart => "ReservedLocalpart",
+            Blocked::LocalpartConflict => "LocalpartConflict",
+            Blocked::AdminNotAllowed => "AdminNotAllowed",
+            Blocked::AccountExists => "AccountExists",
+        }
+    }
+}
+
+/// One Synapse write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserAction {
+    /// `PUT` on an absent account.
+    Create(UserUpsert),
+    /// `PUT` of the changed fields of an existing account.
+    Update(UserUpsert),
+}
+
+/// The outcome of planning.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserPlan {
+    Blocked(Blocked),
+    /// Writes to make, in order; empty when the account already matches.
+    /// `adopts` is true when the account was not the operator's before.
+    Converge {
+        actions: Vec<UserAction>,
+        adopts: bool,
+    },
+}
+
+/// What the operator's configuration says about this object.
+#[derive(Clone, Debug)]
+pub struct Desired<'a> {
+    pub spec: &'a MatrixUserSpec,
+    /// The external id that marks an account as owned by this object.
+    pub owner_marker: ExternalId,
+    /// `oidc-<idp>`: the provider SSO logins arrive through.
+    pub sso_provider: &'a str,
+    pub reserved: bool,
+    pub admin_allowed: bool,
+    pub adoption_allowed: bool,
+}
+
+/// Checks that need no Synapse call: reserved names and admin permission.
+pub fn precheck(desired: &Desired<'_>) -> Option<Blocked> {
+    if desired.reserved {
+        return Some(Blocked::ReservedLocalpart);
+    }
+    if desired.spec.admin && !desired.admin_allowed {
+        return Some(Blocked::AdminNotAllowed);
+    }
+    None
+}
+
+/// The external ids the account should carry: the ownership marker, and the
+/// SSO link when a subject is set. Sorted, so comparison is order-free.
+pub fn desired_external_ids(desired: &Desired<'_>) -> Vec<ExternalId> {
+    let mut ids = vec![desired.owner_marker.clone()];
+    if let Some(subject) = &desired.spec.subject {
+        ids.push(ExternalId {
+            auth_provider: desired.sso_provider.to_string(),
+            external_id: subject.clone(),
+        });
+    }
+    ids.sort();
+    ids
+}
+
+fn desired_emails(spec: &MatrixUserSpec) -> Vec<String> {
+    spec.email.iter().map(|e| e.to_lowercase()).collect()
+}
+
+fn is_owned(observed: &SynapseUser, marker: &ExternalId) -> bool {
+    observed.external_ids.iter().any(|id| id == marker)
+}
+
+/// Plans the writes that bring the account to the desired state.
+pub fn plan(desired: &Desired<'_>, observed: Option<&SynapseUser>) -> UserPlan {
+    if let Some(blocked) = precheck(desired) {
+        return UserPlan::Blocked(blocked);
+    }
+    let spec = desired.spec;
+    let Some(observed) = observed else {
+        let create = UserUpsert {
+            displayname: spec.display_name.clone(),
+            avatar_url: spec.avatar_url.clone(),
+            emails: spec.email.as_ref().map(|_| desired_emails(spec)),
+            external_ids: Some(desired_external_ids(desired)),
+            admin: spec.admin.then_some(true),
+            locked: spec.locked.then_some(true),
+            deactivated: None,
+        };
+        let mut actions = vec![UserAction::Create(create)];
+        // Synapse's create path ignores `deactivated`: deactivate in a second write.
+        if spec.deactivated {
+            actions.push(UserAction::Update(UserUpsert {
+                deactivated: Some(true),
+                ..Default::default()
+            }));
+        }
+        return UserPlan::Converge {
+            actions,
+            adopts: false,
+        };
+    };
+
+    let adopts = !is_owned(observed, &desired.owner_marker);
+    if adopts && !desired.adoption_allowed {
+        return UserPlan::Blocked(Blocked::AccountExists);
+    }
+
+    let mut change = UserUpsert::default();
+    let mut external_ids = observed.external_ids.clone();
+    external_ids.sort();
+    let wanted_ids = desired_external_ids(desired);
+    if external_ids != wanted_ids {
+        change.external_ids = Some(wanted_ids);
+    }
+
+    if spec.deactivated {
+        // On a deactivated account only flags and our marker are compared:
+        // Synapse strips its third-party ids, so diffing them would never settle.
+        if !observed.deactivated {
+            change.deactivated = Some(true);
+        }
+    } else {
+        if observed.deactivated {
+            change.deactivated = Some(false);
+        }
+        if let Some(name) = &spec.display_name {
+            if observed.displayname.as_ref() != Some(name) {
+                change.displayname = Some(name.clone());
+            }
+        }
+        let observed_avatar = observed.avatar_url.as_deref().filter(|a| !a.is_empty());
+        if spec.avatar_url.as_deref() != observed_avatar {
+            // An empty string clears the avatar.
+            change.avatar_url = Some(spec.avatar_url.clone().unwrap_or_default());
+        }
+        let emails = desired_emails(spec);
+        if observed.emails() != emails {
+            change.emails = Some(emails);
+        }
+    }
+    // Flags Synapse keeps on deactivated accounts too.
+    if observed.admin != spec.admin {
+        change.admin = Some(spec.admin);
+    }
+    if observed.locked != spec.locked {
+        change.locked = Some(spec.locked);
+    }
+
+    let actions = if change.is_empty() {
+        vec![]
+    } else {
+        vec![UserAction::Update(change)]
+    };
+    UserPlan::Converge { actions, adopts }
+}
+
+/// What deleting the object does to the account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CleanupAction {
+    /// Nothing to do: retained, already done, gone, or not ours.
+    Nothing,
+    Deactivate,
+    Erase,
+}
+
+/// Plans the finalizer's cleanup. Only an account carrying this object's
+/// marker is ever touched; a repeat after success plans nothing.
+pub fn plan_cleanup(
+    policy: crate::api::UserDeletionPolicy,
+    marker: &ExternalId,
+    observed: Option<&SynapseUser>,
+) -> CleanupAction {
+    use crate::api::UserDeletionPolicy::*;
+    let Some(observed) = observed else {
+        return CleanupAction::Nothing;
+    };
+    if !is_owned(observed, marker) {
+        return CleanupAction::Nothing;
+    }
+    match policy {
+        Retain => CleanupAction::Nothing,
+        Deactivate if observed.deactivated => CleanupAction::Nothing,
+        Deactivate => CleanupAction::Deactivate,
+        Erase if observed.deactivated && observed.erased => CleanupAction::Nothing,
+        Erase => CleanupAction::Erase,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::UserDeletionPolicy;
+    use crate::synapse::users::Threepid;
+
+    fn spec() -> MatrixUserSpec {
+        serde_json::from_value(serde_json::json!({
+            "localpart": "alice",
+            "displayName": "Alice",
+            "email": "Alice@Example.org",
+            "subject": "user-123",
+        }))
+        .unwrap()
+    }
+
+    fn marker() -> ExternalId {
+        ExternalId {
+            auth_provider: "net.openmeet.owner".into(),
+            external_id: "tenant-a/alice".into(),
+        }
+    }
+
+    fn desired(spec: &MatrixUserSpec) -> Desired<'_> {
+        Desired {
+            spec,
+            owner_marker: marker(),
+            sso_provider: "oidc-openmeet",
+            reserved: false,
+            admin_allowed: false,
+            adoption_allowed: false,
+        }
+    }
+
+    /// The account exactly as the operator would have left it for `spec()`.
+    fn converged() -> SynapseUser {
+        SynapseUser {
+            name: "@alice:x".into(),
+            displayname: Some("Alice".into()),
+            threepids: vec![Threepid {
+                medium: "email".into(),
+                address: "alice@example.org".into(),
+            }],
+            external_ids: vec![
+                ExternalId {
+                    auth_provider: "oidc-openmeet".into(),
+                    external_id: "user-123".into(),
+                },
+                marker(),
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn single_update(plan: UserPlan) -> UserUpsert {
+        match plan {
+            UserPlan::Converge { actions, .. } => match actions.as_slice() {
+                [UserAction::Update(change)] => change.clone(),
+                other => panic!("expected one update, got {other:?}"),
+            },
+            other => panic!("expected converge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn creates_absent_account_with_marker_and_sso_link() {
+        let spec = spec();
+        let plan = plan(&desired(&spec), None);
+        let UserPlan::Converge {
+            actions,
+            adopts: false,
+        } = plan
+        else {
+            panic!("{plan:?}")
+        };
+        let [UserAction::Create(create)] = actions.as_slice() else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(create.displayname.as_deref(), Some("Alice"));
+        assert_eq!(create.emails, Some(vec!["alice@example.org".to_string()]));
+        assert_eq!(create.external_ids.as_ref().unwrap().len(), 2);
+        assert_eq!(create.admin, None, "false is Synapse's default: omitted");
+        assert_eq!(create.deactivated, None);
+    }
+
+    #[test]
+    fn converged_account_plans_nothing() {
+        let spec = spec();
+        assert_eq!(
+            plan(&desired(&spec), Some(&converged())),
+            UserPlan::Converge {
+                actions: vec![],
+                adopts: false
+            }
+        );
+    }
+
+    #[test]
+    fn changes_only_what_differs() {
+        let mut spec = spec();
+        spec.display_name = Some("Alice B".into());
+        spec.locked = true;
+        let change = single_update(plan(&desired(&spec), Some(&converged())));
+        assert_eq!(
+            change,
+            UserUpsert {
+                displayname: Some("Alice B".into()),
+                locked: Some(true),
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn subject_change_replaces_sso_link_and_keeps_marker() {
+        let mut spec = spec();
+        spec.subject = Some("user-999".into());
+        let change = single_update(plan(&desired(&spec), Some(&converged())));
+        let ids = change.external_ids.unwrap();
+        assert!(ids.contains(&marker()));
+        assert!(ids
+            .iter()
+            .any(|i| i.auth_provider == "oidc-openmeet" && i.external_id == "user-999"));
+        assert_eq!(ids.len(), 2);
+    }
+
+    #[test]
+    fn removed_email_and_avatar_are_cleared() {
+        let mut spec = spec();
+        spec.email = None;
+        let mut observed = converged();
+        observed.avatar_url = Some("mxc://x/old".into());
+        let change = single_update(plan(&desired(&spec), Some(&observed)));
+        assert_eq!(change.emails, Some(vec![]));
+        assert_eq!(change.avatar_url, Some(String::new()));
+    }
+
+    #[test]
+    fn foreign_account_is_left_alone_unless_adoption_allowed() {
+        let spec = spec();
+        let mut foreign = converged();
+        foreign.external_ids.clear();
+        assert_eq!(
+            plan(&desired(&spec), Some(&foreign)),
+            UserPlan::Blocked(Blocked::AccountExists)
+        );
+
+        let mut d = desired(&spec);
+        d.adoption_allowed = true;
+        let UserPlan::Converge {
+            actions,
+            adopts: true,
+        } = plan(&d, Some(&foreign))
+        else {
+            panic!()
+        };
+        let [UserAction::Update(change)] = actions.as_slice() else {
+            panic!()
+        };
+        assert!(change.external_ids.as_ref().unwrap().contains(&marker()));
+    }
+
+    #[test]
+    fn reserved_and_admin_are_refused_before_any_call() {
+        let mut spec = spec();
+        let mut d = desired(&spec);
+        d.reserved = true;
+        assert_eq!(
+            plan(&d, None),
+            UserPlan::Blocked(Blocked::ReservedLocalpart)
+        );
+        spec.admin = true;
+        assert_eq!(precheck(&desired(&spec)), Some(Blocked::AdminNotAllowed));
+        let mut d = desired(&spec);
+        d.admin_allowed = true;
+        assert_eq!(precheck(&d), None);
+        let change = single_update(plan(&d, Some(&converged())));
+        assert_eq!(change.admin, Some(true));
+    }
+
+    #[test]
+    fn deactivation_ignores_profile_and_settles() {
+        let mut spec = spec();
+        spec.deactivated = true;
+        spec.display_name = Some("Changed".into());
+        let change = single_update(plan(&desired(&spec), Some(&converged())));
+        assert_eq!(
+            change,
+            UserUpsert {
+                deactivated: Some(true),
+                ..Default::default()
+            }
+        );
+
+        // After deactivation Synapse stripped the email: nothing more to do.
+        let mut after = converged();
+        after.deactivated = true;
+        after.threepids.clear();
+        assert_eq!(
+            plan(&desired(&spec), Some(&after)),
+            UserPlan::Converge {
+                actions: vec![],
+                adopts: false
+            }
+        );
+    }
+
+    #[test]
+    fn absent_deactivated_account_is_created_then_deactivated() {
+        let mut spec = spec();
+        spec.deactivated = true;
+        let UserPlan::Converge { actions, .. } = plan(&desired(&spec), None) else {
+            panic!()
+        };
+        assert!(
+            matches!(actions.as_slice(), [UserAction::Create(_), UserAction::Update(u)] if u.deactivated == Some(true))
+        );
+    }
+
+    #[test]
+    fn reactivation_is_planned() {
+        let spec = spec();
+        let mut observed = converged();
+        observed.deactivated = true;
+        let change = single_update(plan(&desired(&spec), Some(&observed)));
+        assert_eq!(change.deactivated, Some(false));
+    }
+
+    #[test]
+    fn cleanup_touches_only_owned_accounts_and_is_idempotent() {
+        let owned = converged();
+        let mut foreign = converged();
+        foreign.external_ids.retain(|i| *i != marker());
+        assert_eq!(
+            plan_cleanup(UserDeletionPolicy::Deactivate, &marker(), Some(&owned)),
+            CleanupAction::Deactivate
+        );
+        assert_eq!(
+            plan_cleanup(UserDeletionPolicy::Deactivate, &marker(), Some(&foreign)),
+            CleanupAction::Nothing
+        );
+        assert_eq!(
+            plan_cleanup(UserDeletionPolicy::Deactivate, &marker(), None),
+            CleanupAction::Nothing
+        );
+        assert_eq!(
+            plan_cleanup(UserDeletionPolicy::Retain, &marker(), Some(&owned)),
+            CleanupAction::Nothing
+        );
+        assert_eq!(
+            plan_cleanup(UserDeletionPolicy::Erase, &marker(), Some(&owned)),
+            CleanupAction::Erase
+        );
+
+        let mut done = owned.clone();
+        done.deactivated = true;
+        assert_eq!(
+            plan_cleanup(UserDeletionPolicy::Deactivate, &marker(), Some(&done)),
+            CleanupAction::Nothing
+        );
+        assert_eq!(
+            plan_cleanup(UserDeletionPolicy::Erase, &marker(), Some(&done)),
+            CleanupAction::Erase
+        );
+        done.erased = true;
+        assert_eq!(
+            plan_cleanup(UserDeletionPolicy::Erase, &marker(), Some(&done)),
+            CleanupAction::Nothing
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! openmeet-matrix-operator: converges a Matrix homeserver (Synapse) to the
+//! rooms, users and permissions the OpenMeet platform declares.
+
+pub mod api;
+pub mod controller;
+pub mod registration;
+pub mod sidecar;
+pub mod synapse;
+pub mod telemetry;

@@ -1,0 +1,260 @@
+//! Typed Synapse client: admin and client API calls as the operator's
+//! application service, masquerading as its admin account.
+//!
+//! Requests are built with ruma's `synapse-admin-api` types where they cover
+//! an endpoint. Responses of `GET /_synapse/admin/v2/users` are read into our
+//! own tolerant struct: Synapse returns `displayname: null` for erased
+//! accounts, which the crate's `UserDetails` cannot represent.
+
+mod stats;
+pub mod users;
+
+pub use stats::{RequestKind, RequestStats};
+pub use users::{ExternalId, SynapseUser, UserUpsert};
+
+use ruma::api::{
+    auth_scheme::SendAccessToken, AppserviceUserIdentity, OutgoingRequest,
+    OutgoingRequestAppserviceExt,
+};
+use ruma::{OwnedUserId, UserId};
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why a Synapse call failed, classified for retry decisions.
+#[derive(Debug, thiserror::Error)]
+pub enum SynapseError {
+    #[error("Synapse is unreachable: {0}")]
+    Unreachable(#[source] reqwest::Error),
+    #[error("Synapse answered {status} ({errcode}): {message}")]
+    Server {
+        status: u16,
+        errcode: String,
+        message: String,
+    },
+    #[error("Synapse rate-limited the request; retry after {retry_after:?}")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("Synapse refused the request with {status} ({errcode}): {message}")]
+    Rejected {
+        status: u16,
+        errcode: String,
+        message: String,
+    },
+    #[error("Synapse's answer could not be read: {0}")]
+    Decode(String),
+    #[error("could not build the request: {0}")]
+    Request(String),
+}
+
+impl SynapseError {
+    /// Transient failures are retried with backoff; the rest need a change
+    /// of spec or configuration.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            SynapseError::Unreachable(_)
+                | SynapseError::Server { .. }
+                | SynapseError::RateLimited { .. }
+        )
+    }
+
+    /// The Matrix `errcode`, when Synapse gave one.
+    pub fn errcode(&self) -> Option<&str> {
+        match self {
+            SynapseError::Server { errcode, .. } | SynapseError::Rejected { errcode, .. } => {
+                Some(errcode)
+            }
+            _ => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct MatrixErrorBody {
+    #[serde(default)]
+    errcode: String,
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    retry_after_ms: Option<u64>,
+}
+
+/// Connection settings for one homeserver.
+#[derive(Clone, Debug)]
+pub struct SynapseConfig {
+    /// Base URL of the client-server API, e.g. `http://synapse:8008`.
+    pub url: String,
+    /// The homeserver's `server_name` (the part after `:` in user ids).
+    pub server_name: String,
+    /// Localpart of the admin account the operator masquerades as.
+    pub admin_localpart: String,
+    /// The application service's `as_token`.
+    pub as_token: String,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+/// A cheap-to-clone handle on one homeserver.
+#[derive(Clone)]
+pub struct SynapseClient {
+    http: reqwest::Client,
+    base: String,
+    server_name: String,
+    admin: OwnedUserId,
+    as_token: Arc<str>,
+    stats: Arc<RequestStats>,
+}
+
+impl std::fmt::Debug for SynapseClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("SynapseClient")
+            .field("base", &self.base)
+            .field("admin", &self.admin)
+            .finish()
+    }
+}
+
+impl SynapseClient {
+    pub fn new(config: SynapseConfig) -> Result<Self, SynapseError> {
+        let admin = UserId::parse(format!(
+            "@{}:{}",
+            config.admin_localpart, config.server_name
+        ))
+        .map_err(|e| SynapseError::Request(format!("admin user id: {e}")))?;
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| SynapseError::Request(e.to_string()))?;
+        Ok(SynapseClient {
+            http,
+            base: config.url.trim_end_matches('/').to_string(),
+            server_name: config.server_name,
+            admin,
+            as_token: config.as_token.into(),
+            stats: Arc::default(),
+        })
+    }
+
+    pub fn server_name(&self) -> &str {
+        &self.server_name
+    }
+
+    pub fn admin_user_id(&self) -> &UserId {
+        &self.admin
+    }
+
+    /// Counts of requests issued, by kind: reads, writes, failures.
+    pub fn stats(&self) -> &RequestStats {
+        &self.stats
+    }
+
+    /// The full user id for a localpart on this server.
+    pub fn user_id(&self, localpart: &str) -> Result<OwnedUserId, SynapseError> {
+        UserId::parse(format!("@{localpart}:{}", self.server_name))
+            .map_err(|e| SynapseError::Request(format!("user id for {localpart:?}: {e}")))
+    }
+
+    /// Sends a ruma request as the admin account, returning status and body.
+    async fn send<R>(
+        &self,
+        request: R,
+        kind: RequestKind,
+    ) -> Result<(u16, bytes::Bytes), SynapseError>
+    where
+        R: OutgoingRequest<PathBuilder = ruma::api::path_builder::SinglePath>,
+        for<'a> R::Authentication:
+            ruma::api::auth_scheme::AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
+        let http_request = request
+            .try_into_http_request_with_identity::<Vec<u8>>(
+                &self.base,
+                SendAccessToken::Always(&self.as_token),
+                AppserviceUserIdentity::new(&self.admin),
+                (),
+            )
+            .map_err(|e| SynapseError::Request(e.to_string()))?;
+        let request = reqwest::Request::try_from(http_request)
+            .map_err(|e| SynapseError::Request(e.to_string()))?;
+        self.execute(request, kind).await
+    }
+
+    async fn execute(
+        &self,
+        request: reqwest::Request,
+        kind: RequestKind,
+    ) -> Result<(u16, bytes::Bytes), SynapseError> {
+        let started = std::time::Instant::now();
+        let result = self.http.execute(request).await;
+        let outcome = match result {
+            Err(e) => Err(SynapseError::Unreachable(e)),
+            Ok(response) => {
+                let status = response.status().as_u16();
+                match response.bytes().await {
+                    Err(e) => Err(SynapseError::Unreachable(e)),
+                    Ok(body) => Ok((status, body)),
+                }
+            }
+        };
+        self.stats.record(
+            kind,
+            outcome.as_ref().ok().map(|(s, _)| *s),
+            started.elapsed(),
+        );
+        let (status, body) = outcome?;
+        if status < 400 {
+            return Ok((status, body));
+        }
+        Err(classify(status, &body))
+    }
+}
+
+/// Turns a non-success answer into an error, using Matrix's error body.
+fn classify(status: u16, body: &[u8]) -> SynapseError {
+    let parsed: MatrixErrorBody = serde_json::from_slice(body).unwrap_or(MatrixErrorBody {
+        errcode: String::new(),
+        error: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        retry_after_ms: None,
+    });
+    if status == 429 || parsed.errcode == "M_LIMIT_EXCEEDED" {
+        return SynapseError::RateLimited {
+            retry_after: parsed.retry_after_ms.map(Duration::from_millis),
+        };
+    }
+    if status >= 500 {
+        return SynapseError::Server {
+            status,
+            errcode: parsed.errcode,
+            message: parsed.error,
+        };
+    }
+    SynapseError::Rejected {
+        status,
+        errcode: parsed.errcode,
+        message: parsed.error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_answers() {
+        let e = classify(
+            429,
+            br#"{"errcode":"M_LIMIT_EXCEEDED","error":"slow","retry_after_ms":1500}"#,
+        );
+        assert!(
+            matches!(e, SynapseError::RateLimited { retry_after: Some(d) } if d == Duration::from_millis(1500))
+        );
+        assert!(e.is_transient());
+        let e = classify(502, b"<html>bad gateway</html>");
+        assert!(matches!(e, SynapseError::Server { status: 502, .. }));
+        assert!(e.is_transient());
+        let e = classify(403, br#"{"errcode":"M_FORBIDDEN","error":"no"}"#);
+        assert_eq!(e.errcode(), Some("M_FORBIDDEN"));
+        assert!(!e.is_transient());
+    }
+}

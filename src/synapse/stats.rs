@@ -1,0 +1,73 @@
+//! Request accounting: how many reads and writes the operator sent to Synapse.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// What a request does to Synapse, for counting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RequestKind {
+    GetUser,
+    UpsertUser,
+    DeactivateUser,
+}
+
+impl RequestKind {
+    pub fn is_write(self) -> bool {
+        !matches!(self, RequestKind::GetUser)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::GetUser => "get_user",
+            RequestKind::UpsertUser => "upsert_user",
+            RequestKind::DeactivateUser => "deactivate_user",
+        }
+    }
+}
+
+/// Counters shared by every clone of a client.
+#[derive(Debug, Default)]
+pub struct RequestStats {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    failures: AtomicU64,
+    by_kind: Mutex<BTreeMap<RequestKind, u64>>,
+}
+
+impl RequestStats {
+    pub(super) fn record(&self, kind: RequestKind, status: Option<u16>, _elapsed: Duration) {
+        if kind.is_write() {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        if status.is_none_or(|s| s >= 400) {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        *self
+            .by_kind
+            .lock()
+            .expect("stats lock")
+            .entry(kind)
+            .or_default() += 1;
+    }
+
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Requests issued so far, by kind.
+    pub fn by_kind(&self) -> BTreeMap<RequestKind, u64> {
+        self.by_kind.lock().expect("stats lock").clone()
+    }
+}

@@ -1,0 +1,228 @@
+//! User accounts: `GET`/`PUT /_synapse/admin/v2/users/<id>` and deactivation.
+
+use super::{RequestKind, SynapseClient, SynapseError};
+use ruma::UserId;
+use serde::{Deserialize, Deserializer, Serialize};
+use synapse_admin_api::users::{create_or_modify, deactivate_account, get_details};
+
+/// An account as Synapse reports it; unknown fields are ignored and absent or
+/// null ones default, so newer Synapse versions keep working.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct SynapseUser {
+    pub name: String,
+    #[serde(default, deserialize_with = "bool_or_int")]
+    pub admin: bool,
+    #[serde(default, deserialize_with = "bool_or_int")]
+    pub deactivated: bool,
+    #[serde(default, deserialize_with = "bool_or_int")]
+    pub locked: bool,
+    #[serde(default, deserialize_with = "bool_or_int")]
+    pub erased: bool,
+    #[serde(default)]
+    pub displayname: Option<String>,
+    #[serde(default)]
+    pub avatar_url: Option<String>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub threepids: Vec<Threepid>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub external_ids: Vec<ExternalId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Threepid {
+    pub medium: String,
+    pub address: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ExternalId {
+    pub auth_provider: String,
+    pub external_id: String,
+}
+
+impl SynapseUser {
+    /// Email addresses among the account's third-party ids.
+    pub fn emails(&self) -> Vec<String> {
+        let mut emails: Vec<String> = self
+            .threepids
+            .iter()
+            .filter(|t| t.medium == "email")
+            .map(|t| t.address.to_lowercase())
+            .collect();
+        emails.sort();
+        emails
+    }
+}
+
+/// The fields to change on an account; `None` leaves a field as it is, and
+/// absent fields are omitted from the request (Synapse rejects nulls).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UserUpsert {
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+    pub emails: Option<Vec<String>>,
+    pub external_ids: Option<Vec<ExternalId>>,
+    pub admin: Option<bool>,
+    pub locked: Option<bool>,
+    pub deactivated: Option<bool>,
+}
+
+impl UserUpsert {
+    pub fn is_empty(&self) -> bool {
+        *self == UserUpsert::default()
+    }
+
+    /// Names of the fields this change sets, for audit lines (never values).
+    pub fn field_names(&self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        let fields: [(&'static str, bool); 7] = [
+            ("displayname", self.displayname.is_some()),
+            ("avatar_url", self.avatar_url.is_some()),
+            ("threepids", self.emails.is_some()),
+            ("external_ids", self.external_ids.is_some()),
+            ("admin", self.admin.is_some()),
+            ("locked", self.locked.is_some()),
+            ("deactivated", self.deactivated.is_some()),
+        ];
+        for (name, set) in fields {
+            if set {
+                names.push(name);
+            }
+        }
+        names
+    }
+}
+
+fn bool_or_int<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum BoolOrInt {
+        Bool(bool),
+        Int(i64),
+        Null(()),
+    }
+    Ok(match BoolOrInt::deserialize(d)? {
+        BoolOrInt::Bool(b) => b,
+        BoolOrInt::Int(i) => i != 0,
+        BoolOrInt::Null(()) => false,
+    })
+}
+
+fn null_as_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(
+    d: D,
+) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+impl SynapseClient {
+    /// Reads an account; `None` when it does not exist.
+    pub async fn get_user(&self, user_id: &UserId) -> Result<Option<SynapseUser>, SynapseError> {
+        let request = get_details::v2::Request::new(user_id.to_owned());
+        match self.send(request, RequestKind::GetUser).await {
+            Ok((_, body)) => serde_json::from_slice(&body)
+                .map(Some)
+                .map_err(|e| SynapseError::Decode(e.to_string())),
+            Err(SynapseError::Rejected { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates or modifies an account. Never sends a password.
+    pub async fn upsert_user(
+        &self,
+        user_id: &UserId,
+        change: &UserUpsert,
+    ) -> Result<(), SynapseError> {
+        let mut request = create_or_modify::v2::Request::new(user_id.to_owned(), None);
+        request.displayname = change.displayname.clone();
+        request.avatar_url = change.avatar_url.clone();
+        request.admin = change.admin;
+        request.locked = change.locked;
+        request.deactivated = change.deactivated;
+        request.external_ids = change.external_ids.as_ref().map(|ids| {
+            ids.iter()
+                .map(|id| {
+                    synapse_admin_api::users::ExternalId::new(
+                        id.auth_provider.clone(),
+                        id.external_id.clone(),
+                    )
+                })
+                .collect()
+        });
+        if let Some(emails) = &change.emails {
+            // The crate's third-party id type has no constructor; build it from its wire form.
+            let threepids = emails
+                .iter()
+                .map(|address| {
+                    serde_json::from_value(
+                        serde_json::json!({"medium": "email", "address": address}),
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| SynapseError::Request(e.to_string()))?;
+            request.threepids = Some(threepids);
+        }
+        self.send(request, RequestKind::UpsertUser)
+            .await
+            .map(|_| ())
+    }
+
+    /// Deactivates an account, optionally erasing it (GDPR erasure).
+    pub async fn deactivate_user(&self, user_id: &UserId, erase: bool) -> Result<(), SynapseError> {
+        let mut request = deactivate_account::v1::Request::new(user_id.to_owned());
+        request.erase = erase;
+        self.send(request, RequestKind::DeactivateUser)
+            .await
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_erased_account_with_nulls_and_ints() {
+        let user: SynapseUser = serde_json::from_str(
+            r#"{"name":"@a:x","admin":0,"deactivated":1,"erased":true,"displayname":null,
+                "avatar_url":null,"threepids":null,"external_ids":[],"locked":false,"future_field":3}"#,
+        )
+        .unwrap();
+        assert!(user.deactivated && user.erased && !user.admin);
+        assert_eq!(user.displayname, None);
+        assert!(user.threepids.is_empty());
+    }
+
+    #[test]
+    fn emails_are_lowercased_and_sorted() {
+        let user = SynapseUser {
+            threepids: vec![
+                Threepid {
+                    medium: "email".into(),
+                    address: "B@x.org".into(),
+                },
+                Threepid {
+                    medium: "msisdn".into(),
+                    address: "123".into(),
+                },
+                Threepid {
+                    medium: "email".into(),
+                    address: "a@x.org".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(user.emails(), ["a@x.org", "b@x.org"]);
+    }
+
+    #[test]
+    fn field_names_list_only_set_fields() {
+        let change = UserUpsert {
+            locked: Some(true),
+            emails: Some(vec![]),
+            ..Default::default()
+        };
+        assert_eq!(change.field_names(), ["threepids", "locked"]);
+        assert!(UserUpsert::default().is_empty());
+    }
+}

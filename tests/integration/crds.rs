@@ -1,0 +1,209 @@
+//! The CRDs at admission: samples are accepted, invalid objects rejected by
+//! schema or CEL, immutable and one-way fields enforced, printer columns served.
+
+use crate::harness::TestEnv;
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::Api;
+use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::path::Path;
+
+fn resource_for(kind: &str) -> ApiResource {
+    match kind {
+        "MatrixUser" => ApiResource::erase::<MatrixUser>(&()),
+        "MatrixRoom" => ApiResource::erase::<MatrixRoom>(&()),
+        "RoomPermission" => ApiResource::erase::<RoomPermission>(&()),
+        other => panic!("unexpected kind {other}"),
+    }
+}
+
+/// Every YAML document in the files of `dir`, with its file name.
+fn documents(dir: &str) -> Vec<(String, Value)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    let mut docs = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = Value::deserialize(doc).unwrap();
+            if !value.is_null() {
+                docs.push((
+                    path.file_name().unwrap().to_string_lossy().into_owned(),
+                    value,
+                ));
+            }
+        }
+    }
+    docs
+}
+
+fn api_for(env: &TestEnv, doc: &Value) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        env.client.clone(),
+        env.ns(0),
+        &resource_for(doc["kind"].as_str().unwrap()),
+    )
+}
+
+fn object(env: &TestEnv, doc: &Value) -> DynamicObject {
+    let mut doc = doc.clone();
+    doc["metadata"]["namespace"] = json!(env.ns(0));
+    serde_json::from_value(doc).unwrap()
+}
+
+#[tokio::test]
+async fn every_sample_is_accepted() {
+    let env = TestEnv::with(
+        "samples",
+        crate::harness::Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let docs = documents("config/samples");
+    let mut applied = 0;
+    for (file, doc) in &docs {
+        if doc["kind"] == "Namespace" {
+            continue;
+        }
+        let obj = object(&env, doc);
+        api_for(&env, doc)
+            .patch(
+                obj.metadata.name.as_deref().unwrap(),
+                &PatchParams::apply("crd-test"),
+                &Patch::Apply(&obj),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("sample {file} rejected: {e}"));
+        applied += 1;
+    }
+    assert!(applied >= 5, "samples cover every kind: applied {applied}");
+}
+
+#[tokio::test]
+async fn invalid_objects_are_rejected_at_admission() {
+    let env = TestEnv::with(
+        "invalid",
+        crate::harness::Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let docs = documents("tests/fixtures/invalid");
+    assert!(docs.len() >= 10);
+    for (file, doc) in &docs {
+        let result = api_for(&env, doc)
+            .create(&PostParams::default(), &object(&env, doc))
+            .await;
+        match result {
+            Err(kube::Error::Api(status)) if status.code == 422 => {}
+            other => panic!("{file} should be rejected with 422 Invalid, got {other:?}"),
+        }
+    }
+}
+
+async fn expect_rejected(api: &Api<DynamicObject>, name: &str, patch: Value, rule: &str) {
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "{rule}: {status:?}");
+            assert!(
+                status.message.contains(rule),
+                "message names the rule ({rule}): {}",
+                status.message
+            );
+        }
+        other => panic!("change should be rejected by '{rule}', got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn immutable_and_one_way_fields_are_enforced() {
+    let env = TestEnv::with(
+        "cel",
+        crate::harness::Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let create = |kind: &str, name: &str, spec: Value| json!({"apiVersion": "matrix.openmeet.net/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec});
+    let user = create("MatrixUser", "u", json!({"localpart": "immutable-user"}));
+    let room = create(
+        "MatrixRoom",
+        "r",
+        json!({"alias": "immutable-room", "encrypted": true}),
+    );
+    let perm = create(
+        "RoomPermission",
+        "p",
+        json!({"roomRef": {"name": "r"}, "userRef": {"name": "u"}}),
+    );
+    for doc in [&user, &room, &perm] {
+        api_for(&env, doc)
+            .create(&PostParams::default(), &object(&env, doc))
+            .await
+            .unwrap();
+    }
+    expect_rejected(
+        &api_for(&env, &user),
+        "u",
+        json!({"spec": {"localpart": "other"}}),
+        "localpart is immutable",
+    )
+    .await;
+    expect_rejected(
+        &api_for(&env, &room),
+        "r",
+        json!({"spec": {"alias": "other"}}),
+        "alias is immutable",
+    )
+    .await;
+    expect_rejected(
+        &api_for(&env, &room),
+        "r",
+        json!({"spec": {"encrypted": false}}),
+        "encryption cannot be turned off",
+    )
+    .await;
+    expect_rejected(
+        &api_for(&env, &perm),
+        "p",
+        json!({"spec": {"roomRef": {"name": "x"}}}),
+        "roomRef is immutable",
+    )
+    .await;
+
+    // Mutable fields still change.
+    api_for(&env, &user)
+        .patch(
+            "u",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"displayName": "Fine"}})),
+        )
+        .await
+        .unwrap();
+    // Encryption turns on from off.
+    let plain = create("MatrixRoom", "plain", json!({"alias": "plain-room"}));
+    api_for(&env, &plain)
+        .create(&PostParams::default(), &object(&env, &plain))
+        .await
+        .unwrap();
+    api_for(&env, &plain)
+        .patch(
+            "plain",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"encrypted": true}})),
+        )
+        .await
+        .unwrap();
+}

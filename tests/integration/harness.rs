@@ -1,0 +1,347 @@
+//! The shared local stack and per-test operators.
+//!
+//! One stack (etcd, kube-apiserver, Synapse) serves every test in this binary:
+//! started on first use by `tests/stack/up.sh`, which exits when this process
+//! does. Set `OPENMEET_STACK_ENV` to a running stack's `stack.env` to reuse it.
+//! Each test works in its own namespaces, runs its own operator scoped to them
+//! by a label selector, and so runs in parallel with the others.
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config, Resource};
+use openmeet_matrix_operator::api::conditions::{find, READY};
+use openmeet_matrix_operator::api::MatrixUser;
+use openmeet_matrix_operator::controller::{Operator, OperatorConfig, ReconcileStats};
+use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig};
+use rand::distr::{Alphanumeric, SampleString};
+use serde::de::DeserializeOwned;
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub const LABEL: &str = "openmeet.test/run";
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Connection details of the running stack.
+pub struct Stack {
+    pub env: HashMap<String, String>,
+    pub as_token: String,
+    _child: Option<Mutex<Child>>,
+}
+
+static STACK: OnceLock<Stack> = OnceLock::new();
+
+fn parse_env(path: &str) -> HashMap<String, String> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+impl Stack {
+    pub fn get() -> &'static Stack {
+        STACK.get_or_init(|| {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let (env_path, child) = match std::env::var("OPENMEET_STACK_ENV") {
+                Ok(path) => (path, None),
+                Err(_) => start_stack(),
+            };
+            let env = parse_env(&env_path);
+            let dir = &env["STACK_DIR"];
+            let secrets = parse_env(&format!("{dir}/synapse/appservice.env"));
+            Stack {
+                as_token: secrets["AS_TOKEN"].clone(),
+                env,
+                _child: child.map(Mutex::new),
+            }
+        })
+    }
+
+    pub fn var(&self, key: &str) -> &str {
+        self.env
+            .get(key)
+            .unwrap_or_else(|| panic!("stack.env has no {key}"))
+    }
+
+    pub async fn kube(&self) -> Client {
+        let kubeconfig = Kubeconfig::read_from(self.var("KUBECONFIG")).expect("kubeconfig");
+        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("config");
+        Client::try_from(config).expect("client")
+    }
+
+    pub fn synapse_at(&self, url: &str) -> SynapseClient {
+        SynapseClient::new(SynapseConfig {
+            url: url.to_string(),
+            server_name: self.var("MATRIX_SERVER_NAME").to_string(),
+            admin_localpart: self.var("MATRIX_ADMIN_LOCALPART").to_string(),
+            as_token: self.as_token.clone(),
+            timeout: Duration::from_secs(10),
+        })
+        .expect("synapse client")
+    }
+
+    pub fn synapse(&self) -> SynapseClient {
+        self.synapse_at(self.var("SYNAPSE_URL"))
+    }
+}
+
+fn start_stack() -> (String, Option<Child>) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dir = std::env::temp_dir().join(format!("openmeet-test-stack-{}", std::process::id()));
+    let mut child = Command::new("bash")
+        .arg(format!("{root}/tests/stack/up.sh"))
+        .args([
+            "--dir",
+            dir.to_str().unwrap(),
+            "--watch-pid",
+            &std::process::id().to_string(),
+        ])
+        .env(
+            "OPERATOR_BIN",
+            env!("CARGO_BIN_EXE_openmeet-matrix-operator"),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting tests/stack/up.sh");
+    let stdout = child.stdout.take().unwrap();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("reading up.sh output");
+        if let Some(path) = line.strip_prefix("stack ready: ") {
+            return (path.trim().to_string(), Some(child));
+        }
+    }
+    panic!(
+        "tests/stack/up.sh exited before the stack was ready: {:?}",
+        child.wait()
+    );
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        Alphanumeric
+            .sample_string(&mut rand::rng(), 6)
+            .to_lowercase()
+    )
+}
+
+/// One test's world: its namespaces, label and operator.
+pub struct TestEnv {
+    pub client: Client,
+    pub run_id: String,
+    pub namespaces: Vec<String>,
+    pub synapse: SynapseClient,
+    pub operator_synapse: SynapseClient,
+    pub stats: Arc<ReconcileStats>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Knobs a test may turn on its operator.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// How many namespaces to create (default 1).
+    pub namespaces: usize,
+    /// Indices into `namespaces` allowed to adopt / to have admins.
+    pub adopt: Vec<usize>,
+    pub admin: Vec<usize>,
+    /// Point the operator at this URL instead of Synapse.
+    pub synapse_url: Option<String>,
+    /// Do not start an operator.
+    pub no_operator: bool,
+}
+
+impl TestEnv {
+    pub async fn new(name: &str) -> TestEnv {
+        Self::with(name, Options::default()).await
+    }
+
+    pub async fn with(name: &str, options: Options) -> TestEnv {
+        let stack = Stack::get();
+        let client = stack.kube().await;
+        let run_id = unique(name);
+        let mut namespaces = Vec::new();
+        for i in 0..options.namespaces.max(1) {
+            let ns = format!("{run_id}-{i}");
+            let object: Namespace = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": ns, "labels": {LABEL: run_id, "matrix.openmeet.net/tenant": ns}}
+            }))
+            .unwrap();
+            Api::<Namespace>::all(client.clone())
+                .create(&PostParams::default(), &object)
+                .await
+                .expect("namespace");
+            namespaces.push(ns);
+        }
+        let pick = |idx: &[usize]| {
+            idx.iter()
+                .map(|&i| namespaces[i].clone())
+                .collect::<BTreeSet<_>>()
+        };
+        let config = OperatorConfig {
+            sso_idp_id: "openmeet".into(),
+            reserved_localparts: OperatorConfig::builtin_reserved(
+                stack.var("MATRIX_ADMIN_LOCALPART"),
+                "openmeet-operator",
+            ),
+            adopt_namespaces: pick(&options.adopt),
+            admin_namespaces: pick(&options.admin),
+            resync_interval: Duration::from_secs(300),
+            namespace: None,
+            label_selector: Some(format!("{LABEL}={run_id}")),
+            instance: Some(run_id.clone()),
+        };
+        let operator_synapse = match &options.synapse_url {
+            Some(url) => stack.synapse_at(url),
+            None => stack.synapse(),
+        };
+        let operator = Operator::new(client.clone(), operator_synapse.clone(), config);
+        let stats = operator.stats();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        if !options.no_operator {
+            tokio::spawn(operator.run(async move {
+                let _ = stopped.await;
+            }));
+        }
+        TestEnv {
+            client,
+            run_id,
+            namespaces,
+            synapse: stack.synapse(),
+            operator_synapse,
+            stats,
+            stop: Some(stop),
+        }
+    }
+
+    pub fn ns(&self, i: usize) -> &str {
+        &self.namespaces[i]
+    }
+
+    /// Creates a `MatrixUser` from the `spec` JSON, labelled for this test.
+    pub async fn create_user(&self, ns: usize, name: &str, spec: serde_json::Value) -> MatrixUser {
+        let object: MatrixUser = serde_json::from_value(serde_json::json!({
+            "apiVersion": "matrix.openmeet.net/v1alpha1",
+            "kind": "MatrixUser",
+            "metadata": {"name": name, "namespace": self.ns(ns), "labels": {LABEL: self.run_id}},
+            "spec": spec,
+        }))
+        .expect("user object");
+        self.users(ns)
+            .create(&PostParams::default(), &object)
+            .await
+            .expect("create MatrixUser")
+    }
+
+    pub fn users(&self, ns: usize) -> Api<MatrixUser> {
+        Api::namespaced(self.client.clone(), self.ns(ns))
+    }
+
+    /// Merge-patches a user's spec.
+    pub async fn patch_user(&self, ns: usize, name: &str, spec: serde_json::Value) {
+        self.users(ns)
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": spec})),
+            )
+            .await
+            .expect("patch MatrixUser");
+    }
+
+    pub async fn delete_user(&self, ns: usize, name: &str) {
+        self.users(ns)
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete MatrixUser");
+    }
+
+    /// Waits until the user's Ready condition has this status and reason,
+    /// for the current generation.
+    pub async fn wait_ready(
+        &self,
+        ns: usize,
+        name: &str,
+        status: bool,
+        reason: &str,
+    ) -> MatrixUser {
+        let want = if status { "True" } else { "False" };
+        let api = self.users(ns);
+        wait_for(&format!("{name} Ready={want} reason={reason}"), || async {
+            let user = api.get(name).await.ok()?;
+            let st = user.status.as_ref()?;
+            let ready = find(&st.conditions, READY)?;
+            (ready.status == want
+                && ready.reason == reason
+                && ready.observed_generation == user.metadata.generation)
+                .then_some(user.clone())
+        })
+        .await
+    }
+
+    /// Waits until the object is gone (its finalizer done).
+    pub async fn wait_gone<K>(&self, api: &Api<K>, name: &str)
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        wait_for(&format!("{name} deleted"), || async {
+            match api.get_opt(name).await {
+                Ok(None) => Some(()),
+                _ => None,
+            }
+        })
+        .await
+    }
+
+    pub fn user_id(&self, localpart: &str) -> ruma::OwnedUserId {
+        self.synapse.user_id(localpart).unwrap()
+    }
+
+    /// Reasons of Events recorded about an object, once per occurrence.
+    pub async fn event_reasons(&self, ns: usize, name: &str) -> Vec<String> {
+        let events: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), self.ns(ns));
+        let list = events.list(&Default::default()).await.expect("list events");
+        list.items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .flat_map(|e| {
+                // Repeats are folded into one Event's series.
+                let count = e.series.as_ref().map_or(1, |s| s.count.max(1)) as usize;
+                std::iter::repeat_n(e.reason.unwrap_or_default(), count)
+            })
+            .collect()
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Polls `probe` every 100 ms until it yields, or panics after [`WAIT`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {WAIT:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

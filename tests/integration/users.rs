@@ -1,0 +1,466 @@
+//! `MatrixUser` converging end to end against kube-apiserver and Synapse.
+
+use crate::harness::{wait_for, Options, Stack, TestEnv};
+use crate::proxy;
+use kube::api::{Patch, PatchParams};
+use openmeet_matrix_operator::synapse::{ExternalId, UserUpsert};
+use serde_json::json;
+use std::time::Duration;
+
+fn marker(ns: &str, name: &str) -> ExternalId {
+    ExternalId {
+        auth_provider: "net.openmeet.owner".into(),
+        external_id: format!("{ns}/{name}"),
+    }
+}
+
+#[tokio::test]
+async fn creates_account_with_profile_sso_link_and_event() {
+    let env = TestEnv::new("create").await;
+    let localpart = crate::harness::unique("alice");
+    env.create_user(
+        0,
+        "alice",
+        json!({"localpart": localpart, "displayName": "Alice", "email": "Alice@Example.org",
+               "subject": "platform-user-1", "avatarUrl": "mxc://openmeet.test/abc123"}),
+    )
+    .await;
+    let user = env.wait_ready(0, "alice", true, "Converged").await;
+    let user_id = env.user_id(&localpart);
+    assert_eq!(
+        user.status.unwrap().user_id.as_deref(),
+        Some(user_id.as_str())
+    );
+
+    let account = env
+        .synapse
+        .get_user(&user_id)
+        .await
+        .unwrap()
+        .expect("account exists in Synapse");
+    assert_eq!(account.displayname.as_deref(), Some("Alice"));
+    assert_eq!(
+        account.avatar_url.as_deref(),
+        Some("mxc://openmeet.test/abc123")
+    );
+    assert_eq!(account.emails(), ["alice@example.org"]);
+    assert!(account.external_ids.contains(&ExternalId {
+        auth_provider: "oidc-openmeet".into(),
+        external_id: "platform-user-1".into()
+    }));
+    assert!(account.external_ids.contains(&marker(env.ns(0), "alice")));
+    assert!(!account.admin && !account.locked && !account.deactivated);
+
+    let reasons = env.event_reasons(0, "alice").await;
+    assert!(
+        reasons.iter().any(|r| r == "AccountCreated"),
+        "events: {reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn updates_profile_then_locks_then_deactivates() {
+    let env = TestEnv::new("update").await;
+    let localpart = crate::harness::unique("bob");
+    env.create_user(
+        0,
+        "bob",
+        json!({"localpart": localpart, "displayName": "Bob", "subject": "s-1"}),
+    )
+    .await;
+    env.wait_ready(0, "bob", true, "Converged").await;
+    let user_id = env.user_id(&localpart);
+
+    env.patch_user(
+        0,
+        "bob",
+        json!({"displayName": "Robert", "avatarUrl": "mxc://openmeet.test/new", "email": "rob@example.org", "subject": "s-2"}),
+    )
+    .await;
+    env.wait_ready(0, "bob", true, "Converged").await;
+    let account = env.synapse.get_user(&user_id).await.unwrap().unwrap();
+    assert_eq!(account.displayname.as_deref(), Some("Robert"));
+    assert_eq!(
+        account.avatar_url.as_deref(),
+        Some("mxc://openmeet.test/new")
+    );
+    assert_eq!(account.emails(), ["rob@example.org"]);
+    let sso: Vec<_> = account
+        .external_ids
+        .iter()
+        .filter(|i| i.auth_provider == "oidc-openmeet")
+        .collect();
+    assert_eq!(sso.len(), 1);
+    assert_eq!(sso[0].external_id, "s-2");
+
+    env.patch_user(0, "bob", json!({"locked": true})).await;
+    env.wait_ready(0, "bob", true, "Converged").await;
+    assert!(
+        env.synapse
+            .get_user(&user_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .locked
+    );
+
+    env.patch_user(0, "bob", json!({"locked": false, "deactivated": true}))
+        .await;
+    env.wait_ready(0, "bob", true, "Converged").await;
+    let account = env.synapse.get_user(&user_id).await.unwrap().unwrap();
+    assert!(account.deactivated);
+    assert!(!account.locked);
+    let reasons = env.event_reasons(0, "bob").await;
+    assert!(
+        reasons.iter().filter(|r| *r == "AccountUpdated").count() >= 3,
+        "events: {reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn resync_of_unchanged_user_writes_nothing() {
+    let env = TestEnv::new("noop").await;
+    let localpart = crate::harness::unique("carol");
+    env.create_user(
+        0,
+        "carol",
+        json!({"localpart": localpart, "displayName": "Carol", "email": "c@example.org"}),
+    )
+    .await;
+    env.wait_ready(0, "carol", true, "Converged").await;
+    // Let the reconcile triggered by our own status write settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = env.operator_synapse.stats();
+    let (writes, reads, reconciles) = (stats.writes(), stats.reads(), env.stats.user_reconciles());
+
+    // An annotation change is a resync with nothing to do.
+    for i in 0..3 {
+        env.users(0)
+            .patch(
+                "carol",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {"test/touch": i.to_string()}}})),
+            )
+            .await
+            .unwrap();
+        let before = env.stats.user_reconciles();
+        wait_for("a resync", || async {
+            (env.stats.user_reconciles() > before).then_some(())
+        })
+        .await;
+    }
+    assert!(env.stats.user_reconciles() >= reconciles + 3);
+    assert_eq!(
+        stats.writes(),
+        writes,
+        "a no-op resync must not write to Synapse"
+    );
+    assert!(
+        stats.reads() >= reads + 3,
+        "each resync reads the account once"
+    );
+}
+
+#[tokio::test]
+async fn existing_account_is_adopted_only_where_allowed() {
+    let env = TestEnv::with(
+        "adopt",
+        Options {
+            namespaces: 2,
+            adopt: vec![1],
+            ..Default::default()
+        },
+    )
+    .await;
+    // Accounts made outside the operator.
+    let (foreign_a, foreign_b) = (
+        crate::harness::unique("legacy"),
+        crate::harness::unique("legacy"),
+    );
+    for localpart in [&foreign_a, &foreign_b] {
+        let change = UserUpsert {
+            displayname: Some("Original".into()),
+            ..Default::default()
+        };
+        env.synapse
+            .upsert_user(&env.user_id(localpart), &change)
+            .await
+            .unwrap();
+    }
+
+    env.create_user(
+        0,
+        "legacy",
+        json!({"localpart": foreign_a, "displayName": "Taken Over"}),
+    )
+    .await;
+    env.wait_ready(0, "legacy", false, "AccountExists").await;
+    let untouched = env
+        .synapse
+        .get_user(&env.user_id(&foreign_a))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(untouched.displayname.as_deref(), Some("Original"));
+    assert!(
+        untouched.external_ids.is_empty(),
+        "no marker may be added to a foreign account"
+    );
+
+    env.create_user(
+        1,
+        "legacy",
+        json!({"localpart": foreign_b, "displayName": "Adopted"}),
+    )
+    .await;
+    env.wait_ready(1, "legacy", true, "Converged").await;
+    let adopted = env
+        .synapse
+        .get_user(&env.user_id(&foreign_b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(adopted.displayname.as_deref(), Some("Adopted"));
+    assert!(adopted.external_ids.contains(&marker(env.ns(1), "legacy")));
+    assert!(env
+        .event_reasons(1, "legacy")
+        .await
+        .iter()
+        .any(|r| r == "AccountAdopted"));
+}
+
+#[tokio::test]
+async fn admin_is_honoured_only_in_allowed_namespaces() {
+    let env = TestEnv::with(
+        "admin",
+        Options {
+            namespaces: 2,
+            admin: vec![1],
+            ..Default::default()
+        },
+    )
+    .await;
+    let (denied, allowed) = (
+        crate::harness::unique("boss"),
+        crate::harness::unique("boss"),
+    );
+    env.create_user(0, "boss", json!({"localpart": denied, "admin": true}))
+        .await;
+    env.create_user(1, "boss", json!({"localpart": allowed, "admin": true}))
+        .await;
+
+    env.wait_ready(0, "boss", false, "AdminNotAllowed").await;
+    assert_eq!(
+        env.synapse.get_user(&env.user_id(&denied)).await.unwrap(),
+        None,
+        "no half-applied account"
+    );
+
+    env.wait_ready(1, "boss", true, "Converged").await;
+    assert!(
+        env.synapse
+            .get_user(&env.user_id(&allowed))
+            .await
+            .unwrap()
+            .unwrap()
+            .admin
+    );
+
+    env.patch_user(1, "boss", json!({"admin": false})).await;
+    env.wait_ready(1, "boss", true, "Converged").await;
+    assert!(
+        !env.synapse
+            .get_user(&env.user_id(&allowed))
+            .await
+            .unwrap()
+            .unwrap()
+            .admin
+    );
+}
+
+#[tokio::test]
+async fn localpart_conflict_oldest_wins_across_namespaces() {
+    let env = TestEnv::with(
+        "conflict",
+        Options {
+            namespaces: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let localpart = crate::harness::unique("dave");
+    env.create_user(
+        0,
+        "first",
+        json!({"localpart": localpart, "displayName": "First", "deletionPolicy": "Retain"}),
+    )
+    .await;
+    env.wait_ready(0, "first", true, "Converged").await;
+    // Creation timestamps have one-second resolution.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reads_before = env.operator_synapse.stats().reads();
+    env.create_user(
+        1,
+        "second",
+        json!({"localpart": localpart, "displayName": "Second"}),
+    )
+    .await;
+    let loser = env
+        .wait_ready(1, "second", false, "LocalpartConflict")
+        .await;
+    assert_eq!(loser.status.unwrap().user_id, None);
+    let account = env
+        .synapse
+        .get_user(&env.user_id(&localpart))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(account.displayname.as_deref(), Some("First"));
+    assert!(account.external_ids.contains(&marker(env.ns(0), "first")));
+    assert!(!account.external_ids.contains(&marker(env.ns(1), "second")));
+    // The winner's reconcile may read; the loser makes no Synapse call at all.
+    assert!(env.operator_synapse.stats().reads() <= reads_before + 2);
+
+    // When the holder goes, the claim is decided again at once: the account
+    // still carries the first object's marker, so it is not silently taken.
+    env.delete_user(0, "first").await;
+    env.wait_gone(&env.users(0), "first").await;
+    env.wait_ready(1, "second", false, "AccountExists").await;
+}
+
+#[tokio::test]
+async fn reserved_localparts_are_refused() {
+    let env = TestEnv::new("reserved").await;
+    let admin = Stack::get().var("MATRIX_ADMIN_LOCALPART").to_string();
+    let before = env
+        .synapse
+        .get_user(&env.user_id(&admin))
+        .await
+        .unwrap()
+        .unwrap();
+    env.create_user(
+        0,
+        "impostor",
+        json!({"localpart": admin, "displayName": "Impostor", "deactivated": true}),
+    )
+    .await;
+    env.create_user(0, "root", json!({"localpart": "admin"}))
+        .await;
+    env.wait_ready(0, "impostor", false, "ReservedLocalpart")
+        .await;
+    env.wait_ready(0, "root", false, "ReservedLocalpart").await;
+    let after = env
+        .synapse
+        .get_user(&env.user_id(&admin))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(before, after, "the operator's own account is untouched");
+    assert_eq!(
+        env.synapse.get_user(&env.user_id("admin")).await.unwrap(),
+        None
+    );
+
+    // Deleting the refused object leaves the reserved account alone too.
+    env.delete_user(0, "impostor").await;
+    env.wait_gone(&env.users(0), "impostor").await;
+    assert!(
+        !env.synapse
+            .get_user(&env.user_id(&admin))
+            .await
+            .unwrap()
+            .unwrap()
+            .deactivated
+    );
+}
+
+#[tokio::test]
+async fn deletion_policies_deactivate_erase_or_retain() {
+    let env = TestEnv::new("delete").await;
+    let mut accounts = Vec::new();
+    for policy in ["Deactivate", "Erase", "Retain"] {
+        let name = policy.to_lowercase();
+        let localpart = crate::harness::unique(&name);
+        env.create_user(
+            0,
+            &name,
+            json!({"localpart": localpart, "displayName": policy, "deletionPolicy": policy}),
+        )
+        .await;
+        accounts.push((name, localpart));
+    }
+    for (name, _) in &accounts {
+        env.wait_ready(0, name, true, "Converged").await;
+        env.delete_user(0, name).await;
+    }
+    for (name, _) in &accounts {
+        env.wait_gone(&env.users(0), name).await;
+    }
+    let get = |i: usize| {
+        let id = env.user_id(&accounts[i].1);
+        let synapse = env.synapse.clone();
+        async move { synapse.get_user(&id).await.unwrap().unwrap() }
+    };
+    let deactivated = get(0).await;
+    assert!(deactivated.deactivated && !deactivated.erased);
+    let erased = get(1).await;
+    assert!(erased.deactivated && erased.erased);
+    assert_eq!(erased.displayname, None);
+    let retained = get(2).await;
+    assert!(!retained.deactivated);
+    assert_eq!(retained.displayname.as_deref(), Some("Retain"));
+}
+
+#[tokio::test]
+async fn synapse_outage_is_reported_and_recovers() {
+    let port = proxy::closed_port();
+    let env = TestEnv::with(
+        "outage",
+        Options {
+            synapse_url: Some(format!("http://127.0.0.1:{port}")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let localpart = crate::harness::unique("erin");
+    env.create_user(
+        0,
+        "erin",
+        json!({"localpart": localpart, "displayName": "Erin"}),
+    )
+    .await;
+    let down = env.wait_ready(0, "erin", false, "SynapseUnavailable").await;
+    let message = &down.status.unwrap().conditions[0].message;
+    assert!(
+        message.contains("unreachable"),
+        "condition says why: {message}"
+    );
+    assert_eq!(
+        env.synapse
+            .get_user(&env.user_id(&localpart))
+            .await
+            .unwrap(),
+        None
+    );
+
+    // Synapse "comes back": the controller retries with backoff and converges.
+    let target = Stack::get()
+        .var("SYNAPSE_URL")
+        .trim_start_matches("http://")
+        .to_string();
+    let forwarder = proxy::forward(port, target).await;
+    env.wait_ready(0, "erin", true, "Converged").await;
+    assert!(env
+        .synapse
+        .get_user(&env.user_id(&localpart))
+        .await
+        .unwrap()
+        .is_some());
+    assert!(
+        env.stats
+            .user_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    forwarder.abort();
+}

@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Starts the local stack on loopback with ephemeral ports: etcd, kube-apiserver
+# (secure port, admin client certificate in a generated kubeconfig) and Synapse
+# (SQLite) with the operator's application-service registration loaded and its
+# admin account made a server admin. Installs the CRDs and stores the as_token
+# in a Secret. Writes the connection details as shell assignments to
+# "$STACK_DIR/stack.env", prints "stack ready: <env file>" and stays up until
+# interrupted (or until --watch-pid exits), then tears everything down.
+#
+# Usage: up.sh [--dir DIR] [--watch-pid PID]
+# Needs OPERATOR_BIN (the built openmeet-matrix-operator binary).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+dir=""
+watch_pid=""
+while (($#)); do
+  case "$1" in
+    --dir) dir="$2"; shift 2 ;;
+    --watch-pid) watch_pid="$2"; shift 2 ;;
+    *) echo "up.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+: "${OPERATOR_BIN:?set OPERATOR_BIN to the built openmeet-matrix-operator binary}"
+[[ -n "$dir" ]] || dir="$(mktemp -d "${TMPDIR:-/tmp}/openmeet-stack.XXXXXX")"
+mkdir -p "$dir"
+dir="$(cd "$dir" && pwd)"
+log() { echo "stack: $*" >&2; }
+
+pids=()
+teardown() {
+  trap - EXIT INT TERM
+  if ((${#pids[@]})); then
+    log "tearing down"
+    kill "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 50); do
+      alive=0
+      for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+      ((alive)) || break
+      sleep 0.1
+    done
+    kill -9 "${pids[@]}" 2>/dev/null || true
+    wait 2>/dev/null || true
+  fi
+}
+trap teardown EXIT
+trap 'exit 130' INT TERM
+
+bin="$("$here/build-tools.sh")"
+venv="$("$here/install-synapse.sh")"
+kubectl="$bin/kubectl"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_for() { # description, seconds, command...
+  local what="$1" secs="$2"; shift 2
+  for _ in $(seq $((secs * 10))); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  log "timed out waiting for $what (logs in $dir)"
+  return 1
+}
+
+etcd_port="$(free_port)"; etcd_peer_port="$(free_port)"; api_port="$(free_port)"; synapse_port="$(free_port)"
+server_name="openmeet.test"
+
+# --- certificates: one CA for the API server's serving and client certs ---
+pki="$dir/pki"; mkdir -p "$pki"
+openssl_quiet() { openssl "$@" >/dev/null 2>&1; }
+openssl_quiet req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=openmeet-stack-ca" -keyout "$pki/ca.key" -out "$pki/ca.crt"
+openssl_quiet req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr"
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n' > "$pki/apiserver.ext"
+printf 'extendedKeyUsage=clientAuth\n' > "$pki/client.ext"
+openssl_quiet x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 30 -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt"
+openssl_quiet req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=stack-admin" -keyout "$pki/admin.key" -out "$pki/admin.csr"
+openssl_quiet x509 -req -in "$pki/admin.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 30 -extfile "$pki/client.ext" -out "$pki/admin.crt"
+openssl_quiet genrsa -out "$pki/sa.key" 2048
+openssl_quiet rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
+
+# --- etcd ---
+"$bin/etcd" --name stack --data-dir "$dir/etcd" \
+  --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+  --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
+  --initial-cluster "stack=http://127.0.0.1:$etcd_peer_port" \
+  --unsafe-no-fsync --log-level warn > "$dir/etcd.log" 2>&1 &
+pids+=($!)
+
+# --- kube-apiserver ---
+"$bin/kube-apiserver" \
+  --etcd-servers "http://127.0.0.1:$etcd_port" \
+  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+  --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+  --client-ca-file "$pki/ca.crt" \
+  --service-account-issuer https://kubernetes.default.svc \
+  --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+  --service-cluster-ip-range 10.96.0.0/16 \
+  --authorization-mode RBAC \
+  --disable-admission-plugins ServiceAccount \
+  --enable-priority-and-fairness=false \
+  --profiling=false \
+  --v 1 > "$dir/kube-apiserver.log" 2>&1 &
+pids+=($!)
+
+kubeconfig="$dir/kubeconfig"
+cat > "$kubeconfig" <<KCFG
+apiVersion: v1
+kind: Config
+clusters:
+- name: stack
+  cluster:
+    server: https://127.0.0.1:$api_port
+    certificate-authority: $pki/ca.crt
+users:
+- name: stack-admin
+  user:
+    client-certificate: $pki/admin.crt
+    client-key: $pki/admin.key
+contexts:
+- name: stack
+  context: {cluster: stack, user: stack-admin}
+current-context: stack
+KCFG
+export KUBECONFIG="$kubeconfig"
+
+# --- Synapse ---
+syn="$dir/synapse"; mkdir -p "$syn/media"
+synapse_url="http://127.0.0.1:$synapse_port"
+"$OPERATOR_BIN" registration --server-name "$server_name" --out "$syn/appservice.yaml" --secret-env "$syn/appservice.env"
+# shellcheck disable=SC1091
+source "$syn/appservice.env"   # AS_TOKEN, HS_TOKEN, ADMIN_LOCALPART
+shared_secret="$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+cat > "$syn/log.yaml" <<LOGCFG
+version: 1
+formatters:
+  plain: {format: '%(asctime)s %(levelname)s %(name)s %(message)s'}
+handlers:
+  file: {class: logging.FileHandler, filename: $syn/homeserver.log, formatter: plain}
+root: {level: INFO, handlers: [file]}
+disable_existing_loggers: false
+LOGCFG
+cat > "$syn/homeserver.yaml" <<SYNCFG
+server_name: "$server_name"
+public_baseurl: "$synapse_url/"
+pid_file: "$syn/homeserver.pid"
+listeners:
+  - port: $synapse_port
+    bind_addresses: ["127.0.0.1"]
+    type: http
+    tls: false
+    x_forwarded: false
+    resources:
+      - names: [client]
+        compress: false
+database:
+  name: sqlite3
+  args:
+    database: "$syn/homeserver.db"
+log_config: "$syn/log.yaml"
+media_store_path: "$syn/media"
+signing_key_path: "$syn/signing.key"
+registration_shared_secret: "$shared_secret"
+report_stats: false
+trusted_key_servers: []
+suppress_key_server_warning: true
+enable_registration: false
+app_service_config_files: ["$syn/appservice.yaml"]
+SYNCFG
+(cd "$syn" && "$venv/bin/python" -m synapse.app.homeserver -c homeserver.yaml --generate-keys >/dev/null 2>&1)
+(cd "$syn" && exec "$venv/bin/python" -m synapse.app.homeserver -c homeserver.yaml) > "$syn/stdout.log" 2>&1 &
+pids+=($!)
+
+wait_for "kube-apiserver" 120 "$kubectl" get --raw /readyz
+wait_for "Synapse" 120 curl -fsS "$synapse_url/health"
+
+# The operator's admin account: a server admin made once, at bootstrap.
+"$venv/bin/register_new_matrix_user" -u "$ADMIN_LOCALPART" -a -k "$shared_secret" \
+  -p "$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')" "$synapse_url" >/dev/null
+
+# CRDs, and the as_token where the controller reads it.
+"$kubectl" apply --server-side --field-manager stack -f "$repo/crds/" >/dev/null
+"$kubectl" wait --for condition=Established --timeout 60s crd --all >/dev/null
+"$kubectl" create namespace openmeet-system >/dev/null
+"$kubectl" -n openmeet-system create secret generic matrix-appservice \
+  --from-literal=as_token="$AS_TOKEN" --from-literal=hs_token="$HS_TOKEN" >/dev/null
+
+env_file="$dir/stack.env"
+cat > "$env_file.tmp" <<ENV
+KUBECONFIG=$kubeconfig
+STACK_DIR=$dir
+STACK_BIN=$bin
+KUBECTL=$kubectl
+SYNAPSE_URL=$synapse_url
+MATRIX_SERVER_NAME=$server_name
+AS_TOKEN_SECRET=openmeet-system/matrix-appservice
+MATRIX_ADMIN_LOCALPART=$ADMIN_LOCALPART
+SYNAPSE_CONFIG=$syn/homeserver.yaml
+SYNAPSE_VENV=$venv
+ENV
+mv "$env_file.tmp" "$env_file"
+echo "stack ready: $env_file"
+
+# Stay up until interrupted, or until the process we serve goes away.
+while :; do
+  if [[ -n "$watch_pid" ]] && ! kill -0 "$watch_pid" 2>/dev/null; then break; fi
+  for p in "${pids[@]}"; do
+    if ! kill -0 "$p" 2>/dev/null; then log "a stack process ($p) died; see logs in $dir"; exit 1; fi
+  done
+  sleep 1
+done
