@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod claims;
+pub mod room;
 pub mod user;
 
 use crate::synapse::{SynapseClient, SynapseError};

@@ -6,6 +6,7 @@
 //! own tolerant struct: Synapse returns `displayname: null` for erased
 //! accounts, which the crate's `UserDetails` cannot represent.
 
+pub mod rooms;
 mod stats;
 pub mod users;
 
@@ -176,6 +177,33 @@ impl SynapseClient {
             )
             .map_err(|e| SynapseError::Request(e.to_string()))?;
         let request = reqwest::Request::try_from(http_request)
+            .map_err(|e| SynapseError::Request(e.to_string()))?;
+        self.execute(request, kind).await
+    }
+
+    /// Sends a JSON request to `path_segments` (each percent-encoded) as the
+    /// admin account. For endpoints ruma's crates do not cover.
+    async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path_segments: &[&str],
+        body: Option<&serde_json::Value>,
+        kind: RequestKind,
+    ) -> Result<(u16, bytes::Bytes), SynapseError> {
+        let mut url =
+            url::Url::parse(&self.base).map_err(|e| SynapseError::Request(e.to_string()))?;
+        url.path_segments_mut()
+            .map_err(|_| SynapseError::Request("Synapse URL cannot be a base".into()))?
+            .pop_if_empty()
+            .extend(path_segments);
+        url.query_pairs_mut()
+            .append_pair("user_id", self.admin.as_str());
+        let mut request = self.http.request(method, url).bearer_auth(&*self.as_token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let request = request
+            .build()
             .map_err(|e| SynapseError::Request(e.to_string()))?;
         self.execute(request, kind).await
     }

@@ -11,11 +11,35 @@ pub enum RequestKind {
     GetUser,
     UpsertUser,
     DeactivateUser,
+    CreateRoom,
+    ResolveAlias,
+    GetRoomState,
+    PutState,
+    PutPowerLevels,
+    AdminJoin,
+    Invite,
+    Kick,
+    Ban,
+    Unban,
+    Leave,
+    DeleteAlias,
+    GetDirectory,
+    SetDirectory,
+    DeleteRoom,
+    DeleteStatus,
+    MakeRoomAdmin,
 }
 
 impl RequestKind {
     pub fn is_write(self) -> bool {
-        !matches!(self, RequestKind::GetUser)
+        !matches!(
+            self,
+            RequestKind::GetUser
+                | RequestKind::ResolveAlias
+                | RequestKind::GetRoomState
+                | RequestKind::GetDirectory
+                | RequestKind::DeleteStatus
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -23,6 +47,23 @@ impl RequestKind {
             RequestKind::GetUser => "get_user",
             RequestKind::UpsertUser => "upsert_user",
             RequestKind::DeactivateUser => "deactivate_user",
+            RequestKind::CreateRoom => "create_room",
+            RequestKind::ResolveAlias => "resolve_alias",
+            RequestKind::GetRoomState => "get_room_state",
+            RequestKind::PutState => "put_state",
+            RequestKind::PutPowerLevels => "put_power_levels",
+            RequestKind::AdminJoin => "admin_join",
+            RequestKind::Invite => "invite",
+            RequestKind::Kick => "kick",
+            RequestKind::Ban => "ban",
+            RequestKind::Unban => "unban",
+            RequestKind::Leave => "leave",
+            RequestKind::DeleteAlias => "delete_alias",
+            RequestKind::GetDirectory => "get_directory",
+            RequestKind::SetDirectory => "set_directory",
+            RequestKind::DeleteRoom => "delete_room",
+            RequestKind::DeleteStatus => "delete_status",
+            RequestKind::MakeRoomAdmin => "make_room_admin",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Integration tests against the real local stack: kube-apiserver with etcd,
 //! and Synapse, started by `tests/stack/up.sh`.
 
+mod binary;
 mod crds;
 mod harness;
 mod proxy;
