@@ -3,7 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
-use openmeet_matrix_operator::controller::{Operator, OperatorConfig};
+use openmeet_matrix_operator::controller::{appservice, Operator, OperatorConfig};
 use openmeet_matrix_operator::registration::{Registration, RegistrationParams};
 use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig};
 use openmeet_matrix_operator::{api, sidecar, telemetry};
@@ -92,6 +92,12 @@ struct ControllerArgs {
     /// This replica's name, for Events.
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// Managed aliases start with this prefix (the registration's exclusive alias namespace).
+    #[arg(long, env = "MATRIX_ALIAS_PREFIX", default_value = "openmeet-")]
+    alias_prefix: String,
+    /// Where the application-service transaction endpoint listens ("off" to disable).
+    #[arg(long, env = "APPSERVICE_LISTEN", default_value = "0.0.0.0:9000")]
+    appservice_listen: String,
 }
 
 #[derive(Args)]
@@ -168,7 +174,8 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-async fn read_as_token(client: &Client, reference: &str) -> Result<String, MainError> {
+/// Reads one key of the registration Secret (`as_token` or `hs_token`).
+async fn read_token(client: &Client, reference: &str, key: &str) -> Result<String, MainError> {
     let (ns, name) = reference.split_once('/').ok_or_else(|| {
         MainError::Config(format!(
             "--as-token-secret {reference:?} must be namespace/name"
@@ -179,16 +186,16 @@ async fn read_as_token(client: &Client, reference: &str) -> Result<String, MainE
         .await?;
     let bytes = secret
         .data
-        .and_then(|d| d.get("as_token").cloned())
-        .ok_or_else(|| MainError::Config(format!("Secret {reference} has no as_token key")))?;
+        .and_then(|d| d.get(key).cloned())
+        .ok_or_else(|| MainError::Config(format!("Secret {reference} has no {key} key")))?;
     String::from_utf8(bytes.0)
         .map(|t| t.trim().to_string())
-        .map_err(|_| MainError::Config("as_token is not UTF-8".into()))
+        .map_err(|_| MainError::Config(format!("{key} is not UTF-8")))
 }
 
 async fn controller(args: ControllerArgs) -> Result<(), MainError> {
     let client = Client::try_default().await?;
-    let as_token = read_as_token(&client, &args.as_token_secret).await?;
+    let as_token = read_token(&client, &args.as_token_secret, "as_token").await?;
     let synapse = SynapseClient::new(SynapseConfig {
         url: args.synapse_url,
         server_name: args.server.server_name,
@@ -219,12 +226,35 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
         namespace: args.namespace,
         label_selector: args.selector,
         instance: args.instance,
+        alias_prefix: args.alias_prefix,
     };
     tracing::info!(synapse = ?synapse, "controller starting");
-    Operator::new(client, synapse, config)
-        .run(shutdown_signal())
-        .await;
-    Ok(())
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
+    let appservice = async {
+        if args.appservice_listen == "off" {
+            return Ok(());
+        }
+        let addr: std::net::SocketAddr = args
+            .appservice_listen
+            .parse()
+            .map_err(|e| MainError::Config(format!("--appservice-listen: {e}")))?;
+        let hs_token = read_token(&client, &args.as_token_secret, "hs_token").await?;
+        let own = vec![
+            format!("@{}:{}", args.server.admin_localpart, synapse.server_name()),
+            format!(
+                "@{}:{}",
+                args.server.sender_localpart,
+                synapse.server_name()
+            ),
+        ];
+        let scope = config.namespace.clone();
+        appservice::run(client.clone(), scope, hs_token, own, addr, shutdown.clone())
+            .await
+            .map_err(|e| MainError::Config(e.to_string()))
+    };
+    let operator = Operator::new(client.clone(), synapse.clone(), config.clone());
+    let (served, ()) = tokio::join!(appservice, operator.run(shutdown.clone()));
+    served
 }
 
 fn registration(args: RegistrationArgs) -> Result<(), MainError> {

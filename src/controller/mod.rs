@@ -1,18 +1,25 @@
 //! The controller: watches the custom resources and converges Synapse to them.
 //! Each kind has a module shaped `observe → plan (pure) → apply → status`.
 
+pub mod appservice;
 pub mod backoff;
 pub mod claims;
+pub mod permission;
 pub mod room;
 pub mod user;
 
+use crate::api::{MatrixUser, RoomPermission};
 use crate::synapse::{SynapseClient, SynapseError};
 use backoff::Backoff;
+use futures::future::{ready, FutureExt};
+use futures::StreamExt;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::Store;
-use kube::Client;
+use kube::runtime::reflector::{self, reflector, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client};
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,6 +82,9 @@ pub struct OperatorConfig {
     pub label_selector: Option<String>,
     /// This replica's name, for Events.
     pub instance: Option<String>,
+    /// Managed aliases are `#<alias_prefix><spec.alias>:<server>`, inside the
+    /// registration's exclusive alias namespace.
+    pub alias_prefix: String,
 }
 
 impl OperatorConfig {
@@ -106,11 +116,18 @@ impl OperatorConfig {
 pub struct ReconcileStats {
     pub user_reconciles: AtomicU64,
     pub user_failures: AtomicU64,
+    pub room_reconciles: AtomicU64,
+    pub room_failures: AtomicU64,
+    pub permission_reconciles: AtomicU64,
 }
 
 impl ReconcileStats {
     pub fn user_reconciles(&self) -> u64 {
         self.user_reconciles.load(Ordering::Relaxed)
+    }
+
+    pub fn room_reconciles(&self) -> u64 {
+        self.room_reconciles.load(Ordering::Relaxed)
     }
 }
 
@@ -154,15 +171,76 @@ impl Operator {
             instance: self.config.instance.clone(),
         };
         let recorder = Recorder::new(self.client.clone(), reporter);
-        user::run(
-            self.client,
-            self.synapse,
-            self.config,
-            recorder,
-            self.stats,
-            shutdown,
-        )
-        .await;
+        let shutdown: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(shutdown);
+        let shutdown = shutdown.shared();
+
+        // Caches the room controller folds permissions from.
+        let watch = watch_config(&self.config);
+        let (users_api, perms_api): (Api<MatrixUser>, Api<RoomPermission>) =
+            match &self.config.namespace {
+                Some(ns) => (
+                    Api::namespaced(self.client.clone(), ns),
+                    Api::namespaced(self.client.clone(), ns),
+                ),
+                None => (Api::all(self.client.clone()), Api::all(self.client.clone())),
+            };
+        let (users, users_writer) = reflector::store();
+        let (permissions, perms_writer) = reflector::store();
+        let caches = tokio::spawn(futures::future::join(
+            reflector(
+                users_writer,
+                watcher(users_api, watch.clone()).default_backoff(),
+            )
+            .for_each(|_| ready(())),
+            reflector(perms_writer, watcher(perms_api, watch).default_backoff())
+                .for_each(|_| ready(())),
+        ));
+
+        futures::join!(
+            user::run(
+                self.client.clone(),
+                self.synapse.clone(),
+                self.config.clone(),
+                recorder.clone(),
+                self.stats.clone(),
+                shutdown.clone()
+            ),
+            room::run(
+                self.client.clone(),
+                self.synapse,
+                self.config.clone(),
+                recorder,
+                self.stats.clone(),
+                users,
+                permissions.clone(),
+                shutdown.clone()
+            ),
+            permission::run(self.client, self.config, permissions, self.stats, shutdown),
+        );
+        caches.abort();
+    }
+}
+
+/// The watch every controller uses: the configured label selector, if any.
+pub fn watch_config(config: &OperatorConfig) -> watcher::Config {
+    let watch = watcher::Config::default();
+    match &config.label_selector {
+        Some(selector) => watch.labels(selector),
+        None => watch,
+    }
+}
+
+/// Test-only crash points: when `OPENMEET_FAILPOINT` names this point, the
+/// process exits at once, as a crash there would.
+pub fn failpoint(name: &str) {
+    static ACTIVE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if ACTIVE
+        .get_or_init(|| std::env::var("OPENMEET_FAILPOINT").ok())
+        .as_deref()
+        == Some(name)
+    {
+        eprintln!("failpoint {name}: exiting");
+        std::process::exit(86);
     }
 }
 

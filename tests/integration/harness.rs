@@ -12,7 +12,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, Resource};
 use openmeet_matrix_operator::api::conditions::{find, READY};
 use openmeet_matrix_operator::api::MatrixUser;
-use openmeet_matrix_operator::controller::{Operator, OperatorConfig, ReconcileStats};
+use openmeet_matrix_operator::controller::{appservice, Operator, OperatorConfig, ReconcileStats};
 use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig};
 use rand::distr::{Alphanumeric, SampleString};
 use serde::de::DeserializeOwned;
@@ -53,12 +53,48 @@ impl Stack {
             let env = parse_env(&env_path);
             let dir = &env["STACK_DIR"];
             let secrets = parse_env(&format!("{dir}/synapse/appservice.env"));
-            Stack {
+            let stack = Stack {
                 as_token: secrets["AS_TOKEN"].clone(),
                 env,
                 _child: child.map(Mutex::new),
-            }
+            };
+            stack.serve_appservice(secrets["HS_TOKEN"].clone());
+            stack
         })
+    }
+
+    /// One application-service endpoint for the whole test process, on the
+    /// port the registration names. It marks rooms in the API server, so the
+    /// operator of whichever test owns a room sees the drift.
+    fn serve_appservice(&self, hs_token: String) {
+        let kubeconfig = self.var("KUBECONFIG").to_string();
+        let addr: std::net::SocketAddr = self
+            .var("APPSERVICE_LISTEN")
+            .parse()
+            .expect("APPSERVICE_LISTEN");
+        let server = self.var("MATRIX_SERVER_NAME").to_string();
+        let own = vec![
+            format!("@{}:{server}", self.var("MATRIX_ADMIN_LOCALPART")),
+            format!("@openmeet-operator:{server}"),
+        ];
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime.block_on(async move {
+                let kubeconfig = Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+                let options = KubeConfigOptions::default();
+                let config = Config::from_custom_kubeconfig(kubeconfig, &options)
+                    .await
+                    .expect("config");
+                let client = Client::try_from(config).expect("client");
+                let served =
+                    appservice::run(client, None, hs_token, own, addr, std::future::pending())
+                        .await;
+                if let Err(e) = served {
+                    // A `make dev` controller may serve it already; it marks rooms just the same.
+                    eprintln!("test appservice endpoint not started: {e}");
+                }
+            });
+        });
     }
 
     pub fn var(&self, key: &str) -> &str {
@@ -196,6 +232,7 @@ impl TestEnv {
             namespace: None,
             label_selector: Some(format!("{LABEL}={run_id}")),
             instance: Some(run_id.clone()),
+            alias_prefix: "openmeet-".into(),
         };
         let operator_synapse = match &options.synapse_url {
             Some(url) => stack.synapse_at(url),
@@ -343,5 +380,64 @@ where
             panic!("timed out after {WAIT:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl TestEnv {
+    pub fn api<K>(&self, ns: usize) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), self.ns(ns))
+    }
+
+    /// Creates an object of kind `K` from its `spec`, labelled for this test.
+    pub async fn create<K>(&self, ns: usize, name: &str, spec: serde_json::Value) -> K
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+    {
+        let object: K = serde_json::from_value(serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "metadata": {"name": name, "namespace": self.ns(ns), "labels": {LABEL: self.run_id}},
+            "spec": spec,
+        }))
+        .expect("object");
+        self.api::<K>(ns)
+            .create(&PostParams::default(), &object)
+            .await
+            .expect("create")
+    }
+
+    /// Waits until `Ready` has this status and reason for the current generation.
+    pub async fn wait_condition<K>(&self, ns: usize, name: &str, status: bool, reason: &str) -> K
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+    {
+        let want = if status { "True" } else { "False" };
+        let api = self.api::<K>(ns);
+        wait_for(
+            &format!("{} {name} Ready={want} reason={reason}", K::kind(&())),
+            || async {
+                let object = api.get(name).await.ok()?;
+                let value = serde_json::to_value(&object).ok()?;
+                let ready = value["status"]["conditions"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["type"] == "Ready")?
+                    .clone();
+                let current = ready["observedGeneration"] == value["metadata"]["generation"];
+                (ready["status"] == want && ready["reason"] == reason && current).then_some(object)
+            },
+        )
+        .await
     }
 }

@@ -5,4 +5,5 @@ mod binary;
 mod crds;
 mod harness;
 mod proxy;
+mod rooms;
 mod users;

@@ -64,7 +64,7 @@ wait_for() { # description, seconds, command...
   return 1
 }
 
-etcd_port="$(free_port)"; etcd_peer_port="$(free_port)"; api_port="$(free_port)"; synapse_port="$(free_port)"
+etcd_port="$(free_port)"; etcd_peer_port="$(free_port)"; api_port="$(free_port)"; synapse_port="$(free_port)"; appservice_port="$(free_port)"
 server_name="openmeet.test"
 
 # --- certificates: one CA for the API server's serving and client certs ---
@@ -128,7 +128,7 @@ export KUBECONFIG="$kubeconfig"
 # --- Synapse ---
 syn="$dir/synapse"; mkdir -p "$syn/media"
 synapse_url="http://127.0.0.1:$synapse_port"
-"$OPERATOR_BIN" registration --server-name "$server_name" --out "$syn/appservice.yaml" --secret-env "$syn/appservice.env"
+"$OPERATOR_BIN" registration --server-name "$server_name" --url "http://127.0.0.1:$appservice_port" --out "$syn/appservice.yaml" --secret-env "$syn/appservice.env"
 # shellcheck disable=SC1091
 source "$syn/appservice.env"   # AS_TOKEN, HS_TOKEN, ADMIN_LOCALPART
 shared_secret="$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
@@ -167,6 +167,14 @@ trusted_key_servers: []
 suppress_key_server_warning: true
 enable_registration: false
 app_service_config_files: ["$syn/appservice.yaml"]
+# Synapse refuses every directory publication by default: allow the operator's
+# managed rooms, except one alias pattern the tests use to see a refusal.
+room_list_publication_rules:
+  - alias: "#openmeet-refused-*"
+    action: deny
+  - user_id: "@$ADMIN_LOCALPART:$server_name"
+    alias: "#openmeet-*"
+    action: allow
 SYNCFG
 (cd "$syn" && "$venv/bin/python" -m synapse.app.homeserver -c homeserver.yaml --generate-keys >/dev/null 2>&1)
 (cd "$syn" && exec "$venv/bin/python" -m synapse.app.homeserver -c homeserver.yaml) > "$syn/stdout.log" 2>&1 &
@@ -198,6 +206,8 @@ AS_TOKEN_SECRET=openmeet-system/matrix-appservice
 MATRIX_ADMIN_LOCALPART=$ADMIN_LOCALPART
 SYNAPSE_CONFIG=$syn/homeserver.yaml
 SYNAPSE_VENV=$venv
+APPSERVICE_PORT=$appservice_port
+APPSERVICE_LISTEN=127.0.0.1:$appservice_port
 ENV
 mv "$env_file.tmp" "$env_file"
 echo "stack ready: $env_file"

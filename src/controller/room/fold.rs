@@ -31,10 +31,16 @@ pub enum UserRefState {
 pub fn fold(
     permissions: &[&RoomPermission],
     user: impl Fn(&str) -> UserRefState,
-) -> (BTreeMap<String, (Membership, i64)>, BTreeMap<String, PermissionOutcome>) {
+) -> (
+    BTreeMap<String, (Membership, i64)>,
+    BTreeMap<String, PermissionOutcome>,
+) {
     let mut by_user: BTreeMap<&str, Vec<&RoomPermission>> = BTreeMap::new();
     for p in permissions {
-        by_user.entry(p.spec.user_ref.name.as_str()).or_default().push(p);
+        by_user
+            .entry(p.spec.user_ref.name.as_str())
+            .or_default()
+            .push(p);
     }
     let mut members = BTreeMap::new();
     let mut outcomes = BTreeMap::new();
@@ -48,17 +54,27 @@ pub fn fold(
         for p in claims {
             let name = p.name_any();
             if Some(&name) != winner.as_ref() {
-                let message = format!("permission {} already binds user {user_name} to this room", winner.clone().unwrap_or_default());
+                let message = format!(
+                    "permission {} already binds user {user_name} to this room",
+                    winner.clone().unwrap_or_default()
+                );
                 outcomes.insert(name, PermissionOutcome::Duplicate(message));
                 continue;
             }
             let outcome = match user(user_name) {
-                UserRefState::Missing => PermissionOutcome::Pending(format!("MatrixUser {user_name} does not exist")),
-                UserRefState::NotReady => PermissionOutcome::Pending(format!("MatrixUser {user_name} is not Ready")),
+                UserRefState::Missing => {
+                    PermissionOutcome::Pending(format!("MatrixUser {user_name} does not exist"))
+                }
+                UserRefState::NotReady => {
+                    PermissionOutcome::Pending(format!("MatrixUser {user_name} is not Ready"))
+                }
                 UserRefState::Ready(user_id) => {
                     let level = p.spec.desired_power_level();
                     members.insert(user_id.clone(), (p.spec.membership, level));
-                    PermissionOutcome::Applied { user_id, power_level: level }
+                    PermissionOutcome::Applied {
+                        user_id,
+                        power_level: level,
+                    }
                 }
             };
             outcomes.insert(name, outcome);
@@ -74,10 +90,14 @@ mod tests {
 
     fn perm(name: &str, user: &str, created: i64, spec: serde_json::Value) -> RoomPermission {
         let mut full = serde_json::json!({"roomRef": {"name": "room"}, "userRef": {"name": user}});
-        full.as_object_mut().unwrap().extend(spec.as_object().unwrap().clone());
+        full.as_object_mut()
+            .unwrap()
+            .extend(spec.as_object().unwrap().clone());
         let mut p = RoomPermission::new(name, serde_json::from_value(full).unwrap());
         p.metadata.namespace = Some("t".into());
-        p.metadata.creation_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::from_second(created).unwrap()));
+        p.metadata.creation_timestamp = Some(Time(
+            k8s_openapi::jiff::Timestamp::from_second(created).unwrap(),
+        ));
         p
     }
 
@@ -92,13 +112,24 @@ mod tests {
     #[test]
     fn roles_and_levels_fold_into_members() {
         let a = perm("a", "alice", 1, serde_json::json!({"role": "Admin"}));
-        let b = perm("b", "bob", 1, serde_json::json!({"powerLevel": 20, "membership": "Invite"}));
+        let b = perm(
+            "b",
+            "bob",
+            1,
+            serde_json::json!({"powerLevel": 20, "membership": "Invite"}),
+        );
         let c = perm("c", "carol", 1, serde_json::json!({"membership": "Ban"}));
         let (members, outcomes) = fold(&[&a, &b, &c], users);
         assert_eq!(members["@alice:x"], (Membership::Join, 100));
         assert_eq!(members["@bob:x"], (Membership::Invite, 20));
         assert_eq!(members["@carol:x"], (Membership::Ban, 0));
-        assert_eq!(outcomes["b"], PermissionOutcome::Applied { user_id: "@bob:x".into(), power_level: 20 });
+        assert_eq!(
+            outcomes["b"],
+            PermissionOutcome::Applied {
+                user_id: "@bob:x".into(),
+                power_level: 20
+            }
+        );
     }
 
     #[test]
@@ -107,16 +138,25 @@ mod tests {
         let b = perm("b", "pending", 1, serde_json::json!({}));
         let (members, outcomes) = fold(&[&a, &b], users);
         assert!(members.is_empty());
-        assert!(matches!(&outcomes["a"], PermissionOutcome::Pending(m) if m.contains("does not exist")));
+        assert!(
+            matches!(&outcomes["a"], PermissionOutcome::Pending(m) if m.contains("does not exist"))
+        );
         assert!(matches!(&outcomes["b"], PermissionOutcome::Pending(m) if m.contains("not Ready")));
     }
 
     #[test]
     fn oldest_duplicate_wins() {
         let newer = perm("newer", "alice", 20, serde_json::json!({"role": "Admin"}));
-        let older = perm("older", "alice", 10, serde_json::json!({"role": "Moderator"}));
+        let older = perm(
+            "older",
+            "alice",
+            10,
+            serde_json::json!({"role": "Moderator"}),
+        );
         let (members, outcomes) = fold(&[&newer, &older], users);
         assert_eq!(members["@alice:x"], (Membership::Join, 50));
-        assert!(matches!(&outcomes["newer"], PermissionOutcome::Duplicate(m) if m.contains("older")));
+        assert!(
+            matches!(&outcomes["newer"], PermissionOutcome::Duplicate(m) if m.contains("older"))
+        );
     }
 }

@@ -1,2 +1,908 @@
+//! `MatrixRoom` controller, with every `RoomPermission` naming a room folded
+//! into that room's reconcile: one state read, at most one power-levels write.
+
 pub mod fold;
 pub mod plan;
+
+use super::backoff::jitter;
+use super::claims::{holder, Claim};
+use super::{Error, OperatorConfig, ReconcileStats, FINALIZER};
+use crate::api::conditions::{self, Condition, READY};
+use crate::api::room::RoomDeletionPolicy;
+use crate::api::{
+    MatrixRoom, MatrixRoomStatus, MatrixUser, RoomPermission, RoomPermissionStatus, FIELD_MANAGER,
+};
+use crate::synapse::rooms::{CreateOutcome, DeleteStatus, MembershipAction, RoomState};
+use crate::synapse::{SynapseClient, SynapseError};
+use fold::{fold, PermissionOutcome, UserRefState};
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
+use plan::{create_body, marker_matches, plan, plan_close, DesiredRoom, RoomAction, Thresholds};
+use ruma::{OwnedRoomAliasId, RoomAliasId, RoomId, UserId};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Annotation the application-service endpoint sets to signal drift.
+pub const DRIFT_ANNOTATION: &str = "matrix.openmeet.net/drift-event";
+/// Condition reporting directory publication.
+pub const PUBLISHED: &str = "Published";
+
+/// Shared by every room reconcile.
+pub struct RoomContext {
+    pub client: Client,
+    pub synapse: SynapseClient,
+    pub config: OperatorConfig,
+    pub recorder: Recorder,
+    pub rooms: Store<MatrixRoom>,
+    pub users: Store<MatrixUser>,
+    pub permissions: Store<RoomPermission>,
+    pub backoff: super::backoff::Backoff,
+    pub stats: Arc<ReconcileStats>,
+    /// What each room was last converged to, to tell drift from spec changes.
+    last_desired: Mutex<HashMap<String, String>>,
+}
+
+fn key<K: ResourceExt>(k: &K) -> String {
+    format!("{}/{}", k.namespace().unwrap_or_default(), k.name_any())
+}
+
+/// Runs the `MatrixRoom` controller until `shutdown` resolves.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    client: Client,
+    synapse: SynapseClient,
+    config: OperatorConfig,
+    recorder: Recorder,
+    stats: Arc<ReconcileStats>,
+    users: Store<MatrixUser>,
+    permissions: Store<RoomPermission>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let scope = |c: &Client| -> (Api<MatrixRoom>, Api<RoomPermission>, Api<MatrixUser>) {
+        match &config.namespace {
+            Some(ns) => (
+                Api::namespaced(c.clone(), ns),
+                Api::namespaced(c.clone(), ns),
+                Api::namespaced(c.clone(), ns),
+            ),
+            None => (
+                Api::all(c.clone()),
+                Api::all(c.clone()),
+                Api::all(c.clone()),
+            ),
+        }
+    };
+    let (rooms_api, perms_api, users_api) = scope(&client);
+    let watch = super::watch_config(&config);
+    let controller = Controller::new(rooms_api.clone(), watch.clone());
+    let rooms = controller.store();
+    let ctx = Arc::new(RoomContext {
+        client,
+        synapse,
+        config,
+        recorder,
+        rooms: rooms.clone(),
+        users: users.clone(),
+        permissions: permissions.clone(),
+        backoff: super::default_backoff(),
+        stats,
+        last_desired: Mutex::default(),
+    });
+    let perms_for_users = permissions.clone();
+    let rooms_for_claims = rooms.clone();
+    controller
+        // A permission changed: its room folds it in.
+        .watches(perms_api, watch.clone(), |p: RoomPermission| {
+            Some(ObjectRef::new(&p.spec.room_ref.name).within(&p.namespace().unwrap_or_default()))
+        })
+        // A user became Ready (or went away): the rooms that reference it.
+        .watches(users_api, watch.clone(), move |u: MatrixUser| {
+            let ns = u.namespace().unwrap_or_default();
+            let name = u.name_any();
+            perms_for_users
+                .state()
+                .iter()
+                .filter(|p| {
+                    p.namespace().as_deref() == Some(ns.as_str()) && p.spec.user_ref.name == name
+                })
+                .map(|p| ObjectRef::new(&p.spec.room_ref.name).within(&ns))
+                .collect::<Vec<_>>()
+        })
+        // A room claiming an alias went away: the others claiming it decide again.
+        .watches(rooms_api, watch, move |r: MatrixRoom| {
+            let me = ObjectRef::from_obj(&r);
+            let leaving =
+                r.metadata.deletion_timestamp.is_some() || rooms_for_claims.get(&me).is_none();
+            if !leaving {
+                return Vec::new();
+            }
+            rooms_for_claims
+                .state()
+                .iter()
+                .filter(|o| o.spec.alias == r.spec.alias)
+                .map(|o| ObjectRef::from_obj(o.as_ref()))
+                .filter(|o| *o != me)
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+pub async fn reconcile(room: Arc<MatrixRoom>, ctx: Arc<RoomContext>) -> Result<Action, Error> {
+    // Folding permissions needs complete caches: an empty one would read as
+    // "no members declared" and an Exclusive room would be emptied.
+    let _ = ctx.users.wait_until_ready().await;
+    let _ = ctx.permissions.wait_until_ready().await;
+    let ns = room
+        .namespace()
+        .ok_or_else(|| Error::Invalid("MatrixRoom must be namespaced".into()))?;
+    let api: Api<MatrixRoom> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, room, |event| async {
+        match event {
+            FinalizerEvent::Apply(room) => apply(&room, &api, &ctx).await,
+            FinalizerEvent::Cleanup(room) => cleanup(&room, &api, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(Box::new(other)),
+    });
+    ctx.stats.room_reconciles.fetch_add(1, Ordering::Relaxed);
+    result
+}
+
+fn error_policy(room: Arc<MatrixRoom>, error: &Error, ctx: Arc<RoomContext>) -> Action {
+    ctx.stats.room_failures.fetch_add(1, Ordering::Relaxed);
+    let delay = ctx.backoff.next_delay(&key(room.as_ref()));
+    tracing::warn!(room = %key(room.as_ref()), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The ownership marker state content for this object.
+fn marker(room: &MatrixRoom) -> Value {
+    json!({
+        "namespace": room.namespace().unwrap_or_default(),
+        "name": room.name_any(),
+        "uid": room.metadata.uid.clone().unwrap_or_default(),
+    })
+}
+
+fn full_alias(room: &MatrixRoom, ctx: &RoomContext) -> Result<OwnedRoomAliasId, Error> {
+    let alias = format!(
+        "#{}{}:{}",
+        ctx.config.alias_prefix,
+        room.spec.alias,
+        ctx.synapse.server_name()
+    );
+    RoomAliasId::parse(&alias).map_err(|e| Error::Invalid(format!("alias {alias:?}: {e}")))
+}
+
+/// Whether this object holds its alias (oldest claim wins, homeserver-wide).
+fn holds_alias(room: &MatrixRoom, ctx: &RoomContext) -> Result<(), String> {
+    let all = ctx.rooms.state();
+    let claims = all
+        .iter()
+        .map(|r| r.as_ref())
+        .filter(|r| r.spec.alias == room.spec.alias && key(*r) != key(room))
+        .chain(std::iter::once(room))
+        .map(|r| Claim {
+            namespace: r.metadata.namespace.as_deref().unwrap_or_default(),
+            name: r.metadata.name.as_deref().unwrap_or_default(),
+            created: r.metadata.creation_timestamp.as_ref(),
+        });
+    match holder(claims) {
+        Some(h)
+            if h.namespace == room.namespace().unwrap_or_default() && h.name == room.name_any() =>
+        {
+            Ok(())
+        }
+        Some(h) => Err(format!(
+            "alias {:?} is already claimed by {}/{}",
+            room.spec.alias, h.namespace, h.name
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The permissions naming this room, from the cache.
+fn permissions_of(room: &MatrixRoom, ctx: &RoomContext) -> Vec<Arc<RoomPermission>> {
+    let ns = room.namespace();
+    let name = room.name_any();
+    ctx.permissions
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace() == ns && p.spec.room_ref.name == name)
+        .collect()
+}
+
+fn user_state(ctx: &RoomContext, ns: &str, name: &str) -> UserRefState {
+    match ctx.users.get(&ObjectRef::new(name).within(ns)) {
+        None => UserRefState::Missing,
+        Some(u) => {
+            let status = u.status.as_ref();
+            let ready = status
+                .and_then(|s| conditions::find(&s.conditions, READY))
+                .is_some_and(|c| c.is_true());
+            match status.and_then(|s| s.user_id.clone()) {
+                Some(id) if ready && !u.spec.deactivated => UserRefState::Ready(id),
+                _ => UserRefState::NotReady,
+            }
+        }
+    }
+}
+
+fn desired(
+    room: &MatrixRoom,
+    ctx: &RoomContext,
+    members: BTreeMap<String, (crate::api::permission::Membership, i64)>,
+) -> DesiredRoom {
+    let spec = &room.spec;
+    DesiredRoom {
+        alias_localpart: format!("{}{}", ctx.config.alias_prefix, spec.alias),
+        name: spec.name.clone(),
+        topic: spec.topic.clone(),
+        avatar_url: spec.avatar_url.clone(),
+        join_rule: spec.join_rule,
+        history_visibility: spec.history_visibility,
+        guest_access: spec.guest_access,
+        encrypted: spec.encrypted,
+        marker: marker(room),
+        thresholds: Thresholds::from(spec.permissions.as_ref()),
+        members,
+        membership_policy: spec.membership_policy,
+        admin: ctx.synapse.admin_user_id().to_string(),
+        server_suffix: format!(":{}", ctx.synapse.server_name()),
+    }
+}
+
+/// Where the room is, if it exists and is this object's.
+enum Located {
+    Ours(String, RoomState),
+    Absent,
+    Foreign(String),
+}
+
+/// Finds the room: by status, else by alias; the marker decides ownership.
+async fn locate(
+    room: &MatrixRoom,
+    alias: &RoomAliasId,
+    ctx: &RoomContext,
+) -> Result<Located, Error> {
+    let known = room.status.as_ref().and_then(|s| s.room_id.clone());
+    let candidate = match known {
+        Some(id) => Some(id),
+        None => ctx.synapse.resolve_alias(alias).await?,
+    };
+    let Some(room_id) = candidate else {
+        return Ok(Located::Absent);
+    };
+    match ctx.synapse.room_state(&room_id).await? {
+        Some(state) if marker_matches(&state, &marker(room)) => Ok(Located::Ours(room_id, state)),
+        Some(_) => Ok(Located::Foreign(room_id)),
+        None => Ok(Located::Foreign(room_id)),
+    }
+}
+
+async fn apply(
+    room: &MatrixRoom,
+    api: &Api<MatrixRoom>,
+    ctx: &RoomContext,
+) -> Result<Action, Error> {
+    let resync = Action::requeue(jitter(ctx.config.resync_interval));
+    let perms = permissions_of(room, ctx);
+    let ns = room.namespace().unwrap_or_default();
+
+    if let Err(message) = holds_alias(room, ctx) {
+        blocked(room, api, ctx, &perms, "AliasConflict", message).await?;
+        return Ok(resync);
+    }
+    let alias = full_alias(room, ctx)?;
+    let perm_refs: Vec<&RoomPermission> = perms.iter().map(|p| p.as_ref()).collect();
+    let (members, outcomes) = fold(&perm_refs, |name| user_state(ctx, &ns, name));
+    let desired = desired(room, ctx, members);
+
+    let result: Result<Result<Converged, String>, Error> = async {
+        let (room_id, state, created) = match locate(room, &alias, ctx).await? {
+            Located::Ours(id, state) => (id, state, false),
+            Located::Foreign(id) => {
+                return Ok(Err(format!(
+                    "alias {alias} points at room {id}, which is not this object's"
+                )))
+            }
+            Located::Absent => match ctx.synapse.create_room(&create_body(&desired)).await? {
+                CreateOutcome::Created(id) => {
+                    record(
+                        room,
+                        ctx,
+                        EventType::Normal,
+                        "RoomCreated",
+                        &format!("created {id} as {alias}"),
+                    )
+                    .await;
+                    super::failpoint("after-room-create");
+                    // Read what createRoom made: the plan below then only adds members.
+                    let state = ctx.synapse.room_state(&id).await?.ok_or_else(|| {
+                        Error::Synapse(SynapseError::Decode(format!(
+                            "created room {id} is not readable"
+                        )))
+                    })?;
+                    (id, state, true)
+                }
+                // Someone (maybe our own earlier, interrupted call) holds the alias: resolve, never retry.
+                CreateOutcome::AliasInUse => match locate_by_alias(room, &alias, ctx).await? {
+                    Some((id, state)) => (id, state, false),
+                    None => {
+                        return Ok(Err(format!(
+                            "alias {alias} is in use by a room that is not this object's"
+                        )))
+                    }
+                },
+            },
+        };
+        let room_plan = plan(&desired, &state);
+        let fingerprint = format!("{desired:?}");
+        let drift = !created && !room_plan.actions.is_empty() && {
+            let last = ctx.last_desired.lock().expect("lock");
+            last.get(&key(room)) == Some(&fingerprint)
+        };
+        let room_id_parsed = RoomId::parse(&room_id)
+            .map_err(|e| Error::Invalid(format!("room id {room_id:?}: {e}")))?;
+        for action in &room_plan.actions {
+            apply_action(&room_id, &room_id_parsed, action, ctx).await?;
+            audit(room, &room_id, &action.describe());
+        }
+        if drift {
+            let summary: Vec<String> = room_plan.actions.iter().map(RoomAction::describe).collect();
+            record(
+                room,
+                ctx,
+                EventType::Normal,
+                "DriftCorrected",
+                &summary.join("; "),
+            )
+            .await;
+        } else if !room_plan.actions.is_empty() && !created {
+            let summary: Vec<String> = room_plan.actions.iter().map(RoomAction::describe).collect();
+            record(
+                room,
+                ctx,
+                EventType::Normal,
+                "RoomUpdated",
+                &truncate(summary.join("; ")),
+            )
+            .await;
+        }
+        ctx.last_desired
+            .lock()
+            .expect("lock")
+            .insert(key(room), fingerprint);
+        let published = publication(room, &room_id, ctx).await?;
+        Ok(Ok(Converged {
+            room_id,
+            joined: room_plan.joined_after,
+            published,
+        }))
+    }
+    .await;
+
+    match result {
+        Ok(Ok(converged)) => {
+            ctx.backoff.reset(&key(room));
+            let mut conds = vec![Condition::new(
+                READY,
+                true,
+                "Converged",
+                "room matches the spec",
+                room.metadata.generation,
+            )];
+            if let Some(p) = converged.published {
+                conds.push(p);
+            }
+            write_room_status(
+                room,
+                api,
+                Some(converged.room_id),
+                Some(alias.to_string()),
+                Some(converged.joined as i64),
+                conds,
+            )
+            .await?;
+            write_permission_statuses(ctx, &perms, &outcomes, None).await?;
+            Ok(resync)
+        }
+        Ok(Err(message)) => {
+            blocked(room, api, ctx, &perms, "AliasConflict", message).await?;
+            Ok(resync)
+        }
+        Err(error) => {
+            let ready = Condition::new(
+                READY,
+                false,
+                error.reason(),
+                error.to_string(),
+                room.metadata.generation,
+            );
+            let status = room.status.clone().unwrap_or_default();
+            if let Err(e) = write_room_status(
+                room,
+                api,
+                status.room_id,
+                status.canonical_alias,
+                status.joined_members,
+                vec![ready],
+            )
+            .await
+            {
+                tracing::warn!(room = %key(room), error = %e, "could not record failure in status");
+            }
+            let _ = write_permission_statuses(
+                ctx,
+                &perms,
+                &outcomes,
+                Some(("RoomNotReady", error.to_string())),
+            )
+            .await;
+            if error.is_transient() {
+                return Err(error);
+            }
+            record(
+                room,
+                ctx,
+                EventType::Warning,
+                error.reason(),
+                &error.to_string(),
+            )
+            .await;
+            Ok(resync)
+        }
+    }
+}
+
+struct Converged {
+    room_id: String,
+    joined: usize,
+    published: Option<Condition>,
+}
+
+/// After `M_ROOM_IN_USE`: the room under the alias, if it carries our marker.
+async fn locate_by_alias(
+    room: &MatrixRoom,
+    alias: &RoomAliasId,
+    ctx: &RoomContext,
+) -> Result<Option<(String, RoomState)>, Error> {
+    let Some(id) = ctx.synapse.resolve_alias(alias).await? else {
+        return Ok(None);
+    };
+    match ctx.synapse.room_state(&id).await? {
+        Some(state) if marker_matches(&state, &marker(room)) => Ok(Some((id, state))),
+        _ => Ok(None),
+    }
+}
+
+async fn apply_action(
+    room_id: &str,
+    parsed: &RoomId,
+    action: &RoomAction,
+    ctx: &RoomContext,
+) -> Result<(), Error> {
+    let s = &ctx.synapse;
+    let user =
+        |u: &str| UserId::parse(u).map_err(|e| Error::Invalid(format!("user id {u:?}: {e}")));
+    match action {
+        RoomAction::MakeRoomAdmin => s.make_room_admin(room_id).await?,
+        RoomAction::SetState { kind, content } => s.put_state(room_id, kind, "", content).await?,
+        RoomAction::SetPowerLevels(content) => {
+            s.put_state(room_id, "m.room.power_levels", "", content)
+                .await?
+        }
+        RoomAction::Join(u) => s.admin_join(parsed, &user(u)?).await?,
+        RoomAction::Invite(u) => {
+            s.membership(
+                room_id,
+                MembershipAction::Invite,
+                u,
+                "declared by RoomPermission",
+            )
+            .await?
+        }
+        RoomAction::Kick(u) => {
+            s.membership(
+                room_id,
+                MembershipAction::Kick,
+                u,
+                "not declared for this room",
+            )
+            .await?
+        }
+        RoomAction::Ban(u) => {
+            s.membership(
+                room_id,
+                MembershipAction::Ban,
+                u,
+                "banned by RoomPermission",
+            )
+            .await?
+        }
+        RoomAction::Unban(u) => {
+            s.membership(room_id, MembershipAction::Unban, u, "no longer banned")
+                .await?
+        }
+    }
+    Ok(())
+}
+
+/// Publishes or unpublishes in the directory, verifying the result. Checked
+/// once per generation, so an unchanged room's resync stays one read.
+async fn publication(
+    room: &MatrixRoom,
+    room_id: &str,
+    ctx: &RoomContext,
+) -> Result<Option<Condition>, Error> {
+    let generation = room.metadata.generation;
+    let previous = room
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, PUBLISHED));
+    let want = room.spec.publish_to_directory;
+    if let Some(p) = previous {
+        if p.observed_generation == generation
+            && room.status.as_ref().and_then(|s| s.room_id.as_deref()) == Some(room_id)
+        {
+            return Ok(Some(p.clone()));
+        }
+    } else if !want {
+        // Created private and never asked to publish: nothing to verify.
+        return Ok(None);
+    }
+    let published = ctx.synapse.directory_visibility(room_id).await?;
+    if published != want {
+        match ctx.synapse.set_directory_visibility(room_id, want).await {
+            Ok(()) => audit(
+                room,
+                room_id,
+                if want {
+                    "publish to directory"
+                } else {
+                    "unpublish from directory"
+                },
+            ),
+            // room_list_publication_rules said no: reported below, not retried.
+            Err(SynapseError::Rejected { status: 403, .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let verified = if published != want {
+        ctx.synapse.directory_visibility(room_id).await?
+    } else {
+        published
+    };
+    Ok(Some(match (want, verified) {
+        (true, true) => Condition::new(
+            PUBLISHED,
+            true,
+            "Published",
+            "listed in the room directory",
+            generation,
+        ),
+        (true, false) => {
+            let message =
+                "Synapse did not list the room: its room_list_publication_rules refuse it";
+            record(room, ctx, EventType::Warning, "PublicationRefused", message).await;
+            Condition::new(PUBLISHED, false, "PublicationRefused", message, generation)
+        }
+        (false, false) => Condition::new(
+            PUBLISHED,
+            false,
+            "NotRequested",
+            "not listed in the room directory",
+            generation,
+        ),
+        (false, true) => Condition::new(
+            PUBLISHED,
+            true,
+            "UnpublishRefused",
+            "Synapse still lists the room",
+            generation,
+        ),
+    }))
+}
+
+async fn cleanup(
+    room: &MatrixRoom,
+    api: &Api<MatrixRoom>,
+    ctx: &RoomContext,
+) -> Result<Action, Error> {
+    if holds_alias(room, ctx).is_err() || room.spec.deletion_policy == RoomDeletionPolicy::Retain {
+        return Ok(Action::await_change());
+    }
+    let result: Result<(), Error> = async {
+        let alias = full_alias(room, ctx)?;
+        let Located::Ours(room_id, state) = locate(room, &alias, ctx).await? else {
+            // Gone already, or never ours: nothing to clean.
+            return Ok(());
+        };
+        match room.spec.deletion_policy {
+            RoomDeletionPolicy::Retain => {}
+            RoomDeletionPolicy::Close => {
+                let d = desired(room, ctx, BTreeMap::new());
+                if state.memberships().get(&d.admin).map(String::as_str) != Some("join") {
+                    // Left already: closed by an earlier, interrupted cleanup.
+                    return Ok(());
+                }
+                let parsed = RoomId::parse(&room_id).map_err(|e| Error::Invalid(e.to_string()))?;
+                for action in plan_close(&d, &state) {
+                    apply_action(&room_id, &parsed, &action, ctx).await?;
+                    audit(room, &room_id, &action.describe());
+                }
+                if ctx.synapse.resolve_alias(&alias).await?.as_deref() == Some(room_id.as_str()) {
+                    ctx.synapse.delete_alias(&alias).await?;
+                    audit(room, &room_id, "drop alias");
+                }
+                ctx.synapse.leave(&room_id).await?;
+                audit(room, &room_id, "leave");
+                record(
+                    room,
+                    ctx,
+                    EventType::Normal,
+                    "RoomClosed",
+                    &format!("closed {room_id}"),
+                )
+                .await;
+            }
+            RoomDeletionPolicy::Purge => {
+                let delete_id = ctx.synapse.delete_room(&room_id, true).await?;
+                audit(room, &room_id, "delete and purge");
+                let deadline = Instant::now() + Duration::from_secs(120);
+                loop {
+                    match ctx.synapse.delete_status(&delete_id).await? {
+                        DeleteStatus::Complete => break,
+                        DeleteStatus::Failed(why) => {
+                            return Err(Error::Synapse(SynapseError::Server {
+                                status: 500,
+                                errcode: "DELETE_FAILED".into(),
+                                message: why,
+                            }))
+                        }
+                        DeleteStatus::InProgress if Instant::now() > deadline => {
+                            return Err(Error::Synapse(SynapseError::Server {
+                                status: 504,
+                                errcode: "DELETE_PENDING".into(),
+                                message: "room deletion still running".into(),
+                            }))
+                        }
+                        DeleteStatus::InProgress => {
+                            tokio::time::sleep(Duration::from_millis(250)).await
+                        }
+                    }
+                }
+                record(
+                    room,
+                    ctx,
+                    EventType::Normal,
+                    "RoomPurged",
+                    &format!("deleted and purged {room_id}"),
+                )
+                .await;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => Ok(Action::await_change()),
+        Err(error) => {
+            let ready = Condition::new(
+                READY,
+                false,
+                error.reason(),
+                format!("cleanup: {error}"),
+                room.metadata.generation,
+            );
+            let status = room.status.clone().unwrap_or_default();
+            let _ = write_room_status(
+                room,
+                api,
+                status.room_id,
+                status.canonical_alias,
+                status.joined_members,
+                vec![ready],
+            )
+            .await;
+            Err(error)
+        }
+    }
+}
+
+/// Records a blocked room: condition, a Warning on transition, no Synapse write.
+async fn blocked(
+    room: &MatrixRoom,
+    api: &Api<MatrixRoom>,
+    ctx: &RoomContext,
+    perms: &[Arc<RoomPermission>],
+    reason: &str,
+    message: String,
+) -> Result<(), Error> {
+    let previous = room
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, READY))
+        .map(|c| c.reason.clone());
+    if previous.as_deref() != Some(reason) {
+        record(room, ctx, EventType::Warning, reason, &message).await;
+    }
+    let ready = Condition::new(
+        READY,
+        false,
+        reason,
+        message.clone(),
+        room.metadata.generation,
+    );
+    write_room_status(room, api, None, None, None, vec![ready]).await?;
+    write_permission_statuses(
+        ctx,
+        perms,
+        &BTreeMap::new(),
+        Some(("RoomNotReady", format!("room: {message}"))),
+    )
+    .await
+}
+
+async fn write_room_status(
+    room: &MatrixRoom,
+    api: &Api<MatrixRoom>,
+    room_id: Option<String>,
+    canonical_alias: Option<String>,
+    joined_members: Option<i64>,
+    next: Vec<Condition>,
+) -> Result<(), Error> {
+    let existing = room.status.clone().unwrap_or_default();
+    let status = MatrixRoomStatus {
+        room_id,
+        canonical_alias,
+        joined_members,
+        conditions: conditions::merge(&existing.conditions, next, now()),
+        observed_generation: room.metadata.generation,
+    };
+    if status == existing {
+        return Ok(());
+    }
+    let patch = json!({"apiVersion": MatrixRoom::api_version(&()), "kind": MatrixRoom::kind(&()), "status": status});
+    api.patch_status(
+        &room.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Writes each permission's status from the room's outcome (only when it changed).
+async fn write_permission_statuses(
+    ctx: &RoomContext,
+    perms: &[Arc<RoomPermission>],
+    outcomes: &BTreeMap<String, PermissionOutcome>,
+    room_failure: Option<(&str, String)>,
+) -> Result<(), Error> {
+    for p in perms {
+        let (ready, level) = match (&room_failure, outcomes.get(&p.name_any())) {
+            (_, Some(PermissionOutcome::Duplicate(m))) => (
+                Condition::new(READY, false, "Duplicate", m.clone(), p.metadata.generation),
+                None,
+            ),
+            (_, Some(PermissionOutcome::Pending(m))) => (
+                Condition::new(READY, false, "Pending", m.clone(), p.metadata.generation),
+                None,
+            ),
+            (Some((reason, m)), _) => (
+                Condition::new(READY, false, reason, m.clone(), p.metadata.generation),
+                None,
+            ),
+            (
+                None,
+                Some(PermissionOutcome::Applied {
+                    user_id,
+                    power_level,
+                }),
+            ) => (
+                Condition::new(
+                    READY,
+                    true,
+                    "Converged",
+                    format!("{user_id} has power level {power_level}"),
+                    p.metadata.generation,
+                ),
+                Some(*power_level),
+            ),
+            (None, None) => continue,
+        };
+        write_permission_status(&ctx.client, p, level, ready).await?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn write_permission_status(
+    client: &Client,
+    p: &RoomPermission,
+    level: Option<i64>,
+    ready: Condition,
+) -> Result<(), Error> {
+    let existing = p.status.clone().unwrap_or_default();
+    let status = RoomPermissionStatus {
+        effective_power_level: level,
+        conditions: conditions::merge(&existing.conditions, vec![ready], now()),
+        observed_generation: p.metadata.generation,
+    };
+    if status == existing {
+        return Ok(());
+    }
+    let api: Api<RoomPermission> =
+        Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
+    let patch = json!({"apiVersion": RoomPermission::api_version(&()), "kind": RoomPermission::kind(&()), "status": status});
+    match api
+        .patch_status(
+            &p.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Deleted meanwhile: nothing to report on.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > 900 {
+        let mut cut = 900;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+fn audit(room: &MatrixRoom, room_id: &str, action: &str) {
+    tracing::info!(
+        target: "audit",
+        kind = "MatrixRoom",
+        namespace = %room.namespace().unwrap_or_default(),
+        name = %room.name_any(),
+        room_id,
+        action,
+        "synapse mutation"
+    );
+}
+
+async fn record(room: &MatrixRoom, ctx: &RoomContext, type_: EventType, reason: &str, note: &str) {
+    let event = KubeEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(truncate(note.to_string())),
+        action: "Converge".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &room.object_ref(&())).await {
+        tracing::warn!(room = %key(room), error = %e, "could not publish event");
+    }
+}

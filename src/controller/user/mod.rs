@@ -14,7 +14,6 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use plan::{plan, plan_cleanup, precheck, Blocked, CleanupAction, Desired, UserAction, UserPlan};
 use std::future::Future;
@@ -34,10 +33,7 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let mut watch = watcher::Config::default();
-    if let Some(selector) = &config.label_selector {
-        watch = watch.labels(selector);
-    }
+    let watch = super::watch_config(&config);
     let controller = Controller::new(api.clone(), watch.clone());
     let users = controller.store();
     let peers = users.clone();

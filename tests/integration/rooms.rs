@@ -1,0 +1,883 @@
+//! `MatrixRoom` and `RoomPermission` converging against the real stack.
+
+use crate::harness::{unique, wait_for, Options, Stack, TestEnv, LABEL};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
+use openmeet_matrix_operator::synapse::rooms::RoomState;
+use openmeet_matrix_operator::synapse::RequestKind;
+use serde_json::{json, Value};
+use std::process::Stdio;
+use std::time::Duration;
+
+/// Creates Ready users named after `names` in namespace 0; returns their ids.
+async fn users(env: &TestEnv, names: &[&str]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for name in names {
+        let localpart = unique(name);
+        env.create::<MatrixUser>(
+            0,
+            name,
+            json!({"localpart": localpart, "displayName": name}),
+        )
+        .await;
+        ids.push(env.user_id(&localpart).to_string());
+    }
+    for name in names {
+        env.wait_condition::<MatrixUser>(0, name, true, "Converged")
+            .await;
+    }
+    ids
+}
+
+async fn perm(env: &TestEnv, ns: usize, name: &str, room: &str, user: &str, extra: Value) {
+    let mut spec = json!({"roomRef": {"name": room}, "userRef": {"name": user}});
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    env.create::<RoomPermission>(ns, name, spec).await;
+}
+
+async fn state(env: &TestEnv, room: &MatrixRoom) -> RoomState {
+    let id = room.status.as_ref().unwrap().room_id.clone().unwrap();
+    env.synapse
+        .room_state(&id)
+        .await
+        .unwrap()
+        .expect("room readable")
+}
+
+fn membership(state: &RoomState, user: &str) -> String {
+    state
+        .memberships()
+        .get(user)
+        .cloned()
+        .unwrap_or_else(|| "none".into())
+}
+
+/// An access token for a local user, minted through the admin API.
+async fn login_as(user_id: &str) -> String {
+    let stack = Stack::get();
+    let admin = format!(
+        "@{}:{}",
+        stack.var("MATRIX_ADMIN_LOCALPART"),
+        stack.var("MATRIX_SERVER_NAME")
+    );
+    let url = format!(
+        "{}/_synapse/admin/v1/users/{}/login",
+        stack.var("SYNAPSE_URL"),
+        urlencode(user_id)
+    );
+    let until = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 3_600_000) as u64;
+    let response: Value = reqwest::Client::new()
+        .post(url)
+        .query(&[("user_id", admin.as_str())])
+        .bearer_auth(&stack.as_token)
+        .json(&json!({"valid_until_ms": until}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    response["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_string()
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A client-API call as a plain user.
+async fn as_user(
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Value,
+) -> reqwest::StatusCode {
+    let url = format!(
+        "{}/_matrix/client/v3{path}",
+        Stack::get().var("SYNAPSE_URL")
+    );
+    reqwest::Client::new()
+        .request(method, url)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn room_is_created_once_with_its_state_members_and_power() {
+    let env = TestEnv::new("room").await;
+    let ids = users(&env, &["alice", "bob", "carol"]).await;
+    perm(
+        &env,
+        0,
+        "alice",
+        "meetup",
+        "alice",
+        json!({"role": "Admin"}),
+    )
+    .await;
+    perm(&env, 0, "bob", "meetup", "bob", json!({"powerLevel": 10})).await;
+    perm(
+        &env,
+        0,
+        "carol",
+        "meetup",
+        "carol",
+        json!({"membership": "Invite"}),
+    )
+    .await;
+    let alias = unique("meetup");
+    env.create::<MatrixRoom>(
+        0,
+        "meetup",
+        json!({"alias": alias, "name": "Meetup", "topic": "Talk", "encrypted": true, "historyVisibility": "joined",
+               "permissions": {"sendMessages": 5, "changeSettings": 75}}),
+    )
+    .await;
+    let room: MatrixRoom = env.wait_condition(0, "meetup", true, "Converged").await;
+    let status = room.status.clone().unwrap();
+    assert_eq!(
+        status.canonical_alias.as_deref(),
+        Some(format!("#openmeet-{alias}:openmeet.test").as_str())
+    );
+    assert_eq!(status.joined_members, Some(3), "operator, alice, bob");
+
+    let s = state(&env, &room).await;
+    assert_eq!(s.get("m.room.name", "").unwrap()["name"], "Meetup");
+    assert_eq!(s.get("m.room.topic", "").unwrap()["topic"], "Talk");
+    assert_eq!(
+        s.get("m.room.encryption", "").unwrap()["algorithm"],
+        "m.megolm.v1.aes-sha2"
+    );
+    assert_eq!(
+        s.get("m.room.history_visibility", "").unwrap()["history_visibility"],
+        "joined"
+    );
+    assert_eq!(s.get("net.openmeet.owner", "").unwrap()["name"], "meetup");
+    let pl = s.get("m.room.power_levels", "").unwrap();
+    assert_eq!(pl["users"][&ids[0]], 100);
+    assert_eq!(pl["users"][&ids[1]], 10);
+    assert_eq!(pl["events_default"], 5);
+    assert_eq!(pl["events"]["m.room.name"], 75);
+    assert!(
+        pl["users"]
+            .get(env.synapse.admin_user_id().as_str())
+            .is_none(),
+        "creator is never listed"
+    );
+    assert_eq!(membership(&s, &ids[0]), "join");
+    assert_eq!(membership(&s, &ids[1]), "join");
+    assert_eq!(membership(&s, &ids[2]), "invite");
+
+    let p: RoomPermission = env.wait_condition(0, "bob", true, "Converged").await;
+    assert_eq!(p.status.unwrap().effective_power_level, Some(10));
+    let by_kind = env.operator_synapse.stats().by_kind();
+    assert_eq!(by_kind.get(&RequestKind::CreateRoom), Some(&1));
+    assert!(
+        by_kind
+            .get(&RequestKind::PutPowerLevels)
+            .copied()
+            .unwrap_or(0)
+            <= 1
+    );
+}
+
+#[tokio::test]
+async fn spec_changes_converge_and_encryption_only_turns_on() {
+    let env = TestEnv::new("roomupd").await;
+    env.create::<MatrixRoom>(0, "r", json!({"alias": unique("upd"), "name": "Before"}))
+        .await;
+    env.wait_condition::<MatrixRoom>(0, "r", true, "Converged")
+        .await;
+    env.api::<MatrixRoom>(0)
+        .patch(
+            "r",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"name": "After", "topic": "New topic", "joinRule": "public",
+                "guestAccess": true, "encrypted": true, "avatarUrl": "mxc://openmeet.test/room"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let room: MatrixRoom = env.wait_condition(0, "r", true, "Converged").await;
+    let s = state(&env, &room).await;
+    assert_eq!(s.get("m.room.name", "").unwrap()["name"], "After");
+    assert_eq!(s.get("m.room.topic", "").unwrap()["topic"], "New topic");
+    assert_eq!(
+        s.get("m.room.join_rules", "").unwrap()["join_rule"],
+        "public"
+    );
+    assert_eq!(
+        s.get("m.room.guest_access", "").unwrap()["guest_access"],
+        "can_join"
+    );
+    assert_eq!(
+        s.get("m.room.avatar", "").unwrap()["url"],
+        "mxc://openmeet.test/room"
+    );
+    assert!(s.get("m.room.encryption", "").is_some());
+    let rejected = env
+        .api::<MatrixRoom>(0)
+        .patch(
+            "r",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"encrypted": false}})),
+        )
+        .await;
+    assert!(
+        rejected.is_err(),
+        "turning encryption off is refused at admission"
+    );
+}
+
+#[tokio::test]
+async fn exclusive_removes_strangers_and_additive_keeps_them() {
+    let env = TestEnv::new("members").await;
+    let ids = users(&env, &["member", "stranger"]).await;
+    let stranger = ruma::UserId::parse(&ids[1]).unwrap();
+    perm(
+        &env,
+        0,
+        "ex-member",
+        "exclusive",
+        "member",
+        json!({"role": "Moderator"}),
+    )
+    .await;
+    perm(
+        &env,
+        0,
+        "add-member",
+        "additive",
+        "member",
+        json!({"role": "Moderator"}),
+    )
+    .await;
+    env.create::<MatrixRoom>(0, "exclusive", json!({"alias": unique("ex")}))
+        .await;
+    env.create::<MatrixRoom>(
+        0,
+        "additive",
+        json!({"alias": unique("add"), "membershipPolicy": "Additive"}),
+    )
+    .await;
+    let ex: MatrixRoom = env.wait_condition(0, "exclusive", true, "Converged").await;
+    let add: MatrixRoom = env.wait_condition(0, "additive", true, "Converged").await;
+
+    // The stranger is joined out of band (as an admin could).
+    for room in [&ex, &add] {
+        let id =
+            ruma::RoomId::parse(room.status.as_ref().unwrap().room_id.as_deref().unwrap()).unwrap();
+        env.synapse.admin_join(&id, &stranger).await.unwrap();
+    }
+    wait_for("stranger removed from the Exclusive room", || async {
+        (membership(&state(&env, &ex).await, &ids[1]) == "leave").then_some(())
+    })
+    .await;
+    assert_eq!(
+        membership(&state(&env, &add).await, &ids[1]),
+        "join",
+        "Additive never removes"
+    );
+
+    // Deleting a permission: Exclusive removes the member, Additive only drops power.
+    env.api::<RoomPermission>(0)
+        .delete("ex-member", &DeleteParams::default())
+        .await
+        .unwrap();
+    env.api::<RoomPermission>(0)
+        .delete("add-member", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("member removed from the Exclusive room", || async {
+        (membership(&state(&env, &ex).await, &ids[0]) == "leave").then_some(())
+    })
+    .await;
+    wait_for("member loses power in the Additive room", || async {
+        let s = state(&env, &add).await;
+        let power = s.get("m.room.power_levels", "")?["users"]
+            .get(&ids[0])
+            .cloned();
+        (power.is_none() && membership(&s, &ids[0]) == "join").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ban_and_unban() {
+    let env = TestEnv::new("ban").await;
+    let ids = users(&env, &["troll"]).await;
+    perm(&env, 0, "troll", "r", "troll", json!({})).await;
+    env.create::<MatrixRoom>(0, "r", json!({"alias": unique("ban")}))
+        .await;
+    let room: MatrixRoom = env.wait_condition(0, "r", true, "Converged").await;
+    assert_eq!(membership(&state(&env, &room).await, &ids[0]), "join");
+
+    let api = env.api::<RoomPermission>(0);
+    api.patch(
+        "troll",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"membership": "Ban"}})),
+    )
+    .await
+    .unwrap();
+    wait_for("banned", || async {
+        (membership(&state(&env, &room).await, &ids[0]) == "ban").then_some(())
+    })
+    .await;
+    api.patch(
+        "troll",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"membership": "Join"}})),
+    )
+    .await
+    .unwrap();
+    wait_for("unbanned and joined", || async {
+        (membership(&state(&env, &room).await, &ids[0]) == "join").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn out_of_band_changes_are_reverted_at_once() {
+    let env = TestEnv::new("drift").await;
+    let ids = users(&env, &["moderator", "member"]).await;
+    perm(
+        &env,
+        0,
+        "moderator",
+        "r",
+        "moderator",
+        json!({"role": "Admin"}),
+    )
+    .await;
+    perm(&env, 0, "member", "r", "member", json!({})).await;
+    env.create::<MatrixRoom>(
+        0,
+        "r",
+        json!({"alias": unique("drift"), "name": "Official"}),
+    )
+    .await;
+    let room: MatrixRoom = env.wait_condition(0, "r", true, "Converged").await;
+    let room_id = room.status.as_ref().unwrap().room_id.clone().unwrap();
+    let token = login_as(&ids[0]).await;
+
+    // A moderator raises the member's power and renames the room in a client.
+    let mut pl = state(&env, &room)
+        .await
+        .get("m.room.power_levels", "")
+        .unwrap()
+        .clone();
+    pl["users"][&ids[1]] = json!(90);
+    let path = format!("/rooms/{}/state/m.room.power_levels/", urlencode(&room_id));
+    assert!(as_user(&token, reqwest::Method::PUT, &path, pl)
+        .await
+        .is_success());
+    let path = format!("/rooms/{}/state/m.room.name/", urlencode(&room_id));
+    assert!(as_user(
+        &token,
+        reqwest::Method::PUT,
+        &path,
+        json!({"name": "Hijacked"})
+    )
+    .await
+    .is_success());
+
+    // Reverted through the pushed transaction, well before any periodic resync (300 s here).
+    wait_for("drift reverted", || async {
+        let s = state(&env, &room).await;
+        let power = s.get("m.room.power_levels", "")?["users"]
+            .get(&ids[1])
+            .cloned();
+        (power.is_none() && s.get("m.room.name", "")?["name"] == "Official").then_some(())
+    })
+    .await;
+    wait_for("DriftCorrected event", || async {
+        env.event_reasons(0, "r")
+            .await
+            .iter()
+            .any(|r| r == "DriftCorrected")
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn alias_conflicts_across_namespaces_and_with_foreign_rooms() {
+    let env = TestEnv::with(
+        "alias",
+        Options {
+            namespaces: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let alias = unique("shared");
+    env.create::<MatrixRoom>(0, "first", json!({"alias": alias}))
+        .await;
+    env.wait_condition::<MatrixRoom>(0, "first", true, "Converged")
+        .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let creates = env
+        .operator_synapse
+        .stats()
+        .by_kind()
+        .get(&RequestKind::CreateRoom)
+        .copied();
+    env.create::<MatrixRoom>(1, "second", json!({"alias": alias}))
+        .await;
+    let second: MatrixRoom = env
+        .wait_condition(1, "second", false, "AliasConflict")
+        .await;
+    assert_eq!(second.status.unwrap().room_id, None);
+    assert_eq!(
+        env.operator_synapse
+            .stats()
+            .by_kind()
+            .get(&RequestKind::CreateRoom)
+            .copied(),
+        creates
+    );
+
+    // A room under a managed alias that is not an object's is never adopted.
+    let squatted = unique("squat");
+    let body = json!({"room_alias_name": format!("openmeet-{squatted}"), "name": "Not ours"});
+    env.synapse.create_room(&body).await.unwrap();
+    env.create::<MatrixRoom>(0, "squatted", json!({"alias": squatted, "name": "Mine"}))
+        .await;
+    env.wait_condition::<MatrixRoom>(0, "squatted", false, "AliasConflict")
+        .await;
+}
+
+#[tokio::test]
+async fn references_resolve_by_themselves_and_never_cross_namespaces() {
+    let env = TestEnv::with(
+        "refs",
+        Options {
+            namespaces: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let ids = users(&env, &["alice"]).await;
+    // Namespace 1 names "alice", which only exists in namespace 0.
+    perm(&env, 1, "cross", "r", "alice", json!({"role": "Admin"})).await;
+    env.create::<MatrixRoom>(1, "r", json!({"alias": unique("refs")}))
+        .await;
+    let room: MatrixRoom = env.wait_condition(1, "r", true, "Converged").await;
+    let p: RoomPermission = env.wait_condition(1, "cross", false, "Pending").await;
+    assert!(p.status.unwrap().conditions[0]
+        .message
+        .contains("does not exist"));
+    assert_eq!(membership(&state(&env, &room).await, &ids[0]), "none");
+
+    // A permission whose room does not exist yet is Pending, then converges.
+    perm(&env, 0, "early", "later", "alice", json!({})).await;
+    env.wait_condition::<RoomPermission>(0, "early", false, "Pending")
+        .await;
+    env.create::<MatrixRoom>(0, "later", json!({"alias": unique("later")}))
+        .await;
+    env.wait_condition::<RoomPermission>(0, "early", true, "Converged")
+        .await;
+
+    // A user created after its permission: Pending until the user is Ready.
+    perm(&env, 0, "late-user", "later", "bob", json!({})).await;
+    env.wait_condition::<RoomPermission>(0, "late-user", false, "Pending")
+        .await;
+    env.create::<MatrixUser>(0, "bob", json!({"localpart": unique("bob")}))
+        .await;
+    env.wait_condition::<RoomPermission>(0, "late-user", true, "Converged")
+        .await;
+
+    // Duplicates: the oldest wins.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    perm(&env, 0, "dup", "later", "alice", json!({"role": "Admin"})).await;
+    env.wait_condition::<RoomPermission>(0, "dup", false, "Duplicate")
+        .await;
+}
+
+#[tokio::test]
+async fn deletion_closes_purges_or_retains() {
+    let env = TestEnv::new("roomdel").await;
+    let ids = users(&env, &["alice"]).await;
+    let mut rooms = Vec::new();
+    for policy in ["Close", "Purge", "Retain"] {
+        let name = policy.to_lowercase();
+        perm(&env, 0, &name, &name, "alice", json!({})).await;
+        let alias = unique(&name);
+        env.create::<MatrixRoom>(0, &name, json!({"alias": alias, "deletionPolicy": policy}))
+            .await;
+        rooms.push((name, alias));
+    }
+    let mut ids_by_name = Vec::new();
+    for (name, _) in &rooms {
+        let room: MatrixRoom = env.wait_condition(0, name, true, "Converged").await;
+        ids_by_name.push(room.status.unwrap().room_id.unwrap());
+        env.api::<MatrixRoom>(0)
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    for (name, _) in &rooms {
+        env.wait_gone(&env.api::<MatrixRoom>(0), name).await;
+    }
+    let alias = |a: &str| ruma::RoomAliasId::parse(format!("#openmeet-{a}:openmeet.test")).unwrap();
+    // Close: alias dropped, alice removed, the operator left.
+    assert_eq!(
+        env.synapse
+            .resolve_alias(&alias(&rooms[0].1))
+            .await
+            .unwrap(),
+        None
+    );
+    let closed = env
+        .synapse
+        .room_state(&ids_by_name[0])
+        .await
+        .unwrap()
+        .expect("state as of leaving");
+    assert_eq!(membership(&closed, &ids[0]), "leave");
+    assert_eq!(
+        membership(&closed, env.synapse.admin_user_id().as_str()),
+        "leave"
+    );
+    // Purge: the room is gone from Synapse.
+    assert_eq!(
+        env.synapse
+            .resolve_alias(&alias(&rooms[1].1))
+            .await
+            .unwrap(),
+        None
+    );
+    let details = admin_room_details(&ids_by_name[1]).await;
+    assert_eq!(details, reqwest::StatusCode::NOT_FOUND);
+    // Retain: untouched.
+    assert_eq!(
+        env.synapse
+            .resolve_alias(&alias(&rooms[2].1))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(ids_by_name[2].as_str())
+    );
+    assert_eq!(
+        membership(
+            &env.synapse
+                .room_state(&ids_by_name[2])
+                .await
+                .unwrap()
+                .unwrap(),
+            &ids[0]
+        ),
+        "join"
+    );
+}
+
+async fn admin_room_details(room_id: &str) -> reqwest::StatusCode {
+    let stack = Stack::get();
+    let admin = format!(
+        "@{}:{}",
+        stack.var("MATRIX_ADMIN_LOCALPART"),
+        stack.var("MATRIX_SERVER_NAME")
+    );
+    let url = format!(
+        "{}/_synapse/admin/v1/rooms/{}",
+        stack.var("SYNAPSE_URL"),
+        urlencode(room_id)
+    );
+    reqwest::Client::new()
+        .get(url)
+        .query(&[("user_id", admin)])
+        .bearer_auth(&stack.as_token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn directory_publication_is_verified() {
+    let env = TestEnv::new("publish").await;
+    env.create::<MatrixRoom>(
+        0,
+        "r",
+        json!({"alias": unique("pub"), "publishToDirectory": true, "joinRule": "public"}),
+    )
+    .await;
+    let room: MatrixRoom = env.wait_condition(0, "r", true, "Converged").await;
+    let id = room.status.as_ref().unwrap().room_id.clone().unwrap();
+    let published = room
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Published")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (published.status.as_str(), published.reason.as_str()),
+        ("True", "Published")
+    );
+    assert!(env.synapse.directory_visibility(&id).await.unwrap());
+
+    env.api::<MatrixRoom>(0)
+        .patch(
+            "r",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"publishToDirectory": false}})),
+        )
+        .await
+        .unwrap();
+    env.wait_condition::<MatrixRoom>(0, "r", true, "Converged")
+        .await;
+    assert!(!env.synapse.directory_visibility(&id).await.unwrap());
+
+    // The stack's room_list_publication_rules deny this alias pattern.
+    env.create::<MatrixRoom>(
+        0,
+        "refused",
+        json!({"alias": unique("refused"), "publishToDirectory": true}),
+    )
+    .await;
+    let room: MatrixRoom = env.wait_condition(0, "refused", true, "Converged").await;
+    let published = room
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Published")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (published.status.as_str(), published.reason.as_str()),
+        ("False", "PublicationRefused")
+    );
+    assert!(env
+        .event_reasons(0, "refused")
+        .await
+        .iter()
+        .any(|r| r == "PublicationRefused"));
+}
+
+#[tokio::test]
+async fn crash_between_create_and_status_leaves_one_room() {
+    let env = TestEnv::with(
+        "crash",
+        Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let stack = Stack::get();
+    let binary = |failpoint: Option<&str>| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_openmeet-matrix-operator"));
+        cmd.arg("controller")
+            .env("KUBECONFIG", stack.var("KUBECONFIG"))
+            .env("SYNAPSE_URL", stack.var("SYNAPSE_URL"))
+            .env("MATRIX_SERVER_NAME", stack.var("MATRIX_SERVER_NAME"))
+            .env(
+                "MATRIX_ADMIN_LOCALPART",
+                stack.var("MATRIX_ADMIN_LOCALPART"),
+            )
+            .env("AS_TOKEN_SECRET", stack.var("AS_TOKEN_SECRET"))
+            .env("WATCH_SELECTOR", format!("{LABEL}={}", env.run_id))
+            .env("APPSERVICE_LISTEN", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(f) = failpoint {
+            cmd.env("OPENMEET_FAILPOINT", f);
+        }
+        cmd.spawn().expect("controller binary")
+    };
+    let name = unique("Crash room");
+    env.create::<MatrixRoom>(0, "r", json!({"alias": unique("crash"), "name": name}))
+        .await;
+    let mut crashing = binary(Some("after-room-create"));
+    let exit = tokio::time::timeout(Duration::from_secs(60), crashing.wait())
+        .await
+        .expect("crashes")
+        .unwrap();
+    assert_eq!(exit.code(), Some(86), "the failpoint fired");
+    let room = env.api::<MatrixRoom>(0).get("r").await.unwrap();
+    assert_eq!(
+        room.status.and_then(|s| s.room_id),
+        None,
+        "crashed before the status write"
+    );
+
+    let _restarted = binary(None);
+    env.wait_condition::<MatrixRoom>(0, "r", true, "Converged")
+        .await;
+    let url = format!("{}/_synapse/admin/v1/rooms", stack.var("SYNAPSE_URL"));
+    let admin = format!(
+        "@{}:{}",
+        stack.var("MATRIX_ADMIN_LOCALPART"),
+        stack.var("MATRIX_SERVER_NAME")
+    );
+    let listed: Value = reqwest::Client::new()
+        .get(url)
+        .query(&[("search_term", name.as_str()), ("user_id", admin.as_str())])
+        .bearer_auth(&stack.as_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["total_rooms"], 1, "exactly one room: {listed}");
+}
+
+#[tokio::test]
+async fn a_thousand_permissions_cost_one_power_levels_write() {
+    let env = TestEnv::new("thousand").await;
+    let count = 1000;
+    let api = env.api::<MatrixUser>(0);
+    let run = env.run_id.clone();
+    let mut creating = Vec::new();
+    for i in 0..count {
+        let user: MatrixUser = serde_json::from_value(json!({
+            "apiVersion": "matrix.openmeet.net/v1alpha1", "kind": "MatrixUser",
+            "metadata": {"name": format!("u{i}"), "labels": {LABEL: run}},
+            "spec": {"localpart": format!("{run}-u{i}")},
+        }))
+        .unwrap();
+        let perm: RoomPermission = serde_json::from_value(json!({
+            "apiVersion": "matrix.openmeet.net/v1alpha1", "kind": "RoomPermission",
+            "metadata": {"name": format!("p{i}"), "labels": {LABEL: run}},
+            "spec": {"roomRef": {"name": "big"}, "userRef": {"name": format!("u{i}")},
+                     "role": if i % 10 == 0 { "Moderator" } else { "Member" }},
+        }))
+        .unwrap();
+        let (users_api, perms_api) = (api.clone(), env.api::<RoomPermission>(0));
+        creating.push(tokio::spawn(async move {
+            users_api.create(&Default::default(), &user).await.unwrap();
+            perms_api.create(&Default::default(), &perm).await.unwrap();
+        }));
+        if creating.len() >= 32 {
+            for c in creating.drain(..) {
+                c.await.unwrap();
+            }
+        }
+    }
+    for c in creating {
+        c.await.unwrap();
+    }
+    env.create::<MatrixRoom>(0, "big", json!({"alias": unique("big")}))
+        .await;
+    wait_for_long("1000 members joined", || async {
+        let room = env.api::<MatrixRoom>(0).get("big").await.ok()?;
+        (room.status?.joined_members? == count + 1).then_some(())
+    })
+    .await;
+    let by_kind = env.operator_synapse.stats().by_kind();
+    let pl_writes = by_kind
+        .get(&RequestKind::PutPowerLevels)
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        pl_writes <= 1,
+        "one power-levels write at most, got {pl_writes}"
+    );
+    assert_eq!(by_kind.get(&RequestKind::CreateRoom), Some(&1));
+    let room = env.api::<MatrixRoom>(0).get("big").await.unwrap();
+    let pl = state(&env, &room)
+        .await
+        .get("m.room.power_levels", "")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        pl["users"].as_object().unwrap().len(),
+        count as usize / 10,
+        "moderators only"
+    );
+}
+
+/// Like `wait_for`, with room for a thousand joins.
+async fn wait_for_long<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn transaction_endpoint_checks_hs_token_and_ignores_repeats() {
+    let env = TestEnv::new("txn").await;
+    env.create::<MatrixRoom>(0, "r", json!({"alias": unique("txn")}))
+        .await;
+    let room: MatrixRoom = env.wait_condition(0, "r", true, "Converged").await;
+    let room_id = room.status.unwrap().room_id.unwrap();
+    let stack = Stack::get();
+    let hs_token =
+        std::fs::read_to_string(format!("{}/synapse/appservice.env", stack.var("STACK_DIR")))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("HS_TOKEN=").map(str::to_string))
+            .unwrap();
+    let txn = unique("txn");
+    let url = format!(
+        "http://{}/_matrix/app/v1/transactions/{txn}",
+        stack.var("APPSERVICE_LISTEN")
+    );
+    let body = |event_id: &str| {
+        json!({"events": [
+            {"type": "m.room.message", "room_id": room_id, "sender": "@someone:openmeet.test", "event_id": "$msg", "content": {"body": "hi"}},
+            {"type": "m.room.topic", "room_id": room_id, "sender": "@someone:openmeet.test", "state_key": "", "event_id": event_id, "content": {"topic": "x"}},
+        ]})
+    };
+    let http = reqwest::Client::new();
+    let put = |token: Option<&str>, body: Value| {
+        let mut request = http.put(&url).json(&body);
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(put(None, body("$1")).await, 401);
+    assert_eq!(put(Some("wrong"), body("$1")).await, 403);
+    assert_eq!(put(Some(&hs_token), body("$first")).await, 200);
+    let annotation = |r: MatrixRoom| {
+        r.metadata
+            .annotations
+            .unwrap_or_default()
+            .get("matrix.openmeet.net/drift-event")
+            .cloned()
+    };
+    assert_eq!(
+        annotation(env.api::<MatrixRoom>(0).get("r").await.unwrap()).as_deref(),
+        Some("$first")
+    );
+    // Synapse retrying the same transaction: acknowledged, not applied twice.
+    assert_eq!(put(Some(&hs_token), body("$again")).await, 200);
+    assert_eq!(
+        annotation(env.api::<MatrixRoom>(0).get("r").await.unwrap()).as_deref(),
+        Some("$first")
+    );
+}
