@@ -95,6 +95,9 @@ struct ControllerArgs {
     /// Managed aliases start with this prefix (the registration's exclusive alias namespace).
     #[arg(long, env = "MATRIX_ALIAS_PREFIX", default_value = "openmeet-")]
     alias_prefix: String,
+    /// Reconciles of one kind running at once.
+    #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
+    concurrency: u16,
     /// Where the application-service transaction endpoint listens ("off" to disable).
     #[arg(long, env = "APPSERVICE_LISTEN", default_value = "0.0.0.0:9000")]
     appservice_listen: String,
@@ -227,6 +230,7 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
         label_selector: args.selector,
         instance: args.instance,
         alias_prefix: args.alias_prefix,
+        concurrency: args.concurrency.max(1),
     };
     tracing::info!(synapse = ?synapse, "controller starting");
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));

@@ -4,6 +4,7 @@
 pub mod appservice;
 pub mod backoff;
 pub mod claims;
+pub mod memo;
 pub mod permission;
 pub mod room;
 pub mod user;
@@ -85,6 +86,8 @@ pub struct OperatorConfig {
     /// Managed aliases are `#<alias_prefix><spec.alias>:<server>`, inside the
     /// registration's exclusive alias namespace.
     pub alias_prefix: String,
+    /// Reconciles of one kind running at once.
+    pub concurrency: u16,
 }
 
 impl OperatorConfig {
@@ -140,6 +143,7 @@ pub struct Context {
     pub users: Store<crate::api::MatrixUser>,
     pub backoff: Backoff,
     pub stats: Arc<ReconcileStats>,
+    pub memo: memo::ConvergedMemo,
 }
 
 /// The controller process: everything `run` needs.
@@ -242,6 +246,19 @@ pub fn failpoint(name: &str) {
         eprintln!("failpoint {name}: exiting");
         std::process::exit(86);
     }
+}
+
+/// Controller settings: bounded concurrency, and a short debounce that folds
+/// bursts of triggers (many users turning Ready) into one reconcile.
+pub fn controller_config(config: &OperatorConfig) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default()
+        .concurrency(config.concurrency)
+        .debounce(Duration::from_millis(150))
+}
+
+/// How long a convergence counts as fresh: well under the periodic resync.
+pub fn freshness(config: &OperatorConfig) -> Duration {
+    config.resync_interval / 2
 }
 
 /// Backoff bounds for transient failures.

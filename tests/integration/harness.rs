@@ -233,6 +233,7 @@ impl TestEnv {
             label_selector: Some(format!("{LABEL}={run_id}")),
             instance: Some(run_id.clone()),
             alias_prefix: "openmeet-".into(),
+            concurrency: 16,
         };
         let operator_synapse = match &options.synapse_url {
             Some(url) => stack.synapse_at(url),

@@ -881,3 +881,47 @@ async fn transaction_endpoint_checks_hs_token_and_ignores_repeats() {
         Some("$first")
     );
 }
+
+#[tokio::test]
+async fn resync_of_unchanged_room_reads_once_and_writes_nothing() {
+    let env = TestEnv::new("roomnoop").await;
+    users(&env, &["alice"]).await;
+    perm(&env, 0, "alice", "r", "alice", json!({"role": "Moderator"})).await;
+    env.create::<MatrixRoom>(
+        0,
+        "r",
+        json!({"alias": unique("noop"), "name": "Quiet", "publishToDirectory": true}),
+    )
+    .await;
+    env.wait_condition::<MatrixRoom>(0, "r", true, "Converged")
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = env.operator_synapse.stats();
+    let (writes, reads) = (stats.writes(), stats.reads());
+    for i in 0..3 {
+        let before = env.stats.room_reconciles();
+        env.api::<MatrixRoom>(0)
+            .patch(
+                "r",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {"test/touch": i.to_string()}}})),
+            )
+            .await
+            .unwrap();
+        wait_for("a resync", || async {
+            (env.stats.room_reconciles() > before).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        stats.writes(),
+        writes,
+        "a no-op resync must not write to Synapse"
+    );
+    assert_eq!(
+        stats.reads(),
+        reads + 3,
+        "one state read per resync, nothing else"
+    );
+}

@@ -6,6 +6,7 @@ pub mod plan;
 
 use super::backoff::jitter;
 use super::claims::{holder, Claim};
+use super::memo::fingerprint;
 use super::{Error, OperatorConfig, ReconcileStats, FINALIZER};
 use crate::api::conditions::{self, Condition, READY};
 use crate::api::room::RoomDeletionPolicy;
@@ -25,10 +26,10 @@ use kube::{Api, Client, Resource, ResourceExt};
 use plan::{create_body, marker_matches, plan, plan_close, DesiredRoom, RoomAction, Thresholds};
 use ruma::{OwnedRoomAliasId, RoomAliasId, RoomId, UserId};
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Annotation the application-service endpoint sets to signal drift.
@@ -47,8 +48,9 @@ pub struct RoomContext {
     pub permissions: Store<RoomPermission>,
     pub backoff: super::backoff::Backoff,
     pub stats: Arc<ReconcileStats>,
-    /// What each room was last converged to, to tell drift from spec changes.
-    last_desired: Mutex<HashMap<String, String>>,
+    /// What each room was last converged to: skips reconciles our own status
+    /// writes cause, and tells drift from spec changes.
+    memo: super::memo::ConvergedMemo,
 }
 
 fn key<K: ResourceExt>(k: &K) -> String {
@@ -95,7 +97,7 @@ pub async fn run(
         permissions: permissions.clone(),
         backoff: super::default_backoff(),
         stats,
-        last_desired: Mutex::default(),
+        memo: Default::default(),
     });
     let perms_for_users = permissions.clone();
     let rooms_for_claims = rooms.clone();
@@ -133,6 +135,7 @@ pub async fn run(
                 .filter(|o| *o != me)
                 .collect::<Vec<_>>()
         })
+        .with_config(super::controller_config(&ctx.config))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
@@ -268,6 +271,21 @@ fn desired(
     }
 }
 
+/// How long to wait for referenced users the operator has not reconciled
+/// yet (no status at all), if any; bounded by their age so a stuck user
+/// never holds a room back for long.
+fn users_in_flight(perms: &[Arc<RoomPermission>], ctx: &RoomContext, ns: &str) -> Option<Duration> {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    perms.iter().find_map(|p| {
+        let user = ctx
+            .users
+            .get(&ObjectRef::new(&p.spec.user_ref.name).within(ns))?;
+        let created = user.metadata.creation_timestamp.as_ref()?.0;
+        let young = now.duration_since(created).as_secs() < 30;
+        (user.status.is_none() && young).then_some(Duration::from_millis(500))
+    })
+}
+
 /// Where the room is, if it exists and is this object's.
 enum Located {
     Ours(String, RoomState),
@@ -275,16 +293,21 @@ enum Located {
     Foreign(String),
 }
 
-/// Finds the room: by status, else by alias; the marker decides ownership.
+/// Finds the room: by status, else (when `resolve` is set) by alias; the
+/// marker decides ownership. Without `resolve`, an unknown room is reported
+/// absent: the create that follows takes the alias as its lock, and
+/// `M_ROOM_IN_USE` sends it back here by alias.
 async fn locate(
     room: &MatrixRoom,
     alias: &RoomAliasId,
     ctx: &RoomContext,
+    resolve: bool,
 ) -> Result<Located, Error> {
     let known = room.status.as_ref().and_then(|s| s.room_id.clone());
     let candidate = match known {
         Some(id) => Some(id),
-        None => ctx.synapse.resolve_alias(alias).await?,
+        None if resolve => ctx.synapse.resolve_alias(alias).await?,
+        None => None,
     };
     let Some(room_id) = candidate else {
         return Ok(Located::Absent);
@@ -313,9 +336,37 @@ async fn apply(
     let perm_refs: Vec<&RoomPermission> = perms.iter().map(|p| p.as_ref()).collect();
     let (members, outcomes) = fold(&perm_refs, |name| user_state(ctx, &ns, name));
     let desired = desired(room, ctx, members);
+    if let Some(wait) = users_in_flight(&perms, ctx, &ns) {
+        // Users being created right now: fold them in one go, not one write each.
+        return Ok(Action::requeue(wait));
+    }
+    // Permission outcomes are part of it: a new Pending or Duplicate
+    // permission changes no member, but its status must still be written.
+    let fingerprint = fingerprint(&(
+        &desired,
+        &outcomes,
+        room.spec.publish_to_directory,
+        room.metadata.generation,
+    ));
+    let version = room.metadata.resource_version.as_deref();
+    if ctx.memo.is_fresh(
+        &key(room),
+        version,
+        fingerprint,
+        super::freshness(&ctx.config),
+    ) {
+        // Only our own status writes happened since the last convergence.
+        return Ok(resync);
+    }
+    let previous_reason = room
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, READY))
+        .map(|c| c.reason.clone());
+    let resolve = previous_reason.as_deref() == Some("AliasConflict");
 
     let result: Result<Result<Converged, String>, Error> = async {
-        let (room_id, state, created) = match locate(room, &alias, ctx).await? {
+        let (room_id, state, created) = match locate(room, &alias, ctx, resolve).await? {
             Located::Ours(id, state) => (id, state, false),
             Located::Foreign(id) => {
                 return Ok(Err(format!(
@@ -353,11 +404,9 @@ async fn apply(
             },
         };
         let room_plan = plan(&desired, &state);
-        let fingerprint = format!("{desired:?}");
-        let drift = !created && !room_plan.actions.is_empty() && {
-            let last = ctx.last_desired.lock().expect("lock");
-            last.get(&key(room)) == Some(&fingerprint)
-        };
+        let drift = !created
+            && !room_plan.actions.is_empty()
+            && ctx.memo.same_desired(&key(room), fingerprint);
         let room_id_parsed = RoomId::parse(&room_id)
             .map_err(|e| Error::Invalid(format!("room id {room_id:?}: {e}")))?;
         for action in &room_plan.actions {
@@ -385,10 +434,6 @@ async fn apply(
             )
             .await;
         }
-        ctx.last_desired
-            .lock()
-            .expect("lock")
-            .insert(key(room), fingerprint);
         let published = publication(room, &room_id, ctx).await?;
         Ok(Ok(Converged {
             room_id,
@@ -411,7 +456,7 @@ async fn apply(
             if let Some(p) = converged.published {
                 conds.push(p);
             }
-            write_room_status(
+            let version = write_room_status(
                 room,
                 api,
                 Some(converged.room_id),
@@ -421,6 +466,7 @@ async fn apply(
             )
             .await?;
             write_permission_statuses(ctx, &perms, &outcomes, None).await?;
+            ctx.memo.record(&key(room), version, fingerprint);
             Ok(resync)
         }
         Ok(Err(message)) => {
@@ -428,6 +474,7 @@ async fn apply(
             Ok(resync)
         }
         Err(error) => {
+            ctx.memo.forget(&key(room));
             let ready = Condition::new(
                 READY,
                 false,
@@ -630,7 +677,7 @@ async fn cleanup(
     }
     let result: Result<(), Error> = async {
         let alias = full_alias(room, ctx)?;
-        let Located::Ours(room_id, state) = locate(room, &alias, ctx).await? else {
+        let Located::Ours(room_id, state) = locate(room, &alias, ctx, true).await? else {
             // Gone already, or never ours: nothing to clean.
             return Ok(());
         };
@@ -767,7 +814,7 @@ async fn write_room_status(
     canonical_alias: Option<String>,
     joined_members: Option<i64>,
     next: Vec<Condition>,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     let existing = room.status.clone().unwrap_or_default();
     let status = MatrixRoomStatus {
         room_id,
@@ -777,16 +824,17 @@ async fn write_room_status(
         observed_generation: room.metadata.generation,
     };
     if status == existing {
-        return Ok(());
+        return Ok(room.resource_version());
     }
     let patch = json!({"apiVersion": MatrixRoom::api_version(&()), "kind": MatrixRoom::kind(&()), "status": status});
-    api.patch_status(
-        &room.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    let written = api
+        .patch_status(
+            &room.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    Ok(written.resource_version())
 }
 
 /// Writes each permission's status from the room's outcome (only when it changed).

@@ -4,6 +4,7 @@ pub mod plan;
 
 use super::backoff::jitter;
 use super::claims::{holder, Claim};
+use super::memo::fingerprint;
 use super::{Context, Error, OperatorConfig, ReconcileStats, FINALIZER, OWNER_PROVIDER};
 use crate::api::conditions::{self, Condition, READY};
 use crate::api::{MatrixUser, MatrixUserStatus, FIELD_MANAGER};
@@ -45,6 +46,7 @@ pub async fn run(
         users,
         backoff: super::default_backoff(),
         stats,
+        memo: Default::default(),
     });
     controller
         // When a claimant of a localpart goes away, the others are decided
@@ -64,6 +66,8 @@ pub async fn run(
                 .filter(|r| *r != me)
                 .collect::<Vec<_>>()
         })
+        .with_config(super::controller_config(&ctx.config))
+        .with_config(super::controller_config(&ctx.config))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
@@ -170,6 +174,17 @@ async fn apply(user: &MatrixUser, api: &Api<MatrixUser>, ctx: &Context) -> Resul
         block(user, api, ctx, blocked, message).await?;
         return Ok(resync);
     }
+    let fingerprint = fingerprint(&(&desired, user.metadata.generation));
+    let fresh = super::freshness(&ctx.config);
+    if ctx.memo.is_fresh(
+        &key(user),
+        user.metadata.resource_version.as_deref(),
+        fingerprint,
+        fresh,
+    ) {
+        // Only our own status write happened since the last convergence.
+        return Ok(resync);
+    }
 
     let outcome = converge(user, &desired, ctx).await;
     match outcome {
@@ -181,7 +196,8 @@ async fn apply(user: &MatrixUser, api: &Api<MatrixUser>, ctx: &Context) -> Resul
                 "account matches the spec"
             };
             let ready = Condition::new(READY, true, "Converged", message, user.metadata.generation);
-            write_status(user, api, Some(user_id), ready).await?;
+            let version = write_status(user, api, Some(user_id), ready).await?;
+            ctx.memo.record(&key(user), version, fingerprint);
             Ok(resync)
         }
         Ok(Err(blocked)) => {
@@ -300,7 +316,7 @@ async fn block(
         user.metadata.generation,
     );
     // A blocked object owns no account: do not advertise one.
-    write_status(user, api, None, ready).await
+    write_status(user, api, None, ready).await.map(|_| ())
 }
 
 /// Records a failure as a condition; transient ones back off, the rest wait for a change.
@@ -310,6 +326,7 @@ async fn fail(
     ctx: &Context,
     error: Error,
 ) -> Result<Action, Error> {
+    ctx.memo.forget(&key(user));
     let user_id = user.status.as_ref().and_then(|s| s.user_id.clone());
     let ready = Condition::new(
         READY,
@@ -342,7 +359,7 @@ async fn write_status(
     api: &Api<MatrixUser>,
     user_id: Option<String>,
     ready: Condition,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     let existing = user.status.clone().unwrap_or_default();
     let now =
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
@@ -352,20 +369,21 @@ async fn write_status(
         observed_generation: user.metadata.generation,
     };
     if status == existing {
-        return Ok(());
+        return Ok(user.resource_version());
     }
     let patch = serde_json::json!({
         "apiVersion": MatrixUser::api_version(&()),
         "kind": MatrixUser::kind(&()),
         "status": status,
     });
-    api.patch_status(
-        &user.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    let written = api
+        .patch_status(
+            &user.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    Ok(written.resource_version())
 }
 
 /// Every Synapse mutation leaves an Event on the object and an audit log line.
