@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/debug/openmeet-matrix-operator
 
-.PHONY: all build test lint fmt-check clippy crds crd-check unit integration dev stack-tools clean
+.PHONY: all build test lint fmt-check clippy crds crd-check unit integration dev stack-tools clean bench
 
 all: build
 
@@ -48,3 +48,7 @@ dev: build stack-tools
 
 clean:
 	$(CARGO) clean
+
+## Benchmark on the local stack (not a test): prints the figures in the README.
+bench: stack-tools
+	$(CARGO) bench --bench converge

@@ -7,3 +7,4 @@ pub mod registration;
 pub mod sidecar;
 pub mod synapse;
 pub mod telemetry;
+pub mod metrics;

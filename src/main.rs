@@ -6,7 +6,7 @@ use kube::{Api, Client};
 use openmeet_matrix_operator::controller::{appservice, Operator, OperatorConfig};
 use openmeet_matrix_operator::registration::{Registration, RegistrationParams};
 use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig};
-use openmeet_matrix_operator::{api, sidecar, telemetry};
+use openmeet_matrix_operator::{api, metrics, sidecar, telemetry};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,6 +98,9 @@ struct ControllerArgs {
     /// Reconciles of one kind running at once.
     #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
+    /// Where `/metrics` and `/healthz` are served ("off" to disable).
+    #[arg(long, env = "METRICS_LISTEN", default_value = "0.0.0.0:8081")]
+    metrics_listen: String,
     /// Where the application-service transaction endpoint listens ("off" to disable).
     #[arg(long, env = "APPSERVICE_LISTEN", default_value = "0.0.0.0:9000")]
     appservice_listen: String,
@@ -257,8 +260,17 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
             .map_err(|e| MainError::Config(e.to_string()))
     };
     let operator = Operator::new(client.clone(), synapse.clone(), config.clone());
-    let (served, ()) = tokio::join!(appservice, operator.run(shutdown.clone()));
-    served
+    let sources = metrics::Sources { synapse: synapse.stats_handle(), reconciles: operator.stats() };
+    let metrics_server = async {
+        if args.metrics_listen == "off" {
+            return Ok(());
+        }
+        let addr: std::net::SocketAddr =
+            args.metrics_listen.parse().map_err(|e| MainError::Config(format!("--metrics-listen: {e}")))?;
+        metrics::serve(addr, sources, shutdown.clone()).await.map_err(MainError::Io)
+    };
+    let (served, metrics_served, ()) = tokio::join!(appservice, metrics_server, operator.run(shutdown.clone()));
+    served.and(metrics_served)
 }
 
 fn registration(args: RegistrationArgs) -> Result<(), MainError> {

@@ -151,6 +151,11 @@ impl SynapseClient {
         &self.stats
     }
 
+    /// A shared handle on the same counters, for `/metrics`.
+    pub fn stats_handle(&self) -> Arc<RequestStats> {
+        self.stats.clone()
+    }
+
     /// The full user id for a localpart on this server.
     pub fn user_id(&self, localpart: &str) -> Result<OwnedUserId, SynapseError> {
         UserId::parse(format!("@{localpart}:{}", self.server_name))

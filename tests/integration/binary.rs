@@ -29,6 +29,8 @@ async fn controller_binary_reads_its_secret_converges_and_stops_on_sigterm() {
         .env("AS_TOKEN_SECRET", stack.var("AS_TOKEN_SECRET"))
         .env("WATCH_SELECTOR", format!("{LABEL}={}", env.run_id))
         .env("LOG_FORMAT", "json")
+        .env("METRICS_LISTEN", "127.0.0.1:0")
+        .env("APPSERVICE_LISTEN", "off")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)

@@ -697,6 +697,7 @@ async fn crash_between_create_and_status_leaves_one_room() {
             .env("AS_TOKEN_SECRET", stack.var("AS_TOKEN_SECRET"))
             .env("WATCH_SELECTOR", format!("{LABEL}={}", env.run_id))
             .env("APPSERVICE_LISTEN", "off")
+            .env("METRICS_LISTEN", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true);

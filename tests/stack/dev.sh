@@ -25,7 +25,7 @@ env_file="${line#stack ready: }"
 set -a; source "$env_file"; set +a
 
 echo "dev: controller logs in $dir/controller.log" >&2
-"$OPERATOR_BIN" controller --adopt-namespaces "" > "$dir/controller.log" 2>&1 &
+METRICS_LISTEN=127.0.0.1:0 "$OPERATOR_BIN" controller > "$dir/controller.log" 2>&1 &
 pids+=($!)
 "$OPERATOR_BIN" sidecar --listen 127.0.0.1:0 > "$dir/sidecar.log" 2>&1 &
 pids+=($!)

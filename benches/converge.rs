@@ -1,0 +1,369 @@
+//! `make bench`: converge a tenant of 100 rooms, 1,000 users and 2,000
+//! permissions from empty on the local stack, and compare with the minimal
+//! request sequence a plain client would issue directly against Synapse.
+//! Prints figures; asserts nothing about time.
+
+#[allow(dead_code)]
+#[path = "../tests/integration/harness.rs"]
+mod harness;
+
+use harness::{Options, Stack, TestEnv, LABEL};
+use kube::api::{ListParams, PostParams};
+use kube::Api;
+use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+const USERS: usize = 1000;
+const ROOMS: usize = 100;
+const PERMISSIONS_PER_USER: usize = 2;
+const CONCURRENCY: usize = 16;
+const DRIFT_SAMPLES: usize = 100;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+struct Controller {
+    child: tokio::process::Child,
+    metrics: String,
+}
+
+async fn start_controller(env: &TestEnv) -> Controller {
+    let stack = Stack::get();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_openmeet-matrix-operator"))
+        .arg("controller")
+        .env("KUBECONFIG", stack.var("KUBECONFIG"))
+        .env("SYNAPSE_URL", stack.var("SYNAPSE_URL"))
+        .env("MATRIX_SERVER_NAME", stack.var("MATRIX_SERVER_NAME"))
+        .env("MATRIX_ADMIN_LOCALPART", stack.var("MATRIX_ADMIN_LOCALPART"))
+        .env("AS_TOKEN_SECRET", stack.var("AS_TOKEN_SECRET"))
+        .env("WATCH_SELECTOR", format!("{LABEL}={}", env.run_id))
+        .env("CONCURRENCY", CONCURRENCY.to_string())
+        // The bench process serves the appservice feed (see the harness).
+        .env("APPSERVICE_LISTEN", "off")
+        .env("METRICS_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("controller binary");
+    Controller { child, metrics: format!("http://127.0.0.1:{port}/metrics") }
+}
+
+impl Controller {
+    async fn requests(&self) -> BTreeMap<String, (u64, bool)> {
+        let text = loop {
+            match reqwest::get(&self.metrics).await {
+                Ok(r) => break r.text().await.unwrap(),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        text.lines()
+            .filter_map(|l| l.strip_prefix("openmeet_synapse_requests_total{kind=\""))
+            .filter_map(|l| {
+                let (kind, rest) = l.split_once('"')?;
+                let write = rest.contains("write=\"true\"");
+                let count = rest.rsplit(' ').next()?.parse().ok()?;
+                Some((kind.to_string(), (count, write)))
+            })
+            .collect()
+    }
+
+    /// Peak resident memory of the controller process, in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn ready(v: &Value) -> bool {
+    v["status"]["conditions"].as_array().is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+async fn count_ready<K>(api: &Api<K>) -> usize
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let list = api.list(&ListParams::default()).await.unwrap();
+    list.items.iter().filter(|o| ready(&serde_json::to_value(o).unwrap())).count()
+}
+
+async fn create_all<K>(api: Api<K>, objects: Vec<K>)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug + Send + Sync + 'static,
+{
+    let gate = Arc::new(Semaphore::new(32));
+    let mut tasks = Vec::new();
+    for o in objects {
+        let (api, gate) = (api.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await.unwrap();
+            api.create(&PostParams::default(), &o).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+fn object<K: serde::de::DeserializeOwned + kube::Resource<DynamicType = ()>>(run: &str, name: &str, spec: Value) -> K {
+    serde_json::from_value(json!({
+        "apiVersion": K::api_version(&()), "kind": K::kind(&()),
+        "metadata": {"name": name, "labels": {LABEL: run}}, "spec": spec,
+    }))
+    .unwrap()
+}
+
+/// Which rooms user `u` belongs to, and with what role.
+fn memberships(u: usize, rooms: usize) -> Vec<(usize, &'static str)> {
+    (0..PERMISSIONS_PER_USER)
+        .map(|k| {
+            let room = (u + k * rooms / PERMISSIONS_PER_USER) % rooms;
+            let role = match u / rooms {
+                0 => "Admin",
+                1 | 2 => "Moderator",
+                _ => "Member",
+            };
+            (room, role)
+        })
+        .collect()
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let users = env_usize("BENCH_USERS", USERS);
+    let rooms = env_usize("BENCH_ROOMS", ROOMS);
+    let env = TestEnv::with("bench", Options { no_operator: true, ..Default::default() }).await;
+    let run = env.run_id.clone();
+    let controller = start_controller(&env).await;
+
+    // --- converge from empty -------------------------------------------------
+    let started = Instant::now();
+    let user_objects: Vec<MatrixUser> =
+        (0..users).map(|u| object(&run, &format!("u{u}"), json!({"localpart": format!("{run}-u{u}")}))).collect();
+    let room_objects: Vec<MatrixRoom> = (0..rooms)
+        .map(|r| object(&run, &format!("r{r}"), json!({"alias": format!("{run}-r{r}"), "name": format!("Room {r}")})))
+        .collect();
+    let mut perm_objects: Vec<RoomPermission> = Vec::new();
+    for u in 0..users {
+        for (room, role) in memberships(u, rooms) {
+            let spec = json!({"roomRef": {"name": format!("r{room}")}, "userRef": {"name": format!("u{u}")}, "role": role});
+            perm_objects.push(object(&run, &format!("u{u}-r{room}"), spec));
+        }
+    }
+    let permission_count = perm_objects.len();
+    tokio::join!(
+        create_all(env.api::<MatrixUser>(0), user_objects),
+        create_all(env.api::<MatrixRoom>(0), room_objects),
+        create_all(env.api::<RoomPermission>(0), perm_objects),
+    );
+    let created = started.elapsed();
+    let (users_api, rooms_api, perms_api) =
+        (env.api::<MatrixUser>(0), env.api::<MatrixRoom>(0), env.api::<RoomPermission>(0));
+    loop {
+        let (u, r, p) = tokio::join!(count_ready(&users_api), count_ready(&rooms_api), count_ready(&perms_api));
+        if u == users && r == rooms && p == permission_count {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1800), "not converged: users {u}, rooms {r}, permissions {p}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let converge_time = started.elapsed();
+    let requests = controller.requests().await;
+
+    // --- the minimal sequence, issued directly ------------------------------
+    let minimal = minimal_sequence(&run, users, rooms).await;
+
+    // --- a full no-op resync: a fresh controller reconciles everything once ---
+    let rss_kib = controller.peak_rss_kib();
+    drop(controller);
+    let resync = start_controller(&env).await;
+    let resync_started = Instant::now();
+    let expected_reads = (users + rooms) as u64;
+    let resync_requests = loop {
+        let r = resync.requests().await;
+        let reads: u64 = r.values().filter(|(_, w)| !w).map(|(c, _)| c).sum();
+        if reads >= expected_reads || resync_started.elapsed() > Duration::from_secs(300) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            break resync.requests().await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let resync_writes: u64 = resync_requests.values().filter(|(_, w)| *w).map(|(c, _)| c).sum();
+    let resync_reads: u64 = resync_requests.values().filter(|(_, w)| !w).map(|(c, _)| c).sum();
+
+    // --- drift: out-of-band power-level changes, reverted via the feed -------
+    let drift = drift_samples(&env, &run, DRIFT_SAMPLES.min(users / 10)).await;
+
+    let total: u64 = requests.values().map(|(c, _)| c).sum();
+    println!("\n=== make bench: {users} users, {rooms} rooms, {permission_count} permissions, concurrency {CONCURRENCY} ===");
+    println!("objects created in the API server in {:.2}s", created.as_secs_f64());
+    println!("operator: all Ready after {:.2}s", converge_time.as_secs_f64());
+    println!("Synapse requests by kind (operator, {total} in all):");
+    for (kind, (count, write)) in &requests {
+        println!("  {kind:<18} {count:>6}{}", if *write { "  (write)" } else { "" });
+    }
+    println!("minimal sequence replayed directly: {} requests in {:.2}s", minimal.1, minimal.0.as_secs_f64());
+    println!("ratio operator / minimal time: {:.2}", converge_time.as_secs_f64() / minimal.0.as_secs_f64());
+    println!("full no-op resync: {resync_writes} writes, {resync_reads} reads ({users} users + {rooms} rooms)");
+    println!(
+        "drift reverted after out-of-band power-level change ({} samples): p50 {:.0} ms, p99 {:.0} ms",
+        drift.len(),
+        percentile(&drift, 0.50),
+        percentile(&drift, 0.99)
+    );
+    println!("controller peak resident memory: {:.1} MiB", rss_kib as f64 / 1024.0);
+}
+
+fn percentile(samples: &[f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = samples.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s[((s.len() as f64 - 1.0) * q).round() as usize]
+}
+
+async fn synapse_call(method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let stack = Stack::get();
+    let admin = format!("@{}:{}", stack.var("MATRIX_ADMIN_LOCALPART"), stack.var("MATRIX_SERVER_NAME"));
+    let mut request = http()
+        .request(method, format!("{}{path}", stack.var("SYNAPSE_URL")))
+        .query(&[("user_id", admin.as_str())])
+        .bearer_auth(&stack.as_token);
+    if let Some(b) = body {
+        request = request.json(&b);
+    }
+    let response = request.send().await.unwrap();
+    assert!(response.status().is_success(), "{path}: {}", response.status());
+    response.json().await.unwrap_or(Value::Null)
+}
+
+fn http() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(reqwest::Client::new)
+}
+
+fn enc(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Per user: one existence check and one create. Per room: one create with
+/// its initial state and power levels, one state read; per member: one admin
+/// join. Same concurrency as the operator.
+async fn minimal_sequence(run: &str, users: usize, rooms: usize) -> (Duration, u64) {
+    let server = Stack::get().var("MATRIX_SERVER_NAME").to_string();
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(CONCURRENCY));
+    let mut tasks = Vec::new();
+    for u in 0..users {
+        let id = format!("@{run}-min-u{u}:{server}");
+        let gate = gate.clone();
+        tasks.push(tokio::spawn(async move {
+            let _p = gate.acquire().await.unwrap();
+            let path = format!("/_synapse/admin/v2/users/{}", enc(&id));
+            let stack = Stack::get();
+            let admin = format!("@{}:{}", stack.var("MATRIX_ADMIN_LOCALPART"), stack.var("MATRIX_SERVER_NAME"));
+            let status = http()
+                .get(format!("{}{path}", stack.var("SYNAPSE_URL")))
+                .query(&[("user_id", admin.as_str())])
+                .bearer_auth(&stack.as_token)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status, 404);
+            synapse_call(reqwest::Method::PUT, &path, Some(json!({"external_ids": [{"auth_provider": "bench", "external_id": id}]}))).await;
+        }));
+    }
+    for t in tasks.drain(..) {
+        t.await.unwrap();
+    }
+    let mut members: Vec<Vec<(String, &'static str)>> = vec![Vec::new(); rooms];
+    for u in 0..users {
+        for (room, role) in memberships(u, rooms) {
+            members[room].push((format!("@{run}-min-u{u}:{server}"), role));
+        }
+    }
+    let mut joins = 0u64;
+    for (r, room_members) in members.into_iter().enumerate() {
+        joins += room_members.len() as u64;
+        let gate = gate.clone();
+        let alias = format!("openmeet-{run}-min-r{r}");
+        tasks.push(tokio::spawn(async move {
+            let _p = gate.acquire().await.unwrap();
+            let users: serde_json::Map<String, Value> = room_members
+                .iter()
+                .filter(|(_, role)| *role != "Member")
+                .map(|(id, role)| (id.clone(), json!(if *role == "Admin" { 100 } else { 50 })))
+                .collect();
+            let body = json!({
+                "room_alias_name": alias, "name": format!("Room {r}"), "preset": "private_chat",
+                "initial_state": [{"type": "net.openmeet.owner", "state_key": "", "content": {"bench": r}}],
+                "power_level_content_override": {"users": users},
+            });
+            let created = synapse_call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(body)).await;
+            let room_id = created["room_id"].as_str().unwrap().to_string();
+            synapse_call(reqwest::Method::GET, &format!("/_matrix/client/v3/rooms/{}/state", enc(&room_id)), None).await;
+            for (id, _) in room_members {
+                let path = format!("/_synapse/admin/v1/join/{}", enc(&room_id));
+                synapse_call(reqwest::Method::POST, &path, Some(json!({"user_id": id}))).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (started.elapsed(), users as u64 * 2 + rooms as u64 * 2 + joins)
+}
+
+/// Time from an out-of-band power-level change (by a room admin, in a
+/// client) until Synapse shows it reverted, in milliseconds.
+async fn drift_samples(env: &TestEnv, run: &str, samples: usize) -> Vec<f64> {
+    let stack = Stack::get();
+    let server = stack.var("MATRIX_SERVER_NAME");
+    let mut out = Vec::new();
+    for i in 0..samples {
+        // Users 0..rooms are their room's Admin; user rooms+i is a Member of room i.
+        let room = env.api::<MatrixRoom>(0).get(&format!("r{i}")).await.unwrap();
+        let room_id = room.status.unwrap().room_id.unwrap();
+        let admin_user = format!("@{run}-u{i}:{server}");
+        let member = format!("@{run}-u{}:{server}", i + 3 * (env_usize("BENCH_ROOMS", ROOMS)));
+        let token = synapse_call(
+            reqwest::Method::POST,
+            &format!("/_synapse/admin/v1/users/{}/login", enc(&admin_user)),
+            Some(json!({"valid_until_ms": 4_102_444_800_000u64})),
+        )
+        .await["access_token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let state_path = format!("{}/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", stack.var("SYNAPSE_URL"), enc(&room_id));
+        let mut pl: Value = http().get(&state_path).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        pl["users"][&member] = json!(99);
+        let response = http().put(&state_path).bearer_auth(&token).json(&pl).send().await.unwrap();
+        assert!(response.status().is_success(), "out-of-band change refused: {}", response.status());
+        let changed = Instant::now();
+        loop {
+            let now: Value = http().get(&state_path).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+            if now["users"].get(&member).is_none() {
+                break;
+            }
+            assert!(changed.elapsed() < Duration::from_secs(60), "drift not reverted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        out.push(changed.elapsed().as_secs_f64() * 1000.0);
+    }
+    out
+}
