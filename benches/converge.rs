@@ -24,7 +24,10 @@ const CONCURRENCY: usize = 16;
 const DRIFT_SAMPLES: usize = 100;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct Controller {
@@ -34,13 +37,20 @@ struct Controller {
 
 async fn start_controller(env: &TestEnv) -> Controller {
     let stack = Stack::get();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_openmeet-matrix-operator"))
         .arg("controller")
         .env("KUBECONFIG", stack.var("KUBECONFIG"))
         .env("SYNAPSE_URL", stack.var("SYNAPSE_URL"))
         .env("MATRIX_SERVER_NAME", stack.var("MATRIX_SERVER_NAME"))
-        .env("MATRIX_ADMIN_LOCALPART", stack.var("MATRIX_ADMIN_LOCALPART"))
+        .env(
+            "MATRIX_ADMIN_LOCALPART",
+            stack.var("MATRIX_ADMIN_LOCALPART"),
+        )
         .env("AS_TOKEN_SECRET", stack.var("AS_TOKEN_SECRET"))
         .env("WATCH_SELECTOR", format!("{LABEL}={}", env.run_id))
         .env("CONCURRENCY", CONCURRENCY.to_string())
@@ -52,7 +62,10 @@ async fn start_controller(env: &TestEnv) -> Controller {
         .kill_on_drop(true)
         .spawn()
         .expect("controller binary");
-    Controller { child, metrics: format!("http://127.0.0.1:{port}/metrics") }
+    Controller {
+        child,
+        metrics: format!("http://127.0.0.1:{port}/metrics"),
+    }
 }
 
 impl Controller {
@@ -87,7 +100,10 @@ impl Controller {
 }
 
 fn ready(v: &Value) -> bool {
-    v["status"]["conditions"].as_array().is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+    v["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
 }
 
 async fn count_ready<K>(api: &Api<K>) -> usize
@@ -95,12 +111,22 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
     let list = api.list(&ListParams::default()).await.unwrap();
-    list.items.iter().filter(|o| ready(&serde_json::to_value(o).unwrap())).count()
+    list.items
+        .iter()
+        .filter(|o| ready(&serde_json::to_value(o).unwrap()))
+        .count()
 }
 
 async fn create_all<K>(api: Api<K>, objects: Vec<K>)
 where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let gate = Arc::new(Semaphore::new(32));
     let mut tasks = Vec::new();
@@ -116,7 +142,11 @@ where
     }
 }
 
-fn object<K: serde::de::DeserializeOwned + kube::Resource<DynamicType = ()>>(run: &str, name: &str, spec: Value) -> K {
+fn object<K: serde::de::DeserializeOwned + kube::Resource<DynamicType = ()>>(
+    run: &str,
+    name: &str,
+    spec: Value,
+) -> K {
     serde_json::from_value(json!({
         "apiVersion": K::api_version(&()), "kind": K::kind(&()),
         "metadata": {"name": name, "labels": {LABEL: run}}, "spec": spec,
@@ -144,16 +174,36 @@ async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let users = env_usize("BENCH_USERS", USERS);
     let rooms = env_usize("BENCH_ROOMS", ROOMS);
-    let env = TestEnv::with("bench", Options { no_operator: true, ..Default::default() }).await;
+    let env = TestEnv::with(
+        "bench",
+        Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
     let run = env.run_id.clone();
     let controller = start_controller(&env).await;
 
     // --- converge from empty -------------------------------------------------
     let started = Instant::now();
-    let user_objects: Vec<MatrixUser> =
-        (0..users).map(|u| object(&run, &format!("u{u}"), json!({"localpart": format!("{run}-u{u}")}))).collect();
+    let user_objects: Vec<MatrixUser> = (0..users)
+        .map(|u| {
+            object(
+                &run,
+                &format!("u{u}"),
+                json!({"localpart": format!("{run}-u{u}")}),
+            )
+        })
+        .collect();
     let room_objects: Vec<MatrixRoom> = (0..rooms)
-        .map(|r| object(&run, &format!("r{r}"), json!({"alias": format!("{run}-r{r}"), "name": format!("Room {r}")})))
+        .map(|r| {
+            object(
+                &run,
+                &format!("r{r}"),
+                json!({"alias": format!("{run}-r{r}"), "name": format!("Room {r}")}),
+            )
+        })
         .collect();
     let mut perm_objects: Vec<RoomPermission> = Vec::new();
     for u in 0..users {
@@ -169,14 +219,24 @@ async fn main() {
         create_all(env.api::<RoomPermission>(0), perm_objects),
     );
     let created = started.elapsed();
-    let (users_api, rooms_api, perms_api) =
-        (env.api::<MatrixUser>(0), env.api::<MatrixRoom>(0), env.api::<RoomPermission>(0));
+    let (users_api, rooms_api, perms_api) = (
+        env.api::<MatrixUser>(0),
+        env.api::<MatrixRoom>(0),
+        env.api::<RoomPermission>(0),
+    );
     loop {
-        let (u, r, p) = tokio::join!(count_ready(&users_api), count_ready(&rooms_api), count_ready(&perms_api));
+        let (u, r, p) = tokio::join!(
+            count_ready(&users_api),
+            count_ready(&rooms_api),
+            count_ready(&perms_api)
+        );
         if u == users && r == rooms && p == permission_count {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(1800), "not converged: users {u}, rooms {r}, permissions {p}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1800),
+            "not converged: users {u}, rooms {r}, permissions {p}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let converge_time = started.elapsed();
@@ -200,22 +260,46 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let resync_writes: u64 = resync_requests.values().filter(|(_, w)| *w).map(|(c, _)| c).sum();
-    let resync_reads: u64 = resync_requests.values().filter(|(_, w)| !w).map(|(c, _)| c).sum();
+    let resync_writes: u64 = resync_requests
+        .values()
+        .filter(|(_, w)| *w)
+        .map(|(c, _)| c)
+        .sum();
+    let resync_reads: u64 = resync_requests
+        .values()
+        .filter(|(_, w)| !w)
+        .map(|(c, _)| c)
+        .sum();
 
     // --- drift: out-of-band power-level changes, reverted via the feed -------
     let drift = drift_samples(&env, &run, DRIFT_SAMPLES.min(users / 10)).await;
 
     let total: u64 = requests.values().map(|(c, _)| c).sum();
     println!("\n=== make bench: {users} users, {rooms} rooms, {permission_count} permissions, concurrency {CONCURRENCY} ===");
-    println!("objects created in the API server in {:.2}s", created.as_secs_f64());
-    println!("operator: all Ready after {:.2}s", converge_time.as_secs_f64());
+    println!(
+        "objects created in the API server in {:.2}s",
+        created.as_secs_f64()
+    );
+    println!(
+        "operator: all Ready after {:.2}s",
+        converge_time.as_secs_f64()
+    );
     println!("Synapse requests by kind (operator, {total} in all):");
     for (kind, (count, write)) in &requests {
-        println!("  {kind:<18} {count:>6}{}", if *write { "  (write)" } else { "" });
+        println!(
+            "  {kind:<18} {count:>6}{}",
+            if *write { "  (write)" } else { "" }
+        );
     }
-    println!("minimal sequence replayed directly: {} requests in {:.2}s", minimal.1, minimal.0.as_secs_f64());
-    println!("ratio operator / minimal time: {:.2}", converge_time.as_secs_f64() / minimal.0.as_secs_f64());
+    println!(
+        "minimal sequence replayed directly: {} requests in {:.2}s",
+        minimal.1,
+        minimal.0.as_secs_f64()
+    );
+    println!(
+        "ratio operator / minimal time: {:.2}",
+        converge_time.as_secs_f64() / minimal.0.as_secs_f64()
+    );
     println!("full no-op resync: {resync_writes} writes, {resync_reads} reads ({users} users + {rooms} rooms)");
     println!(
         "drift reverted after out-of-band power-level change ({} samples): p50 {:.0} ms, p99 {:.0} ms",
@@ -223,7 +307,10 @@ async fn main() {
         percentile(&drift, 0.50),
         percentile(&drift, 0.99)
     );
-    println!("controller peak resident memory: {:.1} MiB", rss_kib as f64 / 1024.0);
+    println!(
+        "controller peak resident memory: {:.1} MiB",
+        rss_kib as f64 / 1024.0
+    );
 }
 
 fn percentile(samples: &[f64], q: f64) -> f64 {
@@ -237,7 +324,11 @@ fn percentile(samples: &[f64], q: f64) -> f64 {
 
 async fn synapse_call(method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
     let stack = Stack::get();
-    let admin = format!("@{}:{}", stack.var("MATRIX_ADMIN_LOCALPART"), stack.var("MATRIX_SERVER_NAME"));
+    let admin = format!(
+        "@{}:{}",
+        stack.var("MATRIX_ADMIN_LOCALPART"),
+        stack.var("MATRIX_SERVER_NAME")
+    );
     let mut request = http()
         .request(method, format!("{}{path}", stack.var("SYNAPSE_URL")))
         .query(&[("user_id", admin.as_str())])
@@ -246,7 +337,11 @@ async fn synapse_call(method: reqwest::Method, path: &str, body: Option<Value>) 
         request = request.json(&b);
     }
     let response = request.send().await.unwrap();
-    assert!(response.status().is_success(), "{path}: {}", response.status());
+    assert!(
+        response.status().is_success(),
+        "{path}: {}",
+        response.status()
+    );
     response.json().await.unwrap_or(Value::Null)
 }
 
@@ -274,7 +369,11 @@ async fn minimal_sequence(run: &str, users: usize, rooms: usize) -> (Duration, u
             let _p = gate.acquire().await.unwrap();
             let path = format!("/_synapse/admin/v2/users/{}", enc(&id));
             let stack = Stack::get();
-            let admin = format!("@{}:{}", stack.var("MATRIX_ADMIN_LOCALPART"), stack.var("MATRIX_SERVER_NAME"));
+            let admin = format!(
+                "@{}:{}",
+                stack.var("MATRIX_ADMIN_LOCALPART"),
+                stack.var("MATRIX_SERVER_NAME")
+            );
             let status = http()
                 .get(format!("{}{path}", stack.var("SYNAPSE_URL")))
                 .query(&[("user_id", admin.as_str())])
@@ -284,7 +383,12 @@ async fn minimal_sequence(run: &str, users: usize, rooms: usize) -> (Duration, u
                 .unwrap()
                 .status();
             assert_eq!(status, 404);
-            synapse_call(reqwest::Method::PUT, &path, Some(json!({"external_ids": [{"auth_provider": "bench", "external_id": id}]}))).await;
+            synapse_call(
+                reqwest::Method::PUT,
+                &path,
+                Some(json!({"external_ids": [{"auth_provider": "bench", "external_id": id}]})),
+            )
+            .await;
         }));
     }
     for t in tasks.drain(..) {
@@ -325,7 +429,10 @@ async fn minimal_sequence(run: &str, users: usize, rooms: usize) -> (Duration, u
     for t in tasks {
         t.await.unwrap();
     }
-    (started.elapsed(), users as u64 * 2 + rooms as u64 * 2 + joins)
+    (
+        started.elapsed(),
+        users as u64 * 2 + rooms as u64 * 2 + joins,
+    )
 }
 
 /// Time from an out-of-band power-level change (by a room admin, in a
@@ -336,10 +443,17 @@ async fn drift_samples(env: &TestEnv, run: &str, samples: usize) -> Vec<f64> {
     let mut out = Vec::new();
     for i in 0..samples {
         // Users 0..rooms are their room's Admin; user rooms+i is a Member of room i.
-        let room = env.api::<MatrixRoom>(0).get(&format!("r{i}")).await.unwrap();
+        let room = env
+            .api::<MatrixRoom>(0)
+            .get(&format!("r{i}"))
+            .await
+            .unwrap();
         let room_id = room.status.unwrap().room_id.unwrap();
         let admin_user = format!("@{run}-u{i}:{server}");
-        let member = format!("@{run}-u{}:{server}", i + 3 * (env_usize("BENCH_ROOMS", ROOMS)));
+        let member = format!(
+            "@{run}-u{}:{server}",
+            i + 3 * (env_usize("BENCH_ROOMS", ROOMS))
+        );
         let token = synapse_call(
             reqwest::Method::POST,
             &format!("/_synapse/admin/v1/users/{}/login", enc(&admin_user)),
@@ -349,18 +463,51 @@ async fn drift_samples(env: &TestEnv, run: &str, samples: usize) -> Vec<f64> {
             .as_str()
             .unwrap()
             .to_string();
-        let state_path = format!("{}/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", stack.var("SYNAPSE_URL"), enc(&room_id));
-        let mut pl: Value = http().get(&state_path).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        let state_path = format!(
+            "{}/_matrix/client/v3/rooms/{}/state/m.room.power_levels/",
+            stack.var("SYNAPSE_URL"),
+            enc(&room_id)
+        );
+        let mut pl: Value = http()
+            .get(&state_path)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         pl["users"][&member] = json!(99);
-        let response = http().put(&state_path).bearer_auth(&token).json(&pl).send().await.unwrap();
-        assert!(response.status().is_success(), "out-of-band change refused: {}", response.status());
+        let response = http()
+            .put(&state_path)
+            .bearer_auth(&token)
+            .json(&pl)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "out-of-band change refused: {}",
+            response.status()
+        );
         let changed = Instant::now();
         loop {
-            let now: Value = http().get(&state_path).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+            let now: Value = http()
+                .get(&state_path)
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             if now["users"].get(&member).is_none() {
                 break;
             }
-            assert!(changed.elapsed() < Duration::from_secs(60), "drift not reverted");
+            assert!(
+                changed.elapsed() < Duration::from_secs(60),
+                "drift not reverted"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         out.push(changed.elapsed().as_secs_f64() * 1000.0);

@@ -3,8 +3,8 @@
 
 pub mod api;
 pub mod controller;
+pub mod metrics;
 pub mod registration;
 pub mod sidecar;
 pub mod synapse;
 pub mod telemetry;
-pub mod metrics;

@@ -260,16 +260,24 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
             .map_err(|e| MainError::Config(e.to_string()))
     };
     let operator = Operator::new(client.clone(), synapse.clone(), config.clone());
-    let sources = metrics::Sources { synapse: synapse.stats_handle(), reconciles: operator.stats() };
+    let sources = metrics::Sources {
+        synapse: synapse.stats_handle(),
+        reconciles: operator.stats(),
+    };
     let metrics_server = async {
         if args.metrics_listen == "off" {
             return Ok(());
         }
-        let addr: std::net::SocketAddr =
-            args.metrics_listen.parse().map_err(|e| MainError::Config(format!("--metrics-listen: {e}")))?;
-        metrics::serve(addr, sources, shutdown.clone()).await.map_err(MainError::Io)
+        let addr: std::net::SocketAddr = args
+            .metrics_listen
+            .parse()
+            .map_err(|e| MainError::Config(format!("--metrics-listen: {e}")))?;
+        metrics::serve(addr, sources, shutdown.clone())
+            .await
+            .map_err(MainError::Io)
     };
-    let (served, metrics_served, ()) = tokio::join!(appservice, metrics_server, operator.run(shutdown.clone()));
+    let (served, metrics_served, ()) =
+        tokio::join!(appservice, metrics_server, operator.run(shutdown.clone()));
     served.and(metrics_served)
 }
 

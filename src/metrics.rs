@@ -26,34 +26,56 @@ pub fn render(sources: &Sources) -> String {
     out.push_str("# HELP openmeet_synapse_requests_total Requests sent to Synapse, by kind.\n");
     out.push_str("# TYPE openmeet_synapse_requests_total counter\n");
     for (kind, count) in sources.synapse.by_kind() {
-        let write = if RequestKind::is_write(kind) { "true" } else { "false" };
-        let _ = writeln!(out, "openmeet_synapse_requests_total{{kind=\"{}\",write=\"{write}\"}} {count}", kind.as_str());
+        let write = if RequestKind::is_write(kind) {
+            "true"
+        } else {
+            "false"
+        };
+        let _ = writeln!(
+            out,
+            "openmeet_synapse_requests_total{{kind=\"{}\",write=\"{write}\"}} {count}",
+            kind.as_str()
+        );
     }
     out.push_str("# HELP openmeet_synapse_request_failures_total Synapse requests that failed or were refused.\n");
     out.push_str("# TYPE openmeet_synapse_request_failures_total counter\n");
-    let _ = writeln!(out, "openmeet_synapse_request_failures_total {}", sources.synapse.failures());
+    let _ = writeln!(
+        out,
+        "openmeet_synapse_request_failures_total {}",
+        sources.synapse.failures()
+    );
     out.push_str("# HELP openmeet_reconciles_total Reconciles run, by kind.\n");
     out.push_str("# TYPE openmeet_reconciles_total counter\n");
     let r = &sources.reconciles;
     for (kind, count) in [
         ("MatrixUser", r.user_reconciles.load(Ordering::Relaxed)),
         ("MatrixRoom", r.room_reconciles.load(Ordering::Relaxed)),
-        ("RoomPermission", r.permission_reconciles.load(Ordering::Relaxed)),
+        (
+            "RoomPermission",
+            r.permission_reconciles.load(Ordering::Relaxed),
+        ),
     ] {
         let _ = writeln!(out, "openmeet_reconciles_total{{kind=\"{kind}\"}} {count}");
     }
     out.push_str("# HELP openmeet_reconcile_failures_total Reconciles that failed, by kind.\n");
     out.push_str("# TYPE openmeet_reconcile_failures_total counter\n");
-    for (kind, count) in
-        [("MatrixUser", r.user_failures.load(Ordering::Relaxed)), ("MatrixRoom", r.room_failures.load(Ordering::Relaxed))]
-    {
-        let _ = writeln!(out, "openmeet_reconcile_failures_total{{kind=\"{kind}\"}} {count}");
+    for (kind, count) in [
+        ("MatrixUser", r.user_failures.load(Ordering::Relaxed)),
+        ("MatrixRoom", r.room_failures.load(Ordering::Relaxed)),
+    ] {
+        let _ = writeln!(
+            out,
+            "openmeet_reconcile_failures_total{{kind=\"{kind}\"}} {count}"
+        );
     }
     out
 }
 
 async fn metrics(State(sources): State<Sources>) -> impl IntoResponse {
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], render(&sources))
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render(&sources),
+    )
 }
 
 pub fn router(sources: Sources) -> Router {
@@ -64,10 +86,16 @@ pub fn router(sources: Sources) -> Router {
 }
 
 /// Serves until `shutdown` resolves.
-pub async fn serve(addr: SocketAddr, sources: Sources, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    sources: Sources,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "metrics listening");
-    axum::serve(listener, router(sources)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(sources))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 #[cfg(test)]
@@ -76,10 +104,19 @@ mod tests {
 
     #[test]
     fn renders_counters_with_bounded_labels() {
-        let sources = Sources { synapse: Arc::default(), reconciles: Arc::default() };
-        sources.reconciles.user_reconciles.fetch_add(3, Ordering::Relaxed);
+        let sources = Sources {
+            synapse: Arc::default(),
+            reconciles: Arc::default(),
+        };
+        sources
+            .reconciles
+            .user_reconciles
+            .fetch_add(3, Ordering::Relaxed);
         let text = render(&sources);
-        assert!(text.contains("openmeet_reconciles_total{kind=\"MatrixUser\"} 3"), "{text}");
+        assert!(
+            text.contains("openmeet_reconciles_total{kind=\"MatrixUser\"} 3"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE openmeet_synapse_requests_total counter"));
     }
 }

@@ -16,7 +16,8 @@ pub struct ConvergedMemo {
 
 #[derive(Debug, Clone)]
 struct Entry {
-    resource_version: Option<String>,
+    /// resourceVersions our own writes produced (finalizer, status).
+    own_versions: Vec<String>,
     fingerprint: u64,
     at: Instant,
 }
@@ -39,7 +40,7 @@ impl ConvergedMemo {
     ) -> bool {
         let entries = self.entries.lock().expect("memo lock");
         entries.get(key).is_some_and(|e| {
-            e.resource_version.as_deref() == resource_version
+            resource_version.is_some_and(|v| e.own_versions.iter().any(|o| o == v))
                 && e.fingerprint == fingerprint
                 && e.at.elapsed() < window
         })
@@ -55,9 +56,15 @@ impl ConvergedMemo {
             .is_some_and(|e| e.fingerprint == fingerprint)
     }
 
-    pub fn record(&self, key: &str, resource_version: Option<String>, fingerprint: u64) {
+    pub fn record(
+        &self,
+        key: &str,
+        own_versions: impl IntoIterator<Item = Option<String>>,
+        fingerprint: u64,
+    ) {
+        let own_versions = own_versions.into_iter().flatten().collect();
         let entry = Entry {
-            resource_version,
+            own_versions,
             fingerprint,
             at: Instant::now(),
         };
@@ -81,7 +88,11 @@ mod tests {
         let memo = ConvergedMemo::default();
         let window = Duration::from_secs(60);
         assert!(!memo.is_fresh("a", Some("1"), 7, window));
-        memo.record("a", Some("1".into()), 7);
+        memo.record("a", [Some("0".into()), Some("1".into())], 7);
+        assert!(
+            memo.is_fresh("a", Some("0"), 7, window),
+            "our finalizer write"
+        );
         assert!(memo.is_fresh("a", Some("1"), 7, window));
         assert!(
             !memo.is_fresh("a", Some("2"), 7, window),

@@ -4,6 +4,7 @@
 pub mod appservice;
 pub mod backoff;
 pub mod claims;
+pub mod finalizer;
 pub mod memo;
 pub mod permission;
 pub mod room;
@@ -248,12 +249,11 @@ pub fn failpoint(name: &str) {
     }
 }
 
-/// Controller settings: bounded concurrency, and a short debounce that folds
-/// bursts of triggers (many users turning Ready) into one reconcile.
-pub fn controller_config(config: &OperatorConfig) -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default()
-        .concurrency(config.concurrency)
-        .debounce(Duration::from_millis(150))
+/// Controller settings: bounded concurrency, and a trailing debounce that
+/// folds bursts of triggers (many users of one room turning Ready) into one
+/// reconcile.
+pub fn controller_config(config: &OperatorConfig, debounce: Duration) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(config.concurrency).debounce(debounce)
 }
 
 /// How long a convergence counts as fresh: well under the periodic resync.

@@ -137,6 +137,7 @@ fn start_stack() -> (String, Option<Child>) {
             dir.to_str().unwrap(),
             "--watch-pid",
             &std::process::id().to_string(),
+            "--ephemeral",
         ])
         .env(
             "OPERATOR_BIN",

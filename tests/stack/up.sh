@@ -7,7 +7,8 @@
 # "$STACK_DIR/stack.env", prints "stack ready: <env file>" and stays up until
 # interrupted (or until --watch-pid exits), then tears everything down.
 #
-# Usage: up.sh [--dir DIR] [--watch-pid PID]
+# Usage: up.sh [--dir DIR] [--watch-pid PID] [--ephemeral]
+# --ephemeral removes DIR (state, logs, keys) on teardown.
 # Needs OPERATOR_BIN (the built openmeet-matrix-operator binary).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -17,9 +18,11 @@ source "$here/versions.env"
 
 dir=""
 watch_pid=""
+ephemeral=0
 while (($#)); do
   case "$1" in
     --dir) dir="$2"; shift 2 ;;
+    --ephemeral) ephemeral=1; shift ;;
     --watch-pid) watch_pid="$2"; shift 2 ;;
     *) echo "up.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -45,6 +48,7 @@ teardown() {
     kill -9 "${pids[@]}" 2>/dev/null || true
     wait 2>/dev/null || true
   fi
+  if ((ephemeral)); then rm -rf "$dir"; fi
 }
 trap teardown EXIT
 trap 'exit 130' INT TERM

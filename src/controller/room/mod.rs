@@ -7,7 +7,7 @@ pub mod plan;
 use super::backoff::jitter;
 use super::claims::{holder, Claim};
 use super::memo::fingerprint;
-use super::{Error, OperatorConfig, ReconcileStats, FINALIZER};
+use super::{Error, OperatorConfig, ReconcileStats};
 use crate::api::conditions::{self, Condition, READY};
 use crate::api::room::RoomDeletionPolicy;
 use crate::api::{
@@ -20,7 +20,6 @@ use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
-use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use plan::{create_body, marker_matches, plan, plan_close, DesiredRoom, RoomAction, Thresholds};
@@ -135,7 +134,7 @@ pub async fn run(
                 .filter(|o| *o != me)
                 .collect::<Vec<_>>()
         })
-        .with_config(super::controller_config(&ctx.config))
+        .with_config(super::controller_config(&ctx.config, Duration::from_millis(100)))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
@@ -151,18 +150,13 @@ pub async fn reconcile(room: Arc<MatrixRoom>, ctx: Arc<RoomContext>) -> Result<A
         .namespace()
         .ok_or_else(|| Error::Invalid("MatrixRoom must be namespaced".into()))?;
     let api: Api<MatrixRoom> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, room, |event| async {
-        match event {
-            FinalizerEvent::Apply(room) => apply(&room, &api, &ctx).await,
-            FinalizerEvent::Cleanup(room) => cleanup(&room, &api, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(Box::new(other)),
-    });
+    let result = super::finalizer::reconcile(
+        &api,
+        room.as_ref(),
+        |own_version| apply(&room, &api, &ctx, own_version),
+        || cleanup(&room, &api, &ctx),
+    )
+    .await;
     ctx.stats.room_reconciles.fetch_add(1, Ordering::Relaxed);
     result
 }
@@ -323,6 +317,7 @@ async fn apply(
     room: &MatrixRoom,
     api: &Api<MatrixRoom>,
     ctx: &RoomContext,
+    own_version: Option<String>,
 ) -> Result<Action, Error> {
     let resync = Action::requeue(jitter(ctx.config.resync_interval));
     let perms = permissions_of(room, ctx);
@@ -466,7 +461,8 @@ async fn apply(
             )
             .await?;
             write_permission_statuses(ctx, &perms, &outcomes, None).await?;
-            ctx.memo.record(&key(room), version, fingerprint);
+            ctx.memo
+                .record(&key(room), [own_version, version], fingerprint);
             Ok(resync)
         }
         Ok(Err(message)) => {

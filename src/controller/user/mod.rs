@@ -5,7 +5,7 @@ pub mod plan;
 use super::backoff::jitter;
 use super::claims::{holder, Claim};
 use super::memo::fingerprint;
-use super::{Context, Error, OperatorConfig, ReconcileStats, FINALIZER, OWNER_PROVIDER};
+use super::{Context, Error, OperatorConfig, ReconcileStats, OWNER_PROVIDER};
 use crate::api::conditions::{self, Condition, READY};
 use crate::api::{MatrixUser, MatrixUserStatus, FIELD_MANAGER};
 use crate::synapse::{ExternalId, SynapseClient, UserUpsert};
@@ -13,13 +13,13 @@ use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
-use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 use plan::{plan, plan_cleanup, precheck, Blocked, CleanupAction, Desired, UserAction, UserPlan};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Runs the `MatrixUser` controller until `shutdown` resolves.
 pub async fn run(
@@ -66,8 +66,8 @@ pub async fn run(
                 .filter(|r| *r != me)
                 .collect::<Vec<_>>()
         })
-        .with_config(super::controller_config(&ctx.config))
-        .with_config(super::controller_config(&ctx.config))
+        .with_config(super::controller_config(&ctx.config, Duration::ZERO))
+        .with_config(super::controller_config(&ctx.config, Duration::ZERO))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
@@ -88,18 +88,13 @@ pub async fn reconcile(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Actio
         .namespace()
         .ok_or_else(|| Error::Invalid("MatrixUser must be namespaced".into()))?;
     let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, user, |event| async {
-        match event {
-            FinalizerEvent::Apply(user) => apply(&user, &api, &ctx).await,
-            FinalizerEvent::Cleanup(user) => cleanup(&user, &api, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(Box::new(other)),
-    });
+    let result = super::finalizer::reconcile(
+        &api,
+        user.as_ref(),
+        |own_version| apply(&user, &api, &ctx, own_version),
+        || cleanup(&user, &api, &ctx),
+    )
+    .await;
     ctx.stats.user_reconciles.fetch_add(1, Ordering::Relaxed);
     result
 }
@@ -149,7 +144,12 @@ fn holds_localpart(user: &MatrixUser, ctx: &Context) -> Result<(), String> {
     }
 }
 
-async fn apply(user: &MatrixUser, api: &Api<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
+async fn apply(
+    user: &MatrixUser,
+    api: &Api<MatrixUser>,
+    ctx: &Context,
+    own_version: Option<String>,
+) -> Result<Action, Error> {
     let ns = user.namespace().unwrap_or_default();
     let resync = Action::requeue(jitter(ctx.config.resync_interval));
 
@@ -197,7 +197,8 @@ async fn apply(user: &MatrixUser, api: &Api<MatrixUser>, ctx: &Context) -> Resul
             };
             let ready = Condition::new(READY, true, "Converged", message, user.metadata.generation);
             let version = write_status(user, api, Some(user_id), ready).await?;
-            ctx.memo.record(&key(user), version, fingerprint);
+            ctx.memo
+                .record(&key(user), [own_version, version], fingerprint);
             Ok(resync)
         }
         Ok(Err(blocked)) => {
