@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Watch MatrixUser, MatrixRoom and RoomPermission objects and converge Synapse.
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Serve the sidecar's HTTP endpoints (health for now).
     Sidecar(SidecarArgs),
     /// Print every CRD as YAML.
@@ -151,7 +151,7 @@ async fn main() -> ExitCode {
     telemetry::init(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
-        Command::Controller(args) => controller(args).await,
+        Command::Controller(args) => controller(*args).await,
         Command::Sidecar(args) => sidecar::serve_health(args.listen, shutdown_signal())
             .await
             .map_err(MainError::Io),
