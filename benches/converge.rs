@@ -36,30 +36,18 @@ struct Controller {
 }
 
 async fn start_controller(env: &TestEnv) -> Controller {
-    let stack = Stack::get();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_openmeet-matrix-operator"))
-        .arg("controller")
-        .env("KUBECONFIG", stack.var("KUBECONFIG"))
-        .env("SYNAPSE_URL", stack.var("SYNAPSE_URL"))
-        .env("MATRIX_SERVER_NAME", stack.var("MATRIX_SERVER_NAME"))
-        .env(
-            "MATRIX_ADMIN_LOCALPART",
-            stack.var("MATRIX_ADMIN_LOCALPART"),
-        )
-        .env("AS_TOKEN_SECRET", stack.var("AS_TOKEN_SECRET"))
-        .env("WATCH_SELECTOR", format!("{LABEL}={}", env.run_id))
+    let child = harness::controller_command(env)
         .env("CONCURRENCY", CONCURRENCY.to_string())
-        // The bench process serves the appservice feed (see the harness).
-        .env("APPSERVICE_LISTEN", "off")
         .env("METRICS_LISTEN", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .spawn()
         .expect("controller binary");
     Controller {

@@ -2,6 +2,8 @@
 //! I/O-free; the controller feeds it from its watch cache.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use std::sync::Arc;
 
 /// One object claiming a name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +31,37 @@ pub fn holder<'a>(claims: impl IntoIterator<Item = Claim<'a>>) -> Option<Claim<'
     claims
         .into_iter()
         .min_by(|a, b| a.sort_key().cmp(&b.sort_key()))
+}
+
+fn claim_of<K: ResourceExt>(k: &K) -> Claim<'_> {
+    Claim {
+        namespace: k.meta().namespace.as_deref().unwrap_or_default(),
+        name: k.meta().name.as_deref().unwrap_or_default(),
+        created: k.meta().creation_timestamp.as_ref(),
+    }
+}
+
+/// Whether `me` holds the name it claims among `all` (a watch cache, which
+/// may not contain `me` yet). `claims_same` says whether another object
+/// claims the same name. `Err` names the holder.
+pub fn check<K: ResourceExt>(
+    all: &[Arc<K>],
+    me: &K,
+    claims_same: impl Fn(&K) -> bool,
+) -> Result<(), String> {
+    let same_object = |k: &K| k.namespace() == me.namespace() && k.name_any() == me.name_any();
+    let others = all
+        .iter()
+        .map(|k| k.as_ref())
+        .filter(|k| claims_same(k) && !same_object(k));
+    let claims: Vec<Claim> = others.chain(std::iter::once(me)).map(claim_of).collect();
+    match holder(claims) {
+        Some(h) if h.namespace == me.namespace().unwrap_or_default() && h.name == me.name_any() => {
+            Ok(())
+        }
+        Some(h) => Err(format!("{}/{}", h.namespace, h.name)),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

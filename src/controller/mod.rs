@@ -176,6 +176,7 @@ impl Operator {
             instance: self.config.instance.clone(),
         };
         let recorder = Recorder::new(self.client.clone(), reporter);
+        let user_recorder = recorder.clone();
         let shutdown: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(shutdown);
         let shutdown = shutdown.shared();
 
@@ -201,25 +202,49 @@ impl Operator {
                 .for_each(|_| ready(())),
         ));
 
-        futures::join!(
-            user::run(
+        let rooms = {
+            let (client, synapse, config, stats) = (
                 self.client.clone(),
                 self.synapse.clone(),
                 self.config.clone(),
-                recorder.clone(),
                 self.stats.clone(),
-                shutdown.clone()
-            ),
-            room::run(
+            );
+            let (permissions, shutdown) = (permissions.clone(), shutdown.clone());
+            async move {
+                // Folding permissions needs complete caches: an empty one would
+                // read as "no members declared" and an Exclusive room would be
+                // emptied. Awaited here, once: a store's readiness wakes only
+                // one waiter, so reconciles must not each wait on it.
+                let ready =
+                    futures::future::join(users.wait_until_ready(), permissions.wait_until_ready());
+                if let futures::future::Either::Right(_) =
+                    futures::future::select(Box::pin(ready), shutdown.clone()).await
+                {
+                    return;
+                }
+                room::run(
+                    client,
+                    synapse,
+                    config,
+                    recorder.clone(),
+                    stats,
+                    users,
+                    permissions,
+                    shutdown,
+                )
+                .await
+            }
+        };
+        futures::join!(
+            user::run(
                 self.client.clone(),
                 self.synapse,
                 self.config.clone(),
-                recorder,
+                user_recorder,
                 self.stats.clone(),
-                users,
-                permissions.clone(),
                 shutdown.clone()
             ),
+            rooms,
             permission::run(self.client, self.config, permissions, self.stats, shutdown),
         );
         caches.abort();
@@ -233,6 +258,30 @@ pub fn watch_config(config: &OperatorConfig) -> watcher::Config {
         Some(selector) => watch.labels(selector),
         None => watch,
     }
+}
+
+/// `namespace/name`: the key for per-object bookkeeping.
+pub fn key<K: kube::ResourceExt>(k: &K) -> String {
+    format!("{}/{}", k.namespace().unwrap_or_default(), k.name_any())
+}
+
+/// Server-side applies `status` under the operator's field manager and
+/// returns the resourceVersion it produced. Callers skip unchanged statuses.
+pub async fn apply_status<K>(
+    api: &Api<K>,
+    obj: &K,
+    status: &impl serde::Serialize,
+) -> Result<Option<String>, Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    use kube::ResourceExt;
+    let patch = serde_json::json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status});
+    let params = kube::api::PatchParams::apply(crate::api::FIELD_MANAGER).force();
+    let written = api
+        .patch_status(&obj.name_any(), &params, &kube::api::Patch::Apply(&patch))
+        .await?;
+    Ok(written.resource_version())
 }
 
 /// Test-only crash points: when `OPENMEET_FAILPOINT` names this point, the
@@ -252,8 +301,13 @@ pub fn failpoint(name: &str) {
 /// Controller settings: bounded concurrency, and a trailing debounce that
 /// folds bursts of triggers (many users of one room turning Ready) into one
 /// reconcile.
-pub fn controller_config(config: &OperatorConfig, debounce: Duration) -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default().concurrency(config.concurrency).debounce(debounce)
+pub fn controller_config(
+    config: &OperatorConfig,
+    debounce: Duration,
+) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default()
+        .concurrency(config.concurrency)
+        .debounce(debounce)
 }
 
 /// How long a convergence counts as fresh: well under the periodic resync.

@@ -1,7 +1,7 @@
 //! The shipped binary, as a Deployment would run it: configuration from the
 //! environment, the `as_token` read from its Secret, clean exit on SIGTERM.
 
-use crate::harness::{Options, Stack, TestEnv, LABEL};
+use crate::harness::{controller_command, Options, TestEnv};
 use serde_json::json;
 use std::process::Stdio;
 use std::time::Duration;
@@ -16,24 +16,9 @@ async fn controller_binary_reads_its_secret_converges_and_stops_on_sigterm() {
         },
     )
     .await;
-    let stack = Stack::get();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_openmeet-matrix-operator"))
-        .arg("controller")
-        .env("KUBECONFIG", stack.var("KUBECONFIG"))
-        .env("SYNAPSE_URL", stack.var("SYNAPSE_URL"))
-        .env("MATRIX_SERVER_NAME", stack.var("MATRIX_SERVER_NAME"))
-        .env(
-            "MATRIX_ADMIN_LOCALPART",
-            stack.var("MATRIX_ADMIN_LOCALPART"),
-        )
-        .env("AS_TOKEN_SECRET", stack.var("AS_TOKEN_SECRET"))
-        .env("WATCH_SELECTOR", format!("{LABEL}={}", env.run_id))
+    let mut child = controller_command(&env)
         .env("LOG_FORMAT", "json")
-        .env("METRICS_LISTEN", "127.0.0.1:0")
-        .env("APPSERVICE_LISTEN", "off")
-        .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("start controller binary");
 

@@ -443,3 +443,26 @@ impl TestEnv {
         .await
     }
 }
+
+/// The shipped controller binary, configured from the stack like a
+/// Deployment would configure it, watching only this test's objects.
+pub fn controller_command(env: &TestEnv) -> tokio::process::Command {
+    let stack = Stack::get();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_openmeet-matrix-operator"));
+    cmd.arg("controller")
+        .env("KUBECONFIG", stack.var("KUBECONFIG"))
+        .env("SYNAPSE_URL", stack.var("SYNAPSE_URL"))
+        .env("MATRIX_SERVER_NAME", stack.var("MATRIX_SERVER_NAME"))
+        .env(
+            "MATRIX_ADMIN_LOCALPART",
+            stack.var("MATRIX_ADMIN_LOCALPART"),
+        )
+        .env("AS_TOKEN_SECRET", stack.var("AS_TOKEN_SECRET"))
+        .env("WATCH_SELECTOR", format!("{LABEL}={}", env.run_id))
+        // The test process serves the appservice feed (see `serve_appservice`).
+        .env("APPSERVICE_LISTEN", "off")
+        .env("METRICS_LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}

@@ -1,6 +1,6 @@
 //! `MatrixRoom` and `RoomPermission` converging against the real stack.
 
-use crate::harness::{unique, wait_for, Options, Stack, TestEnv, LABEL};
+use crate::harness::{controller_command, unique, wait_for, Options, Stack, TestEnv, LABEL};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
 use openmeet_matrix_operator::synapse::rooms::RoomState;
@@ -685,22 +685,8 @@ async fn crash_between_create_and_status_leaves_one_room() {
     .await;
     let stack = Stack::get();
     let binary = |failpoint: Option<&str>| {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_openmeet-matrix-operator"));
-        cmd.arg("controller")
-            .env("KUBECONFIG", stack.var("KUBECONFIG"))
-            .env("SYNAPSE_URL", stack.var("SYNAPSE_URL"))
-            .env("MATRIX_SERVER_NAME", stack.var("MATRIX_SERVER_NAME"))
-            .env(
-                "MATRIX_ADMIN_LOCALPART",
-                stack.var("MATRIX_ADMIN_LOCALPART"),
-            )
-            .env("AS_TOKEN_SECRET", stack.var("AS_TOKEN_SECRET"))
-            .env("WATCH_SELECTOR", format!("{LABEL}={}", env.run_id))
-            .env("APPSERVICE_LISTEN", "off")
-            .env("METRICS_LISTEN", "127.0.0.1:0")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
+        let mut cmd = controller_command(&env);
+        cmd.stderr(Stdio::null());
         if let Some(f) = failpoint {
             cmd.env("OPENMEET_FAILPOINT", f);
         }
@@ -925,4 +911,36 @@ async fn resync_of_unchanged_room_reads_once_and_writes_nothing() {
         reads + 3,
         "one state read per resync, nothing else"
     );
+}
+
+#[tokio::test]
+async fn rooms_that_exist_before_the_controller_starts_all_converge() {
+    // Regression: every reconcile once waited on the caches' readiness, which
+    // wakes a single waiter; at start-up the others hung and held their slots.
+    let env = TestEnv::with(
+        "startup",
+        Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let rooms = 24;
+    for r in 0..rooms {
+        env.create::<MatrixRoom>(
+            0,
+            &format!("r{r}"),
+            json!({"alias": unique(&format!("start{r}"))}),
+        )
+        .await;
+    }
+    let _controller = controller_command(&env)
+        .env("CONCURRENCY", "4")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for r in 0..rooms {
+        env.wait_condition::<MatrixRoom>(0, &format!("r{r}"), true, "Converged")
+            .await;
+    }
 }

@@ -31,8 +31,10 @@ pids+=($!)
 pids+=($!)
 
 "$KUBECTL" apply --server-side --field-manager dev -f "$repo/config/samples/" >/dev/null
-"$KUBECTL" wait -n openmeet-demo --for=condition=Ready --timeout=120s matrixusers --all >/dev/null \
-  || echo "dev: not every sample user is Ready yet; see $dir/controller.log" >&2
+for kind in matrixusers matrixrooms roompermissions; do
+  "$KUBECTL" wait -n openmeet-demo --for=condition=Ready --timeout=120s "$kind" --all >/dev/null \
+    || echo "dev: not every sample $kind is Ready yet; see $dir/controller.log" >&2
+done
 
 PATH="$STACK_BIN:$PATH"
 cat <<MSG

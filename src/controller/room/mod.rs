@@ -5,19 +5,16 @@ pub mod fold;
 pub mod plan;
 
 use super::backoff::jitter;
-use super::claims::{holder, Claim};
 use super::memo::fingerprint;
+use super::{claims, key};
 use super::{Error, OperatorConfig, ReconcileStats};
 use crate::api::conditions::{self, Condition, READY};
 use crate::api::room::RoomDeletionPolicy;
-use crate::api::{
-    MatrixRoom, MatrixRoomStatus, MatrixUser, RoomPermission, RoomPermissionStatus, FIELD_MANAGER,
-};
+use crate::api::{MatrixRoom, MatrixRoomStatus, MatrixUser, RoomPermission, RoomPermissionStatus};
 use crate::synapse::rooms::{CreateOutcome, DeleteStatus, MembershipAction, RoomState};
 use crate::synapse::{SynapseClient, SynapseError};
 use fold::{fold, PermissionOutcome, UserRefState};
 use futures::StreamExt;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -50,10 +47,6 @@ pub struct RoomContext {
     /// What each room was last converged to: skips reconciles our own status
     /// writes cause, and tells drift from spec changes.
     memo: super::memo::ConvergedMemo,
-}
-
-fn key<K: ResourceExt>(k: &K) -> String {
-    format!("{}/{}", k.namespace().unwrap_or_default(), k.name_any())
 }
 
 /// Runs the `MatrixRoom` controller until `shutdown` resolves.
@@ -134,7 +127,10 @@ pub async fn run(
                 .filter(|o| *o != me)
                 .collect::<Vec<_>>()
         })
-        .with_config(super::controller_config(&ctx.config, Duration::from_millis(100)))
+        .with_config(super::controller_config(
+            &ctx.config,
+            Duration::from_millis(100),
+        ))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
@@ -142,10 +138,6 @@ pub async fn run(
 }
 
 pub async fn reconcile(room: Arc<MatrixRoom>, ctx: Arc<RoomContext>) -> Result<Action, Error> {
-    // Folding permissions needs complete caches: an empty one would read as
-    // "no members declared" and an Exclusive room would be emptied.
-    let _ = ctx.users.wait_until_ready().await;
-    let _ = ctx.permissions.wait_until_ready().await;
     let ns = room
         .namespace()
         .ok_or_else(|| Error::Invalid("MatrixRoom must be namespaced".into()))?;
@@ -189,29 +181,10 @@ fn full_alias(room: &MatrixRoom, ctx: &RoomContext) -> Result<OwnedRoomAliasId, 
 
 /// Whether this object holds its alias (oldest claim wins, homeserver-wide).
 fn holds_alias(room: &MatrixRoom, ctx: &RoomContext) -> Result<(), String> {
-    let all = ctx.rooms.state();
-    let claims = all
-        .iter()
-        .map(|r| r.as_ref())
-        .filter(|r| r.spec.alias == room.spec.alias && key(*r) != key(room))
-        .chain(std::iter::once(room))
-        .map(|r| Claim {
-            namespace: r.metadata.namespace.as_deref().unwrap_or_default(),
-            name: r.metadata.name.as_deref().unwrap_or_default(),
-            created: r.metadata.creation_timestamp.as_ref(),
-        });
-    match holder(claims) {
-        Some(h)
-            if h.namespace == room.namespace().unwrap_or_default() && h.name == room.name_any() =>
-        {
-            Ok(())
-        }
-        Some(h) => Err(format!(
-            "alias {:?} is already claimed by {}/{}",
-            room.spec.alias, h.namespace, h.name
-        )),
-        None => Ok(()),
-    }
+    claims::check(&ctx.rooms.state(), room, |r| {
+        r.spec.alias == room.spec.alias
+    })
+    .map_err(|holder| format!("alias {:?} is already claimed by {holder}", room.spec.alias))
 }
 
 /// The permissions naming this room, from the cache.
@@ -267,7 +240,8 @@ fn desired(
 
 /// How long to wait for referenced users the operator has not reconciled
 /// yet (no status at all), if any; bounded by their age so a stuck user
-/// never holds a room back for long.
+/// never holds a room back for long. Each user turning Ready triggers the
+/// room anyway; the requeue is only the fallback.
 fn users_in_flight(perms: &[Arc<RoomPermission>], ctx: &RoomContext, ns: &str) -> Option<Duration> {
     let now = k8s_openapi::jiff::Timestamp::now();
     perms.iter().find_map(|p| {
@@ -276,7 +250,7 @@ fn users_in_flight(perms: &[Arc<RoomPermission>], ctx: &RoomContext, ns: &str) -
             .get(&ObjectRef::new(&p.spec.user_ref.name).within(ns))?;
         let created = user.metadata.creation_timestamp.as_ref()?.0;
         let young = now.duration_since(created).as_secs() < 30;
-        (user.status.is_none() && young).then_some(Duration::from_millis(500))
+        (user.status.is_none() && young).then_some(Duration::from_secs(5))
     })
 }
 
@@ -331,7 +305,9 @@ async fn apply(
     let perm_refs: Vec<&RoomPermission> = perms.iter().map(|p| p.as_ref()).collect();
     let (members, outcomes) = fold(&perm_refs, |name| user_state(ctx, &ns, name));
     let desired = desired(room, ctx, members);
+    tracing::debug!(room = %key(room), version = ?room.metadata.resource_version, members = desired.members.len(), "room reconcile");
     if let Some(wait) = users_in_flight(&perms, ctx, &ns) {
+        tracing::debug!(room = %key(room), "waiting for users in flight");
         // Users being created right now: fold them in one go, not one write each.
         return Ok(Action::requeue(wait));
     }
@@ -351,6 +327,7 @@ async fn apply(
         super::freshness(&ctx.config),
     ) {
         // Only our own status writes happened since the last convergence.
+        tracing::debug!(room = %key(room), "fresh: nothing changed since the last convergence");
         return Ok(resync);
     }
     let previous_reason = room
@@ -399,6 +376,7 @@ async fn apply(
             },
         };
         let room_plan = plan(&desired, &state);
+        tracing::debug!(room = %key(room), room_id = %room_id, actions = ?room_plan.actions.iter().map(RoomAction::describe).collect::<Vec<_>>(), "planned");
         let drift = !created
             && !room_plan.actions.is_empty()
             && ctx.memo.same_desired(&key(room), fingerprint);
@@ -822,15 +800,7 @@ async fn write_room_status(
     if status == existing {
         return Ok(room.resource_version());
     }
-    let patch = json!({"apiVersion": MatrixRoom::api_version(&()), "kind": MatrixRoom::kind(&()), "status": status});
-    let written = api
-        .patch_status(
-            &room.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    Ok(written.resource_version())
+    super::apply_status(api, room, &status).await
 }
 
 /// Writes each permission's status from the room's outcome (only when it changed).
@@ -894,19 +864,11 @@ pub(crate) async fn write_permission_status(
     }
     let api: Api<RoomPermission> =
         Api::namespaced(client.clone(), &p.namespace().unwrap_or_default());
-    let patch = json!({"apiVersion": RoomPermission::api_version(&()), "kind": RoomPermission::kind(&()), "status": status});
-    match api
-        .patch_status(
-            &p.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
+    match super::apply_status(&api, p, &status).await {
         Ok(_) => Ok(()),
         // Deleted meanwhile: nothing to report on.
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(Error::Kube(kube::Error::Api(s))) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

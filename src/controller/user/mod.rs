@@ -3,14 +3,13 @@
 pub mod plan;
 
 use super::backoff::jitter;
-use super::claims::{holder, Claim};
 use super::memo::fingerprint;
+use super::{claims, key};
 use super::{Context, Error, OperatorConfig, ReconcileStats, OWNER_PROVIDER};
 use crate::api::conditions::{self, Condition, READY};
-use crate::api::{MatrixUser, MatrixUserStatus, FIELD_MANAGER};
+use crate::api::{MatrixUser, MatrixUserStatus};
 use crate::synapse::{ExternalId, SynapseClient, UserUpsert};
 use futures::StreamExt;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
@@ -74,14 +73,6 @@ pub async fn run(
         .await;
 }
 
-fn key(user: &MatrixUser) -> String {
-    format!(
-        "{}/{}",
-        user.namespace().unwrap_or_default(),
-        user.name_any()
-    )
-}
-
 /// The finalizer is the only top-level branch: apply, or clean up.
 pub async fn reconcile(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = user
@@ -101,8 +92,8 @@ pub async fn reconcile(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Actio
 
 fn error_policy(user: Arc<MatrixUser>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.stats.user_failures.fetch_add(1, Ordering::Relaxed);
-    let delay = ctx.backoff.next_delay(&key(&user));
-    tracing::warn!(user = %key(&user), error = %error, retry_in = ?delay, "reconcile failed");
+    let delay = ctx.backoff.next_delay(&key(user.as_ref()));
+    tracing::warn!(user = %key(user.as_ref()), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
 
@@ -116,32 +107,15 @@ fn owner_marker(user: &MatrixUser) -> ExternalId {
 
 /// Whether this object holds its localpart (oldest claim wins, homeserver-wide).
 fn holds_localpart(user: &MatrixUser, ctx: &Context) -> Result<(), String> {
-    let all = ctx.users.state();
-    let claims = all
-        .iter()
-        .map(|u| u.as_ref())
-        .filter(|u| {
-            u.spec.localpart == user.spec.localpart
-                && !(u.namespace() == user.namespace() && u.name_any() == user.name_any())
-        })
-        .chain(std::iter::once(user))
-        .map(|u| Claim {
-            namespace: u.metadata.namespace.as_deref().unwrap_or_default(),
-            name: u.metadata.name.as_deref().unwrap_or_default(),
-            created: u.metadata.creation_timestamp.as_ref(),
-        });
-    match holder(claims) {
-        Some(h)
-            if h.namespace == user.namespace().unwrap_or_default() && h.name == user.name_any() =>
-        {
-            Ok(())
-        }
-        Some(h) => Err(format!(
-            "localpart {:?} is already claimed by {}/{}",
-            user.spec.localpart, h.namespace, h.name
-        )),
-        None => Ok(()),
-    }
+    claims::check(&ctx.users.state(), user, |u| {
+        u.spec.localpart == user.spec.localpart
+    })
+    .map_err(|holder| {
+        format!(
+            "localpart {:?} is already claimed by {holder}",
+            user.spec.localpart
+        )
+    })
 }
 
 async fn apply(
@@ -372,19 +346,7 @@ async fn write_status(
     if status == existing {
         return Ok(user.resource_version());
     }
-    let patch = serde_json::json!({
-        "apiVersion": MatrixUser::api_version(&()),
-        "kind": MatrixUser::kind(&()),
-        "status": status,
-    });
-    let written = api
-        .patch_status(
-            &user.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    Ok(written.resource_version())
+    super::apply_status(api, user, &status).await
 }
 
 /// Every Synapse mutation leaves an Event on the object and an audit log line.
