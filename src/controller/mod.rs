@@ -18,7 +18,7 @@ use futures::StreamExt;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
@@ -195,11 +195,18 @@ impl Operator {
         let caches = tokio::spawn(futures::future::join(
             reflector(
                 users_writer,
-                watcher(users_api, watch.clone()).default_backoff(),
+                watcher(users_api, watch.clone())
+                    .default_backoff()
+                    .modify(|u: &mut MatrixUser| u.managed_fields_mut().clear()),
             )
             .for_each(|_| ready(())),
-            reflector(perms_writer, watcher(perms_api, watch).default_backoff())
-                .for_each(|_| ready(())),
+            reflector(
+                perms_writer,
+                watcher(perms_api, watch)
+                    .default_backoff()
+                    .modify(|p: &mut RoomPermission| p.managed_fields_mut().clear()),
+            )
+            .for_each(|_| ready(())),
         ));
 
         let rooms = {
@@ -253,7 +260,9 @@ impl Operator {
 
 /// The watch every controller uses: the configured label selector, if any.
 pub fn watch_config(config: &OperatorConfig) -> watcher::Config {
-    let watch = watcher::Config::default();
+    // Streaming lists send the initial state object by object instead of as
+    // one large list response: a much lower memory peak at start-up.
+    let watch = watcher::Config::default().streaming_lists();
     match &config.label_selector {
         Some(selector) => watch.labels(selector),
         None => watch,

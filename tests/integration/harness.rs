@@ -359,6 +359,22 @@ impl TestEnv {
     }
 }
 
+impl TestEnv {
+    /// Waits until at least `count` Events with `reason` were recorded about an object.
+    pub async fn wait_event(&self, ns: usize, name: &str, reason: &str, count: usize) {
+        wait_for(&format!("{count} {reason} event(s) on {name}"), || async {
+            let seen = self
+                .event_reasons(ns, name)
+                .await
+                .iter()
+                .filter(|r| *r == reason)
+                .count();
+            (seen >= count).then_some(())
+        })
+        .await
+    }
+}
+
 impl Drop for TestEnv {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {

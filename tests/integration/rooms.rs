@@ -666,11 +666,7 @@ async fn directory_publication_is_verified() {
         (published.status.as_str(), published.reason.as_str()),
         ("False", "PublicationRefused")
     );
-    assert!(env
-        .event_reasons(0, "refused")
-        .await
-        .iter()
-        .any(|r| r == "PublicationRefused"));
+    env.wait_event(0, "refused", "PublicationRefused", 1).await;
 }
 
 #[tokio::test]

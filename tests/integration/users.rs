@@ -51,11 +51,7 @@ async fn creates_account_with_profile_sso_link_and_event() {
     assert!(account.external_ids.contains(&marker(env.ns(0), "alice")));
     assert!(!account.admin && !account.locked && !account.deactivated);
 
-    let reasons = env.event_reasons(0, "alice").await;
-    assert!(
-        reasons.iter().any(|r| r == "AccountCreated"),
-        "events: {reasons:?}"
-    );
+    env.wait_event(0, "alice", "AccountCreated", 1).await;
 }
 
 #[tokio::test]
@@ -110,11 +106,7 @@ async fn updates_profile_then_locks_then_deactivates() {
     let account = env.synapse.get_user(&user_id).await.unwrap().unwrap();
     assert!(account.deactivated);
     assert!(!account.locked);
-    let reasons = env.event_reasons(0, "bob").await;
-    assert!(
-        reasons.iter().filter(|r| *r == "AccountUpdated").count() >= 3,
-        "events: {reasons:?}"
-    );
+    env.wait_event(0, "bob", "AccountUpdated", 3).await;
 }
 
 #[tokio::test]
@@ -222,11 +214,7 @@ async fn existing_account_is_adopted_only_where_allowed() {
         .unwrap();
     assert_eq!(adopted.displayname.as_deref(), Some("Adopted"));
     assert!(adopted.external_ids.contains(&marker(env.ns(1), "legacy")));
-    assert!(env
-        .event_reasons(1, "legacy")
-        .await
-        .iter()
-        .any(|r| r == "AccountAdopted"));
+    env.wait_event(1, "legacy", "AccountAdopted", 1).await;
 }
 
 #[tokio::test]

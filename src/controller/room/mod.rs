@@ -249,7 +249,7 @@ fn users_in_flight(perms: &[Arc<RoomPermission>], ctx: &RoomContext, ns: &str) -
             .users
             .get(&ObjectRef::new(&p.spec.user_ref.name).within(ns))?;
         let created = user.metadata.creation_timestamp.as_ref()?.0;
-        let young = now.duration_since(created).as_secs() < 30;
+        let young = now.duration_since(created).as_secs() < 120;
         (user.status.is_none() && young).then_some(Duration::from_secs(5))
     })
 }
@@ -908,7 +908,12 @@ async fn record(room: &MatrixRoom, ctx: &RoomContext, type_: EventType, reason: 
         action: "Converge".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &room.object_ref(&())).await {
-        tracing::warn!(room = %key(room), error = %e, "could not publish event");
-    }
+    // Published off the reconcile's path: an Event is a record, not a step
+    // the next Synapse call should wait for.
+    let (recorder, reference, object) = (ctx.recorder.clone(), room.object_ref(&()), key(room));
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(room = %object, error = %e, "could not publish event");
+        }
+    });
 }

@@ -394,7 +394,12 @@ async fn publish(
         action: action.into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &user.object_ref(&())).await {
-        tracing::warn!(user = %key(user), error = %e, "could not publish event");
-    }
+    // Published off the reconcile's path: an Event is a record, not a step
+    // the next Synapse call should wait for.
+    let (recorder, reference, object) = (ctx.recorder.clone(), user.object_ref(&()), key(user));
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(user = %object, error = %e, "could not publish event");
+        }
+    });
 }
