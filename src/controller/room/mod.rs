@@ -238,19 +238,28 @@ fn desired(
     }
 }
 
-/// How long to wait for referenced users the operator has not reconciled
-/// yet (no status at all), if any; bounded by their age so a stuck user
-/// never holds a room back for long. Each user turning Ready triggers the
-/// room anyway; the requeue is only the fallback.
+/// How long to wait for referenced users that are still being created: not
+/// yet in the cache (the platform writes a user and its permissions
+/// together), or not yet reconciled once. Bounded by age, so a permission
+/// naming a user that never comes holds a room back for ten seconds, and a
+/// user the operator has not reached yet for two minutes, at most. Each user
+/// turning Ready triggers the room anyway; the requeue is only the fallback.
 fn users_in_flight(perms: &[Arc<RoomPermission>], ctx: &RoomContext, ns: &str) -> Option<Duration> {
     let now = k8s_openapi::jiff::Timestamp::now();
+    let younger = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, secs: i64| {
+        meta.creation_timestamp
+            .as_ref()
+            .is_some_and(|t| now.duration_since(t.0).as_secs() < secs)
+    };
     perms.iter().find_map(|p| {
-        let user = ctx
+        let in_flight = match ctx
             .users
-            .get(&ObjectRef::new(&p.spec.user_ref.name).within(ns))?;
-        let created = user.metadata.creation_timestamp.as_ref()?.0;
-        let young = now.duration_since(created).as_secs() < 120;
-        (user.status.is_none() && young).then_some(Duration::from_secs(5))
+            .get(&ObjectRef::new(&p.spec.user_ref.name).within(ns))
+        {
+            None => younger(&p.metadata, 10),
+            Some(user) => user.status.is_none() && younger(&user.metadata, 120),
+        };
+        in_flight.then_some(Duration::from_secs(5))
     })
 }
 
