@@ -55,6 +55,37 @@ async fn creates_account_with_profile_sso_link_and_event() {
 }
 
 #[tokio::test]
+async fn created_locked_and_deactivated_accounts_are_so_in_synapse() {
+    let env = TestEnv::new("createflags").await;
+    let (locked, gone) = (
+        crate::harness::unique("locked"),
+        crate::harness::unique("gone"),
+    );
+    env.create_user(0, "locked", json!({"localpart": locked, "locked": true}))
+        .await;
+    env.create_user(0, "gone", json!({"localpart": gone, "deactivated": true}))
+        .await;
+    env.wait_ready(0, "locked", true, "Converged").await;
+    env.wait_ready(0, "gone", true, "Converged").await;
+    assert!(
+        env.synapse
+            .get_user(&env.user_id(&locked))
+            .await
+            .unwrap()
+            .unwrap()
+            .locked
+    );
+    assert!(
+        env.synapse
+            .get_user(&env.user_id(&gone))
+            .await
+            .unwrap()
+            .unwrap()
+            .deactivated
+    );
+}
+
+#[tokio::test]
 async fn updates_profile_then_locks_then_deactivates() {
     let env = TestEnv::new("update").await;
     let localpart = crate::harness::unique("bob");

@@ -108,14 +108,15 @@ pub fn plan(desired: &Desired<'_>, observed: Option<&SynapseUser>) -> UserPlan {
             emails: spec.email.as_ref().map(|_| desired_emails(spec)),
             external_ids: Some(desired_external_ids(desired)),
             admin: spec.admin.then_some(true),
-            locked: spec.locked.then_some(true),
+            locked: None,
             deactivated: None,
         };
         let mut actions = vec![UserAction::Create(create)];
-        // Synapse's create path ignores `deactivated`: deactivate in a second write.
-        if spec.deactivated {
+        // Synapse's create path ignores `locked` and `deactivated`: a second write sets them.
+        if spec.locked || spec.deactivated {
             actions.push(UserAction::Update(UserUpsert {
-                deactivated: Some(true),
+                locked: spec.locked.then_some(true),
+                deactivated: spec.deactivated.then_some(true),
                 ..Default::default()
             }));
         }
@@ -428,6 +429,20 @@ mod tests {
         assert!(
             matches!(actions.as_slice(), [UserAction::Create(_), UserAction::Update(u)] if u.deactivated == Some(true))
         );
+    }
+
+    #[test]
+    fn absent_locked_account_is_created_then_locked() {
+        let mut spec = spec();
+        spec.locked = true;
+        let UserPlan::Converge { actions, .. } = plan(&desired(&spec), None) else {
+            panic!()
+        };
+        let [UserAction::Create(create), UserAction::Update(lock)] = actions.as_slice() else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(create.locked, None, "Synapse ignores it on create");
+        assert_eq!(lock.locked, Some(true));
     }
 
     #[test]
