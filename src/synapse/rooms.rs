@@ -93,8 +93,7 @@ impl SynapseClient {
             .await
         {
             Ok((_, bytes)) => {
-                let v: Value = serde_json::from_slice(&bytes)
-                    .map_err(|e| SynapseError::Decode(e.to_string()))?;
+                let v: Value = decode(&bytes)?;
                 let id = v
                     .get("room_id")
                     .and_then(Value::as_str)
@@ -125,8 +124,7 @@ impl SynapseClient {
             .await
         {
             Ok((_, bytes)) => {
-                let v: Value = serde_json::from_slice(&bytes)
-                    .map_err(|e| SynapseError::Decode(e.to_string()))?;
+                let v: Value = decode(&bytes)?;
                 Ok(v.get("room_id").and_then(Value::as_str).map(str::to_string))
             }
             Err(SynapseError::Rejected { status: 404, .. }) => Ok(None),
@@ -147,8 +145,7 @@ impl SynapseClient {
             .await
         {
             Ok((_, bytes)) => {
-                let events: Vec<StateEvent> = serde_json::from_slice(&bytes)
-                    .map_err(|e| SynapseError::Decode(e.to_string()))?;
+                let events: Vec<StateEvent> = decode(&bytes)?;
                 Ok(Some(RoomState::from_events(events)))
             }
             Err(SynapseError::Rejected {
@@ -269,8 +266,7 @@ impl SynapseClient {
                 RequestKind::GetDirectory,
             )
             .await?;
-        let v: Value =
-            serde_json::from_slice(&bytes).map_err(|e| SynapseError::Decode(e.to_string()))?;
+        let v: Value = decode(&bytes)?;
         Ok(v.get("visibility").and_then(Value::as_str) == Some("public"))
     }
 
@@ -310,8 +306,7 @@ impl SynapseClient {
                 RequestKind::DeleteRoom,
             )
             .await?;
-        let v: Value =
-            serde_json::from_slice(&bytes).map_err(|e| SynapseError::Decode(e.to_string()))?;
+        let v: Value = decode(&bytes)?;
         v.get("delete_id")
             .and_then(Value::as_str)
             .map(str::to_string)
@@ -335,8 +330,7 @@ impl SynapseClient {
                 RequestKind::DeleteStatus,
             )
             .await?;
-        let v: Value =
-            serde_json::from_slice(&bytes).map_err(|e| SynapseError::Decode(e.to_string()))?;
+        let v: Value = decode(&bytes)?;
         Ok(match v.get("status").and_then(Value::as_str) {
             Some("complete") => DeleteStatus::Complete,
             Some("failed") => DeleteStatus::Failed(
@@ -368,6 +362,11 @@ impl SynapseClient {
         .await
         .map(|_| ())
     }
+}
+
+/// Reads a JSON answer.
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SynapseError> {
+    serde_json::from_slice(bytes).map_err(|e| SynapseError::Decode(e.to_string()))
 }
 
 /// Membership changes made through the client API.
