@@ -15,6 +15,7 @@ use crate::synapse::{SynapseClient, SynapseError};
 use backoff::Backoff;
 use futures::future::{ready, FutureExt};
 use futures::StreamExt;
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -272,6 +273,31 @@ pub fn watch_config(config: &OperatorConfig) -> watcher::Config {
 /// `namespace/name`: the key for per-object bookkeeping.
 pub fn key<K: kube::ResourceExt>(k: &K) -> String {
     format!("{}/{}", k.namespace().unwrap_or_default(), k.name_any())
+}
+
+/// The namespaced API for an object's own namespace.
+pub fn own_namespace<K>(client: &Client, obj: &K) -> Result<Api<K>, Error>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    let ns = obj
+        .namespace()
+        .ok_or_else(|| Error::Invalid(format!("{} must be namespaced", K::kind(&()))))?;
+    Ok(Api::namespaced(client.clone(), &ns))
+}
+
+/// What a failed reconcile does next: counted, logged with its cause, and
+/// retried after a jittered exponential backoff for this object.
+pub fn retry_after<K: ResourceExt>(
+    obj: &K,
+    error: &Error,
+    backoff: &Backoff,
+    failures: &AtomicU64,
+) -> Action {
+    failures.fetch_add(1, Ordering::Relaxed);
+    let delay = backoff.next_delay(&key(obj));
+    tracing::warn!(object = %key(obj), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
 }
 
 /// Server-side applies `status` under the operator's field manager and

@@ -138,10 +138,7 @@ pub async fn run(
 }
 
 pub async fn reconcile(room: Arc<MatrixRoom>, ctx: Arc<RoomContext>) -> Result<Action, Error> {
-    let ns = room
-        .namespace()
-        .ok_or_else(|| Error::Invalid("MatrixRoom must be namespaced".into()))?;
-    let api: Api<MatrixRoom> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<MatrixRoom> = super::own_namespace(&ctx.client, room.as_ref())?;
     let result = super::finalizer::reconcile(
         &api,
         room.as_ref(),
@@ -154,10 +151,7 @@ pub async fn reconcile(room: Arc<MatrixRoom>, ctx: Arc<RoomContext>) -> Result<A
 }
 
 fn error_policy(room: Arc<MatrixRoom>, error: &Error, ctx: Arc<RoomContext>) -> Action {
-    ctx.stats.room_failures.fetch_add(1, Ordering::Relaxed);
-    let delay = ctx.backoff.next_delay(&key(room.as_ref()));
-    tracing::warn!(room = %key(room.as_ref()), error = %error, retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
+    super::retry_after(room.as_ref(), error, &ctx.backoff, &ctx.stats.room_failures)
 }
 
 /// The ownership marker state content for this object.

@@ -66,7 +66,6 @@ pub async fn run(
                 .collect::<Vec<_>>()
         })
         .with_config(super::controller_config(&ctx.config, Duration::ZERO))
-        .with_config(super::controller_config(&ctx.config, Duration::ZERO))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
@@ -75,10 +74,7 @@ pub async fn run(
 
 /// The finalizer is the only top-level branch: apply, or clean up.
 pub async fn reconcile(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let ns = user
-        .namespace()
-        .ok_or_else(|| Error::Invalid("MatrixUser must be namespaced".into()))?;
-    let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<MatrixUser> = super::own_namespace(&ctx.client, user.as_ref())?;
     let result = super::finalizer::reconcile(
         &api,
         user.as_ref(),
@@ -91,10 +87,7 @@ pub async fn reconcile(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Actio
 }
 
 fn error_policy(user: Arc<MatrixUser>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.stats.user_failures.fetch_add(1, Ordering::Relaxed);
-    let delay = ctx.backoff.next_delay(&key(user.as_ref()));
-    tracing::warn!(user = %key(user.as_ref()), error = %error, retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
+    super::retry_after(user.as_ref(), error, &ctx.backoff, &ctx.stats.user_failures)
 }
 
 /// The marker external id that says "this account is this object's".
