@@ -5,6 +5,7 @@ pub mod api;
 pub mod controller;
 pub mod metrics;
 pub mod registration;
+pub mod secrets;
 pub mod sidecar;
 pub mod synapse;
 pub mod telemetry;

@@ -1,12 +1,11 @@
 //! `openmeet-matrix-operator`: one binary, the subcommand picks the role.
 
 use clap::{Args, Parser, Subcommand};
-use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client};
+use kube::Client;
 use openmeet_matrix_operator::controller::{appservice, Operator, OperatorConfig};
 use openmeet_matrix_operator::registration::{Registration, RegistrationParams};
 use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig};
-use openmeet_matrix_operator::{api, metrics, sidecar, telemetry};
+use openmeet_matrix_operator::{api, metrics, secrets, sidecar, telemetry};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,8 +29,10 @@ struct Cli {
 enum Command {
     /// Watch MatrixUser, MatrixRoom and RoomPermission objects and converge Synapse.
     Controller(Box<ControllerArgs>),
-    /// Serve the sidecar's HTTP endpoints (health for now).
-    Sidecar(SidecarArgs),
+    /// Serve the sidecar: the OIDC provider for Synapse's SSO and the credential API (HTTPS).
+    Sidecar(Box<SidecarArgs>),
+    /// Print a platform JWT signed with an HS256 secret (for development and testing).
+    DevToken(DevTokenArgs),
     /// Print every CRD as YAML.
     Crd,
     /// Generate the application-service registration Synapse loads.
@@ -106,11 +107,145 @@ struct ControllerArgs {
     appservice_listen: String,
 }
 
+/// Every setting can come from the config file; flags and environment
+/// variables override it.
 #[derive(Args)]
 struct SidecarArgs {
-    /// Address to serve on.
-    #[arg(long, env = "SIDECAR_LISTEN", default_value = "0.0.0.0:8080")]
-    listen: std::net::SocketAddr,
+    /// YAML configuration file (see config/sidecar.yaml).
+    #[arg(long, env = "SIDECAR_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTPS listen address.
+    #[arg(long, env = "SIDECAR_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// OIDC issuer URL (https), exactly as Synapse's `issuer`.
+    #[arg(long, env = "OIDC_ISSUER")]
+    issuer: Option<String>,
+    /// TLS certificate chain (PEM).
+    #[arg(long, env = "TLS_CERT_FILE")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "TLS_KEY_FILE")]
+    tls_key: Option<PathBuf>,
+    /// Directory of `<kid>.pem` signing keys.
+    #[arg(long, env = "OIDC_SIGNING_KEYS_DIR")]
+    signing_keys_dir: Option<PathBuf>,
+    /// The kid that signs (the directory's `active-kid` file overrides it).
+    #[arg(long, env = "OIDC_ACTIVE_KID")]
+    active_kid: Option<String>,
+    /// Register (or replace) one OIDC client with this id.
+    #[arg(long, env = "OIDC_CLIENT_ID", requires_all = ["client_secret_file", "redirect_uri"])]
+    client_id: Option<String>,
+    /// File holding that client's secret.
+    #[arg(long, env = "OIDC_CLIENT_SECRET_FILE")]
+    client_secret_file: Option<PathBuf>,
+    /// That client's redirect URIs (comma-separated).
+    #[arg(long, env = "OIDC_REDIRECT_URIS", value_delimiter = ',')]
+    redirect_uri: Vec<String>,
+    /// Issuer of the platform's JWTs.
+    #[arg(long, env = "PLATFORM_ISSUER")]
+    platform_issuer: Option<String>,
+    /// Audience the platform's JWTs must name.
+    #[arg(long, env = "PLATFORM_AUDIENCE")]
+    platform_audience: Option<String>,
+    /// File holding the platform's HS256 secret.
+    #[arg(long, env = "PLATFORM_SECRET_FILE")]
+    platform_secret_file: Option<PathBuf>,
+    /// The platform's JWKS URL (RS256/ES256).
+    #[arg(long, env = "PLATFORM_JWKS_URL")]
+    platform_jwks_url: Option<String>,
+    /// Where unauthenticated browsers sign in to the platform.
+    #[arg(long, env = "PLATFORM_LOGIN_URL")]
+    platform_login_url: Option<String>,
+    /// Claim of the platform JWT that names the tenant.
+    #[arg(long, env = "PLATFORM_TENANT_CLAIM")]
+    tenant_claim: Option<String>,
+    /// Where the sidecar reaches Synapse.
+    #[arg(long, env = "SYNAPSE_URL")]
+    synapse_url: Option<String>,
+    /// Homeserver URL handed to clients (default: --synapse-url).
+    #[arg(long, env = "HOMESERVER_PUBLIC_URL")]
+    homeserver_public_url: Option<String>,
+    /// The homeserver's server_name.
+    #[arg(long, env = "MATRIX_SERVER_NAME")]
+    server_name: Option<String>,
+    /// Localpart of the operator's admin account.
+    #[arg(long, env = "MATRIX_ADMIN_LOCALPART")]
+    admin_localpart: Option<String>,
+    /// Secret holding the registration's `as_token`, as namespace/name.
+    #[arg(long, env = "AS_TOKEN_SECRET")]
+    as_token_secret: Option<String>,
+    /// Only MatrixUsers in this namespace.
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Only MatrixUsers matching this label selector.
+    #[arg(long, env = "WATCH_SELECTOR")]
+    selector: Option<String>,
+}
+
+impl SidecarArgs {
+    /// The file's configuration with every given flag applied on top.
+    fn into_config(self) -> Result<sidecar::config::SidecarConfig, MainError> {
+        let mut c = match &self.config {
+            Some(path) => sidecar::config::SidecarConfig::from_yaml(&std::fs::read_to_string(path)?)?,
+            None => Default::default(),
+        };
+        fn set<T>(slot: &mut Option<T>, value: Option<T>) {
+            if value.is_some() {
+                *slot = value;
+            }
+        }
+        set(&mut c.listen, self.listen);
+        set(&mut c.issuer, self.issuer);
+        set(&mut c.tls.cert_file, self.tls_cert);
+        set(&mut c.tls.key_file, self.tls_key);
+        set(&mut c.signing_keys.dir, self.signing_keys_dir);
+        set(&mut c.signing_keys.active_kid, self.active_kid);
+        if let (Some(id), Some(secret_file)) = (self.client_id, self.client_secret_file) {
+            c.clients.retain(|client| client.id != id);
+            c.clients.push(sidecar::config::ClientConfig {
+                id,
+                secret_file,
+                redirect_uris: self.redirect_uri.into_iter().filter(|u| !u.is_empty()).collect(),
+            });
+        }
+        set(&mut c.platform.issuer, self.platform_issuer);
+        set(&mut c.platform.audience, self.platform_audience);
+        set(&mut c.platform.secret_file, self.platform_secret_file);
+        set(&mut c.platform.jwks_url, self.platform_jwks_url);
+        set(&mut c.platform.login_url, self.platform_login_url);
+        set(&mut c.platform.tenant_claim, self.tenant_claim);
+        set(&mut c.homeserver.url, self.synapse_url);
+        set(&mut c.homeserver.public_url, self.homeserver_public_url);
+        set(&mut c.homeserver.server_name, self.server_name);
+        set(&mut c.homeserver.admin_localpart, self.admin_localpart);
+        set(&mut c.homeserver.as_token_secret, self.as_token_secret);
+        set(&mut c.namespace, self.namespace);
+        set(&mut c.label_selector, self.selector);
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+struct DevTokenArgs {
+    /// File holding the HS256 secret the sidecar trusts.
+    #[arg(long, env = "PLATFORM_SECRET_FILE")]
+    secret_file: PathBuf,
+    #[arg(long, env = "PLATFORM_ISSUER")]
+    issuer: String,
+    #[arg(long, env = "PLATFORM_AUDIENCE")]
+    audience: String,
+    /// The platform user id (`sub`), as in MatrixUser.spec.subject.
+    #[arg(long)]
+    subject: String,
+    /// The tenant id, as in the namespace label matrix.openmeet.net/tenant.
+    #[arg(long)]
+    tenant: String,
+    /// Claim that carries the tenant.
+    #[arg(long, env = "PLATFORM_TENANT_CLAIM", default_value = "tenant")]
+    tenant_claim: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
 }
 
 #[derive(Args)]
@@ -143,6 +278,10 @@ enum MainError {
     Yaml(#[from] serde_yaml::Error),
     #[error(transparent)]
     Synapse(#[from] openmeet_matrix_operator::synapse::SynapseError),
+    #[error(transparent)]
+    Secret(#[from] openmeet_matrix_operator::secrets::SecretError),
+    #[error("sidecar: {0}")]
+    Sidecar(#[from] sidecar::Error),
 }
 
 #[tokio::main]
@@ -152,9 +291,8 @@ async fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Controller(args) => controller(*args).await,
-        Command::Sidecar(args) => sidecar::serve_health(args.listen, shutdown_signal())
-            .await
-            .map_err(MainError::Io),
+        Command::Sidecar(args) => run_sidecar(*args).await,
+        Command::DevToken(args) => dev_token(args),
         Command::Crd => api::crds_yaml()
             .map(|y| print!("{y}"))
             .map_err(MainError::Yaml),
@@ -180,23 +318,33 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// Reads one key of the registration Secret (`as_token` or `hs_token`).
 async fn read_token(client: &Client, reference: &str, key: &str) -> Result<String, MainError> {
-    let (ns, name) = reference.split_once('/').ok_or_else(|| {
-        MainError::Config(format!(
-            "--as-token-secret {reference:?} must be namespace/name"
-        ))
-    })?;
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get(name)
-        .await?;
-    let bytes = secret
-        .data
-        .and_then(|d| d.get(key).cloned())
-        .ok_or_else(|| MainError::Config(format!("Secret {reference} has no {key} key")))?;
-    String::from_utf8(bytes.0)
-        .map(|t| t.trim().to_string())
-        .map_err(|_| MainError::Config(format!("{key} is not UTF-8")))
+    Ok(secrets::read_secret_key(client, reference, key).await?)
+}
+
+async fn run_sidecar(args: SidecarArgs) -> Result<(), MainError> {
+    let config = args.into_config()?;
+    let client = Client::try_default().await?;
+    let settings = sidecar::Settings::resolve(config, &client).await?;
+    Ok(sidecar::run(settings, client, shutdown_signal()).await?)
+}
+
+fn dev_token(args: DevTokenArgs) -> Result<(), MainError> {
+    let secret = secrets::read_secret_file(&args.secret_file)?;
+    let now = jsonwebtoken::get_current_timestamp();
+    let mut claims = serde_json::json!({
+        "iss": args.issuer, "aud": args.audience, "sub": args.subject,
+        "iat": now, "nbf": now, "exp": now + args.ttl,
+    });
+    claims[args.tenant_claim.as_str()] = serde_json::Value::String(args.tenant);
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(|e| MainError::Config(e.to_string()))?;
+    println!("{token}");
+    Ok(())
 }
 
 async fn controller(args: ControllerArgs) -> Result<(), MainError> {

@@ -28,6 +28,8 @@ pub enum RequestKind {
     DeleteRoom,
     DeleteStatus,
     MakeRoomAdmin,
+    LoginAsUser,
+    Logout,
 }
 
 impl RequestKind {
@@ -64,6 +66,8 @@ impl RequestKind {
             RequestKind::DeleteRoom => "delete_room",
             RequestKind::DeleteStatus => "delete_status",
             RequestKind::MakeRoomAdmin => "make_room_admin",
+            RequestKind::LoginAsUser => "login_as_user",
+            RequestKind::Logout => "logout",
         }
     }
 }

@@ -175,6 +175,48 @@ impl SynapseClient {
             .await
             .map(|_| ())
     }
+
+    /// Mints an access token for the user (login-as-user). The token has no
+    /// device and dies at `valid_until_ms`, on deactivation, or on logout.
+    pub async fn login_as(
+        &self,
+        user_id: &UserId,
+        valid_until_ms: u64,
+    ) -> Result<String, SynapseError> {
+        #[derive(Deserialize)]
+        struct Minted {
+            access_token: String,
+        }
+        let body = serde_json::json!({ "valid_until_ms": valid_until_ms });
+        let (_, bytes) = self
+            .send_json(
+                reqwest::Method::POST,
+                &["_synapse", "admin", "v1", "users", user_id.as_str(), "login"],
+                Some(&body),
+                RequestKind::LoginAsUser,
+            )
+            .await?;
+        serde_json::from_slice::<Minted>(&bytes)
+            .map(|m| m.access_token)
+            .map_err(|e| SynapseError::Decode(e.to_string()))
+    }
+
+    /// Invalidates one access token (as its own holder). Already invalid
+    /// counts as done.
+    pub async fn logout_token(&self, access_token: &str) -> Result<(), SynapseError> {
+        let request = self
+            .http
+            .post(format!("{}/_matrix/client/v3/logout", self.base))
+            .bearer_auth(access_token)
+            .json(&serde_json::json!({}))
+            .build()
+            .map_err(|e| SynapseError::Request(e.to_string()))?;
+        match self.execute(request, RequestKind::Logout).await {
+            Ok(_) => Ok(()),
+            Err(SynapseError::Rejected { status: 401, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 #[cfg(test)]

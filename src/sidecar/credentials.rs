@@ -1,0 +1,272 @@
+//! The credential API: a platform JWT in, a short-lived Matrix access token
+//! for that user's own account out. Tokens are minted with Synapse's
+//! login-as-user (always with `valid_until_ms`), reused until close to
+//! expiry, and logged out as soon as the account stops being usable.
+
+use super::directory::{Account, Directory, LookupError};
+use super::platform::PlatformVerifier;
+use super::{bearer, ApiError};
+use crate::synapse::{SynapseClient, SynapseError};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Clone, Copy, Debug)]
+pub struct CredentialSettings {
+    /// Lifetime of a minted token.
+    pub token_lifetime: Duration,
+    /// A cached token with less than this left is replaced by a new one.
+    pub renew_before: Duration,
+    /// Calls per user per minute, and the burst allowed.
+    pub per_minute: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+impl Default for CredentialSettings {
+    fn default() -> Self {
+        CredentialSettings {
+            token_lifetime: Duration::from_secs(3600),
+            renew_before: Duration::from_secs(600),
+            per_minute: NonZeroU32::new(30).expect("non-zero"),
+            burst: NonZeroU32::new(10).expect("non-zero"),
+        }
+    }
+}
+
+struct Minted {
+    account: Account,
+    access_token: String,
+    expires_at: SystemTime,
+}
+
+pub struct CredentialService {
+    pub homeserver_url: String,
+    directory: Directory,
+    platform: PlatformVerifier,
+    synapse: SynapseClient,
+    settings: CredentialSettings,
+    limiter: DefaultKeyedRateLimiter<String>,
+    /// One live token per account object (`namespace/name`).
+    cache: Mutex<HashMap<String, Minted>>,
+    /// Serialises minting per account, so concurrent calls share one token.
+    minting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+#[derive(Serialize)]
+pub struct Credentials {
+    pub homeserver_url: String,
+    pub user_id: String,
+    pub access_token: String,
+    /// RFC 3339.
+    pub expires_at: String,
+    pub expires_in: u64,
+}
+
+impl CredentialService {
+    pub fn new(
+        homeserver_url: String,
+        directory: Directory,
+        platform: PlatformVerifier,
+        synapse: SynapseClient,
+        settings: CredentialSettings,
+    ) -> Self {
+        let quota = Quota::per_minute(settings.per_minute).allow_burst(settings.burst);
+        CredentialService {
+            homeserver_url,
+            directory,
+            platform,
+            synapse,
+            settings,
+            limiter: RateLimiter::keyed(quota),
+            cache: Mutex::default(),
+            minting: Mutex::default(),
+        }
+    }
+
+    /// Credentials for the bearer of a platform token.
+    pub async fn credentials(&self, platform_token: Option<String>) -> Result<Credentials, ApiError> {
+        let token = platform_token.ok_or_else(|| {
+            ApiError::new(401, "missing_token", "a platform token is required as a Bearer token")
+        })?;
+        let identity = self.platform.verify(&token).await.map_err(|e| {
+            if e.is_unavailable() {
+                ApiError::new(503, "platform_keys_unavailable", e.to_string())
+            } else {
+                ApiError::new(401, "invalid_token", e.to_string())
+            }
+        })?;
+        let limit_key = format!("{}\u{0}{}", identity.tenant, identity.subject);
+        if let Err(not_until) = self.limiter.check_key(&limit_key) {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            return Err(ApiError::new(429, "rate_limited", "too many credential requests")
+                .retry_after(wait.as_secs().max(1)));
+        }
+        let account = self
+            .directory
+            .lookup(&identity.tenant, &identity.subject)
+            .map_err(lookup_error)?;
+        self.token_for(&account).await
+    }
+
+    async fn token_for(&self, account: &Account) -> Result<Credentials, ApiError> {
+        let key = account.object_key();
+        let lock = self
+            .minting
+            .lock()
+            .expect("minting lock")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        let now = SystemTime::now();
+        if let Some(live) = self.cache.lock().expect("cache lock").get(&key) {
+            if live.account.uid == account.uid
+                && live.account.user_id == account.user_id
+                && live.expires_at > now + self.settings.renew_before
+            {
+                return Ok(self.answer(&live.account.user_id, &live.access_token, live.expires_at));
+            }
+        }
+        let expires_at = now + self.settings.token_lifetime;
+        let valid_until_ms = expires_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let user_id = self.synapse.user_id(&account.localpart).map_err(synapse_error)?;
+        let access_token = self
+            .synapse
+            .login_as(&user_id, valid_until_ms)
+            .await
+            .map_err(synapse_error)?;
+        tracing::info!(user = %account.user_id, object = %key, "credentials: token minted");
+        let answer = self.answer(&account.user_id, &access_token, expires_at);
+        let replaced = self.cache.lock().expect("cache lock").insert(
+            key,
+            Minted {
+                account: account.clone(),
+                access_token,
+                expires_at,
+            },
+        );
+        // The token it replaces is close to expiry; end it now rather than
+        // leave two live tokens per user.
+        if let Some(old) = replaced {
+            if old.expires_at > now {
+                let synapse = self.synapse.clone();
+                tokio::spawn(async move {
+                    let _ = synapse.logout_token(&old.access_token).await;
+                });
+            }
+        }
+        Ok(answer)
+    }
+
+    fn answer(&self, user_id: &str, token: &str, expires_at: SystemTime) -> Credentials {
+        let secs = expires_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs() as i64;
+        let expires_in = expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .as_secs();
+        Credentials {
+            homeserver_url: self.homeserver_url.clone(),
+            user_id: user_id.to_string(),
+            access_token: token.to_string(),
+            expires_at: k8s_openapi::jiff::Timestamp::from_second(secs)
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+            expires_in,
+        }
+    }
+
+    /// Logs out cached tokens whose account is no longer usable (locked,
+    /// deactivated, deleted, replaced) and forgets expired ones. Returns
+    /// how many were revoked.
+    pub async fn revoke_unusable(&self) -> usize {
+        let now = SystemTime::now();
+        let revoked: Vec<(String, Minted)> = {
+            let mut cache = self.cache.lock().expect("cache lock");
+            cache.retain(|_, m| m.expires_at > now);
+            let dead: Vec<String> = cache
+                .iter()
+                .filter(|(_, m)| matches!(self.directory.still_usable(&m.account), Some(Err(_))))
+                .map(|(k, _)| k.clone())
+                .collect();
+            dead.into_iter()
+                .filter_map(|k| cache.remove(&k).map(|m| (k, m)))
+                .collect()
+        };
+        for (key, minted) in &revoked {
+            match self.synapse.logout_token(&minted.access_token).await {
+                Ok(()) => tracing::info!(
+                    user = %minted.account.user_id, object = %key,
+                    "credentials: token revoked (account no longer usable)"
+                ),
+                Err(e) => tracing::warn!(
+                    user = %minted.account.user_id, error = %e,
+                    "credentials: revoking a token failed; it expires on its own"
+                ),
+            }
+        }
+        self.limiter.retain_recent();
+        revoked.len()
+    }
+
+    /// Runs [`Self::revoke_unusable`] every `interval` until the task ends.
+    pub async fn revoke_loop(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.revoke_unusable().await;
+        }
+    }
+}
+
+fn lookup_error(e: LookupError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        LookupError::UnknownTenant(_) => ApiError::new(404, "unknown_tenant", message),
+        LookupError::UserNotFound => ApiError::new(404, "user_not_found", message),
+        LookupError::Deleted => ApiError::new(404, "user_deleted", message),
+        LookupError::Ambiguous(_) => ApiError::new(409, "ambiguous_user", message),
+        LookupError::NotReady(_) => ApiError::new(409, "user_not_ready", message),
+        LookupError::Locked => ApiError::new(403, "user_locked", message),
+        LookupError::Deactivated => ApiError::new(403, "user_deactivated", message),
+        LookupError::Loading => ApiError::new(503, "directory_loading", message),
+    }
+}
+
+fn synapse_error(e: SynapseError) -> ApiError {
+    tracing::warn!(error = %e, "credentials: Synapse call failed");
+    if e.is_transient() {
+        ApiError::new(503, "homeserver_unavailable", "the homeserver is unavailable")
+    } else {
+        ApiError::new(502, "homeserver_refused", "the homeserver refused to issue a token")
+    }
+}
+
+pub async fn handler(State(service): State<Arc<CredentialService>>, headers: HeaderMap) -> Response {
+    let mut response = match service.credentials(bearer(&headers)).await {
+        Ok(c) => Json(c).into_response(),
+        Err(e) => {
+            tracing::info!(code = e.code, status = e.status, "credentials: refused");
+            e.into_response()
+        }
+    };
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

@@ -1,0 +1,374 @@
+//! Who a platform identity is in Matrix: tenant → namespaces labelled
+//! `matrix.openmeet.net/tenant`, subject → the one `MatrixUser` there whose
+//! `spec.subject` matches. Read from watch caches, never a request per call.
+
+use crate::api::{conditions, MatrixUser, TENANT_LABEL};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, ResourceExt};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Why an identity maps to no usable account. Each has a stable code.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    #[error("no namespace belongs to tenant {0:?}")]
+    UnknownTenant(String),
+    #[error("no Matrix account is declared for this user in the tenant")]
+    UserNotFound,
+    #[error("more than one Matrix account declares this user in the tenant ({0})")]
+    Ambiguous(String),
+    #[error("the Matrix account is not ready yet: {0}")]
+    NotReady(String),
+    #[error("the Matrix account is locked")]
+    Locked,
+    #[error("the Matrix account is deactivated")]
+    Deactivated,
+    #[error("the Matrix account is being deleted")]
+    Deleted,
+    #[error("the account directory is still loading")]
+    Loading,
+}
+
+/// A usable account: everything the OIDC claims and the credential API need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Account {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub user_id: String,
+    pub localpart: String,
+    pub display_name: Option<String>,
+    pub email: Option<String>,
+    pub subject: String,
+    pub tenant: String,
+}
+
+impl Account {
+    /// The object this account comes from: `namespace/name`.
+    pub fn object_key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Whether the object's account may be used right now.
+pub fn usable(user: &MatrixUser) -> Result<(), LookupError> {
+    if user.metadata.deletion_timestamp.is_some() {
+        return Err(LookupError::Deleted);
+    }
+    if user.spec.deactivated {
+        return Err(LookupError::Deactivated);
+    }
+    if user.spec.locked {
+        return Err(LookupError::Locked);
+    }
+    let status = user.status.as_ref();
+    let ready = status.and_then(|s| conditions::find(&s.conditions, conditions::READY));
+    match ready {
+        Some(c) if c.is_true() => {}
+        Some(c) => return Err(LookupError::NotReady(c.reason.clone())),
+        None => return Err(LookupError::NotReady("NotReconciled".into())),
+    }
+    // Ready must describe the current spec, not an older one.
+    let generation = user.metadata.generation;
+    if generation.is_some() && status.and_then(|s| s.observed_generation) != generation {
+        return Err(LookupError::NotReady("Reconciling".into()));
+    }
+    if status.and_then(|s| s.user_id.as_ref()).is_none() {
+        return Err(LookupError::NotReady("NoUserId".into()));
+    }
+    Ok(())
+}
+
+/// Maps `(tenant, subject)` to exactly one usable account, or says why not.
+pub fn resolve<'a>(
+    namespaces: impl IntoIterator<Item = &'a Namespace>,
+    users: impl IntoIterator<Item = &'a MatrixUser>,
+    tenant: &str,
+    subject: &str,
+) -> Result<Account, LookupError> {
+    let tenant_namespaces: Vec<String> = namespaces
+        .into_iter()
+        .filter(|ns| ns.labels().get(TENANT_LABEL).map(String::as_str) == Some(tenant))
+        .map(|ns| ns.name_any())
+        .collect();
+    if tenant_namespaces.is_empty() {
+        return Err(LookupError::UnknownTenant(tenant.to_string()));
+    }
+    let mut matches: Vec<&MatrixUser> = users
+        .into_iter()
+        .filter(|u| {
+            u.spec.subject.as_deref() == Some(subject)
+                && u.namespace()
+                    .is_some_and(|ns| tenant_namespaces.contains(&ns))
+        })
+        .collect();
+    match matches.len() {
+        0 => return Err(LookupError::UserNotFound),
+        1 => {}
+        _ => {
+            matches.sort_by_key(|u| crate::controller::key(*u));
+            let names: Vec<String> = matches.iter().map(|u| crate::controller::key(*u)).collect();
+            return Err(LookupError::Ambiguous(names.join(", ")));
+        }
+    }
+    let user = matches[0];
+    usable(user)?;
+    Ok(Account {
+        namespace: user.namespace().unwrap_or_default(),
+        name: user.name_any(),
+        uid: user.uid().unwrap_or_default(),
+        user_id: user
+            .status
+            .as_ref()
+            .and_then(|s| s.user_id.clone())
+            .unwrap_or_default(),
+        localpart: user.spec.localpart.clone(),
+        display_name: user.spec.display_name.clone(),
+        email: user.spec.email.clone(),
+        subject: subject.to_string(),
+        tenant: tenant.to_string(),
+    })
+}
+
+/// Watch caches of tenant namespaces and `MatrixUser`s.
+#[derive(Clone)]
+pub struct Directory {
+    users: Store<MatrixUser>,
+    namespaces: Store<Namespace>,
+    ready: Arc<AtomicBool>,
+}
+
+/// Which `MatrixUser`s the sidecar sees (mirrors the controller's scope).
+#[derive(Clone, Debug, Default)]
+pub struct DirectoryScope {
+    pub namespace: Option<String>,
+    pub label_selector: Option<String>,
+}
+
+impl Directory {
+    /// Starts the watches; they run until the returned task is aborted.
+    pub fn start(client: Client, scope: &DirectoryScope) -> (Directory, tokio::task::JoinHandle<()>) {
+        let users_api: Api<MatrixUser> = match &scope.namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let mut user_watch = watcher::Config::default().streaming_lists();
+        if let Some(selector) = &scope.label_selector {
+            user_watch = user_watch.labels(selector);
+        }
+        // Only namespaces that belong to a tenant matter.
+        let ns_watch = watcher::Config::default().labels(TENANT_LABEL);
+        let (users, users_writer) = reflector::store();
+        let (namespaces, ns_writer) = reflector::store();
+        let ready = Arc::new(AtomicBool::new(false));
+        let directory = Directory {
+            users: users.clone(),
+            namespaces: namespaces.clone(),
+            ready: ready.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let user_cache = reflector::reflector(
+                users_writer,
+                watcher(users_api, user_watch)
+                    .default_backoff()
+                    .modify(|u: &mut MatrixUser| u.managed_fields_mut().clear()),
+            )
+            .for_each(|_| futures::future::ready(()));
+            let ns_cache = reflector::reflector(
+                ns_writer,
+                watcher(Api::<Namespace>::all(client), ns_watch)
+                    .default_backoff()
+                    .modify(|n: &mut Namespace| n.managed_fields_mut().clear()),
+            )
+            .for_each(|_| futures::future::ready(()));
+            // A store's readiness wakes one waiter only: record it once here.
+            let readiness = async move {
+                let _ = futures::future::join(users.wait_until_ready(), namespaces.wait_until_ready())
+                    .await;
+                ready.store(true, Ordering::Release);
+                futures::future::pending::<()>().await
+            };
+            futures::join!(user_cache, ns_cache, readiness);
+        });
+        (directory, task)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The usable account for a platform identity.
+    pub fn lookup(&self, tenant: &str, subject: &str) -> Result<Account, LookupError> {
+        if !self.is_ready() {
+            return Err(LookupError::Loading);
+        }
+        let namespaces = self.namespaces.state();
+        let users = self.users.state();
+        resolve(
+            namespaces.iter().map(|n| n.as_ref()),
+            users.iter().map(|u| u.as_ref()),
+            tenant,
+            subject,
+        )
+    }
+
+    /// Whether the account an earlier lookup returned is still usable (same
+    /// object, same uid). `None` while the caches are loading.
+    pub fn still_usable(&self, account: &Account) -> Option<Result<(), LookupError>> {
+        if !self.is_ready() {
+            return None;
+        }
+        let reference = ObjectRef::<MatrixUser>::new(&account.name).within(&account.namespace);
+        Some(match self.users.get(&reference) {
+            None => Err(LookupError::Deleted),
+            Some(user) if user.uid().as_deref() != Some(account.uid.as_str()) => {
+                Err(LookupError::Deleted)
+            }
+            Some(user) => usable(&user),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Condition, MatrixUserSpec, MatrixUserStatus};
+    use std::collections::BTreeMap;
+
+    fn namespace(name: &str, tenant: Option<&str>) -> Namespace {
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some(name.into());
+        if let Some(t) = tenant {
+            ns.metadata.labels = Some(BTreeMap::from([(TENANT_LABEL.to_string(), t.to_string())]));
+        }
+        ns
+    }
+
+    fn user(ns: &str, name: &str, subject: &str) -> MatrixUser {
+        let mut u = MatrixUser::new(
+            name,
+            MatrixUserSpec {
+                localpart: name.into(),
+                display_name: Some(format!("{name} display")),
+                avatar_url: None,
+                email: Some(format!("{name}@example.test")),
+                subject: Some(subject.into()),
+                admin: false,
+                locked: false,
+                deactivated: false,
+                deletion_policy: Default::default(),
+            },
+        );
+        u.metadata.namespace = Some(ns.into());
+        u.metadata.uid = Some(format!("uid-{name}"));
+        u.metadata.generation = Some(1);
+        u.status = Some(MatrixUserStatus {
+            user_id: Some(format!("@{name}:example.test")),
+            conditions: vec![Condition::new("Ready", true, "Converged", "", Some(1))],
+            observed_generation: Some(1),
+        });
+        u
+    }
+
+    fn fixture() -> (Vec<Namespace>, Vec<MatrixUser>) {
+        (
+            vec![
+                namespace("acme", Some("t-acme")),
+                namespace("acme-events", Some("t-acme")),
+                namespace("globex", Some("t-globex")),
+                namespace("unlabelled", None),
+            ],
+            vec![
+                user("acme", "alice", "sub-alice"),
+                user("acme-events", "bob", "sub-bob"),
+                user("globex", "alice2", "sub-alice"),
+                user("unlabelled", "carol", "sub-carol"),
+            ],
+        )
+    }
+
+    #[test]
+    fn maps_tenant_and_subject_to_one_account() {
+        let (ns, users) = fixture();
+        let a = resolve(&ns, &users, "t-acme", "sub-alice").unwrap();
+        assert_eq!((a.namespace.as_str(), a.name.as_str()), ("acme", "alice"));
+        assert_eq!(a.user_id, "@alice:example.test");
+        // Any namespace of the tenant counts.
+        let b = resolve(&ns, &users, "t-acme", "sub-bob").unwrap();
+        assert_eq!(b.name, "bob");
+        // The same subject in another tenant is another account.
+        let other = resolve(&ns, &users, "t-globex", "sub-alice").unwrap();
+        assert_eq!(other.name, "alice2");
+    }
+
+    #[test]
+    fn never_crosses_tenants() {
+        let (ns, users) = fixture();
+        assert_eq!(
+            resolve(&ns, &users, "t-globex", "sub-bob"),
+            Err(LookupError::UserNotFound)
+        );
+        assert_eq!(
+            resolve(&ns, &users, "t-nobody", "sub-alice"),
+            Err(LookupError::UnknownTenant("t-nobody".into()))
+        );
+        // An unlabelled namespace belongs to no tenant.
+        assert_eq!(
+            resolve(&ns, &users, "", "sub-carol"),
+            Err(LookupError::UnknownTenant("".into()))
+        );
+    }
+
+    #[test]
+    fn two_accounts_for_one_subject_map_to_neither() {
+        let (ns, mut users) = fixture();
+        users.push(user("acme-events", "alice-again", "sub-alice"));
+        assert!(matches!(
+            resolve(&ns, &users, "t-acme", "sub-alice"),
+            Err(LookupError::Ambiguous(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_accounts_that_are_not_usable() {
+        let (ns, users) = fixture();
+        let check = |f: &dyn Fn(&mut MatrixUser)| {
+            let mut users = users.clone();
+            f(&mut users[0]);
+            resolve(&ns, &users, "t-acme", "sub-alice")
+        };
+        assert_eq!(check(&|u| u.spec.locked = true), Err(LookupError::Locked));
+        assert_eq!(
+            check(&|u| u.spec.deactivated = true),
+            Err(LookupError::Deactivated)
+        );
+        assert_eq!(
+            check(&|u| u.metadata.deletion_timestamp = Some(conditions_time())),
+            Err(LookupError::Deleted)
+        );
+        assert_eq!(
+            check(&|u| u.status = None),
+            Err(LookupError::NotReady("NotReconciled".into()))
+        );
+        assert_eq!(
+            check(&|u| {
+                u.status.as_mut().unwrap().conditions =
+                    vec![Condition::new("Ready", false, "LocalpartConflict", "", Some(1))]
+            }),
+            Err(LookupError::NotReady("LocalpartConflict".into()))
+        );
+        assert_eq!(
+            check(&|u| u.metadata.generation = Some(2)),
+            Err(LookupError::NotReady("Reconciling".into()))
+        );
+    }
+
+    fn conditions_time() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1_700_000_000).unwrap(),
+        )
+    }
+}

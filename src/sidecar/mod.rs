@@ -1,0 +1,454 @@
+//! The sidecar: the HTTPS endpoints platform users meet. An OpenID Connect
+//! provider for Synapse's SSO login, and the credential API that hands a
+//! signed-in platform user a short-lived Matrix access token.
+
+pub mod config;
+pub mod credentials;
+pub mod directory;
+pub mod keys;
+pub mod oidc;
+pub mod platform;
+
+use crate::secrets::{read_secret_file, read_secret_key, SecretError};
+use crate::synapse::{SynapseClient, SynapseConfig, SynapseError};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use config::SidecarConfig;
+use jsonwebtoken::Algorithm;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The committed description of every endpoint the sidecar serves.
+pub const OPENAPI: &str = include_str!("../../docs/sidecar-openapi.yaml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
+    #[error(transparent)]
+    Synapse(#[from] SynapseError),
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    #[error("serving: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A refusal of the credential API: a stable code, a status, a message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (
+            status,
+            Json(serde_json::json!({"error": self.code, "message": self.message})),
+        )
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == 401 {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"openmeet\""),
+            );
+        }
+        response
+    }
+}
+
+/// The `Authorization: Bearer` token, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
+        .then(|| token.trim().to_string())
+}
+
+/// SHA-256: codes and tokens are kept by digest, never in clear.
+pub fn digest(value: &str) -> [u8; 32] {
+    Sha256::digest(value.as_bytes()).into()
+}
+
+/// 256 random bits, URL-safe.
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A minimal page for people in a browser.
+pub fn html_page(title: &str, detail: &str) -> Html<String> {
+    Html(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title></head>\
+         <body style=\"font-family:sans-serif;max-width:36em;margin:4em auto\"><h1>{t}</h1><p>{d}</p></body></html>",
+        t = escape(title),
+        d = escape(detail)
+    ))
+}
+
+/// Everything the sidecar needs, resolved and checked.
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub issuer: url::Url,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub keys_dir: PathBuf,
+    pub active_kid: Option<String>,
+    pub clients: Vec<oidc::OidcClient>,
+    pub platform: platform::PlatformSettings,
+    pub login: Option<oidc::LoginRedirect>,
+    pub synapse: SynapseConfig,
+    pub homeserver_public_url: String,
+    pub credentials: credentials::CredentialSettings,
+    pub lifetimes: oidc::Lifetimes,
+    pub scope: directory::DirectoryScope,
+    pub reload: Duration,
+}
+
+fn required<T>(value: Option<T>, what: &str) -> Result<T, Error> {
+    value.ok_or_else(|| Error::Config(format!("{what} is required")))
+}
+
+fn non_zero(value: Option<u32>, default: u32, what: &str) -> Result<NonZeroU32, Error> {
+    NonZeroU32::new(value.unwrap_or(default))
+        .ok_or_else(|| Error::Config(format!("{what} must be at least 1")))
+}
+
+impl Settings {
+    /// Checks the configuration and reads the secrets it points to.
+    pub async fn resolve(config: SidecarConfig, kube: &kube::Client) -> Result<Self, Error> {
+        let issuer = url::Url::parse(&required(config.issuer, "issuer")?)
+            .map_err(|e| Error::Config(format!("issuer: {e}")))?;
+        // Synapse checks the provider's metadata; we never ask it not to.
+        if issuer.scheme() != "https" || issuer.query().is_some() || issuer.fragment().is_some() {
+            return Err(Error::Config(
+                "issuer must be an https URL without query or fragment".into(),
+            ));
+        }
+        if config.clients.is_empty() {
+            return Err(Error::Config("at least one OIDC client is required".into()));
+        }
+        let mut clients = Vec::new();
+        for c in &config.clients {
+            if c.redirect_uris.is_empty() {
+                return Err(Error::Config(format!(
+                    "client {:?} has no redirect URIs",
+                    c.id
+                )));
+            }
+            for uri in &c.redirect_uris {
+                url::Url::parse(uri)
+                    .map_err(|e| Error::Config(format!("redirect URI {uri:?}: {e}")))?;
+            }
+            let secret = read_secret_file(&c.secret_file)?;
+            clients.push(oidc::OidcClient {
+                id: c.id.clone(),
+                secret_digest: digest(&secret),
+                redirect_uris: c.redirect_uris.clone(),
+            });
+        }
+        let p = config.platform;
+        let keys = match (&p.secret_file, &p.jwks_url) {
+            (Some(file), None) => {
+                let secret = read_secret_file(file)?;
+                if secret.len() < 32 {
+                    return Err(Error::Config(
+                        "the platform's HS256 secret must be at least 32 bytes".into(),
+                    ));
+                }
+                platform::PlatformKeys::SharedSecret(secret.into_bytes())
+            }
+            (None, Some(url)) => {
+                let names = if p.algorithms.is_empty() {
+                    vec!["RS256".to_string(), "ES256".to_string()]
+                } else {
+                    p.algorithms.clone()
+                };
+                let algorithms = names
+                    .iter()
+                    .map(|a| match a.as_str() {
+                        "RS256" => Ok(Algorithm::RS256),
+                        "ES256" => Ok(Algorithm::ES256),
+                        other => Err(Error::Config(format!(
+                            "platform algorithm {other:?} is not allowed with a JWKS (RS256, ES256)"
+                        ))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                platform::PlatformKeys::Jwks {
+                    url: url.clone(),
+                    algorithms,
+                    refresh: Duration::from_secs(p.jwks_refresh_seconds.unwrap_or(300)),
+                }
+            }
+            _ => {
+                return Err(Error::Config(
+                    "platform: set exactly one of secretFile (HS256) or jwksUrl".into(),
+                ))
+            }
+        };
+        let platform = platform::PlatformSettings {
+            issuer: required(p.issuer, "platform.issuer")?,
+            audience: required(p.audience, "platform.audience")?,
+            keys,
+            tenant_claim: p.tenant_claim.unwrap_or_else(|| "tenant".into()),
+            leeway_seconds: p.leeway_seconds.unwrap_or(30),
+        };
+        let login = match p.login_url {
+            Some(u) => Some(oidc::LoginRedirect {
+                url: url::Url::parse(&u)
+                    .map_err(|e| Error::Config(format!("platform.loginUrl: {e}")))?,
+                return_parameter: p.return_parameter.unwrap_or_else(|| "return_to".into()),
+            }),
+            None => None,
+        };
+        let hs = config.homeserver;
+        let as_token = match (&hs.as_token_secret, &hs.as_token_file) {
+            (_, Some(file)) => read_secret_file(file)?,
+            (Some(reference), None) => read_secret_key(kube, reference, "as_token").await?,
+            (None, None) => {
+                return Err(Error::Config(
+                    "homeserver.asTokenSecret or homeserver.asTokenFile is required".into(),
+                ))
+            }
+        };
+        let url = required(hs.url, "homeserver.url")?;
+        let c = config.credentials;
+        let o = config.oidc;
+        let defaults = oidc::Lifetimes::default();
+        let secs = |v: Option<u64>, d: Duration| v.map(Duration::from_secs).unwrap_or(d);
+        let credential_defaults = credentials::CredentialSettings::default();
+        let credentials = credentials::CredentialSettings {
+            token_lifetime: secs(c.token_lifetime_seconds, credential_defaults.token_lifetime),
+            renew_before: secs(c.renew_before_seconds, credential_defaults.renew_before),
+            per_minute: non_zero(c.requests_per_minute, 30, "credentials.requestsPerMinute")?,
+            burst: non_zero(c.burst, 10, "credentials.burst")?,
+        };
+        if credentials.renew_before >= credentials.token_lifetime {
+            return Err(Error::Config(
+                "credentials.renewBeforeSeconds must be shorter than tokenLifetimeSeconds".into(),
+            ));
+        }
+        Ok(Settings {
+            listen: config
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443))),
+            issuer,
+            cert_file: required(config.tls.cert_file, "tls.certFile")?,
+            key_file: required(config.tls.key_file, "tls.keyFile")?,
+            keys_dir: required(config.signing_keys.dir, "signingKeys.dir")?,
+            active_kid: config.signing_keys.active_kid,
+            clients,
+            platform,
+            login,
+            homeserver_public_url: hs.public_url.unwrap_or_else(|| url.clone()),
+            synapse: SynapseConfig {
+                url,
+                server_name: required(hs.server_name, "homeserver.serverName")?,
+                admin_localpart: hs
+                    .admin_localpart
+                    .unwrap_or_else(|| "openmeet-admin".into()),
+                as_token,
+                timeout: Duration::from_secs(10),
+            },
+            credentials,
+            lifetimes: oidc::Lifetimes {
+                code: secs(o.code_seconds, defaults.code),
+                id_token: secs(o.id_token_seconds, defaults.id_token),
+                access_token: secs(o.access_token_seconds, defaults.access_token),
+            },
+            scope: directory::DirectoryScope {
+                namespace: config.namespace,
+                label_selector: config.label_selector,
+            },
+            reload: Duration::from_secs(config.reload_seconds.unwrap_or(30).max(1)),
+        })
+    }
+}
+
+#[derive(Clone)]
+struct Health {
+    directory: directory::Directory,
+}
+
+async fn readyz(State(h): State<Health>) -> Response {
+    if h.directory.is_ready() {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "directory loading").into_response()
+    }
+}
+
+/// One log line per request: method, path (never the query: it may carry
+/// codes or tokens), status, duration.
+async fn access_log(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    tracing::debug!(
+        %method, %path, status = response.status().as_u16(),
+        ms = started.elapsed().as_millis() as u64, "request"
+    );
+    response
+}
+
+/// The complete router: OIDC under the issuer's path, the credential API,
+/// health and the API description.
+pub fn router(
+    issuer_path: &str,
+    provider: Arc<oidc::Provider>,
+    credentials: Arc<credentials::CredentialService>,
+    directory: directory::Directory,
+) -> Router {
+    let api = Router::new()
+        .route("/api/v1/credentials", post(credentials::handler))
+        .with_state(credentials);
+    let health = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(Health { directory });
+    let openapi = Router::new().route(
+        "/openapi.yaml",
+        get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }),
+    );
+    let oidc = oidc::router(provider);
+    let prefix = issuer_path.trim_end_matches('/');
+    let base = api.merge(health).merge(openapi);
+    let app = if prefix.is_empty() {
+        base.merge(oidc)
+    } else {
+        base.nest(prefix, oidc)
+    };
+    app.layer(axum::middleware::from_fn(access_log))
+}
+
+/// Runs the sidecar until `shutdown` resolves.
+pub async fn run(
+    settings: Settings,
+    kube: kube::Client,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let keys = keys::Keys::open(settings.keys_dir.clone(), settings.active_kid.clone())?;
+    let verifier = platform::PlatformVerifier::new(settings.platform.clone());
+    let (directory, watches) = directory::Directory::start(kube, &settings.scope);
+    let synapse = SynapseClient::new(settings.synapse.clone())?;
+    let provider = Arc::new(oidc::Provider::new(
+        settings.issuer.to_string(),
+        settings.clients,
+        keys.clone(),
+        verifier.clone(),
+        settings.login,
+        directory.clone(),
+        settings.lifetimes,
+    ));
+    let credentials = Arc::new(credentials::CredentialService::new(
+        settings.homeserver_public_url,
+        directory.clone(),
+        verifier,
+        synapse,
+        settings.credentials,
+    ));
+    let app = router(settings.issuer.path(), provider, credentials.clone(), directory);
+
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(
+        &settings.cert_file,
+        &settings.key_file,
+    )
+    .await
+    .map_err(Error::Tls)?;
+    let revoker = tokio::spawn(credentials.revoke_loop(Duration::from_secs(1)));
+    let reloader = {
+        let (tls, keys) = (tls.clone(), keys.clone());
+        let (cert, key) = (settings.cert_file.clone(), settings.key_file.clone());
+        let every = settings.reload;
+        tokio::spawn(async move {
+            let read = |c: &PathBuf, k: &PathBuf| (std::fs::read(c).ok(), std::fs::read(k).ok());
+            let mut seen = read(&cert, &key);
+            loop {
+                tokio::time::sleep(every).await;
+                keys.reload();
+                let now = read(&cert, &key);
+                if now != seen {
+                    match tls.reload_from_pem_file(&cert, &key).await {
+                        Ok(()) => tracing::info!("TLS certificate reloaded"),
+                        Err(e) => tracing::warn!(error = %e, "TLS certificate not reloaded"),
+                    }
+                    seen = now;
+                }
+            }
+        })
+    };
+    let handle = axum_server::Handle::new();
+    {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            handle.graceful_shutdown(Some(Duration::from_secs(10)));
+        });
+    }
+    {
+        let handle = handle.clone();
+        let issuer = settings.issuer.to_string();
+        tokio::spawn(async move {
+            if let Some(addr) = handle.listening().await {
+                tracing::info!(%addr, %issuer, "sidecar listening (HTTPS)");
+            }
+        });
+    }
+    let served = axum_server::bind_rustls(settings.listen, tls)
+        .handle(handle)
+        .serve(app.into_make_service())
+        .await
+        .map_err(Error::Serve);
+    revoker.abort();
+    reloader.abort();
+    watches.abort();
+    served
+}

@@ -1,0 +1,731 @@
+//! The OpenID Connect provider Synapse's `oidc_providers` talks to:
+//! discovery, JWKS, the authorization-code flow with PKCE S256, token and
+//! userinfo endpoints. End users are authenticated by a platform JWT.
+
+use super::directory::{Account, Directory, LookupError};
+use super::keys::Keys;
+use super::platform::{PlatformError, PlatformVerifier};
+use super::{bearer, digest, html_page, random_token};
+use axum::extract::{Form, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use jsonwebtoken::{encode, Header};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// One registered relying party (Synapse).
+#[derive(Clone)]
+pub struct OidcClient {
+    pub id: String,
+    /// SHA-256 of the secret: compared in constant time, never kept in clear.
+    pub secret_digest: [u8; 32],
+    /// Exact redirect URIs; anything else is refused.
+    pub redirect_uris: Vec<String>,
+}
+
+/// Where unauthenticated browsers go to sign in to the platform.
+#[derive(Clone, Debug)]
+pub struct LoginRedirect {
+    pub url: url::Url,
+    /// Query parameter that carries the return address.
+    pub return_parameter: String,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Lifetimes {
+    pub code: Duration,
+    pub id_token: Duration,
+    pub access_token: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Lifetimes {
+            code: Duration::from_secs(60),
+            id_token: Duration::from_secs(300),
+            access_token: Duration::from_secs(300),
+        }
+    }
+}
+
+/// An authorization code waiting for its one redemption.
+struct Grant {
+    client_id: String,
+    redirect_uri: String,
+    code_challenge: String,
+    nonce: Option<String>,
+    account: Account,
+    expires: SystemTime,
+    redeemed: bool,
+    /// Digests of the access tokens this code produced (revoked on replay).
+    issued: Vec<[u8; 32]>,
+}
+
+struct IssuedToken {
+    account: Account,
+    expires: SystemTime,
+}
+
+pub struct Provider {
+    pub issuer: String,
+    pub clients: HashMap<String, OidcClient>,
+    pub keys: Keys,
+    pub platform: PlatformVerifier,
+    pub login: Option<LoginRedirect>,
+    pub directory: Directory,
+    pub lifetimes: Lifetimes,
+    grants: Mutex<HashMap<[u8; 32], Grant>>,
+    tokens: Mutex<HashMap<[u8; 32], IssuedToken>>,
+}
+
+impl Provider {
+    pub fn new(
+        issuer: String,
+        clients: Vec<OidcClient>,
+        keys: Keys,
+        platform: PlatformVerifier,
+        login: Option<LoginRedirect>,
+        directory: Directory,
+        lifetimes: Lifetimes,
+    ) -> Self {
+        Provider {
+            issuer: issuer.trim_end_matches('/').to_string(),
+            clients: clients.into_iter().map(|c| (c.id.clone(), c)).collect(),
+            keys,
+            platform,
+            login,
+            directory,
+            lifetimes,
+            grants: Mutex::default(),
+            tokens: Mutex::default(),
+        }
+    }
+
+    fn endpoint(&self, path: &str) -> String {
+        format!("{}{path}", self.issuer)
+    }
+}
+
+/// Routes, relative to the issuer's path.
+pub fn router(provider: Arc<Provider>) -> Router {
+    Router::new()
+        .route("/.well-known/openid-configuration", get(discovery))
+        .route("/jwks", get(jwks))
+        .route("/authorize", get(authorize_get).post(authorize_post))
+        .route("/token", axum::routing::post(token))
+        .route("/userinfo", get(userinfo).post(userinfo))
+        .with_state(provider)
+}
+
+async fn discovery(State(p): State<Arc<Provider>>) -> Response {
+    let body = json!({
+        "issuer": p.issuer,
+        "authorization_endpoint": p.endpoint("/authorize"),
+        "token_endpoint": p.endpoint("/token"),
+        "userinfo_endpoint": p.endpoint("/userinfo"),
+        "jwks_uri": p.endpoint("/jwks"),
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": ["authorization_code"],
+        "subject_types_supported": ["public"],
+        // Only what our keys sign with: never `none`, never HS*.
+        "id_token_signing_alg_values_supported": p.keys.current().algorithms(),
+        "scopes_supported": ["openid", "profile", "email"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "code_challenge_methods_supported": ["S256"],
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce",
+                             "preferred_username", "name", "email", "tenant"],
+    });
+    (
+        [(header::CACHE_CONTROL, "public, max-age=300")],
+        Json(body),
+    )
+        .into_response()
+}
+
+async fn jwks(State(p): State<Arc<Provider>>) -> Response {
+    (
+        [(header::CACHE_CONTROL, "public, max-age=60")],
+        Json(p.keys.current().jwks()),
+    )
+        .into_response()
+}
+
+/// The authorization request, as Synapse (or any client) sends it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct AuthorizeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    response_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    redirect_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scope: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nonce: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    code_challenge: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    code_challenge_method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prompt: Option<String>,
+    /// The platform's JWT, when the platform sends the browser back after
+    /// sign-in. Never part of the return address we hand out.
+    #[serde(default, skip_serializing)]
+    platform_token: Option<String>,
+}
+
+async fn authorize_get(
+    State(p): State<Arc<Provider>>,
+    headers: HeaderMap,
+    Query(request): Query<AuthorizeRequest>,
+) -> Response {
+    no_store(authorize(&p, &headers, request).await)
+}
+
+async fn authorize_post(
+    State(p): State<Arc<Provider>>,
+    headers: HeaderMap,
+    Form(request): Form<AuthorizeRequest>,
+) -> Response {
+    no_store(authorize(&p, &headers, request).await)
+}
+
+/// Errors before the redirect URI is trusted are shown, never redirected.
+fn refuse_page(status: StatusCode, title: &str, detail: &str) -> Response {
+    (status, html_page(title, detail)).into_response()
+}
+
+fn redirect_with(uri: &str, params: &[(&str, &str)]) -> Response {
+    let mut url = match url::Url::parse(uri) {
+        Ok(u) => u,
+        Err(_) => {
+            return refuse_page(
+                StatusCode::BAD_REQUEST,
+                "Invalid redirect",
+                "The registered redirect URI is not a URL.",
+            )
+        }
+    };
+    {
+        let mut q = url.query_pairs_mut();
+        for (k, v) in params {
+            q.append_pair(k, v);
+        }
+    }
+    Redirect::to(url.as_str()).into_response()
+}
+
+fn is_pkce_value(s: &str) -> bool {
+    (43..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+}
+
+async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequest) -> Response {
+    // 1. The client and its redirect URI, before anything is redirected.
+    let Some(client) = request.client_id.as_deref().and_then(|id| p.clients.get(id)) else {
+        return refuse_page(
+            StatusCode::BAD_REQUEST,
+            "Unknown application",
+            "The application asking you to sign in is not registered with this provider.",
+        );
+    };
+    let Some(redirect_uri) = request
+        .redirect_uri
+        .clone()
+        .filter(|r| client.redirect_uris.iter().any(|registered| registered == r))
+    else {
+        return refuse_page(
+            StatusCode::BAD_REQUEST,
+            "Invalid redirect",
+            "The redirect address is not registered for this application.",
+        );
+    };
+    let state = request.state.clone().unwrap_or_default();
+    let fail = |error: &str, description: &str| {
+        let mut params = vec![("error", error), ("error_description", description)];
+        if !state.is_empty() {
+            params.push(("state", state.as_str()));
+        }
+        redirect_with(&redirect_uri, &params)
+    };
+    // 2. The request itself.
+    if request.response_type.as_deref() != Some("code") {
+        return fail(
+            "unsupported_response_type",
+            "only the authorization code flow is supported",
+        );
+    }
+    if !request
+        .scope
+        .as_deref()
+        .is_some_and(|s| s.split(' ').any(|x| x == "openid"))
+    {
+        return fail("invalid_scope", "the openid scope is required");
+    }
+    let challenge = match (
+        request.code_challenge.as_deref(),
+        request.code_challenge_method.as_deref(),
+    ) {
+        (Some(c), Some("S256")) if is_pkce_value(c) => c.to_string(),
+        _ => return fail("invalid_request", "PKCE with code_challenge_method S256 is required"),
+    };
+    // 3. Who the browser is, by the platform's token.
+    let presented = bearer(headers).or(request.platform_token.take());
+    let Some(platform_token) = presented else {
+        return match &p.login {
+            Some(login) => {
+                let mut back = url::Url::parse(&p.endpoint("/authorize")).expect("issuer URL");
+                back.set_query(Some(
+                    &serde_urlencoded::to_string(&request).unwrap_or_default(),
+                ));
+                let mut to = login.url.clone();
+                to.query_pairs_mut()
+                    .append_pair(&login.return_parameter, back.as_str());
+                Redirect::to(to.as_str()).into_response()
+            }
+            None => refuse_page(
+                StatusCode::UNAUTHORIZED,
+                "Sign-in required",
+                "Sign in to the platform first, then try again.",
+            ),
+        };
+    };
+    let identity = match p.platform.verify(&platform_token).await {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::info!(reason = %e, "authorize: platform token refused");
+            let status = if e.is_unavailable() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            return refuse_page(status, "Sign-in failed", &platform_message(&e));
+        }
+    };
+    // 4. The one account declared for that identity, or a clear refusal.
+    let account = match p.directory.lookup(&identity.tenant, &identity.subject) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::info!(tenant = %identity.tenant, reason = %e, "authorize: no usable account");
+            let (status, detail) = lookup_page(&e);
+            return refuse_page(status, "No chat account", detail);
+        }
+    };
+    // 5. A single-use code bound to client, redirect and PKCE challenge.
+    let code = random_token();
+    let now = SystemTime::now();
+    {
+        let mut grants = p.grants.lock().expect("grants lock");
+        // Expired codes are dropped as new ones come (replay memory lasts
+        // as long as a code would).
+        grants.retain(|_, g| g.expires + p.lifetimes.code > now);
+        grants.insert(
+            digest(&code),
+            Grant {
+                client_id: client.id.clone(),
+                redirect_uri: redirect_uri.clone(),
+                code_challenge: challenge,
+                nonce: request.nonce.clone(),
+                account: account.clone(),
+                expires: now + p.lifetimes.code,
+                redeemed: false,
+                issued: Vec::new(),
+            },
+        );
+    }
+    tracing::info!(user = %account.user_id, client = %client.id, "authorize: code issued");
+    let mut params = vec![("code", code.as_str())];
+    if !state.is_empty() {
+        params.push(("state", state.as_str()));
+    }
+    redirect_with(&redirect_uri, &params)
+}
+
+fn platform_message(e: &PlatformError) -> String {
+    if e.is_unavailable() {
+        "The platform's sign-in service could not be reached. Try again shortly.".into()
+    } else {
+        format!("Your platform session could not be verified ({e}). Sign in again.")
+    }
+}
+
+fn lookup_page(e: &LookupError) -> (StatusCode, &'static str) {
+    match e {
+        LookupError::UnknownTenant(_) | LookupError::UserNotFound | LookupError::Deleted => (
+            StatusCode::FORBIDDEN,
+            "You have no chat account here. Ask the organisers to add you.",
+        ),
+        LookupError::Ambiguous(_) => (
+            StatusCode::CONFLICT,
+            "More than one chat account is declared for you; an administrator must resolve this.",
+        ),
+        LookupError::NotReady(_) => (
+            StatusCode::CONFLICT,
+            "Your chat account is not ready yet. Try again in a moment.",
+        ),
+        LookupError::Locked => (StatusCode::FORBIDDEN, "Your chat account is locked."),
+        LookupError::Deactivated => (StatusCode::FORBIDDEN, "Your chat account is deactivated."),
+        LookupError::Loading => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign-in is starting up. Try again in a moment.",
+        ),
+    }
+}
+
+fn no_store(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    // The authorize URL may carry the platform token: never leak it.
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenRequest {
+    grant_type: Option<String>,
+    code: Option<String>,
+    redirect_uri: Option<String>,
+    code_verifier: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+    let mut response = (
+        status,
+        Json(json!({"error": error, "error_description": description})),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"openmeet\""),
+        );
+    }
+    no_store(response)
+}
+
+/// Client credentials from HTTP Basic (form-encoded parts) or the form.
+fn client_credentials(headers: &HeaderMap, form: &TokenRequest) -> Option<(String, String)> {
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let encoded = value
+            .strip_prefix("Basic ")
+            .or_else(|| value.strip_prefix("basic "))?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()?;
+        let decoded = String::from_utf8(decoded).ok()?;
+        let (id, secret) = decoded.split_once(':')?;
+        let unescape = |s: &str| {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+        };
+        return Some((unescape(id)?, unescape(secret)?));
+    }
+    Some((form.client_id.clone()?, form.client_secret.clone()?))
+}
+
+fn secret_matches(expected: &[u8; 32], presented: &str) -> bool {
+    // Digests of equal length, compared without an early exit.
+    let presented = digest(presented);
+    expected
+        .iter()
+        .zip(presented.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+#[derive(Serialize)]
+struct IdTokenClaims<'a> {
+    iss: &'a str,
+    sub: &'a str,
+    aud: &'a str,
+    exp: u64,
+    iat: u64,
+    auth_time: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nonce: Option<&'a str>,
+    preferred_username: &'a str,
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a str>,
+    tenant: &'a str,
+}
+
+fn epoch(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+async fn token(
+    State(p): State<Arc<Provider>>,
+    headers: HeaderMap,
+    Form(form): Form<TokenRequest>,
+) -> Response {
+    let Some((client_id, secret)) = client_credentials(&headers, &form) else {
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client authentication is required",
+        );
+    };
+    let Some(client) = p
+        .clients
+        .get(&client_id)
+        .filter(|c| secret_matches(&c.secret_digest, &secret))
+    else {
+        tracing::info!(client = %client_id, "token: client authentication failed");
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client authentication failed",
+        );
+    };
+    if form.grant_type.as_deref() != Some("authorization_code") {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "only authorization_code is supported",
+        );
+    }
+    let Some(code) = form.code.as_deref() else {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "code is missing");
+    };
+    let now = SystemTime::now();
+    let key = digest(code);
+    // Take the grant's facts under the lock; the first presentation consumes it.
+    let grant = {
+        let mut grants = p.grants.lock().expect("grants lock");
+        let Some(grant) = grants.get_mut(&key) else {
+            return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "unknown code");
+        };
+        if grant.redeemed {
+            // A replayed code: revoke everything it produced.
+            let issued = std::mem::take(&mut grant.issued);
+            grants.remove(&key);
+            drop(grants);
+            let mut tokens = p.tokens.lock().expect("tokens lock");
+            for t in &issued {
+                tokens.remove(t);
+            }
+            tracing::warn!(
+                client = %client.id,
+                revoked = issued.len(),
+                "token: authorization code replayed; tokens it issued are revoked"
+            );
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                "code already used",
+            );
+        }
+        grant.redeemed = true;
+        (
+            grant.client_id.clone(),
+            grant.redirect_uri.clone(),
+            grant.code_challenge.clone(),
+            grant.nonce.clone(),
+            grant.account.clone(),
+            grant.expires,
+        )
+    };
+    let (grant_client, grant_redirect, challenge, nonce, account, expires) = grant;
+    if expires <= now {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "code expired");
+    }
+    if grant_client != client.id {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            "code was issued to another client",
+        );
+    }
+    if form.redirect_uri.as_deref() != Some(grant_redirect.as_str()) {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            "redirect_uri does not match the authorization request",
+        );
+    }
+    let verified = form.code_verifier.as_deref().is_some_and(|v| {
+        is_pkce_value(v)
+            && base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest(v)) == challenge
+    });
+    if !verified {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            "code_verifier does not match the code challenge",
+        );
+    }
+    // The account may have been locked or removed since the code was issued.
+    if let Some(Err(e)) = p.directory.still_usable(&account) {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+            &format!("the account is no longer usable: {e}"),
+        );
+    }
+    let keys = p.keys.current();
+    let signing = &keys.active;
+    let issued_at = epoch(now);
+    let name = account
+        .display_name
+        .clone()
+        .unwrap_or_else(|| account.localpart.clone());
+    let claims = IdTokenClaims {
+        iss: &p.issuer,
+        sub: &account.subject,
+        aud: &client.id,
+        exp: issued_at + p.lifetimes.id_token.as_secs(),
+        iat: issued_at,
+        auth_time: issued_at,
+        nonce: nonce.as_deref(),
+        preferred_username: &account.localpart,
+        name: &name,
+        email: account.email.as_deref(),
+        tenant: &account.tenant,
+    };
+    let mut header = Header::new(signing.algorithm);
+    header.kid = Some(signing.kid.clone());
+    let id_token = match encode(&header, &claims, &signing.encoding) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "token: signing the id_token failed");
+            return oauth_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "could not sign the id_token",
+            );
+        }
+    };
+    let access_token = random_token();
+    let access_key = digest(&access_token);
+    p.tokens.lock().expect("tokens lock").insert(
+        access_key,
+        IssuedToken {
+            account: account.clone(),
+            expires: now + p.lifetimes.access_token,
+        },
+    );
+    {
+        let mut grants = p.grants.lock().expect("grants lock");
+        if let Some(g) = grants.get_mut(&key) {
+            g.issued.push(access_key);
+        }
+    }
+    {
+        let mut tokens = p.tokens.lock().expect("tokens lock");
+        tokens.retain(|_, t| t.expires > now);
+    }
+    tracing::info!(user = %account.user_id, client = %client.id, kid = %signing.kid, "token: issued");
+    no_store(
+        Json(json!({
+            "access_token": access_token,
+            "token_type": "Bearer",
+            "expires_in": p.lifetimes.access_token.as_secs(),
+            "id_token": id_token,
+            "scope": "openid profile email",
+        }))
+        .into_response(),
+    )
+}
+
+async fn userinfo(State(p): State<Arc<Provider>>, headers: HeaderMap) -> Response {
+    let invalid = || {
+        let mut r = (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_token", "error_description": "the access token is invalid, expired or revoked"})),
+        )
+            .into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
+        no_store(r)
+    };
+    let Some(token) = bearer(&headers) else {
+        return invalid();
+    };
+    let account = {
+        let tokens = p.tokens.lock().expect("tokens lock");
+        match tokens.get(&digest(&token)) {
+            Some(t) if t.expires > SystemTime::now() => t.account.clone(),
+            _ => return invalid(),
+        }
+    };
+    if let Some(Err(_)) = p.directory.still_usable(&account) {
+        return invalid();
+    }
+    no_store(
+        Json(json!({
+            "sub": account.subject,
+            "preferred_username": account.localpart,
+            "name": account.display_name.clone().unwrap_or_else(|| account.localpart.clone()),
+            "email": account.email,
+            "tenant": account.tenant,
+        }))
+        .into_response(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pkce_values_follow_rfc7636() {
+        assert!(is_pkce_value(&"a".repeat(43)));
+        assert!(!is_pkce_value(&"a".repeat(42)));
+        assert!(!is_pkce_value(&"a".repeat(129)));
+        assert!(!is_pkce_value(&format!("{}+", "a".repeat(43))));
+    }
+
+    #[test]
+    fn reads_basic_client_credentials_form_encoded() {
+        let mut headers = HeaderMap::new();
+        let encoded = base64::engine::general_purpose::STANDARD.encode("synapse:s%3Acret+x");
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Basic {encoded}")).unwrap(),
+        );
+        let form = TokenRequest {
+            grant_type: None,
+            code: None,
+            redirect_uri: None,
+            code_verifier: None,
+            client_id: None,
+            client_secret: None,
+        };
+        assert_eq!(
+            client_credentials(&headers, &form),
+            Some(("synapse".into(), "s:cret x".into()))
+        );
+    }
+
+    #[test]
+    fn secrets_compare_by_digest() {
+        let d = digest("right");
+        assert!(secret_matches(&d, "right"));
+        assert!(!secret_matches(&d, "wrong"));
+        assert!(!secret_matches(&d, ""));
+    }
+}
