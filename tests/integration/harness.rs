@@ -13,6 +13,7 @@ use kube::{Api, Client, Config, Resource};
 use openmeet_matrix_operator::api::conditions::{find, READY};
 use openmeet_matrix_operator::api::MatrixUser;
 use openmeet_matrix_operator::controller::{appservice, Operator, OperatorConfig, ReconcileStats};
+use openmeet_matrix_operator::sidecar;
 use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig};
 use rand::distr::{Alphanumeric, SampleString};
 use serde::de::DeserializeOwned;
@@ -33,6 +34,7 @@ pub struct Stack {
 }
 
 static STACK: OnceLock<Stack> = OnceLock::new();
+static SIDECAR: OnceLock<()> = OnceLock::new();
 
 fn parse_env(path: &str) -> HashMap<String, String> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
@@ -95,6 +97,44 @@ impl Stack {
                 }
             });
         });
+    }
+
+    /// The stack's sidecar (the OIDC provider Synapse is configured with),
+    /// served in-process for the whole test binary from the stack's own
+    /// configuration. Returns once it answers.
+    pub async fn sidecar(&self) -> &str {
+        SIDECAR.get_or_init(|| {
+            let kubeconfig = self.var("KUBECONFIG").to_string();
+            let config_path = self.var("SIDECAR_CONFIG").to_string();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Runtime::new().expect("runtime");
+                runtime.block_on(async move {
+                    let kubeconfig = Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+                    let config =
+                        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                            .await
+                            .expect("config");
+                    let client = Client::try_from(config).expect("client");
+                    let text = std::fs::read_to_string(&config_path).expect("sidecar config");
+                    let config = sidecar::config::SidecarConfig::from_yaml(&text).expect("parse");
+                    let settings = sidecar::Settings::resolve(config, &client)
+                        .await
+                        .expect("sidecar settings");
+                    if let Err(e) = sidecar::run(settings, client, std::future::pending()).await {
+                        // A `make dev` sidecar may serve it already.
+                        eprintln!("test sidecar not started: {e}");
+                    }
+                });
+            });
+        });
+        let base = self.var("SIDECAR_URL");
+        let http = https_client();
+        wait_for("the sidecar to be ready", || async {
+            let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        base
     }
 
     pub fn var(&self, key: &str) -> &str {
@@ -481,4 +521,16 @@ pub fn controller_command(env: &TestEnv) -> tokio::process::Command {
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true);
     cmd
+}
+
+/// An HTTP client that trusts the stack's CA and follows no redirects.
+pub fn https_client() -> reqwest::Client {
+    let stack = Stack::get();
+    let pem = std::fs::read(stack.var("STACK_CA")).expect("stack CA");
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("CA certificate"))
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("https client")
 }

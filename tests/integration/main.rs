@@ -6,4 +6,5 @@ mod crds;
 mod harness;
 mod proxy;
 mod rooms;
+mod sidecar;
 mod users;

@@ -68,7 +68,7 @@ wait_for() { # description, seconds, command...
   return 1
 }
 
-etcd_port="$(free_port)"; etcd_peer_port="$(free_port)"; api_port="$(free_port)"; synapse_port="$(free_port)"; appservice_port="$(free_port)"
+etcd_port="$(free_port)"; etcd_peer_port="$(free_port)"; api_port="$(free_port)"; synapse_port="$(free_port)"; appservice_port="$(free_port)"; sidecar_port="$(free_port)"
 server_name="openmeet.test"
 
 # --- certificates: one CA for the API server's serving and client certs ---
@@ -81,6 +81,10 @@ printf 'extendedKeyUsage=clientAuth\n' > "$pki/client.ext"
 openssl_quiet x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 30 -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt"
 openssl_quiet req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=stack-admin" -keyout "$pki/admin.key" -out "$pki/admin.csr"
 openssl_quiet x509 -req -in "$pki/admin.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 30 -extfile "$pki/client.ext" -out "$pki/admin.crt"
+# The sidecar's serving certificate; Synapse trusts the CA through SSL_CERT_FILE.
+openssl_quiet req -newkey rsa:2048 -nodes -subj "/CN=openmeet-sidecar" -keyout "$pki/sidecar.key" -out "$pki/sidecar.csr"
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > "$pki/sidecar.ext"
+openssl_quiet x509 -req -in "$pki/sidecar.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 30 -extfile "$pki/sidecar.ext" -out "$pki/sidecar.crt"
 openssl_quiet genrsa -out "$pki/sa.key" 2048
 openssl_quiet rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
 
@@ -129,6 +133,16 @@ current-context: stack
 KCFG
 export KUBECONFIG="$kubeconfig"
 
+# --- OIDC: the sidecar's signing key, its client (Synapse) and the platform's HS256 secret ---
+oidc="$dir/oidc"; mkdir -p "$oidc/keys"
+openssl_quiet genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$oidc/keys/stack-1.pem"
+random_secret() { python3 -c 'import secrets; print(secrets.token_urlsafe(32))'; }
+random_secret > "$oidc/client_secret"
+random_secret > "$oidc/platform_secret"
+chmod 600 "$oidc"/client_secret "$oidc"/platform_secret "$oidc"/keys/*.pem
+sidecar_url="https://127.0.0.1:$sidecar_port"
+idp_id="openmeet"
+
 # --- Synapse ---
 syn="$dir/synapse"; mkdir -p "$syn/media"
 synapse_url="http://127.0.0.1:$synapse_port"
@@ -173,6 +187,25 @@ enable_registration: false
 app_service_config_files: ["$syn/appservice.yaml"]
 # Synapse refuses every directory publication by default: allow the operator's
 # managed rooms, except one alias pattern the tests use to see a refusal.
+# Sign-in through the sidecar (see config/synapse-oidc.yaml for the why of each line).
+oidc_providers:
+  - idp_id: "$idp_id"
+    idp_name: "OpenMeet"
+    issuer: "$sidecar_url"
+    client_id: "synapse"
+    client_secret_path: "$oidc/client_secret"
+    client_auth_method: client_secret_basic
+    pkce_method: always
+    scopes: ["openid", "profile", "email"]
+    allow_existing_users: false
+    enable_registration: false
+    user_mapping_provider:
+      config:
+        subject_template: "{{ user.sub }}"
+        localpart_template: "{{ user.preferred_username }}"
+        display_name_template: "{{ user.name }}"
+sso:
+  client_whitelist: ["http://localhost/"]
 room_list_publication_rules:
   - alias: "#openmeet-refused-*"
     action: deny
@@ -181,7 +214,7 @@ room_list_publication_rules:
     action: allow
 SYNCFG
 (cd "$syn" && "$venv/bin/python" -m synapse.app.homeserver -c homeserver.yaml --generate-keys >/dev/null 2>&1)
-(cd "$syn" && exec "$venv/bin/python" -m synapse.app.homeserver -c homeserver.yaml) > "$syn/stdout.log" 2>&1 &
+(cd "$syn" && SSL_CERT_FILE="$pki/ca.crt" exec "$venv/bin/python" -m synapse.app.homeserver -c homeserver.yaml) > "$syn/stdout.log" 2>&1 &
 pids+=($!)
 
 wait_for "kube-apiserver" 120 "$kubectl" get --raw /readyz
@@ -198,6 +231,30 @@ wait_for "Synapse" 120 curl -fsS "$synapse_url/health"
 "$kubectl" -n openmeet-system create secret generic matrix-appservice \
   --from-literal=as_token="$AS_TOKEN" --from-literal=hs_token="$HS_TOKEN" >/dev/null
 
+# The sidecar's configuration (the sidecar itself is started by its user:
+# the tests, or `make dev`).
+cat > "$dir/sidecar.yaml" <<SIDECAR
+listen: "127.0.0.1:$sidecar_port"
+issuer: "$sidecar_url"
+tls: {certFile: "$pki/sidecar.crt", keyFile: "$pki/sidecar.key"}
+signingKeys: {dir: "$oidc/keys"}
+clients:
+  - id: synapse
+    secretFile: "$oidc/client_secret"
+    redirectUris: ["$synapse_url/_synapse/client/oidc/callback"]
+platform:
+  issuer: "https://platform.openmeet.test"
+  audience: "openmeet-matrix"
+  secretFile: "$oidc/platform_secret"
+  loginUrl: "https://platform.openmeet.test/login"
+homeserver:
+  url: "$synapse_url"
+  serverName: "$server_name"
+  adminLocalpart: "$ADMIN_LOCALPART"
+  asTokenSecret: openmeet-system/matrix-appservice
+reloadSeconds: 1
+SIDECAR
+
 env_file="$dir/stack.env"
 cat > "$env_file.tmp" <<ENV
 KUBECONFIG=$kubeconfig
@@ -212,6 +269,17 @@ SYNAPSE_CONFIG=$syn/homeserver.yaml
 SYNAPSE_VENV=$venv
 APPSERVICE_PORT=$appservice_port
 APPSERVICE_LISTEN=127.0.0.1:$appservice_port
+STACK_CA=$pki/ca.crt
+SIDECAR_CONFIG=$dir/sidecar.yaml
+SIDECAR_URL=$sidecar_url
+SIDECAR_LISTEN=127.0.0.1:$sidecar_port
+SIDECAR_CERT=$pki/sidecar.crt
+SIDECAR_KEY=$pki/sidecar.key
+OIDC_IDP_ID=$idp_id
+OIDC_CLIENT_SECRET_FILE=$oidc/client_secret
+PLATFORM_ISSUER=https://platform.openmeet.test
+PLATFORM_AUDIENCE=openmeet-matrix
+PLATFORM_SECRET_FILE=$oidc/platform_secret
 ENV
 mv "$env_file.tmp" "$env_file"
 echo "stack ready: $env_file"

@@ -1,0 +1,647 @@
+//! The sidecar against the real stack: Synapse's SSO login through the
+//! sidecar as its OIDC provider, the credential API, and every refusal.
+
+use crate::harness::{https_client, unique, wait_for, Options, Stack, TestEnv};
+use base64::Engine;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+
+pub const PLATFORM_ISSUER: &str = "https://platform.openmeet.test";
+pub const PLATFORM_AUDIENCE: &str = "openmeet-matrix";
+
+fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+fn platform_secret() -> String {
+    let path = Stack::get().var("PLATFORM_SECRET_FILE");
+    std::fs::read_to_string(path).unwrap().trim().to_string()
+}
+
+/// Claims of a valid platform token for `subject` in `tenant`.
+pub fn platform_claims(subject: &str, tenant: &str) -> Value {
+    json!({"iss": PLATFORM_ISSUER, "aud": PLATFORM_AUDIENCE, "sub": subject,
+           "tenant": tenant, "iat": now(), "exp": now() + 600})
+}
+
+/// A platform token as the platform would issue it (HS256, shared secret).
+pub fn platform_token_with(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(platform_secret().as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn platform_token(subject: &str, tenant: &str) -> String {
+    platform_token_with(&platform_claims(subject, tenant))
+}
+
+fn client_secret() -> String {
+    let path = Stack::get().var("OIDC_CLIENT_SECRET_FILE");
+    std::fs::read_to_string(path).unwrap().trim().to_string()
+}
+
+fn callback() -> String {
+    format!(
+        "{}/_synapse/client/oidc/callback",
+        Stack::get().var("SYNAPSE_URL")
+    )
+}
+
+fn pkce() -> (String, String) {
+    let verifier = format!("{}{}", unique("verifier"), "x".repeat(40));
+    let challenge =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(&verifier));
+    (verifier, challenge)
+}
+
+fn location(r: &reqwest::Response) -> url::Url {
+    let raw = r
+        .headers()
+        .get("location")
+        .unwrap_or_else(|| panic!("no Location in {} answer", r.status()))
+        .to_str()
+        .unwrap();
+    url::Url::parse(raw).unwrap()
+}
+
+fn query(url: &url::Url) -> HashMap<String, String> {
+    url.query_pairs().into_owned().collect()
+}
+
+/// Creates a user with a subject and waits until it is Ready.
+async fn ready_user(env: &TestEnv, name: &str) -> (String, String, String) {
+    let subject = unique("sub");
+    let localpart = unique(name);
+    env.create_user(
+        0,
+        name,
+        json!({"localpart": localpart, "displayName": format!("{name} Example"),
+               "email": format!("{localpart}@example.test"), "subject": subject}),
+    )
+    .await;
+    let user = env.wait_ready(0, name, true, "Converged").await;
+    let user_id = user.status.unwrap().user_id.unwrap();
+    (subject, localpart, user_id)
+}
+
+async fn whoami(synapse: &str, token: &str) -> (StatusCode, Value) {
+    let r = reqwest::Client::new()
+        .get(format!("{synapse}/_matrix/client/v3/account/whoami"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// One authorization request, as a client of the sidecar.
+struct Authorization {
+    params: Vec<(String, String)>,
+    verifier: String,
+    nonce: String,
+}
+
+impl Authorization {
+    fn new() -> Self {
+        let (verifier, challenge) = pkce();
+        let nonce = unique("nonce");
+        let params = [
+            ("response_type", "code"),
+            ("client_id", "synapse"),
+            ("redirect_uri", callback().as_str()),
+            ("scope", "openid profile email"),
+            ("state", "state-123"),
+            ("nonce", nonce.as_str()),
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Authorization {
+            params,
+            verifier,
+            nonce,
+        }
+    }
+
+    fn set(mut self, key: &str, value: Option<&str>) -> Self {
+        self.params.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.params.push((key.to_string(), v.to_string()));
+        }
+        self
+    }
+
+    async fn send(&self, base: &str, platform_token: Option<&str>) -> reqwest::Response {
+        let mut request = https_client()
+            .get(format!("{base}/authorize"))
+            .query(&self.params);
+        if let Some(t) = platform_token {
+            request = request.bearer_auth(t);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// The code from a successful authorization.
+    async fn code(&self, base: &str, platform_token: &str) -> String {
+        let r = self.send(base, Some(platform_token)).await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER, "authorize redirects");
+        let to = location(&r);
+        assert!(to.as_str().starts_with(&callback()));
+        let q = query(&to);
+        assert_eq!(q.get("state").map(String::as_str), Some("state-123"));
+        q.get("code").expect("code").clone()
+    }
+}
+
+async fn redeem(base: &str, code: &str, verifier: &str, secret: &str) -> reqwest::Response {
+    https_client()
+        .post(format!("{base}/token"))
+        .basic_auth("synapse", Some(secret))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", &callback()),
+            ("code_verifier", verifier),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn jwks(base: &str) -> JwkSet {
+    https_client()
+        .get(format!("{base}/jwks"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Verifies an id_token the way a relying party does: key by kid from the
+/// JWKS, issuer, audience, expiry.
+async fn verify_id_token(base: &str, id_token: &str) -> Value {
+    let header = jsonwebtoken::decode_header(id_token).unwrap();
+    let keys = jwks(base).await;
+    let jwk = keys
+        .find(header.kid.as_deref().expect("kid"))
+        .expect("the kid is published");
+    let mut validation = Validation::new(header.alg);
+    validation.set_issuer(&[base]);
+    validation.set_audience(&["synapse"]);
+    validation.leeway = 0;
+    jsonwebtoken::decode::<Value>(id_token, &DecodingKey::from_jwk(jwk).unwrap(), &validation)
+        .expect("id_token verifies")
+        .claims
+}
+
+#[tokio::test]
+async fn sso_login_through_synapse_lands_on_the_operators_account() {
+    let env = TestEnv::new("sso").await;
+    let stack = Stack::get();
+    let sidecar = stack.sidecar().await;
+    let synapse = stack.var("SYNAPSE_URL");
+    let (subject, _, user_id) = ready_user(&env, "sso-user").await;
+    let http = https_client();
+
+    // 1. The Matrix client asks Synapse for SSO; Synapse sends it to us.
+    let r = http
+        .get(format!(
+            "{synapse}/_matrix/client/v3/login/sso/redirect/oidc-{}?redirectUrl=http://localhost/done",
+            stack.var("OIDC_IDP_ID")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FOUND);
+    let cookies: Vec<String> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|c| c.to_str().ok()?.split(';').next().map(str::to_string))
+        .collect();
+    let authorize = location(&r);
+    assert!(authorize.as_str().starts_with(&format!("{sidecar}/authorize")));
+    assert_eq!(query(&authorize)["code_challenge_method"], "S256");
+
+    // 2. No platform session: the sidecar sends the browser to the platform.
+    let r = http.get(authorize.as_str()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let login = location(&r);
+    assert_eq!(login.path(), "/login");
+    let return_to = query(&login)["return_to"].clone();
+    assert!(return_to.starts_with(&format!("{sidecar}/authorize?")));
+
+    // 3. The platform signs the user in and sends it back with its token.
+    let mut back = url::Url::parse(&return_to).unwrap();
+    back.query_pairs_mut()
+        .append_pair("platform_token", &platform_token(&subject, env.ns(0)));
+    let r = http.get(back.as_str()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        r.headers()["referrer-policy"], "no-referrer",
+        "the platform token must not leak through Referer"
+    );
+    let callback = location(&r);
+    assert!(callback.as_str().starts_with(&self::callback()));
+
+    // 4. Synapse redeems the code (PKCE, client secret), checks the id_token
+    //    and hands the client a login token.
+    let r = http
+        .get(callback.as_str())
+        .header("cookie", cookies.join("; "))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let login_token = if status.is_redirection() {
+        query(&location(&r))
+            .get("loginToken")
+            .cloned()
+            .expect("loginToken")
+    } else {
+        let body = r.text().await.unwrap();
+        let start = body
+            .find("loginToken=")
+            .unwrap_or_else(|| panic!("no loginToken in Synapse's {status} page: {body}"));
+        body[start + "loginToken=".len()..]
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            .next()
+            .unwrap()
+            .to_string()
+    };
+
+    // 5. m.login.token → an access token for exactly the operator's account.
+    let r = reqwest::Client::new()
+        .post(format!("{synapse}/_matrix/client/v3/login"))
+        .json(&json!({"type": "m.login.token", "token": login_token}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let login: Value = r.json().await.unwrap();
+    assert_eq!(login["user_id"], user_id);
+    let (status, me) = whoami(synapse, login["access_token"].as_str().unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(me["user_id"], user_id);
+}
+
+#[tokio::test]
+async fn authorize_refuses_users_without_a_ready_account() {
+    let env = TestEnv::new("sso-refuse").await;
+    let sidecar = Stack::get().sidecar().await;
+    let (subject, localpart, _) = ready_user(&env, "locked-soon").await;
+
+    // Unknown subject, unknown tenant: a clear page, never another account.
+    for token in [
+        platform_token("nobody", env.ns(0)),
+        platform_token(&subject, "no-such-tenant"),
+    ] {
+        let r = Authorization::new().send(sidecar, Some(&token)).await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(r.text().await.unwrap().contains("no chat account"));
+    }
+    // A declared but not Ready account (its localpart is taken).
+    let other_subject = unique("sub");
+    env.create_user(
+        0,
+        "twin",
+        json!({"localpart": localpart, "subject": other_subject}),
+    )
+    .await;
+    env.wait_ready(0, "twin", false, "LocalpartConflict").await;
+    let r = Authorization::new()
+        .send(sidecar, Some(&platform_token(&other_subject, env.ns(0))))
+        .await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert!(r.text().await.unwrap().contains("not ready"));
+    // Locked.
+    env.patch_user(0, "locked-soon", json!({"locked": true})).await;
+    let token = platform_token(&subject, env.ns(0));
+    wait_for("authorize refuses the locked user", || async {
+        let r = Authorization::new().send(sidecar, Some(&token)).await;
+        (r.status() == StatusCode::FORBIDDEN).then_some(())
+    })
+    .await;
+    // An invalid platform token is refused with a page, not a redirect loop.
+    let r = Authorization::new()
+        .send(sidecar, Some("not.a.token"))
+        .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn authorization_code_flow_enforces_every_binding() {
+    let env = TestEnv::new("oidc").await;
+    let sidecar = Stack::get().sidecar().await;
+    let (subject, localpart, _) = ready_user(&env, "flow").await;
+    let token = platform_token(&subject, env.ns(0));
+    let secret = client_secret();
+
+    // The redirect URI must match exactly; no redirect to an unregistered one.
+    for bad in [
+        format!("{}/", callback()),
+        "https://evil.test/cb".to_string(),
+    ] {
+        let r = Authorization::new()
+            .set("redirect_uri", Some(&bad))
+            .send(sidecar, Some(&token))
+            .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
+        assert!(r.headers().get("location").is_none());
+    }
+    let r = Authorization::new()
+        .set("client_id", Some("intruder"))
+        .send(sidecar, Some(&token))
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // PKCE S256 is required: missing or `plain` is an error sent back.
+    for method in [None, Some("plain")] {
+        let r = Authorization::new()
+            .set("code_challenge_method", method)
+            .send(sidecar, Some(&token))
+            .await;
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        let q = query(&location(&r));
+        assert_eq!(q["error"], "invalid_request");
+        assert_eq!(q["state"], "state-123");
+        assert!(!q.contains_key("code"));
+    }
+    let r = Authorization::new()
+        .set("code_challenge", None)
+        .send(sidecar, Some(&token))
+        .await;
+    assert_eq!(query(&location(&r))["error"], "invalid_request");
+    let r = Authorization::new()
+        .set("scope", Some("profile"))
+        .send(sidecar, Some(&token))
+        .await;
+    assert_eq!(query(&location(&r))["error"], "invalid_scope");
+
+    // Client authentication.
+    let auth = Authorization::new();
+    let code = auth.code(sidecar, &token).await;
+    let r = redeem(sidecar, &code, &auth.verifier, "wrong-secret").await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_client");
+
+    // The code is bound to the PKCE verifier (and consumed by the attempt).
+    let auth = Authorization::new();
+    let code = auth.code(sidecar, &token).await;
+    let r = redeem(sidecar, &code, &format!("{}y", auth.verifier), &secret).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_grant");
+
+    // The code is bound to the redirect URI.
+    let auth = Authorization::new();
+    let code = auth.code(sidecar, &token).await;
+    let r = https_client()
+        .post(format!("{sidecar}/token"))
+        .basic_auth("synapse", Some(&secret))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", "https://evil.test/cb"),
+            ("code_verifier", auth.verifier.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    // A good redemption: a signed id_token with the claims Synapse maps.
+    let auth = Authorization::new();
+    let code = auth.code(sidecar, &token).await;
+    let r = redeem(sidecar, &code, &auth.verifier, &secret).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let answer: Value = r.json().await.unwrap();
+    let claims = verify_id_token(sidecar, answer["id_token"].as_str().unwrap()).await;
+    assert_eq!(claims["sub"], subject.as_str());
+    assert_eq!(claims["nonce"], auth.nonce.as_str());
+    assert_eq!(claims["preferred_username"], localpart.as_str());
+    assert_eq!(claims["name"], "flow Example");
+    assert_eq!(claims["email"], format!("{localpart}@example.test"));
+    assert_eq!(claims["tenant"], env.ns(0));
+    assert!(claims["iat"].as_u64().unwrap() <= now());
+    let access = answer["access_token"].as_str().unwrap().to_string();
+    let userinfo = || async {
+        https_client()
+            .get(format!("{sidecar}/userinfo"))
+            .bearer_auth(&access)
+            .send()
+            .await
+            .unwrap()
+    };
+    let r = userinfo().await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["sub"], subject.as_str());
+
+    // Replaying the code fails and revokes what the code issued.
+    let r = redeem(sidecar, &code, &auth.verifier, &secret).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_grant");
+    assert_eq!(userinfo().await.status(), StatusCode::UNAUTHORIZED);
+
+    // Discovery lists only what we sign with.
+    let discovery: Value = https_client()
+        .get(format!("{sidecar}/.well-known/openid-configuration"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(discovery["issuer"], sidecar);
+    assert_eq!(discovery["id_token_signing_alg_values_supported"], json!(["ES256"]));
+    assert_eq!(discovery["code_challenge_methods_supported"], json!(["S256"]));
+}
+
+async fn credentials(sidecar: &str, token: Option<&str>) -> (StatusCode, Value) {
+    let mut request = https_client().post(format!("{sidecar}/api/v1/credentials"));
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    let r = request.send().await.unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn credential_api_hands_out_a_working_token_and_reuses_it() {
+    let env = TestEnv::new("creds").await;
+    let stack = Stack::get();
+    let sidecar = stack.sidecar().await;
+    let (subject, _, user_id) = ready_user(&env, "cred-user").await;
+    let token = platform_token(&subject, env.ns(0));
+
+    let (status, first) = credentials(sidecar, Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(first["user_id"], user_id);
+    assert_eq!(first["homeserver_url"], stack.var("SYNAPSE_URL"));
+    assert!(first["expires_in"].as_u64().unwrap() > 3000);
+    let access = first["access_token"].as_str().unwrap();
+    let (status, me) = whoami(stack.var("SYNAPSE_URL"), access).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(me["user_id"], user_id);
+
+    let (_, second) = credentials(sidecar, Some(&token)).await;
+    assert_eq!(second["access_token"], first["access_token"], "a live token is reused");
+    assert_eq!(second["expires_at"], first["expires_at"]);
+}
+
+#[tokio::test]
+async fn credential_api_refusals_have_stable_codes() {
+    let env = TestEnv::new("creds-refuse").await;
+    let sidecar = Stack::get().sidecar().await;
+    let (subject, localpart, _) = ready_user(&env, "refused").await;
+    let tenant = env.ns(0).to_string();
+
+    let (status, body) = credentials(sidecar, None).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_token")));
+
+    let mut invalid = Vec::new();
+    let mut c = platform_claims(&subject, &tenant);
+    c["exp"] = json!(now() - 600);
+    invalid.push(("expired", platform_token_with(&c)));
+    let mut c = platform_claims(&subject, &tenant);
+    c["iss"] = json!("https://evil.test");
+    invalid.push(("issuer", platform_token_with(&c)));
+    let mut c = platform_claims(&subject, &tenant);
+    c["aud"] = json!("another-app");
+    invalid.push(("audience", platform_token_with(&c)));
+    let forged = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &platform_claims(&subject, &tenant),
+        &EncodingKey::from_secret(b"guessed-secret-guessed-secret-guessed"),
+    )
+    .unwrap();
+    invalid.push(("signature", forged));
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    invalid.push((
+        "alg none",
+        format!(
+            "{}.{}.",
+            b64(&json!({"alg": "none", "typ": "JWT"})),
+            b64(&platform_claims(&subject, &tenant))
+        ),
+    ));
+    for (what, token) in &invalid {
+        let (status, body) = credentials(sidecar, Some(token)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+        assert_eq!(body["error"], "invalid_token", "{what}");
+    }
+
+    let (status, body) = credentials(sidecar, Some(&platform_token(&subject, "no-tenant"))).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("unknown_tenant")));
+    let (status, body) = credentials(sidecar, Some(&platform_token("stranger", &tenant))).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("user_not_found")));
+
+    // Declared but not Ready (the localpart is held by the older object).
+    let twin_subject = unique("sub");
+    env.create_user(0, "twin", json!({"localpart": localpart, "subject": twin_subject}))
+        .await;
+    env.wait_ready(0, "twin", false, "LocalpartConflict").await;
+    let (status, body) = credentials(sidecar, Some(&platform_token(&twin_subject, &tenant))).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::CONFLICT, Some("user_not_ready")));
+
+    // Per-user rate limit (burst 10): the rest get 429 with Retry-After.
+    let token = platform_token(&subject, &tenant);
+    let mut limited = None;
+    for _ in 0..15 {
+        let r = https_client()
+            .post(format!("{sidecar}/api/v1/credentials"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let limited = limited.expect("the per-user limit applies");
+    assert!(limited.headers().contains_key("retry-after"));
+    assert_eq!(limited.json::<Value>().await.unwrap()["error"], "rate_limited");
+    // Another user is not affected.
+    let (status, _) = credentials(sidecar, Some(&platform_token(&twin_subject, &tenant))).await;
+    assert_ne!(status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn tokens_die_when_the_user_is_locked_deactivated_or_deleted() {
+    let env = TestEnv::with(
+        "creds-revoke",
+        Options::default(),
+    )
+    .await;
+    let stack = Stack::get();
+    let sidecar = stack.sidecar().await;
+    let synapse = stack.var("SYNAPSE_URL");
+    let tenant = env.ns(0).to_string();
+
+    // Locked: the token stops working and no new one is issued.
+    let (subject, _, _) = ready_user(&env, "to-lock").await;
+    let (_, creds) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
+    let access = creds["access_token"].as_str().unwrap().to_string();
+    assert_eq!(whoami(synapse, &access).await.0, StatusCode::OK);
+    env.patch_user(0, "to-lock", json!({"locked": true})).await;
+    env.wait_ready(0, "to-lock", true, "Converged").await;
+    wait_for("the locked user's token to die", || async {
+        (whoami(synapse, &access).await.0 != StatusCode::OK).then_some(())
+    })
+    .await;
+    let (status, body) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("user_locked")));
+    // Unlocking does not bring the old token back: it was logged out.
+    env.patch_user(0, "to-lock", json!({"locked": false})).await;
+    env.wait_ready(0, "to-lock", true, "Converged").await;
+    assert_eq!(whoami(synapse, &access).await.0, StatusCode::UNAUTHORIZED);
+
+    // Deactivated.
+    let (subject, _, _) = ready_user(&env, "to-deactivate").await;
+    let (_, creds) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
+    let access = creds["access_token"].as_str().unwrap().to_string();
+    env.patch_user(0, "to-deactivate", json!({"deactivated": true})).await;
+    wait_for("the deactivated user's token to die", || async {
+        (whoami(synapse, &access).await.0 == StatusCode::UNAUTHORIZED).then_some(())
+    })
+    .await;
+    let (status, body) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("user_deactivated")));
+
+    // Deleted with Retain: Synapse keeps the account, but the sidecar logs
+    // out what it handed out.
+    let subject = unique("sub");
+    let localpart = unique("retained");
+    env.create_user(
+        0,
+        "retained",
+        json!({"localpart": localpart, "subject": subject, "deletionPolicy": "Retain"}),
+    )
+    .await;
+    env.wait_ready(0, "retained", true, "Converged").await;
+    let (_, creds) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
+    let access = creds["access_token"].as_str().unwrap().to_string();
+    assert_eq!(whoami(synapse, &access).await.0, StatusCode::OK);
+    env.delete_user(0, "retained").await;
+    env.wait_gone(&env.users(0), "retained").await;
+    wait_for("the deleted user's token to die", || async {
+        (whoami(synapse, &access).await.0 == StatusCode::UNAUTHORIZED).then_some(())
+    })
+    .await;
+    let (status, _) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
