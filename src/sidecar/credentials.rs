@@ -55,6 +55,10 @@ pub struct CredentialService {
     limiter: DefaultKeyedRateLimiter<String>,
     /// One live token per account object (`namespace/name`).
     cache: Mutex<HashMap<String, Minted>>,
+    /// Tokens of unusable accounts not logged out yet: a locked account
+    /// cannot log out, so its tokens are retried until the lock lifts (or
+    /// they expire).
+    pending_logout: Mutex<Vec<Minted>>,
     /// Serialises minting per account, so concurrent calls share one token.
     minting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -86,6 +90,7 @@ impl CredentialService {
             settings,
             limiter: RateLimiter::keyed(quota),
             cache: Mutex::default(),
+            pending_logout: Mutex::default(),
             minting: Mutex::default(),
         }
     }
@@ -190,12 +195,23 @@ impl CredentialService {
         }
     }
 
-    /// Logs out cached tokens whose account is no longer usable (locked,
-    /// deactivated, deleted, replaced) and forgets expired ones. Returns
-    /// how many were revoked.
+    /// Moves the cached token of `key` to the logout queue, if its account
+    /// is the one that changed.
+    fn retire(&self, key: &str, uid: &str) {
+        let mut cache = self.cache.lock().expect("cache lock");
+        if cache.get(key).is_some_and(|m| m.account.uid == uid) {
+            if let Some(m) = cache.remove(key) {
+                self.pending_logout.lock().expect("pending lock").push(m);
+            }
+        }
+    }
+
+    /// Queues cached tokens whose account is no longer usable (locked,
+    /// deactivated, deleted, replaced), forgets expired ones, and logs out
+    /// the queue. Returns how many were logged out.
     pub async fn revoke_unusable(&self) -> usize {
         let now = SystemTime::now();
-        let revoked: Vec<(String, Minted)> = {
+        let work: Vec<Minted> = {
             let mut cache = self.cache.lock().expect("cache lock");
             cache.retain(|_, m| m.expires_at > now);
             let dead: Vec<String> = cache
@@ -203,32 +219,56 @@ impl CredentialService {
                 .filter(|(_, m)| matches!(self.directory.still_usable(&m.account), Some(Err(_))))
                 .map(|(k, _)| k.clone())
                 .collect();
-            dead.into_iter()
-                .filter_map(|k| cache.remove(&k).map(|m| (k, m)))
-                .collect()
+            let mut pending = self.pending_logout.lock().expect("pending lock");
+            pending.extend(dead.into_iter().filter_map(|k| cache.remove(&k)));
+            pending.retain(|m| m.expires_at > now);
+            std::mem::take(&mut *pending)
         };
-        for (key, minted) in &revoked {
+        let mut revoked = 0;
+        let mut retry = Vec::new();
+        for minted in work {
             match self.synapse.logout_token(&minted.access_token).await {
-                Ok(()) => tracing::info!(
-                    user = %minted.account.user_id, object = %key,
-                    "credentials: token revoked (account no longer usable)"
-                ),
-                Err(e) => tracing::warn!(
-                    user = %minted.account.user_id, error = %e,
-                    "credentials: revoking a token failed; it expires on its own"
-                ),
+                Ok(()) => {
+                    revoked += 1;
+                    tracing::info!(
+                        user = %minted.account.user_id, object = %minted.account.object_key(),
+                        "credentials: token revoked (account no longer usable)"
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(
+                        user = %minted.account.user_id, error = %e,
+                        "credentials: token not revoked yet; retrying"
+                    );
+                    retry.push(minted);
+                }
             }
         }
-        self.limiter.retain_recent();
-        revoked.len()
+        self.pending_logout
+            .lock()
+            .expect("pending lock")
+            .extend(retry);
+        revoked
     }
 
-    /// Runs [`Self::revoke_unusable`] every `interval` until the task ends.
+    /// Revokes at once on every change that makes an account unusable (each
+    /// version the watch delivers, so a lock lifted a moment later still
+    /// ends the tokens), and sweeps every `interval` as a safety net.
     pub async fn revoke_loop(self: Arc<Self>, interval: Duration) {
+        let mut changes = self.directory.subscribe();
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                change = changes.recv() => match change {
+                    Ok(c) if !c.usable => self.retire(&c.key, &c.uid),
+                    Ok(_) => continue,
+                    // Missed changes: the sweep below catches up.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tick.tick() => self.limiter.retain_recent(),
+            }
             self.revoke_unusable().await;
         }
     }

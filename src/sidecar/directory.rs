@@ -133,12 +133,24 @@ pub fn resolve<'a>(
     })
 }
 
+/// One `MatrixUser` change as the watch delivered it: whether that version
+/// of the object is usable. Every version is seen, so even a lock lifted a
+/// moment later is noticed.
+#[derive(Clone, Debug)]
+pub struct UserChange {
+    /// `namespace/name`.
+    pub key: String,
+    pub uid: String,
+    pub usable: bool,
+}
+
 /// Watch caches of tenant namespaces and `MatrixUser`s.
 #[derive(Clone)]
 pub struct Directory {
     users: Store<MatrixUser>,
     namespaces: Store<Namespace>,
     ready: Arc<AtomicBool>,
+    changes: tokio::sync::broadcast::Sender<UserChange>,
 }
 
 /// Which `MatrixUser`s the sidecar sees (mirrors the controller's scope).
@@ -164,10 +176,12 @@ impl Directory {
         let (users, users_writer) = reflector::store();
         let (namespaces, ns_writer) = reflector::store();
         let ready = Arc::new(AtomicBool::new(false));
+        let (changes, _) = tokio::sync::broadcast::channel(1024);
         let directory = Directory {
             users: users.clone(),
             namespaces: namespaces.clone(),
             ready: ready.clone(),
+            changes: changes.clone(),
         };
         let task = tokio::spawn(async move {
             let user_cache = reflector::reflector(
@@ -176,7 +190,24 @@ impl Directory {
                     .default_backoff()
                     .modify(|u: &mut MatrixUser| u.managed_fields_mut().clear()),
             )
-            .for_each(|_| futures::future::ready(()));
+            .for_each(move |event| {
+                let change = |u: &MatrixUser, usable: bool| UserChange {
+                    key: crate::controller::key(u),
+                    uid: u.uid().unwrap_or_default(),
+                    usable,
+                };
+                // Nobody listening is fine: the send only fails then.
+                match event {
+                    Ok(watcher::Event::Apply(u) | watcher::Event::InitApply(u)) => {
+                        let _ = changes.send(change(&u, self::usable(&u).is_ok()));
+                    }
+                    Ok(watcher::Event::Delete(u)) => {
+                        let _ = changes.send(change(&u, false));
+                    }
+                    _ => {}
+                }
+                futures::future::ready(())
+            });
             let ns_cache = reflector::reflector(
                 ns_writer,
                 watcher(Api::<Namespace>::all(client), ns_watch)
@@ -194,6 +225,11 @@ impl Directory {
             futures::join!(user_cache, ns_cache, readiness);
         });
         (directory, task)
+    }
+
+    /// Every `MatrixUser` change from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<UserChange> {
+        self.changes.subscribe()
     }
 
     pub fn is_ready(&self) -> bool {

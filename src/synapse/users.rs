@@ -202,7 +202,8 @@ impl SynapseClient {
     }
 
     /// Invalidates one access token (as its own holder). Already invalid
-    /// counts as done.
+    /// counts as done; a locked account cannot log out (`M_USER_LOCKED`),
+    /// so that is an error to retry once the lock lifts.
     pub async fn logout_token(&self, access_token: &str) -> Result<(), SynapseError> {
         let request = self
             .http
@@ -213,7 +214,11 @@ impl SynapseClient {
             .map_err(|e| SynapseError::Request(e.to_string()))?;
         match self.execute(request, RequestKind::Logout).await {
             Ok(_) => Ok(()),
-            Err(SynapseError::Rejected { status: 401, .. }) => Ok(()),
+            Err(SynapseError::Rejected {
+                status: 401,
+                errcode,
+                ..
+            }) if errcode == "M_UNKNOWN_TOKEN" => Ok(()),
             Err(e) => Err(e),
         }
     }

@@ -605,10 +605,18 @@ async fn tokens_die_when_the_user_is_locked_deactivated_or_deleted() {
     .await;
     let (status, body) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
     assert_eq!((status, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("user_locked")));
-    // Unlocking does not bring the old token back: it was logged out.
+    // Unlocking does not bring the old token back: a locked account cannot
+    // log out, so the sidecar logs the token out as soon as the lock lifts.
     env.patch_user(0, "to-lock", json!({"locked": false})).await;
     env.wait_ready(0, "to-lock", true, "Converged").await;
-    assert_eq!(whoami(synapse, &access).await.0, StatusCode::UNAUTHORIZED);
+    wait_for("the unlocked user's old token to stay dead", || async {
+        let (status, body) = whoami(synapse, &access).await;
+        (status == StatusCode::UNAUTHORIZED && body["errcode"] == "M_UNKNOWN_TOKEN").then_some(())
+    })
+    .await;
+    let (status, fresh) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(fresh["access_token"].as_str(), Some(access.as_str()));
 
     // Deactivated.
     let (subject, _, _) = ready_user(&env, "to-deactivate").await;
