@@ -186,7 +186,9 @@ impl SidecarArgs {
     /// The file's configuration with every given flag applied on top.
     fn into_config(self) -> Result<sidecar::config::SidecarConfig, MainError> {
         let mut c = match &self.config {
-            Some(path) => sidecar::config::SidecarConfig::from_yaml(&std::fs::read_to_string(path)?)?,
+            Some(path) => {
+                sidecar::config::SidecarConfig::from_yaml(&std::fs::read_to_string(path)?)?
+            }
             None => Default::default(),
         };
         fn set<T>(slot: &mut Option<T>, value: Option<T>) {
@@ -205,7 +207,11 @@ impl SidecarArgs {
             c.clients.push(sidecar::config::ClientConfig {
                 id,
                 secret_file,
-                redirect_uris: self.redirect_uri.into_iter().filter(|u| !u.is_empty()).collect(),
+                redirect_uris: self
+                    .redirect_uri
+                    .into_iter()
+                    .filter(|u| !u.is_empty())
+                    .collect(),
             });
         }
         set(&mut c.platform.issuer, self.platform_issuer);

@@ -96,9 +96,16 @@ impl CredentialService {
     }
 
     /// Credentials for the bearer of a platform token.
-    pub async fn credentials(&self, platform_token: Option<String>) -> Result<Credentials, ApiError> {
+    pub async fn credentials(
+        &self,
+        platform_token: Option<String>,
+    ) -> Result<Credentials, ApiError> {
         let token = platform_token.ok_or_else(|| {
-            ApiError::new(401, "missing_token", "a platform token is required as a Bearer token")
+            ApiError::new(
+                401,
+                "missing_token",
+                "a platform token is required as a Bearer token",
+            )
         })?;
         let identity = self.platform.verify(&token).await.map_err(|e| {
             if e.is_unavailable() {
@@ -112,8 +119,10 @@ impl CredentialService {
             let wait = not_until.wait_time_from(governor::clock::Clock::now(
                 &governor::clock::DefaultClock::default(),
             ));
-            return Err(ApiError::new(429, "rate_limited", "too many credential requests")
-                .retry_after(wait.as_secs().max(1)));
+            return Err(
+                ApiError::new(429, "rate_limited", "too many credential requests")
+                    .retry_after(wait.as_secs().max(1)),
+            );
         }
         let account = self
             .directory
@@ -146,7 +155,10 @@ impl CredentialService {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
-        let user_id = self.synapse.user_id(&account.localpart).map_err(synapse_error)?;
+        let user_id = self
+            .synapse
+            .user_id(&account.localpart)
+            .map_err(synapse_error)?;
         let access_token = self
             .synapse
             .login_as(&user_id, valid_until_ms)
@@ -291,13 +303,24 @@ fn lookup_error(e: LookupError) -> ApiError {
 fn synapse_error(e: SynapseError) -> ApiError {
     tracing::warn!(error = %e, "credentials: Synapse call failed");
     if e.is_transient() {
-        ApiError::new(503, "homeserver_unavailable", "the homeserver is unavailable")
+        ApiError::new(
+            503,
+            "homeserver_unavailable",
+            "the homeserver is unavailable",
+        )
     } else {
-        ApiError::new(502, "homeserver_refused", "the homeserver refused to issue a token")
+        ApiError::new(
+            502,
+            "homeserver_refused",
+            "the homeserver refused to issue a token",
+        )
     }
 }
 
-pub async fn handler(State(service): State<Arc<CredentialService>>, headers: HeaderMap) -> Response {
+pub async fn handler(
+    State(service): State<Arc<CredentialService>>,
+    headers: HeaderMap,
+) -> Response {
     let mut response = match service.credentials(bearer(&headers)).await {
         Ok(c) => Json(c).into_response(),
         Err(e) => {

@@ -162,7 +162,10 @@ pub struct DirectoryScope {
 
 impl Directory {
     /// Starts the watches; they run until the returned task is aborted.
-    pub fn start(client: Client, scope: &DirectoryScope) -> (Directory, tokio::task::JoinHandle<()>) {
+    pub fn start(
+        client: Client,
+        scope: &DirectoryScope,
+    ) -> (Directory, tokio::task::JoinHandle<()>) {
         let users_api: Api<MatrixUser> = match &scope.namespace {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
@@ -217,8 +220,9 @@ impl Directory {
             .for_each(|_| futures::future::ready(()));
             // A store's readiness wakes one waiter only: record it once here.
             let readiness = async move {
-                let _ = futures::future::join(users.wait_until_ready(), namespaces.wait_until_ready())
-                    .await;
+                let _ =
+                    futures::future::join(users.wait_until_ready(), namespaces.wait_until_ready())
+                        .await;
                 ready.store(true, Ordering::Release);
                 futures::future::pending::<()>().await
             };
@@ -391,8 +395,13 @@ mod tests {
         );
         assert_eq!(
             check(&|u| {
-                u.status.as_mut().unwrap().conditions =
-                    vec![Condition::new("Ready", false, "LocalpartConflict", "", Some(1))]
+                u.status.as_mut().unwrap().conditions = vec![Condition::new(
+                    "Ready",
+                    false,
+                    "LocalpartConflict",
+                    "",
+                    Some(1),
+                )]
             }),
             Err(LookupError::NotReady("LocalpartConflict".into()))
         );

@@ -27,7 +27,9 @@ pub enum KeyError {
     Empty(PathBuf),
     #[error("the active signing key {0:?} is not in the key directory")]
     ActiveMissing(String),
-    #[error("{0} signing keys and none named active (set the active kid or an {ACTIVE_KID_FILE} file)")]
+    #[error(
+        "{0} signing keys and none named active (set the active kid or an {ACTIVE_KID_FILE} file)"
+    )]
     Ambiguous(usize),
     #[error("building the JWK for {kid:?}: {message}")]
     Jwk { kid: String, message: String },

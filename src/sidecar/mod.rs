@@ -136,7 +136,10 @@ pub fn html_page(title: &str, detail: &str) -> Html<String> {
 /// Everything the sidecar needs, resolved and checked.
 pub struct Settings {
     pub listen: SocketAddr,
-    pub issuer: url::Url,
+    /// Exactly as configured: Synapse compares it byte for byte.
+    pub issuer: String,
+    /// The issuer's path, under which the OIDC endpoints are served.
+    pub issuer_path: String,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub keys_dir: PathBuf,
@@ -164,8 +167,9 @@ fn non_zero(value: Option<u32>, default: u32, what: &str) -> Result<NonZeroU32, 
 impl Settings {
     /// Checks the configuration and reads the secrets it points to.
     pub async fn resolve(config: SidecarConfig, kube: &kube::Client) -> Result<Self, Error> {
-        let issuer = url::Url::parse(&required(config.issuer, "issuer")?)
-            .map_err(|e| Error::Config(format!("issuer: {e}")))?;
+        let issuer_text = required(config.issuer, "issuer")?;
+        let issuer =
+            url::Url::parse(&issuer_text).map_err(|e| Error::Config(format!("issuer: {e}")))?;
         // Synapse checks the provider's metadata; we never ask it not to.
         if issuer.scheme() != "https" || issuer.query().is_some() || issuer.fragment().is_some() {
             return Err(Error::Config(
@@ -279,7 +283,8 @@ impl Settings {
             listen: config
                 .listen
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443))),
-            issuer,
+            issuer_path: issuer.path().to_string(),
+            issuer: issuer_text,
             cert_file: required(config.tls.cert_file, "tls.certFile")?,
             key_file: required(config.tls.key_file, "tls.keyFile")?,
             keys_dir: required(config.signing_keys.dir, "signingKeys.dir")?,
@@ -380,7 +385,7 @@ pub async fn run(
     let (directory, watches) = directory::Directory::start(kube, &settings.scope);
     let synapse = SynapseClient::new(settings.synapse.clone())?;
     let provider = Arc::new(oidc::Provider::new(
-        settings.issuer.to_string(),
+        settings.issuer.clone(),
         settings.clients,
         keys.clone(),
         verifier.clone(),
@@ -395,7 +400,12 @@ pub async fn run(
         synapse,
         settings.credentials,
     ));
-    let app = router(settings.issuer.path(), provider, credentials.clone(), directory);
+    let app = router(
+        &settings.issuer_path,
+        provider,
+        credentials.clone(),
+        directory,
+    );
 
     let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(
         &settings.cert_file,
@@ -435,7 +445,7 @@ pub async fn run(
     }
     {
         let handle = handle.clone();
-        let issuer = settings.issuer.to_string();
+        let issuer = settings.issuer.clone();
         tokio::spawn(async move {
             if let Some(addr) = handle.listening().await {
                 tracing::info!(%addr, %issuer, "sidecar listening (HTTPS)");
@@ -451,4 +461,64 @@ pub async fn run(
     reloader.abort();
     watches.abort();
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every path the router serves, as an issuer without a path puts them.
+    const SERVED: &[&str] = &[
+        "/api/v1/credentials",
+        "/.well-known/openid-configuration",
+        "/jwks",
+        "/authorize",
+        "/token",
+        "/userinfo",
+        "/healthz",
+        "/readyz",
+        "/openapi.yaml",
+    ];
+
+    #[test]
+    fn the_api_description_covers_every_route() {
+        let doc: serde_yaml::Value = serde_yaml::from_str(OPENAPI).unwrap();
+        let mut documented: Vec<String> = doc["paths"]
+            .as_mapping()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str().unwrap().to_string())
+            .collect();
+        documented.sort();
+        let mut served: Vec<String> = SERVED.iter().map(|s| s.to_string()).collect();
+        served.sort();
+        assert_eq!(documented, served);
+    }
+
+    #[test]
+    fn refusals_are_json_with_a_stable_code() {
+        let response = ApiError::new(429, "rate_limited", "slow down")
+            .retry_after(7)
+            .into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "7");
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_case_insensitively() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer abc"),
+        );
+        assert_eq!(bearer(&headers).as_deref(), Some("abc"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&headers), None);
+    }
+
+    #[test]
+    fn pages_escape_what_they_show() {
+        let page = html_page("<b>", "a & \"b\"").0;
+        assert!(page.contains("&lt;b&gt;") && page.contains("a &amp; &quot;b&quot;"));
+    }
 }

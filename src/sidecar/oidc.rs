@@ -95,7 +95,7 @@ impl Provider {
         lifetimes: Lifetimes,
     ) -> Self {
         Provider {
-            issuer: issuer.trim_end_matches('/').to_string(),
+            issuer,
             clients: clients.into_iter().map(|c| (c.id.clone(), c)).collect(),
             keys,
             platform,
@@ -108,7 +108,7 @@ impl Provider {
     }
 
     fn endpoint(&self, path: &str) -> String {
-        format!("{}{path}", self.issuer)
+        format!("{}{path}", self.issuer.trim_end_matches('/'))
     }
 }
 
@@ -142,11 +142,7 @@ async fn discovery(State(p): State<Arc<Provider>>) -> Response {
         "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce",
                              "preferred_username", "name", "email", "tenant"],
     });
-    (
-        [(header::CACHE_CONTROL, "public, max-age=300")],
-        Json(body),
-    )
-        .into_response()
+    ([(header::CACHE_CONTROL, "public, max-age=300")], Json(body)).into_response()
 }
 
 async fn jwks(State(p): State<Arc<Provider>>) -> Response {
@@ -233,18 +229,23 @@ fn is_pkce_value(s: &str) -> bool {
 
 async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequest) -> Response {
     // 1. The client and its redirect URI, before anything is redirected.
-    let Some(client) = request.client_id.as_deref().and_then(|id| p.clients.get(id)) else {
+    let Some(client) = request
+        .client_id
+        .as_deref()
+        .and_then(|id| p.clients.get(id))
+    else {
         return refuse_page(
             StatusCode::BAD_REQUEST,
             "Unknown application",
             "The application asking you to sign in is not registered with this provider.",
         );
     };
-    let Some(redirect_uri) = request
-        .redirect_uri
-        .clone()
-        .filter(|r| client.redirect_uris.iter().any(|registered| registered == r))
-    else {
+    let Some(redirect_uri) = request.redirect_uri.clone().filter(|r| {
+        client
+            .redirect_uris
+            .iter()
+            .any(|registered| registered == r)
+    }) else {
         return refuse_page(
             StatusCode::BAD_REQUEST,
             "Invalid redirect",
@@ -278,7 +279,12 @@ async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequ
         request.code_challenge_method.as_deref(),
     ) {
         (Some(c), Some("S256")) if is_pkce_value(c) => c.to_string(),
-        _ => return fail("invalid_request", "PKCE with code_challenge_method S256 is required"),
+        _ => {
+            return fail(
+                "invalid_request",
+                "PKCE with code_challenge_method S256 is required",
+            )
+        }
     };
     // 3. Who the browser is, by the platform's token.
     let presented = bearer(headers).or(request.platform_token.take());
@@ -507,7 +513,11 @@ async fn token(
         );
     }
     let Some(code) = form.code.as_deref() else {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "code is missing");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "code is missing",
+        );
     };
     let now = SystemTime::now();
     let key = digest(code);

@@ -168,7 +168,9 @@ impl PlatformVerifier {
             unreachable!("only called for JWKS settings");
         };
         let mut cache = self.jwks.lock().await;
-        let stale = cache.as_ref().is_none_or(|c| c.fetched.elapsed() > *refresh);
+        let stale = cache
+            .as_ref()
+            .is_none_or(|c| c.fetched.elapsed() > *refresh);
         let missing = cache
             .as_ref()
             .is_some_and(|c| c.keys.find(kid).is_none() && c.fetched.elapsed() > MIN_REFETCH);
@@ -296,7 +298,10 @@ mod tests {
     fn check(token: &str) -> Result<PlatformIdentity, PlatformError> {
         let header = decode_header(token).map_err(|_| PlatformError::Malformed)?;
         if header.alg != Algorithm::HS256 {
-            return Err(PlatformError::AlgorithmNotAllowed(format!("{:?}", header.alg)));
+            return Err(PlatformError::AlgorithmNotAllowed(format!(
+                "{:?}",
+                header.alg
+            )));
         }
         check_with_key(
             &settings(),
@@ -331,7 +336,10 @@ mod tests {
         assert!(matches!(check(&hs256(&c)), Err(PlatformError::WrongIssuer)));
         let mut c = claims();
         c["aud"] = json!("someone-else");
-        assert!(matches!(check(&hs256(&c)), Err(PlatformError::WrongAudience)));
+        assert!(matches!(
+            check(&hs256(&c)),
+            Err(PlatformError::WrongAudience)
+        ));
         let mut c = claims();
         c["exp"] = json!(now() - 60);
         assert!(matches!(check(&hs256(&c)), Err(PlatformError::Expired)));

@@ -191,7 +191,14 @@ impl SynapseClient {
         let (_, bytes) = self
             .send_json(
                 reqwest::Method::POST,
-                &["_synapse", "admin", "v1", "users", user_id.as_str(), "login"],
+                &[
+                    "_synapse",
+                    "admin",
+                    "v1",
+                    "users",
+                    user_id.as_str(),
+                    "login",
+                ],
                 Some(&body),
                 RequestKind::LoginAsUser,
             )

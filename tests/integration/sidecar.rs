@@ -232,7 +232,9 @@ async fn sso_login_through_synapse_lands_on_the_operators_account() {
         .filter_map(|c| c.to_str().ok()?.split(';').next().map(str::to_string))
         .collect();
     let authorize = location(&r);
-    assert!(authorize.as_str().starts_with(&format!("{sidecar}/authorize")));
+    assert!(authorize
+        .as_str()
+        .starts_with(&format!("{sidecar}/authorize")));
     assert_eq!(query(&authorize)["code_challenge_method"], "S256");
 
     // 2. No platform session: the sidecar sends the browser to the platform.
@@ -250,7 +252,8 @@ async fn sso_login_through_synapse_lands_on_the_operators_account() {
     let r = http.get(back.as_str()).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(
-        r.headers()["referrer-policy"], "no-referrer",
+        r.headers()["referrer-policy"],
+        "no-referrer",
         "the platform token must not leak through Referer"
     );
     let callback = location(&r);
@@ -327,7 +330,8 @@ async fn authorize_refuses_users_without_a_ready_account() {
     assert_eq!(r.status(), StatusCode::CONFLICT);
     assert!(r.text().await.unwrap().contains("not ready"));
     // Locked.
-    env.patch_user(0, "locked-soon", json!({"locked": true})).await;
+    env.patch_user(0, "locked-soon", json!({"locked": true}))
+        .await;
     let token = platform_token(&subject, env.ns(0));
     wait_for("authorize refuses the locked user", || async {
         let r = Authorization::new().send(sidecar, Some(&token)).await;
@@ -464,8 +468,14 @@ async fn authorization_code_flow_enforces_every_binding() {
         .await
         .unwrap();
     assert_eq!(discovery["issuer"], sidecar);
-    assert_eq!(discovery["id_token_signing_alg_values_supported"], json!(["ES256"]));
-    assert_eq!(discovery["code_challenge_methods_supported"], json!(["S256"]));
+    assert_eq!(
+        discovery["id_token_signing_alg_values_supported"],
+        json!(["ES256"])
+    );
+    assert_eq!(
+        discovery["code_challenge_methods_supported"],
+        json!(["S256"])
+    );
 }
 
 async fn credentials(sidecar: &str, token: Option<&str>) -> (StatusCode, Value) {
@@ -497,7 +507,10 @@ async fn credential_api_hands_out_a_working_token_and_reuses_it() {
     assert_eq!(me["user_id"], user_id);
 
     let (_, second) = credentials(sidecar, Some(&token)).await;
-    assert_eq!(second["access_token"], first["access_token"], "a live token is reused");
+    assert_eq!(
+        second["access_token"], first["access_token"],
+        "a live token is reused"
+    );
     assert_eq!(second["expires_at"], first["expires_at"]);
 }
 
@@ -509,7 +522,10 @@ async fn credential_api_refusals_have_stable_codes() {
     let tenant = env.ns(0).to_string();
 
     let (status, body) = credentials(sidecar, None).await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_token")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("missing_token"))
+    );
 
     let mut invalid = Vec::new();
     let mut c = platform_claims(&subject, &tenant);
@@ -544,17 +560,30 @@ async fn credential_api_refusals_have_stable_codes() {
     }
 
     let (status, body) = credentials(sidecar, Some(&platform_token(&subject, "no-tenant"))).await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("unknown_tenant")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("unknown_tenant"))
+    );
     let (status, body) = credentials(sidecar, Some(&platform_token("stranger", &tenant))).await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("user_not_found")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("user_not_found"))
+    );
 
     // Declared but not Ready (the localpart is held by the older object).
     let twin_subject = unique("sub");
-    env.create_user(0, "twin", json!({"localpart": localpart, "subject": twin_subject}))
-        .await;
+    env.create_user(
+        0,
+        "twin",
+        json!({"localpart": localpart, "subject": twin_subject}),
+    )
+    .await;
     env.wait_ready(0, "twin", false, "LocalpartConflict").await;
     let (status, body) = credentials(sidecar, Some(&platform_token(&twin_subject, &tenant))).await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::CONFLICT, Some("user_not_ready")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("user_not_ready"))
+    );
 
     // Per-user rate limit (burst 10): the rest get 429 with Retry-After.
     let token = platform_token(&subject, &tenant);
@@ -574,7 +603,10 @@ async fn credential_api_refusals_have_stable_codes() {
     }
     let limited = limited.expect("the per-user limit applies");
     assert!(limited.headers().contains_key("retry-after"));
-    assert_eq!(limited.json::<Value>().await.unwrap()["error"], "rate_limited");
+    assert_eq!(
+        limited.json::<Value>().await.unwrap()["error"],
+        "rate_limited"
+    );
     // Another user is not affected.
     let (status, _) = credentials(sidecar, Some(&platform_token(&twin_subject, &tenant))).await;
     assert_ne!(status, StatusCode::TOO_MANY_REQUESTS);
@@ -582,11 +614,7 @@ async fn credential_api_refusals_have_stable_codes() {
 
 #[tokio::test]
 async fn tokens_die_when_the_user_is_locked_deactivated_or_deleted() {
-    let env = TestEnv::with(
-        "creds-revoke",
-        Options::default(),
-    )
-    .await;
+    let env = TestEnv::with("creds-revoke", Options::default()).await;
     let stack = Stack::get();
     let sidecar = stack.sidecar().await;
     let synapse = stack.var("SYNAPSE_URL");
@@ -604,7 +632,10 @@ async fn tokens_die_when_the_user_is_locked_deactivated_or_deleted() {
     })
     .await;
     let (status, body) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("user_locked")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("user_locked"))
+    );
     // Unlocking does not bring the old token back: a locked account cannot
     // log out, so the sidecar logs the token out as soon as the lock lifts.
     env.patch_user(0, "to-lock", json!({"locked": false})).await;
@@ -622,13 +653,17 @@ async fn tokens_die_when_the_user_is_locked_deactivated_or_deleted() {
     let (subject, _, _) = ready_user(&env, "to-deactivate").await;
     let (_, creds) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
     let access = creds["access_token"].as_str().unwrap().to_string();
-    env.patch_user(0, "to-deactivate", json!({"deactivated": true})).await;
+    env.patch_user(0, "to-deactivate", json!({"deactivated": true}))
+        .await;
     wait_for("the deactivated user's token to die", || async {
         (whoami(synapse, &access).await.0 == StatusCode::UNAUTHORIZED).then_some(())
     })
     .await;
     let (status, body) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("user_deactivated")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("user_deactivated"))
+    );
 
     // Deleted with Retain: Synapse keeps the account, but the sidecar logs
     // out what it handed out.
@@ -652,4 +687,250 @@ async fn tokens_die_when_the_user_is_locked_deactivated_or_deleted() {
     .await;
     let (status, _) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// A sidecar of the test's own: the shipped binary with its own config file,
+/// key directory and port (Synapse never talks to it; the test is the client).
+struct OwnSidecar {
+    base: String,
+    keys: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    _child: tokio::process::Child,
+}
+
+impl Drop for OwnSidecar {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The platform part of the config as YAML (indented under `platform:`).
+async fn own_sidecar(platform_yaml: &str) -> OwnSidecar {
+    let stack = Stack::get();
+    let dir = std::env::temp_dir().join(unique("own-sidecar"));
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    std::fs::write(keys.join("first.pem"), generate_ec_key()).unwrap();
+    let port = free_port();
+    let base = format!("https://127.0.0.1:{port}");
+    let config = format!(
+        r#"listen: "127.0.0.1:{port}"
+issuer: "{base}"
+tls: {{certFile: "{cert}", keyFile: "{key}"}}
+signingKeys: {{dir: "{keys}"}}
+clients:
+  - id: synapse
+    secretFile: "{client_secret}"
+    redirectUris: ["{callback}"]
+platform:
+{platform_yaml}
+homeserver:
+  url: "{synapse}"
+  serverName: "{server_name}"
+  adminLocalpart: "{admin}"
+  asTokenSecret: "{as_secret}"
+oidc: {{codeSeconds: 2}}
+reloadSeconds: 1
+"#,
+        cert = stack.var("SIDECAR_CERT"),
+        key = stack.var("SIDECAR_KEY"),
+        keys = keys.display(),
+        client_secret = stack.var("OIDC_CLIENT_SECRET_FILE"),
+        callback = callback(),
+        synapse = stack.var("SYNAPSE_URL"),
+        server_name = stack.var("MATRIX_SERVER_NAME"),
+        admin = stack.var("MATRIX_ADMIN_LOCALPART"),
+        as_secret = stack.var("AS_TOKEN_SECRET"),
+    );
+    let config_path = dir.join("sidecar.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_openmeet-matrix-operator"))
+        .args(["sidecar", "--config"])
+        .arg(&config_path)
+        .env_clear()
+        .env("KUBECONFIG", stack.var("KUBECONFIG"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the sidecar binary");
+    let http = https_client();
+    wait_for("the test's own sidecar", || async {
+        let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    OwnSidecar {
+        base,
+        keys,
+        dir,
+        _child: child,
+    }
+}
+
+fn generate_ec_key() -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .output()
+        .expect("openssl");
+    assert!(out.status.success());
+    out.stdout
+}
+
+fn hs256_platform_yaml() -> String {
+    format!(
+        "  issuer: \"{PLATFORM_ISSUER}\"\n  audience: \"{PLATFORM_AUDIENCE}\"\n  secretFile: \"{}\"",
+        Stack::get().var("PLATFORM_SECRET_FILE")
+    )
+}
+
+#[tokio::test]
+async fn signing_keys_rotate_with_overlap() {
+    let env = TestEnv::new("rotation").await;
+    let own = own_sidecar(&hs256_platform_yaml()).await;
+    let (subject, _, _) = ready_user(&env, "rotating").await;
+    let token = platform_token(&subject, env.ns(0));
+    let secret = client_secret();
+    let id_token = |auth: Authorization| {
+        let (base, token, secret) = (own.base.clone(), token.clone(), secret.clone());
+        async move {
+            let code = auth.code(&base, &token).await;
+            let r = redeem(&base, &code, &auth.verifier, &secret).await;
+            assert_eq!(r.status(), StatusCode::OK);
+            r.json::<Value>().await.unwrap()["id_token"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let kid = |t: &str| jsonwebtoken::decode_header(t).unwrap().kid.unwrap();
+
+    let old = id_token(Authorization::new()).await;
+    assert_eq!(kid(&old), "first");
+
+    // Rotate: a second key becomes active; the first stays published.
+    std::fs::write(own.keys.join("second.pem"), generate_ec_key()).unwrap();
+    std::fs::write(own.keys.join("active-kid"), "second").unwrap();
+    wait_for("the new key to be published", || async {
+        let set = jwks(&own.base).await;
+        (set.find("second").is_some()).then_some(())
+    })
+    .await;
+    let new = id_token(Authorization::new()).await;
+    assert_eq!(kid(&new), "second");
+    verify_id_token(&own.base, &new).await;
+    verify_id_token(&own.base, &old).await;
+
+    // Retire the first key: tokens it signed stop verifying.
+    std::fs::remove_file(own.keys.join("first.pem")).unwrap();
+    wait_for("the old key to be withdrawn", || async {
+        jwks(&own.base).await.find("first").is_none().then_some(())
+    })
+    .await;
+    verify_id_token(&own.base, &new).await;
+
+    // A broken update keeps the current keys.
+    std::fs::write(own.keys.join("active-kid"), "missing").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(kid(&id_token(Authorization::new()).await), "second");
+}
+
+#[tokio::test]
+async fn codes_expire() {
+    let env = TestEnv::new("code-expiry").await;
+    let own = own_sidecar(&hs256_platform_yaml()).await;
+    let (subject, _, _) = ready_user(&env, "slow").await;
+    let auth = Authorization::new();
+    let code = auth
+        .code(&own.base, &platform_token(&subject, env.ns(0)))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let r = redeem(&own.base, &code, &auth.verifier, &client_secret()).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_grant");
+}
+
+/// The platform signs with an ES256 key published in its JWKS.
+#[tokio::test]
+async fn platform_tokens_verified_through_a_jwks() {
+    use jsonwebtoken::jwk::Jwk;
+    let env = TestEnv::new("jwks").await;
+    let (subject, _, user_id) = ready_user(&env, "jwks-user").await;
+    let tenant = env.ns(0).to_string();
+
+    // The platform's keys, served over HTTP by the test.
+    let platform_pem = generate_ec_key();
+    let platform_key = EncodingKey::from_ec_pem(&platform_pem).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&platform_key, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("platform-1".into());
+    let document = serde_json::to_string(&JwkSet {
+        keys: vec![jwk.clone()],
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let document = document.clone();
+            async move { ([("content-type", "application/json")], document) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let own = own_sidecar(&format!(
+        "  issuer: \"{PLATFORM_ISSUER}\"\n  audience: \"{PLATFORM_AUDIENCE}\"\n  jwksUrl: \"{jwks_url}\"\n  algorithms: [ES256]"
+    ))
+    .await;
+
+    let sign = |kid: Option<&str>, key: &EncodingKey| {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = kid.map(str::to_string);
+        jsonwebtoken::encode(&header, &platform_claims(&subject, &tenant), key).unwrap()
+    };
+    let (status, body) =
+        credentials(&own.base, Some(&sign(Some("platform-1"), &platform_key))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user_id"], user_id);
+
+    let refused = |token: String, what: &'static str| {
+        let base = own.base.clone();
+        async move {
+            let (status, body) = credentials(&base, Some(&token)).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+            assert_eq!(body["error"], "invalid_token", "{what}");
+        }
+    };
+    refused(sign(Some("unknown"), &platform_key), "unknown kid").await;
+    refused(sign(None, &platform_key), "no kid").await;
+    // The right kid, another key.
+    let stranger = EncodingKey::from_ec_pem(&generate_ec_key()).unwrap();
+    refused(sign(Some("platform-1"), &stranger), "wrong key").await;
+    // Algorithm confusion: HS256 keyed with the public key's bytes.
+    let public_material = serde_json::to_vec(&jwk).unwrap();
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("platform-1".into());
+    let confused = jsonwebtoken::encode(
+        &header,
+        &platform_claims(&subject, &tenant),
+        &EncodingKey::from_secret(&public_material),
+    )
+    .unwrap();
+    refused(confused, "HS256 against a JWKS").await;
+    // An HS256 token signed with the stack's shared secret is not accepted
+    // by a sidecar configured for the JWKS.
+    refused(platform_token(&subject, &tenant), "shared secret").await;
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make dev`: start the local stack, run the controller (and the sidecar's
-# health endpoint) against it, apply config/samples/, show the result, and
+# `make dev`: start the local stack, run the controller and the sidecar (the
+# OIDC provider Synapse's SSO uses, and the credential API) against it, with a
+# stand-in platform login page, apply config/samples/, show the result, and
 # keep running until interrupted. Everything stops on Ctrl-C.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,7 +28,12 @@ set -a; source "$env_file"; set +a
 echo "dev: controller logs in $dir/controller.log" >&2
 METRICS_LISTEN=127.0.0.1:0 "$OPERATOR_BIN" controller > "$dir/controller.log" 2>&1 &
 pids+=($!)
-"$OPERATOR_BIN" sidecar --listen 127.0.0.1:0 > "$dir/sidecar.log" 2>&1 &
+platform_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+echo "dev: sidecar logs in $dir/sidecar.log" >&2
+"$OPERATOR_BIN" sidecar --config "$SIDECAR_CONFIG" \
+  --platform-login-url "http://127.0.0.1:$platform_port/login" > "$dir/sidecar.log" 2>&1 &
+pids+=($!)
+OPERATOR_BIN="$OPERATOR_BIN" python3 "$here/dev-platform.py" "$platform_port" > "$dir/platform.log" 2>&1 &
 pids+=($!)
 
 "$KUBECTL" apply --server-side --field-manager dev -f "$repo/config/samples/" >/dev/null
@@ -43,6 +49,17 @@ cat <<MSG
     export KUBECONFIG=$KUBECONFIG
     export PATH=$STACK_BIN:\$PATH      # kubectl built for this stack
     Synapse: $SYNAPSE_URL  (server name $MATRIX_SERVER_NAME)
+    Sidecar: $SIDECAR_URL  (OIDC issuer; CA: $STACK_CA)
+    Platform login (dev stand-in): http://127.0.0.1:$platform_port/login
+
+  Sign in with a Matrix client: homeserver $SYNAPSE_URL, "Continue with
+  OpenMeet", accept the stack CA's certificate for $SIDECAR_URL (or import
+  $STACK_CA), pick a sample user on the dev login page.
+
+  Matrix credentials through the credential API:
+    set -a; source $env_file; set +a
+    TOKEN=\$($OPERATOR_BIN dev-token --subject 7f3c2a10-0000-4000-8000-000000000001 --tenant demo)
+    curl --cacert \$STACK_CA -X POST -H "Authorization: Bearer \$TOKEN" \$SIDECAR_URL/api/v1/credentials
 
 MSG
 "$KUBECTL" get matrix -A

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""A stand-in for the OpenMeet platform's login page, for `make dev` only.
+
+The sidecar sends browsers without a platform session to
+GET /login?return_to=<sidecar authorize URL>. This page lists the sample
+MatrixUsers; picking one mints a platform JWT with the operator binary's
+`dev-token` subcommand (HS256, the stack's shared secret) and sends the
+browser back with `platform_token` added. It never runs in tests or in a
+cluster.
+
+Usage: dev-platform.py PORT   (environment: OPERATOR_BIN, KUBECTL, PLATFORM_*)
+"""
+import html
+import http.server
+import json
+import os
+import subprocess
+import sys
+import urllib.parse
+
+
+def users():
+    out = subprocess.run(
+        [os.environ["KUBECTL"], "get", "matrixusers", "-A", "-o", "json"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rows = []
+    namespaces = json.loads(subprocess.run(
+        [os.environ["KUBECTL"], "get", "namespaces", "-l", "matrix.openmeet.net/tenant", "-o", "json"],
+        capture_output=True, text=True, check=True,
+    ).stdout)["items"]
+    tenant_of = {n["metadata"]["name"]: n["metadata"]["labels"]["matrix.openmeet.net/tenant"] for n in namespaces}
+    for u in json.loads(out)["items"]:
+        subject = u["spec"].get("subject")
+        tenant = tenant_of.get(u["metadata"]["namespace"])
+        if subject and tenant:
+            rows.append((u["spec"].get("displayName") or u["spec"]["localpart"], subject, tenant))
+    return rows
+
+
+class Login(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        return_to = query.get("return_to", "")
+        if url.path == "/login" and "subject" in query:
+            token = subprocess.run(
+                [os.environ["OPERATOR_BIN"], "dev-token", "--subject", query["subject"], "--tenant", query["tenant"]],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()
+            sep = "&" if "?" in return_to else "?"
+            self.send_response(303)
+            self.send_header("Location", return_to + sep + urllib.parse.urlencode({"platform_token": token}))
+            self.end_headers()
+            return
+        if url.path != "/login":
+            self.send_error(404)
+            return
+        links = "".join(
+            '<li><a href="/login?{}">{}</a></li>'.format(
+                html.escape(urllib.parse.urlencode({"subject": s, "tenant": t, "return_to": return_to})),
+                html.escape(f"{name} (tenant {t})"),
+            )
+            for name, s, t in users()
+        )
+        body = f"<!doctype html><title>OpenMeet (dev)</title><h1>Sign in to OpenMeet (dev)</h1><ul>{links}</ul>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Login).serve_forever()
