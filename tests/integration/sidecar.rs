@@ -757,8 +757,10 @@ reloadSeconds: 1
         .arg(&config_path)
         .env_clear()
         .env("KUBECONFIG", stack.var("KUBECONFIG"))
+        // Everything, dependencies included, to check what reaches the log.
+        .env("RUST_LOG", "debug")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("sidecar.log")).unwrap())
         .kill_on_drop(true)
         .spawn()
         .expect("start the sidecar binary");
@@ -773,6 +775,12 @@ reloadSeconds: 1
         keys,
         dir,
         _child: child,
+    }
+}
+
+impl OwnSidecar {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sidecar.log")).unwrap()
     }
 }
 
@@ -933,4 +941,61 @@ async fn platform_tokens_verified_through_a_jwks() {
     // An HS256 token signed with the stack's shared secret is not accepted
     // by a sidecar configured for the JWKS.
     refused(platform_token(&subject, &tenant), "shared secret").await;
+}
+
+#[tokio::test]
+async fn nothing_secret_reaches_the_log() {
+    let env = TestEnv::new("log-secrets").await;
+    let own = own_sidecar(&hs256_platform_yaml()).await;
+    let (subject, _, _) = ready_user(&env, "quiet").await;
+    let platform = platform_token(&subject, env.ns(0));
+    let secret = client_secret();
+
+    // Browser round trip with the platform token in the query.
+    let auth = Authorization::new();
+    let r = https_client()
+        .get(format!("{}/authorize", own.base))
+        .query(&auth.params)
+        .query(&[("platform_token", platform.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let code = query(&location(&r))["code"].clone();
+    let answer: Value = redeem(&own.base, &code, &auth.verifier, &secret)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let access = answer["access_token"].as_str().unwrap().to_string();
+    let id_token = answer["id_token"].as_str().unwrap().to_string();
+    https_client()
+        .get(format!("{}/userinfo", own.base))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap();
+    redeem(&own.base, &code, &auth.verifier, &secret).await;
+    let (_, creds) = credentials(&own.base, Some(&platform)).await;
+    let matrix_token = creds["access_token"].as_str().unwrap().to_string();
+    let mut expired = platform_claims(&subject, env.ns(0));
+    expired["exp"] = json!(now() - 600);
+    let expired = platform_token_with(&expired);
+    credentials(&own.base, Some(&expired)).await;
+
+    let log = own.log();
+    assert!(log.contains("token: issued"), "the sidecar logs its work");
+    assert!(log.contains("credentials: token minted"));
+    for (what, value) in [
+        ("platform token", platform.as_str()),
+        ("expired platform token", expired.as_str()),
+        ("client secret", secret.as_str()),
+        ("authorization code", code.as_str()),
+        ("PKCE verifier", auth.verifier.as_str()),
+        ("OIDC access token", access.as_str()),
+        ("id_token", id_token.as_str()),
+        ("Matrix access token", matrix_token.as_str()),
+        ("as_token", Stack::get().as_token.as_str()),
+    ] {
+        assert!(!log.contains(value), "the {what} reached the log");
+    }
 }
