@@ -2,13 +2,15 @@
 
 use clap::{Args, Parser, Subcommand};
 use kube::Client;
-use openmeet_matrix_operator::controller::{appservice, Operator, OperatorConfig};
+use openmeet_matrix_operator::controller::{appservice, leader, Operator, OperatorConfig};
 use openmeet_matrix_operator::registration::{Registration, RegistrationParams};
 use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig};
 use openmeet_matrix_operator::{api, metrics, secrets, sidecar, telemetry};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -105,6 +107,21 @@ struct ControllerArgs {
     /// Where the application-service transaction endpoint listens ("off" to disable).
     #[arg(long, env = "APPSERVICE_LISTEN", default_value = "0.0.0.0:9000")]
     appservice_listen: String,
+    /// Reconcile only while holding a Lease (run several replicas with this on).
+    #[arg(long, env = "LEADER_ELECT", default_value_t = false)]
+    leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "openmeet-matrix-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (the pod's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// How long the Lease holds without renewal, in seconds.
+    #[arg(long, env = "LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// How often the leader renews, in seconds.
+    #[arg(long, env = "LEASE_RENEW_SECONDS", default_value_t = 5)]
+    lease_renew_seconds: u64,
 }
 
 /// Every setting can come from the config file; flags and environment
@@ -288,6 +305,8 @@ enum MainError {
     Secret(#[from] openmeet_matrix_operator::secrets::SecretError),
     #[error("sidecar: {0}")]
     Sidecar(#[from] sidecar::Error),
+    #[error("leader election: {0}")]
+    Leader(#[from] openmeet_matrix_operator::controller::leader::LeaderError),
 }
 
 #[tokio::main]
@@ -414,9 +433,11 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
             .map_err(|e| MainError::Config(e.to_string()))
     };
     let operator = Operator::new(client.clone(), synapse.clone(), config.clone());
+    let readiness = Arc::new(metrics::Readiness::new(synapse.clone(), operator.synced()));
     let sources = metrics::Sources {
         synapse: synapse.stats_handle(),
         reconciles: operator.stats(),
+        readiness: Some(readiness.clone()),
     };
     let metrics_server = async {
         if args.metrics_listen == "off" {
@@ -430,9 +451,73 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
             .await
             .map_err(MainError::Io)
     };
-    let (served, metrics_served, ()) =
-        tokio::join!(appservice, metrics_server, operator.run(shutdown.clone()));
-    served.and(metrics_served)
+    let lease = if args.leader_elect {
+        let namespace = args.lease_namespace.clone().ok_or_else(|| {
+            MainError::Config("--leader-elect needs --lease-namespace (POD_NAMESPACE)".into())
+        })?;
+        let identity = config
+            .instance
+            .clone()
+            .unwrap_or_else(|| format!("openmeet-{}", rand::random::<u32>()));
+        let renew = Duration::from_secs(args.lease_renew_seconds.max(1));
+        let duration = Duration::from_secs(args.lease_duration_seconds.max(1));
+        if renew * 2 > duration {
+            return Err(MainError::Config(
+                "--lease-renew-seconds must be at most half of --lease-duration-seconds".into(),
+            ));
+        }
+        Some(leader::LeaseSettings {
+            name: args.lease_name.clone(),
+            namespace,
+            identity,
+            duration,
+            renew,
+        })
+    } else {
+        None
+    };
+    let reconcile = async {
+        let Some(lease) = lease else {
+            readiness.leading.store(true, Ordering::Release);
+            operator.run(shutdown.clone()).await;
+            return Ok(());
+        };
+        // Stand by (serving health and the transaction endpoint) until leader.
+        tokio::select! {
+            acquired = leader::acquire(&client, &lease) => acquired.map_err(MainError::Leader)?,
+            _ = shutdown.clone() => return Ok(()),
+        }
+        readiness.leading.store(true, Ordering::Release);
+        let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
+        let keeper = {
+            let (client, lease) = (client.clone(), lease.clone());
+            tokio::spawn(async move {
+                let _ = lost_tx.send(leader::keep(&client, &lease).await);
+            })
+        };
+        let lost = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let stop = {
+            let (shutdown, lost) = (shutdown.clone(), lost.clone());
+            async move {
+                tokio::select! {
+                    _ = shutdown => {},
+                    Ok(e) = lost_rx => { *lost.lock().expect("lost lock") = Some(e); },
+                }
+            }
+        };
+        // In-flight reconciles finish before `run` returns.
+        operator.run(stop).await;
+        keeper.abort();
+        if let Some(e) = lost.lock().expect("lost lock").take() {
+            // Another replica may lead now: never reconcile on.
+            return Err(MainError::Leader(e));
+        }
+        leader::release(&client, &lease).await;
+        Ok(())
+    };
+    // The first error (a lost lease among them) ends the process: the other
+    // servers are dropped with it.
+    tokio::try_join!(appservice, metrics_server, reconcile).map(|_| ())
 }
 
 fn registration(args: RegistrationArgs) -> Result<(), MainError> {

@@ -18,6 +18,64 @@ use std::sync::Arc;
 pub struct Sources {
     pub synapse: Arc<RequestStats>,
     pub reconciles: Arc<ReconcileStats>,
+    pub readiness: Option<Arc<Readiness>>,
+}
+
+/// What `/readyz` means: Synapse answers, and — on the replica that
+/// reconciles — the controllers' caches are complete. A standby replica is
+/// ready once Synapse answers: it serves the application-service endpoint.
+pub struct Readiness {
+    pub leading: std::sync::atomic::AtomicBool,
+    pub synced: Arc<std::sync::atomic::AtomicBool>,
+    pub synapse: crate::synapse::SynapseClient,
+    last_probe: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
+}
+
+impl Readiness {
+    pub fn new(
+        synapse: crate::synapse::SynapseClient,
+        synced: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        Readiness {
+            leading: Default::default(),
+            synced,
+            synapse,
+            last_probe: Default::default(),
+        }
+    }
+
+    /// `Err(reason)` when not ready. Synapse is probed at most every 5 s.
+    pub async fn check(&self) -> Result<(), &'static str> {
+        if self.leading.load(Ordering::Acquire) && !self.synced.load(Ordering::Acquire) {
+            return Err("caches are syncing");
+        }
+        let cached = *self.last_probe.lock().expect("probe lock");
+        let reachable = match cached {
+            Some((at, ok)) if at.elapsed() < std::time::Duration::from_secs(5) => ok,
+            _ => {
+                let ok = self.synapse.reachable().await;
+                *self.last_probe.lock().expect("probe lock") =
+                    Some((std::time::Instant::now(), ok));
+                ok
+            }
+        };
+        if reachable {
+            Ok(())
+        } else {
+            Err("Synapse is unreachable")
+        }
+    }
+}
+
+async fn readyz(State(sources): State<Sources>) -> axum::response::Response {
+    let verdict = match &sources.readiness {
+        Some(r) => r.check().await,
+        None => Ok(()),
+    };
+    match verdict {
+        Ok(()) => "ok".into_response(),
+        Err(reason) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+    }
 }
 
 /// Renders every counter; label values are bounded (request kinds, object kinds).
@@ -82,6 +140,7 @@ pub fn router(sources: Sources) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .with_state(sources)
 }
 
@@ -107,6 +166,7 @@ mod tests {
         let sources = Sources {
             synapse: Arc::default(),
             reconciles: Arc::default(),
+            readiness: None,
         };
         sources
             .reconciles

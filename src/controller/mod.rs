@@ -5,6 +5,7 @@ pub mod appservice;
 pub mod backoff;
 pub mod claims;
 pub mod finalizer;
+pub mod leader;
 pub mod memo;
 pub mod permission;
 pub mod room;
@@ -154,6 +155,7 @@ pub struct Operator {
     synapse: SynapseClient,
     config: OperatorConfig,
     stats: Arc<ReconcileStats>,
+    synced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Operator {
@@ -163,11 +165,17 @@ impl Operator {
             synapse,
             config,
             stats: Arc::default(),
+            synced: Arc::default(),
         }
     }
 
     pub fn stats(&self) -> Arc<ReconcileStats> {
         self.stats.clone()
+    }
+
+    /// Set once the caches the controllers read from are complete.
+    pub fn synced(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.synced.clone()
     }
 
     /// Runs every controller until `shutdown` resolves; in-flight reconciles finish first.
@@ -218,6 +226,7 @@ impl Operator {
                 self.stats.clone(),
             );
             let (permissions, shutdown) = (permissions.clone(), shutdown.clone());
+            let synced = self.synced.clone();
             async move {
                 // Folding permissions needs complete caches: an empty one would
                 // read as "no members declared" and an Exclusive room would be
@@ -230,6 +239,7 @@ impl Operator {
                 {
                     return;
                 }
+                synced.store(true, Ordering::Release);
                 room::run(
                     client,
                     synapse,

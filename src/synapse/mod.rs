@@ -146,6 +146,17 @@ impl SynapseClient {
         &self.admin
     }
 
+    /// Whether Synapse answers at all (its unauthenticated versions
+    /// endpoint), for readiness. Not counted as a request of the operator.
+    pub async fn reachable(&self) -> bool {
+        self.http
+            .get(format!("{}/_matrix/client/versions", self.base))
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+
     /// Counts of requests issued, by kind: reads, writes, failures.
     pub fn stats(&self) -> &RequestStats {
         &self.stats

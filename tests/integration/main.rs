@@ -3,6 +3,7 @@
 
 mod binary;
 mod crds;
+mod ha;
 mod harness;
 mod proxy;
 mod rooms;
