@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/debug/openmeet-matrix-operator
 
-.PHONY: all build test lint fmt-check clippy crds crd-check unit integration dev stack-tools clean bench
+.PHONY: all build test lint fmt-check clippy crds crd-check unit integration dev stack-tools clean bench chart
 
 all: build
 
@@ -34,10 +34,21 @@ unit:
 integration: stack-tools
 	$(CARGO) test --test integration
 
-## Build (once, cached by version) kube-apiserver, etcd, kubectl and Synapse.
+## Build (once, cached by version) kube-apiserver, etcd, kubectl, Synapse and helm.
 stack-tools:
 	@tests/stack/build-tools.sh >/dev/null
 	@tests/stack/install-synapse.sh >/dev/null
+	@tests/stack/build-helm.sh >/dev/null
+
+CHART := charts/openmeet-matrix-operator
+
+## Lint the Helm chart (--strict) and render it with the values its schema requires.
+chart:
+	@helm="$$(tests/stack/build-helm.sh)/helm" \
+	  && "$$helm" lint --strict $(CHART) -f $(CHART)/ci/test-values.yaml \
+	  && "$$helm" template openmeet-matrix-operator $(CHART) --namespace openmeet-system \
+	       -f $(CHART)/ci/test-values.yaml >/dev/null \
+	  && echo "chart: lint and template clean"
 
 ## Everything CI runs: fmt, clippy, CRD drift, unit and integration tests.
 test: lint unit integration

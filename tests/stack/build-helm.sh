@@ -27,9 +27,20 @@ scratch="$out/gobin.tmp"
 rm -rf "$scratch"
 mkdir -p "$scratch"
 export CGO_ENABLED=0 GOFLAGS="-buildvcs=false" GOBIN="$scratch"
-go install -trimpath \
-  -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
-  "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
+
+# As helm's own Makefile: the Kubernetes version `helm template` and
+# `helm lint` assume is the one of the client-go helm links (v0.X.Y -> 1.X);
+# without it they assume 1.20.
+gomod="$(go mod download -json "helm.sh/helm/v3@$HELM_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
+client_go="$(awk '$1=="k8s.io/client-go"{print $2; exit}' "$gomod")"
+IFS=. read -r k8s_major k8s_minor _ <<<"${client_go#v}"
+k8s_major=$((k8s_major + 1))
+pkg=helm.sh/helm/v3
+ldflags="-s -w -X $pkg/internal/version.version=$HELM_VERSION -X $pkg/internal/version.gitTreeState=clean"
+for p in pkg/lint/rules pkg/chartutil; do
+  ldflags+=" -X $pkg/$p.k8sVersionMajor=$k8s_major -X $pkg/$p.k8sVersionMinor=$k8s_minor"
+done
+go install -trimpath -ldflags "$ldflags" "$pkg/cmd/helm@$HELM_VERSION" >&2
 mv "$scratch/helm" "$bin/helm"
 rm -rf "$scratch"
 log "done: $bin"
