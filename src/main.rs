@@ -197,6 +197,9 @@ struct SidecarArgs {
     /// Only MatrixUsers matching this label selector.
     #[arg(long, env = "WATCH_SELECTOR")]
     selector: Option<String>,
+    /// Plain-HTTP listener for /metrics ("off" to disable; default 0.0.0.0:8082).
+    #[arg(long, env = "SIDECAR_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 impl SidecarArgs {
@@ -244,6 +247,7 @@ impl SidecarArgs {
         set(&mut c.homeserver.as_token_secret, self.as_token_secret);
         set(&mut c.namespace, self.namespace);
         set(&mut c.label_selector, self.selector);
+        set(&mut c.metrics_listen, self.metrics_listen);
         Ok(c)
     }
 }

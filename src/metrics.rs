@@ -1,13 +1,15 @@
 //! Prometheus text exposition of the operator's own counters, and health.
 
 use crate::controller::ReconcileStats;
-use crate::synapse::{RequestKind, RequestStats};
+use crate::synapse::RequestStats;
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use std::fmt::Write;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -78,60 +80,47 @@ async fn readyz(State(sources): State<Sources>) -> axum::response::Response {
     }
 }
 
-/// Renders every counter; label values are bounded (request kinds, object kinds).
+/// Label sets are small fixed vectors; every value comes from a closed set
+/// (object kinds, request kinds, status classes, route templates).
+pub type Labels = Vec<(&'static str, String)>;
+pub type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms to about 33 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// A histogram family of durations in seconds.
+pub fn latency_family() -> HistogramFamily {
+    Family::new_with_constructor(latency_histogram as fn() -> Histogram)
+}
+
+/// `2xx`…`5xx`, or `error` when there was no answer.
+pub fn status_class(status: Option<u16>) -> String {
+    match status {
+        Some(s) if (100..600).contains(&s) => format!("{}xx", s / 100),
+        _ => "error".to_string(),
+    }
+}
+
+/// Renders every metric in the Prometheus text format.
 pub fn render(sources: &Sources) -> String {
+    let mut registry = Registry::default();
+    sources.synapse.register(&mut registry);
+    sources.reconciles.register(&mut registry);
     let mut out = String::new();
-    out.push_str("# HELP openmeet_synapse_requests_total Requests sent to Synapse, by kind.\n");
-    out.push_str("# TYPE openmeet_synapse_requests_total counter\n");
-    for (kind, count) in sources.synapse.by_kind() {
-        let write = if RequestKind::is_write(kind) {
-            "true"
-        } else {
-            "false"
-        };
-        let _ = writeln!(
-            out,
-            "openmeet_synapse_requests_total{{kind=\"{}\",write=\"{write}\"}} {count}",
-            kind.as_str()
-        );
-    }
-    out.push_str("# HELP openmeet_synapse_request_failures_total Synapse requests that failed or were refused.\n");
-    out.push_str("# TYPE openmeet_synapse_request_failures_total counter\n");
-    let _ = writeln!(
-        out,
-        "openmeet_synapse_request_failures_total {}",
-        sources.synapse.failures()
-    );
-    out.push_str("# HELP openmeet_reconciles_total Reconciles run, by kind.\n");
-    out.push_str("# TYPE openmeet_reconciles_total counter\n");
-    let r = &sources.reconciles;
-    for (kind, count) in [
-        ("MatrixUser", r.user_reconciles.load(Ordering::Relaxed)),
-        ("MatrixRoom", r.room_reconciles.load(Ordering::Relaxed)),
-        (
-            "RoomPermission",
-            r.permission_reconciles.load(Ordering::Relaxed),
-        ),
-    ] {
-        let _ = writeln!(out, "openmeet_reconciles_total{{kind=\"{kind}\"}} {count}");
-    }
-    out.push_str("# HELP openmeet_reconcile_failures_total Reconciles that failed, by kind.\n");
-    out.push_str("# TYPE openmeet_reconcile_failures_total counter\n");
-    for (kind, count) in [
-        ("MatrixUser", r.user_failures.load(Ordering::Relaxed)),
-        ("MatrixRoom", r.room_failures.load(Ordering::Relaxed)),
-    ] {
-        let _ = writeln!(
-            out,
-            "openmeet_reconcile_failures_total{{kind=\"{kind}\"}} {count}"
-        );
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        tracing::warn!(error = %e, "metrics: encoding failed");
     }
     out
 }
 
 async fn metrics(State(sources): State<Sources>) -> impl IntoResponse {
     (
-        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         render(&sources),
     )
 }
@@ -162,21 +151,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_counters_with_bounded_labels() {
+    fn renders_counters_and_histograms_with_bounded_labels() {
         let sources = Sources {
             synapse: Arc::default(),
             reconciles: Arc::default(),
             readiness: None,
         };
-        sources
-            .reconciles
-            .user_reconciles
-            .fetch_add(3, Ordering::Relaxed);
-        let text = render(&sources);
-        assert!(
-            text.contains("openmeet_reconciles_total{kind=\"MatrixUser\"} 3"),
-            "{text}"
+        let timer = sources.reconciles.start("MatrixUser");
+        timer.finish(true);
+        sources.reconciles.start("MatrixRoom").finish(false);
+        sources.synapse.record(
+            crate::synapse::RequestKind::GetUser,
+            Some(404),
+            std::time::Duration::from_millis(3),
         );
-        assert!(text.contains("# TYPE openmeet_synapse_requests_total counter"));
+        let text = render(&sources);
+        for expected in [
+            "openmeet_reconciles_total{kind=\"MatrixUser\",outcome=\"success\"} 1",
+            "openmeet_reconciles_total{kind=\"MatrixRoom\",outcome=\"error\"} 1",
+            "openmeet_reconciles_in_flight{kind=\"MatrixUser\"} 0",
+            "openmeet_reconcile_duration_seconds_count{kind=\"MatrixUser\"} 1",
+            "openmeet_synapse_requests_total{endpoint=\"get_user\",status=\"4xx\",write=\"false\"} 1",
+            "openmeet_synapse_request_duration_seconds_bucket{le=\"0.004\",endpoint=\"get_user\"} 1",
+        ] {
+            assert!(text.contains(expected), "{expected} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn status_classes_are_bounded() {
+        assert_eq!(status_class(Some(204)), "2xx");
+        assert_eq!(status_class(Some(503)), "5xx");
+        assert_eq!(status_class(None), "error");
+        assert_eq!(status_class(Some(999)), "error");
     }
 }

@@ -12,6 +12,7 @@ pub mod room;
 pub mod user;
 
 use crate::api::{MatrixUser, RoomPermission};
+use crate::metrics::{HistogramFamily, Labels};
 use crate::synapse::{SynapseClient, SynapseError};
 use backoff::Backoff;
 use futures::future::{ready, FutureExt};
@@ -21,6 +22,10 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
@@ -118,13 +123,65 @@ impl OperatorConfig {
 }
 
 /// Counters the operator keeps about its own work.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ReconcileStats {
     pub user_reconciles: AtomicU64,
     pub user_failures: AtomicU64,
     pub room_reconciles: AtomicU64,
     pub room_failures: AtomicU64,
     pub permission_reconciles: AtomicU64,
+    outcomes: Family<Labels, Counter>,
+    durations: HistogramFamily,
+    in_flight: Family<Labels, Gauge>,
+}
+
+impl Default for ReconcileStats {
+    fn default() -> Self {
+        ReconcileStats {
+            user_reconciles: Default::default(),
+            user_failures: Default::default(),
+            room_reconciles: Default::default(),
+            room_failures: Default::default(),
+            permission_reconciles: Default::default(),
+            outcomes: Default::default(),
+            durations: crate::metrics::latency_family(),
+            in_flight: Default::default(),
+        }
+    }
+}
+
+/// Times one reconcile; counted as in flight until finished or dropped.
+pub struct ReconcileTimer<'a> {
+    stats: &'a ReconcileStats,
+    kind: &'static str,
+    started: std::time::Instant,
+}
+
+impl ReconcileTimer<'_> {
+    /// Records the outcome and the duration.
+    pub fn finish(self, ok: bool) {
+        let outcome = if ok { "success" } else { "error" };
+        self.stats
+            .outcomes
+            .get_or_create(&vec![
+                ("kind", self.kind.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+        self.stats
+            .durations
+            .get_or_create(&vec![("kind", self.kind.to_string())])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.stats
+            .in_flight
+            .get_or_create(&vec![("kind", self.kind.to_string())])
+            .dec();
+    }
 }
 
 impl ReconcileStats {
@@ -134,6 +191,37 @@ impl ReconcileStats {
 
     pub fn room_reconciles(&self) -> u64 {
         self.room_reconciles.load(Ordering::Relaxed)
+    }
+
+    /// Starts timing a reconcile of `kind`.
+    pub fn start(&self, kind: &'static str) -> ReconcileTimer<'_> {
+        self.in_flight
+            .get_or_create(&vec![("kind", kind.to_string())])
+            .inc();
+        ReconcileTimer {
+            stats: self,
+            kind,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Adds the Prometheus families to a registry.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "openmeet_reconciles",
+            "Reconciles run, by kind and outcome",
+            self.outcomes.clone(),
+        );
+        registry.register(
+            "openmeet_reconcile_duration_seconds",
+            "Duration of reconciles, by kind",
+            self.durations.clone(),
+        );
+        registry.register(
+            "openmeet_reconciles_in_flight",
+            "Reconciles running now, by kind (the controllers' work in progress)",
+            self.in_flight.clone(),
+        );
     }
 }
 

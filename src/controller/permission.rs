@@ -59,6 +59,15 @@ async fn reconcile(p: Arc<RoomPermission>, ctx: Arc<Ctx>) -> Result<Action, Erro
     ctx.stats
         .permission_reconciles
         .fetch_add(1, Ordering::Relaxed);
+    let timer = ctx.stats.start("RoomPermission");
+    let result = mark_pending(&p, &ctx).await;
+    timer.finish(result.is_ok());
+    result
+}
+
+/// A permission whose room does not exist is `Pending`; the room's
+/// reconcile writes every other outcome.
+async fn mark_pending(p: &RoomPermission, ctx: &Ctx) -> Result<Action, Error> {
     let ns = p.namespace().unwrap_or_default();
     let rooms: Api<MatrixRoom> = Api::namespaced(ctx.client.clone(), &ns);
     if rooms.get_opt(&p.spec.room_ref.name).await?.is_none() {
@@ -67,7 +76,7 @@ async fn reconcile(p: Arc<RoomPermission>, ctx: Arc<Ctx>) -> Result<Action, Erro
             p.spec.room_ref.name
         );
         let ready = Condition::new(READY, false, "Pending", message, p.metadata.generation);
-        super::room::write_permission_status(&ctx.client, &p, None, ready).await?;
+        super::room::write_permission_status(&ctx.client, p, None, ready).await?;
     }
     Ok(Action::await_change())
 }

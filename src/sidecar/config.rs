@@ -33,6 +33,8 @@ pub struct SidecarConfig {
     pub label_selector: Option<String>,
     /// How often keys and certificates are re-read from disk, in seconds.
     pub reload_seconds: Option<u64>,
+    /// Plain-HTTP listener for `/metrics` (default `0.0.0.0:8082`; "off").
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -153,6 +153,8 @@ pub struct Settings {
     pub lifetimes: oidc::Lifetimes,
     pub scope: directory::DirectoryScope,
     pub reload: Duration,
+    /// Plain-HTTP `/metrics` listener (none when "off").
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn required<T>(value: Option<T>, what: &str) -> Result<T, Error> {
@@ -313,6 +315,14 @@ impl Settings {
                 label_selector: config.label_selector,
             },
             reload: Duration::from_secs(config.reload_seconds.unwrap_or(30).max(1)),
+            metrics_listen: match config.metrics_listen.as_deref() {
+                None => Some(SocketAddr::from(([0, 0, 0, 0], 8082))),
+                Some("off") => None,
+                Some(addr) => Some(
+                    addr.parse()
+                        .map_err(|e| Error::Config(format!("metricsListen {addr:?}: {e}")))?,
+                ),
+            },
         })
     }
 }
@@ -320,6 +330,57 @@ impl Settings {
 #[derive(Clone)]
 struct Health {
     directory: directory::Directory,
+}
+
+/// Requests served, by route template and status class, with latency.
+#[derive(Clone)]
+pub struct SidecarMetrics {
+    requests: prometheus_client::metrics::family::Family<
+        crate::metrics::Labels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    latency: crate::metrics::HistogramFamily,
+    synapse: Arc<crate::synapse::RequestStats>,
+}
+
+impl SidecarMetrics {
+    pub fn new(synapse: Arc<crate::synapse::RequestStats>) -> Self {
+        SidecarMetrics {
+            requests: Default::default(),
+            latency: crate::metrics::latency_family(),
+            synapse,
+        }
+    }
+
+    fn record(&self, endpoint: &str, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&vec![
+                ("endpoint", endpoint.to_string()),
+                ("status", crate::metrics::status_class(Some(status))),
+            ])
+            .inc();
+        self.latency
+            .get_or_create(&vec![("endpoint", endpoint.to_string())])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn render(&self) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register(
+            "openmeet_sidecar_requests",
+            "Requests served by the sidecar, by route and status class",
+            self.requests.clone(),
+        );
+        registry.register(
+            "openmeet_sidecar_request_duration_seconds",
+            "Latency of the sidecar's answers, by route",
+            self.latency.clone(),
+        );
+        self.synapse.register(&mut registry);
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
 }
 
 async fn readyz(State(h): State<Health>) -> Response {
@@ -331,15 +392,26 @@ async fn readyz(State(h): State<Health>) -> Response {
 }
 
 /// One log line per request: method, path (never the query: it may carry
-/// codes or tokens), status, duration.
-async fn access_log(request: Request, next: Next) -> Response {
+/// codes or tokens), status, duration; and the request metrics, by route
+/// template (a bounded set: unmatched paths count as `other`).
+async fn access_log(
+    State(metrics): State<SidecarMetrics>,
+    request: Request,
+    next: Next,
+) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
+    let endpoint = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "other".to_string());
     let started = std::time::Instant::now();
     let response = next.run(request).await;
+    let status = response.status().as_u16();
+    metrics.record(&endpoint, status, started.elapsed());
     tracing::debug!(
-        %method, %path, status = response.status().as_u16(),
-        ms = started.elapsed().as_millis() as u64, "request"
+        %method, %path, status, ms = started.elapsed().as_millis() as u64, "request"
     );
     response
 }
@@ -351,6 +423,7 @@ pub fn router(
     provider: Arc<oidc::Provider>,
     credentials: Arc<credentials::CredentialService>,
     directory: directory::Directory,
+    metrics: SidecarMetrics,
 ) -> Router {
     let api = Router::new()
         .route("/api/v1/credentials", post(credentials::handler))
@@ -371,7 +444,7 @@ pub fn router(
     } else {
         base.nest(prefix, oidc)
     };
-    app.layer(axum::middleware::from_fn(access_log))
+    app.route_layer(axum::middleware::from_fn_with_state(metrics, access_log))
 }
 
 /// Runs the sidecar until `shutdown` resolves.
@@ -384,6 +457,7 @@ pub async fn run(
     let verifier = platform::PlatformVerifier::new(settings.platform.clone());
     let (directory, watches) = directory::Directory::start(kube, &settings.scope);
     let synapse = SynapseClient::new(settings.synapse.clone())?;
+    let metrics = SidecarMetrics::new(synapse.stats_handle());
     let provider = Arc::new(oidc::Provider::new(
         settings.issuer.clone(),
         settings.clients,
@@ -405,7 +479,35 @@ pub async fn run(
         provider,
         credentials.clone(),
         directory,
+        metrics.clone(),
     );
+    let metrics_server = match settings.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(Error::Serve)?;
+            tracing::info!(%addr, "sidecar metrics listening (HTTP)");
+            let app = Router::new().route(
+                "/metrics",
+                get(move || {
+                    let metrics = metrics.clone();
+                    async move {
+                        (
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            metrics.render(),
+                        )
+                    }
+                }),
+            );
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }))
+        }
+        None => None,
+    };
 
     let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(
         &settings.cert_file,
@@ -459,6 +561,9 @@ pub async fn run(
         .map_err(Error::Serve);
     revoker.abort();
     reloader.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     watches.abort();
     served
 }

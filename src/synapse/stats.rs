@@ -5,6 +5,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::metrics::{latency_family, status_class, HistogramFamily, Labels};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
 /// What a request does to Synapse, for counting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RequestKind {
@@ -73,16 +78,41 @@ impl RequestKind {
 }
 
 /// Counters shared by every clone of a client.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RequestStats {
     reads: AtomicU64,
     writes: AtomicU64,
     failures: AtomicU64,
     by_kind: Mutex<BTreeMap<RequestKind, u64>>,
+    requests: Family<Labels, Counter>,
+    latency: HistogramFamily,
+}
+
+impl Default for RequestStats {
+    fn default() -> Self {
+        RequestStats {
+            reads: Default::default(),
+            writes: Default::default(),
+            failures: Default::default(),
+            by_kind: Default::default(),
+            requests: Default::default(),
+            latency: latency_family(),
+        }
+    }
 }
 
 impl RequestStats {
-    pub(super) fn record(&self, kind: RequestKind, status: Option<u16>, _elapsed: Duration) {
+    pub fn record(&self, kind: RequestKind, status: Option<u16>, elapsed: Duration) {
+        self.requests
+            .get_or_create(&vec![
+                ("endpoint", kind.as_str().to_string()),
+                ("status", status_class(status)),
+                ("write", kind.is_write().to_string()),
+            ])
+            .inc();
+        self.latency
+            .get_or_create(&vec![("endpoint", kind.as_str().to_string())])
+            .observe(elapsed.as_secs_f64());
         if kind.is_write() {
             self.writes.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -109,6 +139,20 @@ impl RequestStats {
 
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Adds the Prometheus families to a registry.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "openmeet_synapse_requests",
+            "Requests sent to Synapse, by endpoint and status class",
+            self.requests.clone(),
+        );
+        registry.register(
+            "openmeet_synapse_request_duration_seconds",
+            "Latency of requests to Synapse, by endpoint",
+            self.latency.clone(),
+        );
     }
 
     /// Requests issued so far, by kind.

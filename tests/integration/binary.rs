@@ -50,3 +50,80 @@ async fn controller_binary_reads_its_secret_converges_and_stops_on_sigterm() {
         .unwrap();
     assert!(status.success(), "clean exit, got {status:?}");
 }
+
+/// `/healthz` says the process runs; `/readyz` says it can do its job:
+/// Synapse answers (and, on the leader, the caches are synced).
+#[tokio::test]
+async fn readiness_means_synapse_reachable_and_caches_synced() {
+    let env = TestEnv::with(
+        "health",
+        Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let port = |_: ()| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (good, bad, dead_synapse) = (port(()), port(()), port(()));
+    let _healthy = controller_command(&env)
+        .env("METRICS_LISTEN", format!("127.0.0.1:{good}"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _cut_off = controller_command(&env)
+        .env("METRICS_LISTEN", format!("127.0.0.1:{bad}"))
+        .env("SYNAPSE_URL", format!("http://127.0.0.1:{dead_synapse}"))
+        // Watches nothing, so it never races the healthy one.
+        .env("WATCH_SELECTOR", "openmeet.test/run=nobody")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let get = |port: u16, path: &'static str| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .get(format!("http://127.0.0.1:{port}{path}"))
+                .send()
+                .await
+                .ok()?;
+            Some((r.status().as_u16(), r.text().await.unwrap_or_default()))
+        }
+    };
+    crate::harness::wait_for("the healthy controller to be ready", || async {
+        (get(good, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    let (status, reason) =
+        crate::harness::wait_for("the cut-off controller to answer", || get(bad, "/readyz")).await;
+    assert_eq!(status, 503);
+    assert!(reason.contains("Synapse is unreachable"), "{reason}");
+    assert_eq!(
+        get(bad, "/healthz").await.unwrap().0,
+        200,
+        "alive, though not ready"
+    );
+    env.create_user(
+        0,
+        "measured",
+        json!({"localpart": crate::harness::unique("measured")}),
+    )
+    .await;
+    env.wait_ready(0, "measured", true, "Converged").await;
+    let (_, metrics) = get(good, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("openmeet_reconciles_total{kind=\"MatrixUser\",outcome=\"success\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE openmeet_reconcile_duration_seconds histogram"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("# TYPE openmeet_synapse_request_duration_seconds histogram"));
+}

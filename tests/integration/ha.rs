@@ -53,9 +53,9 @@ async fn user_reconciles(r: &Replica) -> u64 {
         .await
         .unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix("openmeet_reconciles_total{kind=\"MatrixUser\"} "))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0)
+        .filter(|l| l.starts_with("openmeet_reconciles_total{kind=\"MatrixUser\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 #[tokio::test]

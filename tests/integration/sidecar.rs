@@ -693,6 +693,7 @@ async fn tokens_die_when_the_user_is_locked_deactivated_or_deleted() {
 /// key directory and port (Synapse never talks to it; the test is the client).
 struct OwnSidecar {
     base: String,
+    metrics: String,
     keys: std::path::PathBuf,
     dir: std::path::PathBuf,
     _child: tokio::process::Child,
@@ -720,6 +721,7 @@ async fn own_sidecar(platform_yaml: &str) -> OwnSidecar {
     std::fs::create_dir_all(&keys).unwrap();
     std::fs::write(keys.join("first.pem"), generate_ec_key()).unwrap();
     let port = free_port();
+    let metrics_port = free_port();
     let base = format!("https://127.0.0.1:{port}");
     let config = format!(
         r#"listen: "127.0.0.1:{port}"
@@ -739,6 +741,7 @@ homeserver:
   asTokenSecret: "{as_secret}"
 oidc: {{codeSeconds: 2}}
 reloadSeconds: 1
+metricsListen: "127.0.0.1:{metrics_port}"
 "#,
         cert = stack.var("SIDECAR_CERT"),
         key = stack.var("SIDECAR_KEY"),
@@ -772,6 +775,7 @@ reloadSeconds: 1
     .await;
     OwnSidecar {
         base,
+        metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
         keys,
         dir,
         _child: child,
@@ -982,6 +986,23 @@ async fn nothing_secret_reaches_the_log() {
     let expired = platform_token_with(&expired);
     credentials(&own.base, Some(&expired)).await;
 
+    let metrics = reqwest::get(&own.metrics)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        "openmeet_sidecar_requests_total{endpoint=\"/api/v1/credentials\",status=\"2xx\"} 1",
+        "openmeet_sidecar_requests_total{endpoint=\"/api/v1/credentials\",status=\"4xx\"} 1",
+        "openmeet_sidecar_requests_total{endpoint=\"/token\",status=\"2xx\"} 1",
+        "openmeet_sidecar_requests_total{endpoint=\"/token\",status=\"4xx\"} 1",
+        "openmeet_sidecar_request_duration_seconds_count{endpoint=\"/authorize\"} 1",
+        "openmeet_synapse_requests_total{endpoint=\"login_as_user\",status=\"2xx\",write=\"true\"} 1",
+    ] {
+        assert!(metrics.contains(expected), "{expected} missing from:\n{metrics}");
+    }
+
     let log = own.log();
     assert!(log.contains("token: issued"), "the sidecar logs its work");
     assert!(log.contains("credentials: token minted"));
@@ -997,5 +1018,6 @@ async fn nothing_secret_reaches_the_log() {
         ("as_token", Stack::get().as_token.as_str()),
     ] {
         assert!(!log.contains(value), "the {what} reached the log");
+        assert!(!metrics.contains(value), "the {what} reached the metrics");
     }
 }

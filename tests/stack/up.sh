@@ -253,6 +253,7 @@ homeserver:
   adminLocalpart: "$ADMIN_LOCALPART"
   asTokenSecret: openmeet-system/matrix-appservice
 reloadSeconds: 1
+metricsListen: "127.0.0.1:0"
 SIDECAR
 
 env_file="$dir/stack.env"

@@ -138,6 +138,7 @@ pub async fn run(
 }
 
 pub async fn reconcile(room: Arc<MatrixRoom>, ctx: Arc<RoomContext>) -> Result<Action, Error> {
+    let timer = ctx.stats.start("MatrixRoom");
     let api: Api<MatrixRoom> = super::own_namespace(&ctx.client, room.as_ref())?;
     let result = super::finalizer::reconcile(
         &api,
@@ -147,6 +148,7 @@ pub async fn reconcile(room: Arc<MatrixRoom>, ctx: Arc<RoomContext>) -> Result<A
     )
     .await;
     ctx.stats.room_reconciles.fetch_add(1, Ordering::Relaxed);
+    timer.finish(result.is_ok());
     result
 }
 

@@ -74,6 +74,7 @@ pub async fn run(
 
 /// The finalizer is the only top-level branch: apply, or clean up.
 pub async fn reconcile(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let timer = ctx.stats.start("MatrixUser");
     let api: Api<MatrixUser> = super::own_namespace(&ctx.client, user.as_ref())?;
     let result = super::finalizer::reconcile(
         &api,
@@ -83,6 +84,7 @@ pub async fn reconcile(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Actio
     )
     .await;
     ctx.stats.user_reconciles.fetch_add(1, Ordering::Relaxed);
+    timer.finish(result.is_ok());
     result
 }
 
