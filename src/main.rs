@@ -200,6 +200,12 @@ struct SidecarArgs {
     /// Plain-HTTP listener for /metrics ("off" to disable; default 0.0.0.0:8082).
     #[arg(long, env = "SIDECAR_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// Record redeemed codes as Leases in this namespace, so several replicas can serve.
+    #[arg(long, env = "POD_NAMESPACE")]
+    state_namespace: Option<String>,
+    /// This replica's name.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 impl SidecarArgs {
@@ -248,6 +254,8 @@ impl SidecarArgs {
         set(&mut c.namespace, self.namespace);
         set(&mut c.label_selector, self.selector);
         set(&mut c.metrics_listen, self.metrics_listen);
+        set(&mut c.state_namespace, self.state_namespace);
+        set(&mut c.identity, self.identity);
         Ok(c)
     }
 }

@@ -35,6 +35,11 @@ pub struct SidecarConfig {
     pub reload_seconds: Option<u64>,
     /// Plain-HTTP listener for `/metrics` (default `0.0.0.0:8082`; "off").
     pub metrics_listen: Option<String>,
+    /// Namespace where redeemed authorization codes are recorded as Leases,
+    /// so that several replicas can serve (default: in memory, one replica).
+    pub state_namespace: Option<String>,
+    /// This replica's name (default: random).
+    pub identity: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -33,7 +33,7 @@ pub enum LookupError {
 }
 
 /// A usable account: everything the OIDC claims and the credential API need.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Account {
     pub namespace: String,
     pub name: String,

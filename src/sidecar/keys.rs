@@ -38,6 +38,9 @@ pub enum KeyError {
 /// One key: how it signs and how it is published.
 pub struct SigningKey {
     pub kid: String,
+    /// Secret material derived from the private key, for the MACs that
+    /// seal codes and access tokens (see `grants`).
+    pub seed: [u8; 32],
     pub algorithm: Algorithm,
     pub encoding: EncodingKey,
     pub decoding: DecodingKey,
@@ -72,6 +75,20 @@ impl KeySet {
         algs
     }
 
+    /// A key set from parsed keys, `active` signing.
+    pub fn from_keys(all: Vec<Arc<SigningKey>>, active: &str) -> Result<Self, KeyError> {
+        let active = all
+            .iter()
+            .find(|k| k.kid == active)
+            .cloned()
+            .ok_or_else(|| KeyError::ActiveMissing(active.to_string()))?;
+        Ok(KeySet {
+            active,
+            all,
+            fingerprint: BTreeMap::new(),
+        })
+    }
+
     pub fn by_kid(&self, kid: &str) -> Option<&Arc<SigningKey>> {
         self.all.iter().find(|k| k.kid == kid)
     }
@@ -98,8 +115,13 @@ pub fn parse_key(kid: &str, pem: &[u8]) -> Result<SigningKey, KeyError> {
         _ => KeyAlgorithm::RS256,
     });
     let decoding = DecodingKey::from_jwk(&jwk).map_err(jwk_err)?;
+    let seed = {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(pem).into()
+    };
     Ok(SigningKey {
         kid: kid.to_string(),
+        seed,
         algorithm,
         encoding,
         decoding,

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod credentials;
 pub mod directory;
+pub mod grants;
 pub mod keys;
 pub mod oidc;
 pub mod platform;
@@ -155,6 +156,11 @@ pub struct Settings {
     pub reload: Duration,
     /// Plain-HTTP `/metrics` listener (none when "off").
     pub metrics_listen: Option<SocketAddr>,
+    /// Where redeemed codes are recorded (Leases) so that every replica
+    /// sees them; in memory when unset (one replica).
+    pub state_namespace: Option<String>,
+    /// This replica's name (on its redemption records).
+    pub identity: String,
 }
 
 fn required<T>(value: Option<T>, what: &str) -> Result<T, Error> {
@@ -315,6 +321,10 @@ impl Settings {
                 label_selector: config.label_selector,
             },
             reload: Duration::from_secs(config.reload_seconds.unwrap_or(30).max(1)),
+            state_namespace: config.state_namespace,
+            identity: config
+                .identity
+                .unwrap_or_else(|| format!("sidecar-{}", rand::random::<u32>())),
             metrics_listen: match config.metrics_listen.as_deref() {
                 None => Some(SocketAddr::from(([0, 0, 0, 0], 8082))),
                 Some("off") => None,
@@ -455,9 +465,17 @@ pub async fn run(
 ) -> Result<(), Error> {
     let keys = keys::Keys::open(settings.keys_dir.clone(), settings.active_kid.clone())?;
     let verifier = platform::PlatformVerifier::new(settings.platform.clone());
-    let (directory, watches) = directory::Directory::start(kube, &settings.scope);
+    let (directory, watches) = directory::Directory::start(kube.clone(), &settings.scope);
     let synapse = SynapseClient::new(settings.synapse.clone())?;
     let metrics = SidecarMetrics::new(synapse.stats_handle());
+    // Several replicas share the record of redeemed codes through Leases.
+    let redemptions = match &settings.state_namespace {
+        Some(ns) => grants::Redemptions::Leases {
+            api: kube::Api::namespaced(kube.clone(), ns),
+            identity: settings.identity.clone(),
+        },
+        None => grants::Redemptions::memory(),
+    };
     let provider = Arc::new(oidc::Provider::new(
         settings.issuer.clone(),
         settings.clients,
@@ -466,6 +484,7 @@ pub async fn run(
         settings.login,
         directory.clone(),
         settings.lifetimes,
+        redemptions,
     ));
     let credentials = Arc::new(credentials::CredentialService::new(
         settings.homeserver_public_url,
@@ -476,7 +495,7 @@ pub async fn run(
     ));
     let app = router(
         &settings.issuer_path,
-        provider,
+        provider.clone(),
         credentials.clone(),
         directory,
         metrics.clone(),
@@ -516,6 +535,19 @@ pub async fn run(
     .await
     .map_err(Error::Tls)?;
     let revoker = tokio::spawn(credentials.revoke_loop(Duration::from_secs(1)));
+    let sweeper = {
+        let provider = provider.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                match provider.redemptions.sweep().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(removed = n, "expired code redemptions removed"),
+                    Err(e) => tracing::warn!(error = %e, "code redemptions not swept"),
+                }
+            }
+        })
+    };
     let reloader = {
         let (tls, keys) = (tls.clone(), keys.clone());
         let (cert, key) = (settings.cert_file.clone(), settings.key_file.clone());
@@ -560,6 +592,7 @@ pub async fn run(
         .await
         .map_err(Error::Serve);
     revoker.abort();
+    sweeper.abort();
     reloader.abort();
     if let Some(m) = metrics_server {
         m.abort();

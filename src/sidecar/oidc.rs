@@ -2,10 +2,11 @@
 //! discovery, JWKS, the authorization-code flow with PKCE S256, token and
 //! userinfo endpoints. End users are authenticated by a platform JWT.
 
-use super::directory::{Account, Directory, LookupError};
+use super::directory::{Directory, LookupError};
+use super::grants::{self, AccessClaims, CodeClaims, GrantError, Redemption, Redemptions};
 use super::keys::Keys;
 use super::platform::{PlatformError, PlatformVerifier};
-use super::{bearer, digest, html_page, random_token};
+use super::{bearer, digest, html_page};
 use axum::extract::{Form, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -16,7 +17,7 @@ use jsonwebtoken::{encode, Header};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// One registered relying party (Synapse).
@@ -54,24 +55,6 @@ impl Default for Lifetimes {
     }
 }
 
-/// An authorization code waiting for its one redemption.
-struct Grant {
-    client_id: String,
-    redirect_uri: String,
-    code_challenge: String,
-    nonce: Option<String>,
-    account: Account,
-    expires: SystemTime,
-    redeemed: bool,
-    /// Digests of the access tokens this code produced (revoked on replay).
-    issued: Vec<[u8; 32]>,
-}
-
-struct IssuedToken {
-    account: Account,
-    expires: SystemTime,
-}
-
 pub struct Provider {
     pub issuer: String,
     pub clients: HashMap<String, OidcClient>,
@@ -80,8 +63,8 @@ pub struct Provider {
     pub login: Option<LoginRedirect>,
     pub directory: Directory,
     pub lifetimes: Lifetimes,
-    grants: Mutex<HashMap<[u8; 32], Grant>>,
-    tokens: Mutex<HashMap<[u8; 32], IssuedToken>>,
+    /// Which codes were redeemed, across replicas.
+    pub redemptions: Redemptions,
 }
 
 impl Provider {
@@ -93,6 +76,7 @@ impl Provider {
         login: Option<LoginRedirect>,
         directory: Directory,
         lifetimes: Lifetimes,
+        redemptions: Redemptions,
     ) -> Self {
         Provider {
             issuer,
@@ -102,8 +86,7 @@ impl Provider {
             login,
             directory,
             lifetimes,
-            grants: Mutex::default(),
-            tokens: Mutex::default(),
+            redemptions,
         }
     }
 
@@ -328,28 +311,20 @@ async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequ
             return refuse_page(status, "No chat account", detail);
         }
     };
-    // 5. A single-use code bound to client, redirect and PKCE challenge.
-    let code = random_token();
-    let now = SystemTime::now();
-    {
-        let mut grants = p.grants.lock().expect("grants lock");
-        // Expired codes are dropped as new ones come (replay memory lasts
-        // as long as a code would).
-        grants.retain(|_, g| g.expires + p.lifetimes.code > now);
-        grants.insert(
-            digest(&code),
-            Grant {
-                client_id: client.id.clone(),
-                redirect_uri: redirect_uri.clone(),
-                code_challenge: challenge,
-                nonce: request.nonce.clone(),
-                account: account.clone(),
-                expires: now + p.lifetimes.code,
-                redeemed: false,
-                issued: Vec::new(),
-            },
-        );
-    }
+    // 5. A single-use code bound to client, redirect and PKCE challenge,
+    //    sealed so that any replica can redeem it.
+    let code = grants::seal_code(
+        &p.keys.current(),
+        &CodeClaims {
+            jti: grants::new_jti(),
+            exp: grants::epoch(SystemTime::now() + p.lifetimes.code),
+            client_id: client.id.clone(),
+            redirect_uri: redirect_uri.clone(),
+            code_challenge: challenge,
+            nonce: request.nonce.clone(),
+            account: account.clone(),
+        },
+    );
     tracing::info!(user = %account.user_id, client = %client.id, "authorize: code issued");
     let mut params = vec![("code", code.as_str())];
     if !state.is_empty() {
@@ -520,25 +495,22 @@ async fn token(
         );
     };
     let now = SystemTime::now();
-    let key = digest(code);
-    // Take the grant's facts under the lock; the first presentation consumes it.
-    let grant = {
-        let mut grants = p.grants.lock().expect("grants lock");
-        let Some(grant) = grants.get_mut(&key) else {
-            return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "unknown code");
-        };
-        if grant.redeemed {
-            // A replayed code: revoke everything it produced.
-            let issued = std::mem::take(&mut grant.issued);
-            grants.remove(&key);
-            drop(grants);
-            let mut tokens = p.tokens.lock().expect("tokens lock");
-            for t in &issued {
-                tokens.remove(t);
-            }
+    let keys = p.keys.current();
+    let grant = match grants::open_code(&keys, code) {
+        Ok(g) => g,
+        Err(GrantError::Expired) => {
+            return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "code expired")
+        }
+        Err(_) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "unknown code"),
+    };
+    // The first presentation consumes the code, whatever its outcome; a
+    // second revokes what the first produced.
+    let keep = p.lifetimes.code + p.lifetimes.access_token;
+    match p.redemptions.redeem(&grant.jti, keep).await {
+        Ok(Redemption::First) => {}
+        Ok(Redemption::Replay) => {
             tracing::warn!(
                 client = %client.id,
-                revoked = issued.len(),
                 "token: authorization code replayed; tokens it issued are revoked"
             );
             return oauth_error(
@@ -547,34 +519,32 @@ async fn token(
                 "code already used",
             );
         }
-        grant.redeemed = true;
-        (
-            grant.client_id.clone(),
-            grant.redirect_uri.clone(),
-            grant.code_challenge.clone(),
-            grant.nonce.clone(),
-            grant.account.clone(),
-            grant.expires,
-        )
-    };
-    let (grant_client, grant_redirect, challenge, nonce, account, expires) = grant;
-    if expires <= now {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "code expired");
+        Err(e) => {
+            tracing::error!(error = %e, "token: redemption record unavailable");
+            return oauth_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "try again",
+            );
+        }
     }
-    if grant_client != client.id {
+    let account = grant.account;
+    let nonce = grant.nonce;
+    if grant.client_id != client.id {
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_grant",
             "code was issued to another client",
         );
     }
-    if form.redirect_uri.as_deref() != Some(grant_redirect.as_str()) {
+    if form.redirect_uri.as_deref() != Some(grant.redirect_uri.as_str()) {
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_grant",
             "redirect_uri does not match the authorization request",
         );
     }
+    let challenge = grant.code_challenge;
     let verified = form.code_verifier.as_deref().is_some_and(|v| {
         is_pkce_value(v)
             && base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest(v)) == challenge
@@ -594,7 +564,6 @@ async fn token(
             &format!("the account is no longer usable: {e}"),
         );
     }
-    let keys = p.keys.current();
     let signing = &keys.active;
     let issued_at = epoch(now);
     let name = account
@@ -627,25 +596,14 @@ async fn token(
             );
         }
     };
-    let access_token = random_token();
-    let access_key = digest(&access_token);
-    p.tokens.lock().expect("tokens lock").insert(
-        access_key,
-        IssuedToken {
+    let access_token = grants::seal_access(
+        &keys,
+        &AccessClaims {
+            jti: grant.jti,
+            exp: issued_at + p.lifetimes.access_token.as_secs(),
             account: account.clone(),
-            expires: now + p.lifetimes.access_token,
         },
     );
-    {
-        let mut grants = p.grants.lock().expect("grants lock");
-        if let Some(g) = grants.get_mut(&key) {
-            g.issued.push(access_key);
-        }
-    }
-    {
-        let mut tokens = p.tokens.lock().expect("tokens lock");
-        tokens.retain(|_, t| t.expires > now);
-    }
     tracing::info!(user = %account.user_id, client = %client.id, kid = %signing.kid, "token: issued");
     no_store(
         Json(json!({
@@ -675,13 +633,18 @@ async fn userinfo(State(p): State<Arc<Provider>>, headers: HeaderMap) -> Respons
     let Some(token) = bearer(&headers) else {
         return invalid();
     };
-    let account = {
-        let tokens = p.tokens.lock().expect("tokens lock");
-        match tokens.get(&digest(&token)) {
-            Some(t) if t.expires > SystemTime::now() => t.account.clone(),
-            _ => return invalid(),
-        }
+    let Ok(claims) = grants::open_access(&p.keys.current(), &token) else {
+        return invalid();
     };
+    match p.redemptions.is_revoked(&claims.jti).await {
+        Ok(false) => {}
+        Ok(true) => return invalid(),
+        Err(e) => {
+            tracing::error!(error = %e, "userinfo: redemption record unavailable");
+            return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response();
+        }
+    }
+    let account = claims.account;
     if let Some(Err(_)) = p.directory.still_usable(&account) {
         return invalid();
     }

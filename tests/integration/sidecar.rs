@@ -715,11 +715,28 @@ fn free_port() -> u16 {
 
 /// The platform part of the config as YAML (indented under `platform:`).
 async fn own_sidecar(platform_yaml: &str) -> OwnSidecar {
+    own_sidecar_with(platform_yaml, None, "").await
+}
+
+/// With a key directory of another sidecar (replicas share their Secret),
+/// and more top-level YAML.
+async fn own_sidecar_with(
+    platform_yaml: &str,
+    shared_keys: Option<&std::path::Path>,
+    extra_yaml: &str,
+) -> OwnSidecar {
     let stack = Stack::get();
     let dir = std::env::temp_dir().join(unique("own-sidecar"));
-    let keys = dir.join("keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    std::fs::write(keys.join("first.pem"), generate_ec_key()).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = match shared_keys {
+        Some(k) => k.to_path_buf(),
+        None => {
+            let keys = dir.join("keys");
+            std::fs::create_dir_all(&keys).unwrap();
+            std::fs::write(keys.join("first.pem"), generate_ec_key()).unwrap();
+            keys
+        }
+    };
     let port = free_port();
     let metrics_port = free_port();
     let base = format!("https://127.0.0.1:{port}");
@@ -742,6 +759,7 @@ homeserver:
 oidc: {{codeSeconds: 2}}
 reloadSeconds: 1
 metricsListen: "127.0.0.1:{metrics_port}"
+{extra_yaml}
 "#,
         cert = stack.var("SIDECAR_CERT"),
         key = stack.var("SIDECAR_KEY"),
@@ -1020,4 +1038,44 @@ async fn nothing_secret_reaches_the_log() {
         assert!(!log.contains(value), "the {what} reached the log");
         assert!(!metrics.contains(value), "the {what} reached the metrics");
     }
+}
+
+/// Replicas share nothing but their Secrets and the API server: a code
+/// issued by one is redeemed by another, once.
+#[tokio::test]
+async fn replicas_redeem_each_others_codes_once() {
+    let env = TestEnv::new("replicas").await;
+    let state = format!("stateNamespace: \"{}\"\nidentity: replica", env.ns(0));
+    let a = own_sidecar_with(&hs256_platform_yaml(), None, &state).await;
+    let b = own_sidecar_with(&hs256_platform_yaml(), Some(&a.keys), &state).await;
+    let (subject, _, _) = ready_user(&env, "replicated").await;
+    let token = platform_token(&subject, env.ns(0));
+    let secret = client_secret();
+
+    let auth = Authorization::new();
+    let code = auth.code(&a.base, &token).await;
+    let r = redeem(&b.base, &code, &auth.verifier, &secret).await;
+    assert_eq!(r.status(), StatusCode::OK, "any replica redeems the code");
+    let answer: Value = r.json().await.unwrap();
+    let access = answer["access_token"].as_str().unwrap().to_string();
+    let userinfo = |base: String| {
+        let access = access.clone();
+        async move {
+            https_client()
+                .get(format!("{base}/userinfo"))
+                .bearer_auth(access)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(userinfo(a.base.clone()).await, StatusCode::OK);
+
+    // Replayed at the other replica: refused, and the token dies everywhere.
+    let r = redeem(&a.base, &code, &auth.verifier, &secret).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_grant");
+    assert_eq!(userinfo(a.base.clone()).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(userinfo(b.base.clone()).await, StatusCode::UNAUTHORIZED);
 }
