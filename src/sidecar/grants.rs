@@ -175,7 +175,10 @@ pub enum Redemptions {
     /// One replica: in memory (jti → (expiry, revoked)).
     Memory(Mutex<HashMap<String, (SystemTime, bool)>>),
     /// Every replica: Leases in this namespace.
-    Leases { api: Api<Lease>, identity: String },
+    Leases {
+        api: Box<Api<Lease>>,
+        identity: String,
+    },
 }
 
 impl Redemptions {

@@ -471,21 +471,25 @@ pub async fn run(
     // Several replicas share the record of redeemed codes through Leases.
     let redemptions = match &settings.state_namespace {
         Some(ns) => grants::Redemptions::Leases {
-            api: kube::Api::namespaced(kube.clone(), ns),
+            api: Box::new(kube::Api::namespaced(kube.clone(), ns)),
             identity: settings.identity.clone(),
         },
         None => grants::Redemptions::memory(),
     };
-    let provider = Arc::new(oidc::Provider::new(
-        settings.issuer.clone(),
-        settings.clients,
-        keys.clone(),
-        verifier.clone(),
-        settings.login,
-        directory.clone(),
-        settings.lifetimes,
+    let provider = Arc::new(oidc::Provider {
+        issuer: settings.issuer.clone(),
+        clients: settings
+            .clients
+            .into_iter()
+            .map(|c| (c.id.clone(), c))
+            .collect(),
+        keys: keys.clone(),
+        platform: verifier.clone(),
+        login: settings.login,
+        directory: directory.clone(),
+        lifetimes: settings.lifetimes,
         redemptions,
-    ));
+    });
     let credentials = Arc::new(credentials::CredentialService::new(
         settings.homeserver_public_url,
         directory.clone(),

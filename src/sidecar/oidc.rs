@@ -68,28 +68,6 @@ pub struct Provider {
 }
 
 impl Provider {
-    pub fn new(
-        issuer: String,
-        clients: Vec<OidcClient>,
-        keys: Keys,
-        platform: PlatformVerifier,
-        login: Option<LoginRedirect>,
-        directory: Directory,
-        lifetimes: Lifetimes,
-        redemptions: Redemptions,
-    ) -> Self {
-        Provider {
-            issuer,
-            clients: clients.into_iter().map(|c| (c.id.clone(), c)).collect(),
-            keys,
-            platform,
-            login,
-            directory,
-            lifetimes,
-            redemptions,
-        }
-    }
-
     fn endpoint(&self, path: &str) -> String {
         format!("{}{path}", self.issuer.trim_end_matches('/'))
     }
