@@ -2,6 +2,7 @@
 //! and Synapse, started by `tests/stack/up.sh`.
 
 mod binary;
+mod chart;
 mod crds;
 mod ha;
 mod harness;

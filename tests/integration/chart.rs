@@ -1,0 +1,662 @@
+//! The Helm chart (`charts/openmeet-matrix-operator`): it lints, its schema
+//! refuses wrong values, what it renders is accepted by the real API server,
+//! its CRDs are the generated ones, and the shipped binaries, configured as
+//! its Deployment configures them, work under exactly the RBAC it grants.
+
+use crate::harness::{https_client, unique, wait_for, Options, Stack, TestEnv, LABEL};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{ListParams, PostParams};
+use kube::Api;
+use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const CHART: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/charts/openmeet-matrix-operator"
+);
+const CI_VALUES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/charts/openmeet-matrix-operator/ci/test-values.yaml"
+);
+/// The kinds the controller's and the sidecar's permissions are made of.
+const RBAC_KINDS: [&str; 5] = [
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+];
+
+/// The pinned helm, built once (cached by version) by `tests/stack/build-helm.sh`.
+fn helm() -> &'static Path {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(format!("{ROOT}/tests/stack/build-helm.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running tests/stack/build-helm.sh");
+        assert!(out.status.success(), "tests/stack/build-helm.sh failed");
+        let bin = String::from_utf8(out.stdout).expect("bin dir");
+        PathBuf::from(bin.trim()).join("helm")
+    })
+}
+
+/// A scratch directory for one test's files.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique(name));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `helm template` of the chart with its CI values and `overrides` on top,
+/// CRDs left out (the stack installed them). `Err(stderr)` when helm refuses.
+fn template(dir: &Path, release: &str, ns: &str, overrides: &Value) -> Result<String, String> {
+    let file = dir.join(format!("{}.yaml", unique("values")));
+    std::fs::write(&file, serde_yaml::to_string(overrides).unwrap()).unwrap();
+    let out = Command::new(helm())
+        .args(["template", release, CHART, "--namespace", ns, "--skip-crds"])
+        .args(["-f", CI_VALUES, "-f"])
+        .arg(&file)
+        .output()
+        .expect("running helm template");
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The documents of a multi-document YAML stream.
+fn documents(manifest: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(manifest)
+        .map(|doc| Value::deserialize(doc).expect("rendered YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn to_yaml_stream(docs: &[&Value]) -> String {
+    docs.iter()
+        .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
+        .collect()
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn container<'a>(deployment: &'a Value, name: &str) -> &'a Value {
+    deployment["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} container"))
+}
+
+/// `kubectl` against the stack (as `kubeconfig`), `stdin` piped in.
+async fn kubectl(kubeconfig: &str, args: &[&str], stdin: Option<String>) -> (bool, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(Stack::get().var("KUBECTL"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running kubectl");
+    let mut input = child.stdin.take().unwrap();
+    input
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .await
+        .unwrap();
+    drop(input);
+    let out = child.wait_with_output().await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn chart_lints_renders_and_applies_with_server_side_dry_run() {
+    let stack = Stack::get();
+    let env = TestEnv::with(
+        "chart-dry",
+        Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let ns = env.ns(0);
+    let dir = scratch("chart-dry");
+
+    let lint = Command::new(helm())
+        .args(["lint", "--strict", CHART, "-f", CI_VALUES])
+        .output()
+        .expect("running helm lint");
+    assert!(
+        lint.status.success(),
+        "helm lint --strict: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+
+    // The default shape, and the namespaced one without the sidecar.
+    let variants = [
+        (
+            json!({}),
+            vec!["ClusterRole", "ConfigMap", "PodDisruptionBudget"],
+            vec![],
+        ),
+        (
+            json!({"watchNamespace": ns, "sidecar": {"enabled": false}, "replicas": 1}),
+            vec!["Role"],
+            vec!["ClusterRole", "ConfigMap", "PodDisruptionBudget"],
+        ),
+    ];
+    for (overrides, expected, absent) in variants {
+        let release = unique("dry");
+        let manifest = template(&dir, &release, ns, &overrides).expect("helm template");
+        let docs = documents(&manifest);
+        let mut kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        kinds.sort();
+        for kind in ["Deployment", "Service", "ServiceAccount", "RoleBinding"]
+            .into_iter()
+            .chain(expected)
+        {
+            assert!(kinds.contains(&kind), "no {kind} in {kinds:?}");
+        }
+        for kind in absent {
+            assert!(
+                !kinds.contains(&kind),
+                "{kind} in {kinds:?} for {overrides}"
+            );
+        }
+        let (ok, out) = kubectl(
+            stack.var("KUBECONFIG"),
+            &[
+                "apply",
+                "--server-side",
+                "--dry-run=server",
+                "--field-manager=chart-test",
+                "-f",
+                "-",
+            ],
+            Some(manifest),
+        )
+        .await;
+        assert!(ok, "server-side dry run refused {overrides}: {out}");
+        let applied = out
+            .lines()
+            .filter(|l| l.contains("(server dry run)"))
+            .count();
+        assert_eq!(applied, docs.len(), "every object accepted: {out}");
+    }
+
+    // The schema refuses wrong values before anything reaches the cluster.
+    let wrong = template(&dir, "bad", ns, &json!({"replicas": "two"})).unwrap_err();
+    assert!(
+        wrong.contains("/replicas") && wrong.contains("integer"),
+        "{wrong}"
+    );
+    let missing = template(&dir, "bad", ns, &json!({"synapse": {"url": null}})).unwrap_err();
+    assert!(
+        missing.contains("/synapse") && missing.contains("url"),
+        "{missing}"
+    );
+    let unknown = template(&dir, "bad", ns, &json!({"controler": {}})).unwrap_err();
+    assert!(unknown.contains("controler"), "{unknown}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn chart_crds_match_the_generated_ones() {
+    let generated = std::fs::read(format!("{ROOT}/crds/crds.yaml")).unwrap();
+    let shipped = std::fs::read(format!("{CHART}/crds/crds.yaml")).unwrap();
+    assert!(
+        generated == shipped,
+        "charts/openmeet-matrix-operator/crds/crds.yaml differs from crds/crds.yaml: \
+         copy it (cp crds/crds.yaml charts/openmeet-matrix-operator/crds/)"
+    );
+}
+
+/// Deletes a release's cluster-scoped objects (there is no garbage collector).
+struct ClusterScoped(Vec<(String, String)>);
+
+impl Drop for ClusterScoped {
+    fn drop(&mut self) {
+        let stack = Stack::get();
+        for (kind, name) in &self.0 {
+            let _ = Command::new(stack.var("KUBECTL"))
+                .args(["delete", kind, name, "--ignore-not-found", "--wait=false"])
+                .env("KUBECONFIG", stack.var("KUBECONFIG"))
+                .output();
+        }
+    }
+}
+
+/// The stack's kubeconfig, acting as `user` in `groups` (impersonation).
+fn impersonating(dir: &Path, user: &str, groups: &[String]) -> String {
+    let stack = Stack::get();
+    let text = std::fs::read_to_string(stack.var("KUBECONFIG")).unwrap();
+    let mut config: Value = serde_yaml::from_str(&text).unwrap();
+    for entry in config["users"].as_array_mut().expect("users") {
+        entry["user"]["as"] = json!(user);
+        entry["user"]["as-groups"] = json!(groups);
+    }
+    let path = dir.join("kubeconfig-impersonating");
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path.display().to_string()
+}
+
+/// The plain environment values of a rendered container (downward-API ones
+/// are the caller's to supply).
+fn plain_env(container: &Value) -> Vec<(String, String)> {
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["name"].as_str()?.into(), e["value"].as_str()?.into())))
+        .collect()
+}
+
+#[tokio::test]
+async fn controller_works_under_exactly_the_charts_rbac() {
+    let stack = Stack::get();
+    let env = TestEnv::with(
+        "chart-rbac",
+        Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let ns = env.ns(0).to_string();
+    let dir = scratch("chart-rbac");
+    let release = unique("rbac");
+    // Kept when the test fails: the binaries' logs are there.
+    eprintln!("chart-rbac files and logs in {}", dir.display());
+    let sidecar_port = free_port();
+    let sidecar_url = format!("https://127.0.0.1:{sidecar_port}");
+    let manifest = template(
+        &dir,
+        &release,
+        &ns,
+        &json!({
+            "synapse": {
+                "url": stack.var("SYNAPSE_URL"),
+                "serverName": stack.var("MATRIX_SERVER_NAME"),
+                "adminLocalpart": stack.var("MATRIX_ADMIN_LOCALPART"),
+            },
+            "watchSelector": format!("{LABEL}={}", env.run_id),
+            "controller": {"idpId": stack.var("OIDC_IDP_ID")},
+            "sidecar": {
+                "issuer": sidecar_url,
+                "client": {"redirectUris": [format!("{}/_synapse/client/oidc/callback", stack.var("SYNAPSE_URL"))]},
+                "platform": {"issuer": stack.var("PLATFORM_ISSUER"), "audience": stack.var("PLATFORM_AUDIENCE")},
+            },
+        }),
+    )
+    .expect("helm template");
+    let docs = documents(&manifest);
+    let deployment = of_kind(&docs, "Deployment")[0];
+    let account = of_kind(&docs, "ServiceAccount")[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The chart's permissions, for real; nothing else is granted to the account.
+    let rbac: Vec<&Value> = docs
+        .iter()
+        .filter(|d| RBAC_KINDS.iter().any(|k| d["kind"] == *k))
+        .collect();
+    let _cleanup = ClusterScoped(
+        rbac.iter()
+            .filter(|d| d["kind"].as_str().unwrap().starts_with("Cluster"))
+            .map(|d| {
+                (
+                    d["kind"].as_str().unwrap().to_string(),
+                    d["metadata"]["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect(),
+    );
+    let (ok, out) = kubectl(
+        stack.var("KUBECONFIG"),
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=chart-test",
+            "-f",
+            "-",
+        ],
+        Some(to_yaml_stream(&rbac)),
+    )
+    .await;
+    assert!(ok, "applying the chart's RBAC: {out}");
+
+    // The registration's tokens, under the name the chart points the controller at.
+    let controller_env = plain_env(container(deployment, "controller"));
+    let lookup = |key: &str| {
+        controller_env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("the chart sets no {key}"))
+    };
+    let as_token_secret = lookup("AS_TOKEN_SECRET");
+    let (secret_ns, secret_name) = as_token_secret.split_once('/').unwrap();
+    assert_eq!(secret_ns, ns, "the Secret lives in the release namespace");
+    let source = Api::<Secret>::namespaced(env.client.clone(), "openmeet-system")
+        .get("matrix-appservice")
+        .await
+        .expect("the stack's appservice Secret");
+    let copy: Secret = serde_json::from_value(json!({
+        "metadata": {"name": secret_name, "namespace": ns},
+        "data": {
+            "as_token": source.data.as_ref().unwrap()["as_token"],
+            "hs_token": source.data.as_ref().unwrap()["hs_token"],
+        },
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), &ns)
+        .create(&PostParams::default(), &copy)
+        .await
+        .expect("copy the appservice Secret");
+
+    // Act as the ServiceAccount. The stack's admin (system:masters) may.
+    let kubeconfig = impersonating(
+        &dir,
+        &format!("system:serviceaccount:{ns}:{account}"),
+        &[
+            "system:serviceaccounts".into(),
+            format!("system:serviceaccounts:{ns}"),
+            "system:authenticated".into(),
+        ],
+    );
+    let (allowed, out) = kubectl(
+        &kubeconfig,
+        &["-n", &ns, "get", "secret", secret_name, "-o", "name"],
+        None,
+    )
+    .await;
+    assert!(allowed, "the account reads its Secret: {out}");
+    let (allowed, out) = kubectl(
+        &kubeconfig,
+        &[
+            "-n",
+            "openmeet-system",
+            "get",
+            "secret",
+            "matrix-appservice",
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        !allowed && out.contains("Forbidden"),
+        "impersonation in effect: {out}"
+    );
+
+    // The controller, configured as the chart's Deployment configures it.
+    let metrics_port = free_port();
+    let lease_name = lookup("LEASE_NAME");
+    let pod_name = format!("{release}-controller");
+    assert_eq!(lookup("LEADER_ELECT"), "true");
+    let args: Vec<String> =
+        serde_json::from_value(container(deployment, "controller")["args"].clone()).unwrap();
+    let log = dir.join("controller.log");
+    let _controller = tokio::process::Command::new(env!("CARGO_BIN_EXE_openmeet-matrix-operator"))
+        .args(&args)
+        .env_clear()
+        .envs(controller_env.iter().cloned())
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAME", &pod_name)
+        .env("POD_NAMESPACE", &ns)
+        // The test process serves the appservice feed (see `serve_appservice`).
+        .env("APPSERVICE_LISTEN", "off")
+        .env("METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the controller binary");
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), &ns);
+    wait_for("the controller to hold the chart's Lease", || async {
+        let lease = leases.get_opt(&lease_name).await.ok()??;
+        (lease.spec?.holder_identity? == pod_name).then_some(())
+    })
+    .await;
+    let http = reqwest::Client::new();
+    wait_for("the controller's /readyz", || async {
+        let url = format!("http://127.0.0.1:{metrics_port}/readyz");
+        let r = http.get(url).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+
+    let localpart = unique("chart-ann");
+    let subject = unique("chart-subject");
+    env.create::<MatrixUser>(
+        0,
+        "ann",
+        json!({"localpart": localpart, "displayName": "Ann", "subject": subject}),
+    )
+    .await;
+    env.create::<MatrixRoom>(
+        0,
+        "hall",
+        json!({"alias": unique("chart-hall"), "name": "Hall"}),
+    )
+    .await;
+    env.create::<RoomPermission>(
+        0,
+        "hall-ann",
+        json!({"roomRef": {"name": "hall"}, "userRef": {"name": "ann"}, "role": "Moderator"}),
+    )
+    .await;
+    env.wait_condition::<MatrixUser>(0, "ann", true, "Converged")
+        .await;
+    let room: MatrixRoom = env.wait_condition(0, "hall", true, "Converged").await;
+    let perm: RoomPermission = env.wait_condition(0, "hall-ann", true, "Converged").await;
+    assert_eq!(
+        room.status.unwrap().joined_members,
+        Some(2),
+        "operator, ann"
+    );
+    assert_eq!(perm.status.unwrap().effective_power_level, Some(50));
+    // Events were recorded too (their create/patch is granted).
+    wait_for("an Event about the room", || async {
+        (!env.event_reasons(0, "hall").await.is_empty()).then_some(())
+    })
+    .await;
+    assert!(
+        !logged().to_lowercase().contains("forbidden"),
+        "no request was refused:\n{}",
+        logged()
+    );
+
+    // The sidecar, with the chart's own configuration file: only the mounted
+    // paths are swapped for the stack's files.
+    let sidecar = container(deployment, "sidecar");
+    let config_map = of_kind(&docs, "ConfigMap")[0];
+    let mut config: Value =
+        serde_yaml::from_str(config_map["data"]["sidecar.yaml"].as_str().unwrap()).unwrap();
+    let mounts: Vec<String> = sidecar["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap().to_string())
+        .collect();
+    let stack_config: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(stack.var("SIDECAR_CONFIG")).unwrap())
+            .unwrap();
+    let swaps = [
+        ("/tls/certFile", stack.var("SIDECAR_CERT").to_string()),
+        ("/tls/keyFile", stack.var("SIDECAR_KEY").to_string()),
+        (
+            "/signingKeys/dir",
+            stack_config["signingKeys"]["dir"].as_str().unwrap().into(),
+        ),
+        (
+            "/clients/0/secretFile",
+            stack.var("OIDC_CLIENT_SECRET_FILE").into(),
+        ),
+        (
+            "/platform/secretFile",
+            stack.var("PLATFORM_SECRET_FILE").into(),
+        ),
+    ];
+    for (pointer, local) in swaps {
+        let slot = config
+            .pointer_mut(pointer)
+            .unwrap_or_else(|| panic!("the chart's sidecar.yaml has no {pointer}"));
+        let mounted = slot.as_str().unwrap().to_string();
+        assert!(
+            mounts
+                .iter()
+                .any(|m| mounted == *m || mounted.starts_with(&format!("{m}/"))),
+            "{pointer} = {mounted} lies in no volume mount of the sidecar ({mounts:?})"
+        );
+        *slot = json!(local);
+    }
+    config["listen"] = json!(format!("127.0.0.1:{sidecar_port}"));
+    assert_eq!(
+        config["homeserver"]["asTokenSecret"],
+        json!(as_token_secret)
+    );
+    let args: Vec<String> = serde_json::from_value(sidecar["args"].clone()).unwrap();
+    assert_eq!(args[..2], ["sidecar", "--config"]);
+    assert!(
+        mounts.iter().any(|m| args[2].starts_with(&format!("{m}/"))),
+        "the config file is mounted"
+    );
+    let config_path = dir.join("sidecar.yaml");
+    std::fs::write(&config_path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    let sidecar_log = dir.join("sidecar.log");
+    let sidecar_pod = format!("{release}-sidecar");
+    let _sidecar = tokio::process::Command::new(env!("CARGO_BIN_EXE_openmeet-matrix-operator"))
+        .args(&args[..2])
+        .arg(&config_path)
+        .env_clear()
+        .envs(plain_env(sidecar))
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAME", &sidecar_pod)
+        .env("POD_NAMESPACE", &ns)
+        // No fixed metrics port: tests run side by side.
+        .env("SIDECAR_METRICS_LISTEN", "off")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&sidecar_log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the sidecar binary");
+    // Ready means its watches of MatrixUsers and tenant namespaces are synced.
+    let https = https_client();
+    wait_for("the sidecar's /readyz", || async {
+        let r = https
+            .get(format!("{sidecar_url}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+
+    // A code redeemed twice: the first redemption records a Lease, the
+    // replay marks it revoked (the sidecar's Lease permissions at work).
+    let redirect = format!("{}/_synapse/client/oidc/callback", stack.var("SYNAPSE_URL"));
+    let verifier = format!("{}-{}", unique("verifier"), "v".repeat(43));
+    let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+    let authorized = https
+        .get(format!("{sidecar_url}/authorize"))
+        .query(&[
+            ("response_type", "code"),
+            ("client_id", "synapse"),
+            ("redirect_uri", redirect.as_str()),
+            ("scope", "openid"),
+            ("state", "chart"),
+            ("nonce", "chart-nonce"),
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ])
+        .bearer_auth(crate::sidecar::platform_token(&subject, &ns))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        authorized.status().is_redirection(),
+        "authorize: {}",
+        authorized.status()
+    );
+    let back = url::Url::parse(authorized.headers()["location"].to_str().unwrap()).unwrap();
+    let code = back
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .map(|(_, v)| v.into_owned())
+        .expect("a code");
+    let client_secret = std::fs::read_to_string(stack.var("OIDC_CLIENT_SECRET_FILE")).unwrap();
+    let redeem = || {
+        https
+            .post(format!("{sidecar_url}/token"))
+            .basic_auth("synapse", Some(client_secret.trim()))
+            .form(&[
+                ("grant_type", "authorization_code"),
+                ("code", code.as_str()),
+                ("redirect_uri", redirect.as_str()),
+                ("code_verifier", verifier.as_str()),
+            ])
+            .send()
+    };
+    let first = redeem().await.unwrap();
+    assert_eq!(first.status(), reqwest::StatusCode::OK, "first redemption");
+    let replay = redeem().await.unwrap();
+    assert_eq!(replay.status(), reqwest::StatusCode::BAD_REQUEST, "replay");
+    let records = leases
+        .list(&ListParams::default().labels("matrix.openmeet.net/oidc-code"))
+        .await
+        .unwrap();
+    assert_eq!(records.items.len(), 1, "one redemption record");
+    let record = &records.items[0];
+    assert_eq!(
+        record.spec.as_ref().unwrap().holder_identity.as_deref(),
+        Some(sidecar_pod.as_str())
+    );
+    assert!(
+        record
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key("matrix.openmeet.net/revoked")),
+        "the replay revoked the code"
+    );
+
+    let sidecar_logged = std::fs::read_to_string(&sidecar_log).unwrap_or_default();
+    assert!(
+        !sidecar_logged.to_lowercase().contains("forbidden"),
+        "no request was refused:\n{sidecar_logged}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
