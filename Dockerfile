@@ -34,5 +34,5 @@ COPY --from=builder /build/target/release/openmeet-matrix-operator /usr/local/bi
 # 65532 = nonroot. The binary writes nothing to disk: a read-only root
 # filesystem works as is.
 USER 65532:65532
-EXPOSE 8081 9000 8443
+EXPOSE 8081 8082 8443 9000
 ENTRYPOINT ["/usr/local/bin/openmeet-matrix-operator"]
