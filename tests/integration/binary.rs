@@ -100,8 +100,14 @@ async fn readiness_means_synapse_reachable_and_caches_synced() {
         (get(good, "/readyz").await?.0 == 200).then_some(())
     })
     .await;
+    // Not ready while its caches sync, then not ready because of Synapse.
     let (status, reason) =
-        crate::harness::wait_for("the cut-off controller to answer", || get(bad, "/readyz")).await;
+        crate::harness::wait_for("the cut-off controller to blame Synapse", || async {
+            get(bad, "/readyz")
+                .await
+                .filter(|(_, reason)| reason.contains("Synapse is unreachable"))
+        })
+        .await;
     assert_eq!(status, 503);
     assert!(reason.contains("Synapse is unreachable"), "{reason}");
     assert_eq!(
