@@ -64,15 +64,24 @@ impl Controller {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
-        text.lines()
-            .filter_map(|l| l.strip_prefix("openmeet_synapse_requests_total{kind=\""))
-            .filter_map(|l| {
-                let (kind, rest) = l.split_once('"')?;
-                let write = rest.contains("write=\"true\"");
-                let count = rest.rsplit(' ').next()?.parse().ok()?;
-                Some((kind.to_string(), (count, write)))
-            })
-            .collect()
+        // One line per endpoint and status class: summed per endpoint.
+        let mut by_kind: BTreeMap<String, (u64, bool)> = BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("openmeet_synapse_requests_total{endpoint=\"")
+            else {
+                continue;
+            };
+            let Some((kind, rest)) = rest.split_once('"') else {
+                continue;
+            };
+            let write = rest.contains("write=\"true\"");
+            let Some(count) = rest.rsplit(' ').next().and_then(|c| c.parse::<u64>().ok()) else {
+                continue;
+            };
+            let entry = by_kind.entry(kind.to_string()).or_insert((0, write));
+            entry.0 += count;
+        }
+        by_kind
     }
 
     /// Peak resident memory of the controller process, in KiB.

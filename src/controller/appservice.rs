@@ -313,7 +313,17 @@ pub async fn run(
     let cache = tokio::spawn(
         reflector(
             writer,
-            watcher(api, watcher::Config::default()).default_backoff(),
+            watcher(api, watcher::Config::default().streaming_lists())
+                .default_backoff()
+                // Only the room id and the object's name are read here: keep
+                // no more of each object than that needs.
+                .modify(|r: &mut MatrixRoom| {
+                    r.managed_fields_mut().clear();
+                    r.annotations_mut().clear();
+                    if let Some(status) = r.status.as_mut() {
+                        status.conditions.clear();
+                    }
+                }),
         )
         .for_each(|_| futures::future::ready(())),
     );
