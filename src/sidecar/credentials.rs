@@ -233,6 +233,11 @@ impl CredentialService {
                 .collect();
             let mut pending = self.pending_logout.lock().expect("pending lock");
             pending.extend(dead.into_iter().filter_map(|k| cache.remove(&k)));
+            // Minting locks of accounts with no live token and no caller waiting.
+            self.minting
+                .lock()
+                .expect("minting lock")
+                .retain(|k, lock| Arc::strong_count(lock) > 1 || cache.contains_key(k));
             pending.retain(|m| m.expires_at > now);
             std::mem::take(&mut *pending)
         };

@@ -63,14 +63,8 @@ async fn readiness_means_synapse_reachable_and_caches_synced() {
         },
     )
     .await;
-    let port = |_: ()| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (good, bad, dead_synapse) = (port(()), port(()), port(()));
+    let port = crate::harness::free_port;
+    let (good, bad, dead_synapse) = (port(), port(), port());
     let _healthy = controller_command(&env)
         .env("METRICS_LISTEN", format!("127.0.0.1:{good}"))
         .stderr(Stdio::null())

@@ -3,7 +3,7 @@
 //! its CRDs are the generated ones, and the shipped binaries, configured as
 //! its Deployment configures them, work under exactly the RBAC it grants.
 
-use crate::harness::{https_client, unique, wait_for, Options, Stack, TestEnv, LABEL};
+use crate::harness::{free_port, https_client, unique, wait_for, Options, Stack, TestEnv, LABEL};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -127,14 +127,6 @@ async fn kubectl(kubeconfig: &str, args: &[&str], stdin: Option<String>) -> (boo
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test]

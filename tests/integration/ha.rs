@@ -1,19 +1,11 @@
 //! Several controller replicas: exactly one reconciles (it holds the Lease);
 //! when it dies, another takes over and converges new changes.
 
-use crate::harness::{controller_command, unique, wait_for, Options, TestEnv};
+use crate::harness::{controller_command, free_port, unique, wait_for, Options, TestEnv};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use serde_json::json;
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Replica {
     child: tokio::process::Child,

@@ -534,3 +534,12 @@ pub fn https_client() -> reqwest::Client {
         .build()
         .expect("https client")
 }
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,7 +1,7 @@
 //! The sidecar against the real stack: Synapse's SSO login through the
 //! sidecar as its OIDC provider, the credential API, and every refusal.
 
-use crate::harness::{https_client, unique, wait_for, Options, Stack, TestEnv};
+use crate::harness::{free_port, https_client, unique, wait_for, Options, Stack, TestEnv};
 use base64::Engine;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -703,14 +703,6 @@ impl Drop for OwnSidecar {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The platform part of the config as YAML (indented under `platform:`).
