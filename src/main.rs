@@ -4,7 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use kube::Client;
 use openmeet_matrix_operator::controller::{appservice, leader, Operator, OperatorConfig};
 use openmeet_matrix_operator::registration::{Registration, RegistrationParams};
-use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig};
+use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig, WriteGate};
 use openmeet_matrix_operator::{api, metrics, secrets, sidecar, telemetry};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -361,7 +361,7 @@ async fn read_token(client: &Client, reference: &str, key: &str) -> Result<Strin
 
 async fn run_sidecar(args: SidecarArgs) -> Result<(), MainError> {
     let config = args.into_config()?;
-    let client = Client::try_default().await?;
+    let client = kube_client().await?;
     let settings = sidecar::Settings::resolve(config, &client).await?;
     Ok(sidecar::run(settings, client, shutdown_signal()).await?)
 }
@@ -384,8 +384,21 @@ fn dev_token(args: DevTokenArgs) -> Result<(), MainError> {
     Ok(())
 }
 
+/// The Kubernetes client, with connect and read timeouts: a hung API server
+/// must fail a call, never hold it (and with it a lease renewal) forever.
+/// The read timeout sits above the watches' 290 s server-side timeout.
+async fn kube_client() -> Result<Client, MainError> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(|e| MainError::Config(format!("Kubernetes client configuration: {e}")))?;
+    config.connect_timeout = Some(Duration::from_secs(10));
+    config.read_timeout = Some(Duration::from_secs(295));
+    config.reset_reader_on_write = true;
+    Ok(Client::try_from(config)?)
+}
+
 async fn controller(args: ControllerArgs) -> Result<(), MainError> {
-    let client = Client::try_default().await?;
+    let client = kube_client().await?;
     let as_token = read_token(&client, &args.as_token_secret, "as_token").await?;
     let synapse = SynapseClient::new(SynapseConfig {
         url: args.synapse_url,
@@ -444,7 +457,14 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
             .await
             .map_err(|e| MainError::Config(e.to_string()))
     };
-    let operator = Operator::new(client.clone(), synapse.clone(), config.clone());
+    // Writes to Synapse leave only while this replica leads.
+    let write_gate = WriteGate::default();
+    write_gate.set_open(!args.leader_elect);
+    let operator = Operator::new(
+        client.clone(),
+        synapse.clone().with_write_gate(write_gate.clone()),
+        config.clone(),
+    );
     let readiness = Arc::new(metrics::Readiness::new(synapse.clone(), operator.synced()));
     let sources = metrics::Sources {
         synapse: synapse.stats_handle(),
@@ -495,16 +515,17 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
             return Ok(());
         };
         // Stand by (serving health and the transaction endpoint) until leader.
-        tokio::select! {
+        let held_since = tokio::select! {
             acquired = leader::acquire(&client, &lease) => acquired.map_err(MainError::Leader)?,
             _ = shutdown.clone() => return Ok(()),
-        }
+        };
+        write_gate.set_open(true);
         readiness.leading.store(true, Ordering::Release);
         let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
         let keeper = {
-            let (client, lease) = (client.clone(), lease.clone());
+            let (client, lease, gate) = (client.clone(), lease.clone(), write_gate.clone());
             tokio::spawn(async move {
-                let _ = lost_tx.send(leader::keep(&client, &lease).await);
+                let _ = lost_tx.send(leader::keep(&client, &lease, held_since, &gate).await);
             })
         };
         let lost = std::sync::Arc::new(std::sync::Mutex::new(None));
@@ -517,9 +538,11 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
                 }
             }
         };
-        // In-flight reconciles finish before `run` returns.
+        // In-flight reconciles finish before `run` returns; after a loss the
+        // closed gate fails their next write.
         operator.run(stop).await;
         keeper.abort();
+        write_gate.set_open(false);
         if let Some(e) = lost.lock().expect("lost lock").take() {
             // Another replica may lead now: never reconcile on.
             return Err(MainError::Leader(e));

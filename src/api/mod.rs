@@ -22,6 +22,15 @@ pub const FIELD_MANAGER: &str = "openmeet-matrix-operator";
 /// Namespace label that names the tenant a namespace belongs to.
 pub const TENANT_LABEL: &str = "matrix.openmeet.net/tenant";
 
+/// The SSO subject as Synapse and Matrix clients see it: the platform's
+/// subject qualified by its tenant, so equal subjects in two tenants are two
+/// identities. Used both as the account's external id for the SSO provider
+/// and as the id_token `sub` the sidecar issues (Synapse's `subject_template`
+/// stays `{{ user.sub }}`). Tenant ids are label values and hold no `/`.
+pub fn sso_subject(tenant: &str, subject: &str) -> String {
+    format!("{tenant}/{subject}")
+}
+
 /// Every CRD the operator serves, in a stable order.
 pub fn crds(
 ) -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>

@@ -106,15 +106,27 @@ where
     A: FnOnce(Option<String>) -> FA,
     C: FnOnce() -> FC,
     FA: Future<Output = Result<Action, Error>>,
-    FC: Future<Output = Result<Action, Error>>,
+    FC: Future<Output = Result<Cleanup, Error>>,
 {
     match phase(api, obj).await? {
         Phase::Apply(version) => apply(version).await,
-        Phase::Cleanup => {
-            let action = cleanup().await?;
-            release(api, obj).await?;
-            Ok(action)
-        }
+        Phase::Cleanup => match cleanup().await? {
+            Cleanup::Done => {
+                release(api, obj).await?;
+                Ok(Action::await_change())
+            }
+            // Still running in Synapse: look again, finalizer kept.
+            Cleanup::Pending(after) => Ok(Action::requeue(after)),
+        },
         Phase::Done => Ok(Action::await_change()),
     }
+}
+
+/// Where a cleanup stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cleanup {
+    /// Nothing left to do in Synapse: the finalizer may go.
+    Done,
+    /// Work Synapse is still doing (a room purge): check again after this long.
+    Pending(std::time::Duration),
 }

@@ -1,15 +1,20 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so that exactly one
-//! replica reconciles at a time. The holder renews well within the lease
-//! duration; a replica that cannot renew in time stops reconciling (the
-//! process exits and is restarted); on shutdown the holder releases the
-//! lease so another replica takes over at once instead of after expiry.
+//! replica acts at a time. The holder renews well within the lease duration,
+//! each renewal bounded by the time the lease has left; the moment it can no
+//! longer be sure it holds the lease it closes its Synapse write gate (no
+//! further write leaves the process, in-flight reconciles stop at their next
+//! write) and stops reconciling (the process exits and is restarted). A
+//! standby judges expiry by seeing the record unchanged for a whole lease
+//! duration on its own clock, never by comparing the holder's `renewTime`
+//! with its clock: clocks of two machines may disagree. On shutdown the
+//! holder releases the lease so another replica takes over at once.
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
@@ -42,12 +47,14 @@ pub enum Decision {
     Wait(Duration),
 }
 
-fn micro(t: &Option<MicroTime>) -> Option<Timestamp> {
-    t.as_ref().map(|m| m.0)
+/// What identifies one version of the lease record: any write changes it.
+pub fn record_of(lease: &Lease) -> Option<String> {
+    lease.metadata.resource_version.clone()
 }
 
-/// Pure: the lease as read, and the time now → what to do.
-pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
+/// Pure: the lease as read, and how long this replica has seen that same
+/// record unchanged on its own clock → what to do.
+pub fn decide(spec: Option<&LeaseSpec>, me: &str, unchanged_for: Duration) -> Decision {
     let Some(spec) = spec else {
         return Decision::Acquire;
     };
@@ -58,20 +65,30 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
     if holder == me {
         return Decision::Renew;
     }
-    let duration = SignedDuration::from_secs(spec.lease_duration_seconds.unwrap_or(15).into());
-    let last = micro(&spec.renew_time).or(micro(&spec.acquire_time));
-    match last {
-        Some(last) => {
-            let expires = last.saturating_add(duration).unwrap_or(last);
-            if expires <= now {
-                Decision::Acquire
-            } else {
-                let left = now.duration_until(expires);
-                Decision::Wait(Duration::try_from(left).unwrap_or(Duration::from_secs(1)))
+    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
+    if unchanged_for >= duration {
+        Decision::Acquire
+    } else {
+        Decision::Wait(duration - unchanged_for)
+    }
+}
+
+/// Tracks since when (local clock) the same lease record has been seen.
+#[derive(Debug, Default)]
+pub struct Observation {
+    seen: Option<(Option<String>, Instant)>,
+}
+
+impl Observation {
+    /// Notes `record` as seen now; returns how long it has been unchanged.
+    pub fn see(&mut self, record: Option<String>, now: Instant) -> Duration {
+        match &self.seen {
+            Some((same, since)) if *same == record => now.saturating_duration_since(*since),
+            _ => {
+                self.seen = Some((record, now));
+                Duration::ZERO
             }
         }
-        // A holder that never renewed: treat as expired.
-        None => Decision::Acquire,
     }
 }
 
@@ -104,8 +121,11 @@ pub fn next_spec(
 
 /// One attempt: read the lease and take or renew it if we may. Returns
 /// whether we hold it now, or how long to wait.
-async fn try_hold(api: &Api<Lease>, settings: &LeaseSettings) -> Result<Decision, kube::Error> {
-    let now = Timestamp::now();
+async fn try_hold(
+    api: &Api<Lease>,
+    settings: &LeaseSettings,
+    observation: &mut Observation,
+) -> Result<Decision, kube::Error> {
     match api.get_opt(&settings.name).await? {
         None => {
             let lease = Lease {
@@ -113,7 +133,12 @@ async fn try_hold(api: &Api<Lease>, settings: &LeaseSettings) -> Result<Decision
                     name: Some(settings.name.clone()),
                     ..Default::default()
                 },
-                spec: Some(next_spec(None, settings, &Decision::Acquire, now)),
+                spec: Some(next_spec(
+                    None,
+                    settings,
+                    &Decision::Acquire,
+                    Timestamp::now(),
+                )),
             };
             match api.create(&PostParams::default(), &lease).await {
                 Ok(_) => Ok(Decision::Acquire),
@@ -123,11 +148,17 @@ async fn try_hold(api: &Api<Lease>, settings: &LeaseSettings) -> Result<Decision
             }
         }
         Some(mut lease) => {
-            let decision = decide(lease.spec.as_ref(), &settings.identity, now);
+            let unchanged_for = observation.see(record_of(&lease), Instant::now());
+            let decision = decide(lease.spec.as_ref(), &settings.identity, unchanged_for);
             if let Decision::Wait(_) = decision {
                 return Ok(decision);
             }
-            lease.spec = Some(next_spec(lease.spec.as_ref(), settings, &decision, now));
+            lease.spec = Some(next_spec(
+                lease.spec.as_ref(),
+                settings,
+                &decision,
+                Timestamp::now(),
+            ));
             lease.metadata.managed_fields = None;
             // `replace` carries the resourceVersion we read: a concurrent
             // writer makes it fail with 409 instead of both winning.
@@ -143,15 +174,18 @@ async fn try_hold(api: &Api<Lease>, settings: &LeaseSettings) -> Result<Decision
     }
 }
 
-/// Waits until this replica holds the lease.
-pub async fn acquire(client: &Client, settings: &LeaseSettings) -> Result<(), LeaderError> {
+/// Waits until this replica holds the lease. Returns the instant the
+/// winning write was sent: the lease holds for a duration from then.
+pub async fn acquire(client: &Client, settings: &LeaseSettings) -> Result<Instant, LeaderError> {
     let api: Api<Lease> = Api::namespaced(client.clone(), &settings.namespace);
     let mut announced = false;
+    let mut observation = Observation::default();
     loop {
-        match try_hold(&api, settings).await {
+        let sent = Instant::now();
+        match try_hold(&api, settings, &mut observation).await {
             Ok(Decision::Acquire | Decision::Renew) => {
                 tracing::info!(lease = %settings.name, identity = %settings.identity, "leader election: acquired");
-                return Ok(());
+                return Ok(sent);
             }
             Ok(Decision::Wait(left)) => {
                 if !announced {
@@ -169,25 +203,48 @@ pub async fn acquire(client: &Client, settings: &LeaseSettings) -> Result<(), Le
     }
 }
 
-/// Renews until a renewal fails for longer than the lease lasts (then
-/// returns the error: the caller must stop reconciling).
-pub async fn keep(client: &Client, settings: &LeaseSettings) -> LeaderError {
+/// How long before the lease could expire the holder gives up: a margin for
+/// the time between sending a renewal and the API server recording it.
+const SAFETY_MARGIN: Duration = Duration::from_millis(500);
+
+/// Renews until it can no longer be sure it holds the lease, then closes
+/// `gate` (no Synapse write leaves the process after that) and returns the
+/// error: the caller must stop reconciling. `held_since` is when the write
+/// that won the lease was sent. Each renewal is bounded by the time the
+/// lease has left, so a hung API server cannot stretch leadership.
+pub async fn keep(
+    client: &Client,
+    settings: &LeaseSettings,
+    held_since: Instant,
+    gate: &crate::synapse::WriteGate,
+) -> LeaderError {
     let api: Api<Lease> = Api::namespaced(client.clone(), &settings.namespace);
-    let mut last_renewal = std::time::Instant::now();
+    let lost = |why: &str| {
+        gate.set_open(false);
+        tracing::error!(
+            why,
+            "leader election: leadership lost; Synapse writes stopped"
+        );
+        LeaderError::Lost(settings.duration)
+    };
+    // The lease is ours until `expires` (counted from a renewal's sending).
+    let mut expires = held_since + settings.duration.saturating_sub(SAFETY_MARGIN);
+    let mut observation = Observation::default();
     loop {
-        tokio::time::sleep(settings.renew).await;
-        match try_hold(&api, settings).await {
-            Ok(Decision::Acquire | Decision::Renew) => last_renewal = std::time::Instant::now(),
-            Ok(Decision::Wait(_)) => {
-                tracing::error!("leader election: another replica took the lease");
-                return LeaderError::Lost(settings.duration);
-            }
-            Err(e) => tracing::warn!(error = %e, "leader election: renewal failed; retrying"),
+        let wake = (Instant::now() + settings.renew).min(expires);
+        tokio::time::sleep_until(wake.into()).await;
+        let sent = Instant::now();
+        if sent >= expires {
+            return lost("not renewed in time");
         }
-        // Stop before the lease can expire under us: another replica may
-        // take it then, and two leaders must never reconcile at once.
-        if last_renewal.elapsed() + settings.renew >= settings.duration {
-            return LeaderError::Lost(settings.duration);
+        let left = expires - sent;
+        match tokio::time::timeout(left, try_hold(&api, settings, &mut observation)).await {
+            Ok(Ok(Decision::Acquire | Decision::Renew)) => {
+                expires = sent + settings.duration.saturating_sub(SAFETY_MARGIN);
+            }
+            Ok(Ok(Decision::Wait(_))) => return lost("another replica took the lease"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "leader election: renewal failed; retrying"),
+            Err(_) => return lost("renewal did not answer before the lease ran out"),
         }
     }
 }
@@ -239,22 +296,54 @@ mod tests {
 
     #[test]
     fn an_absent_or_released_lease_is_taken() {
-        assert_eq!(decide(None, "a", at(0)), Decision::Acquire);
+        assert_eq!(decide(None, "a", Duration::ZERO), Decision::Acquire);
         let mut released = held_by("b", 0);
         released.holder_identity = None;
-        assert_eq!(decide(Some(&released), "a", at(1)), Decision::Acquire);
+        assert_eq!(
+            decide(Some(&released), "a", Duration::ZERO),
+            Decision::Acquire
+        );
     }
 
     #[test]
-    fn the_holder_renews_and_others_wait_until_expiry() {
+    fn the_holder_renews_and_others_wait_a_full_duration_on_their_own_clock() {
         let lease = held_by("b", 10);
-        assert_eq!(decide(Some(&lease), "b", at(12)), Decision::Renew);
+        assert_eq!(decide(Some(&lease), "b", Duration::ZERO), Decision::Renew);
         assert_eq!(
-            decide(Some(&lease), "a", at(12)),
+            decide(Some(&lease), "a", Duration::from_secs(2)),
             Decision::Wait(Duration::from_secs(13))
         );
-        assert_eq!(decide(Some(&lease), "a", at(25)), Decision::Acquire);
-        assert_eq!(decide(Some(&lease), "a", at(40)), Decision::Acquire);
+        assert_eq!(
+            decide(Some(&lease), "a", Duration::from_secs(15)),
+            Decision::Acquire
+        );
+        // A renewTime far in the past (a skewed clock) is no reason to take
+        // over: only the local observation counts.
+        let stale_looking = held_by("b", -100_000);
+        assert_eq!(
+            decide(Some(&stale_looking), "a", Duration::ZERO),
+            Decision::Wait(Duration::from_secs(15))
+        );
+    }
+
+    #[test]
+    fn an_observation_restarts_whenever_the_record_changes() {
+        let start = Instant::now();
+        let mut o = Observation::default();
+        assert_eq!(o.see(Some("1".into()), start), Duration::ZERO);
+        assert_eq!(
+            o.see(Some("1".into()), start + Duration::from_secs(7)),
+            Duration::from_secs(7)
+        );
+        // The holder renewed: the clock starts again.
+        assert_eq!(
+            o.see(Some("2".into()), start + Duration::from_secs(8)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            o.see(Some("2".into()), start + Duration::from_secs(9)),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]

@@ -9,14 +9,17 @@ pub mod leader;
 pub mod memo;
 pub mod permission;
 pub mod room;
+pub mod shared;
 pub mod user;
 
-use crate::api::{MatrixUser, RoomPermission};
+use crate::api::{MatrixRoom, MatrixUser, RoomPermission};
 use crate::metrics::{HistogramFamily, Labels};
 use crate::synapse::{SynapseClient, SynapseError};
 use backoff::Backoff;
 use futures::future::{ready, FutureExt};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, reflector, Store};
@@ -26,6 +29,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use shared::SharedWatch;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
@@ -232,6 +236,8 @@ pub struct Context {
     pub config: OperatorConfig,
     pub recorder: Recorder,
     pub users: Store<crate::api::MatrixUser>,
+    /// Namespaces carrying a tenant label (metadata only), for tenant lookups.
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub backoff: Backoff,
     pub stats: Arc<ReconcileStats>,
     pub memo: memo::ConvergedMemo,
@@ -277,43 +283,66 @@ impl Operator {
         let shutdown: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(shutdown);
         let shutdown = shutdown.shared();
 
-        // Caches the room controller folds permissions from.
+        // One watch per kind, shared by every trigger and cache below.
         let watch = watch_config(&self.config);
-        let (users_api, perms_api): (Api<MatrixUser>, Api<RoomPermission>) =
-            match &self.config.namespace {
-                Some(ns) => (
-                    Api::namespaced(self.client.clone(), ns),
-                    Api::namespaced(self.client.clone(), ns),
-                ),
-                None => (Api::all(self.client.clone()), Api::all(self.client.clone())),
-            };
-        let (users, users_writer) = reflector::store();
-        let (permissions, perms_writer) = reflector::store();
-        let caches = tokio::spawn(futures::future::join(
+        let mut users = SharedWatch::<MatrixUser>::new();
+        let mut rooms = SharedWatch::<MatrixRoom>::new();
+        let mut permissions = SharedWatch::<RoomPermission>::new();
+        let user_triggers = user::Triggers {
+            objects: users.subscribe(),
+            peers: users.subscribe_with_deletions(),
+        };
+        let room_triggers = room::Triggers {
+            objects: rooms.subscribe(),
+            permissions: permissions.subscribe_with_deletions(),
+            users: users.subscribe_with_deletions(),
+            peers: rooms.subscribe_with_deletions(),
+        };
+        let permission_triggers = permission::Triggers {
+            objects: permissions.subscribe(),
+            rooms: rooms.subscribe_with_deletions(),
+        };
+        let (users_store, rooms_store, permissions_store) =
+            (users.store(), rooms.store(), permissions.store());
+        let (namespaces, namespaces_writer) = reflector::store();
+        // Metadata only: labels are all the tenant lookup needs.
+        let namespaces_api: Api<PartialObjectMeta<Namespace>> = Api::all(self.client.clone());
+        let watches = tokio::spawn(futures::future::join4(
+            users.run(
+                scoped(&self.client, &self.config),
+                watch.clone(),
+                strip_user,
+            ),
+            rooms.run(
+                scoped(&self.client, &self.config),
+                watch.clone(),
+                strip_room,
+            ),
+            permissions.run(scoped(&self.client, &self.config), watch, strip_permission),
             reflector(
-                users_writer,
-                watcher(users_api, watch.clone())
-                    .default_backoff()
-                    .modify(|u: &mut MatrixUser| u.managed_fields_mut().clear()),
-            )
-            .for_each(|_| ready(())),
-            reflector(
-                perms_writer,
-                watcher(perms_api, watch)
-                    .default_backoff()
-                    .modify(|p: &mut RoomPermission| p.managed_fields_mut().clear()),
+                namespaces_writer,
+                watcher(
+                    namespaces_api,
+                    watcher::Config::default().labels(crate::api::TENANT_LABEL),
+                )
+                .default_backoff()
+                .modify(|n| n.managed_fields_mut().clear()),
             )
             .for_each(|_| ready(())),
         ));
 
-        let rooms = {
+        let room_controller = {
             let (client, synapse, config, stats) = (
                 self.client.clone(),
                 self.synapse.clone(),
                 self.config.clone(),
                 self.stats.clone(),
             );
-            let (permissions, shutdown) = (permissions.clone(), shutdown.clone());
+            let (users, permissions, shutdown) = (
+                users_store.clone(),
+                permissions_store.clone(),
+                shutdown.clone(),
+            );
             let synced = self.synced.clone();
             async move {
                 // Folding permissions needs complete caches: an empty one would
@@ -329,13 +358,17 @@ impl Operator {
                 }
                 synced.store(true, Ordering::Release);
                 room::run(
+                    room::Caches {
+                        rooms: rooms_store,
+                        users,
+                        permissions,
+                    },
+                    room_triggers,
                     client,
                     synapse,
                     config,
                     recorder.clone(),
                     stats,
-                    users,
-                    permissions,
                     shutdown,
                 )
                 .await
@@ -343,6 +376,11 @@ impl Operator {
         };
         futures::join!(
             user::run(
+                user::Caches {
+                    users: users_store,
+                    namespaces,
+                },
+                user_triggers,
                 self.client.clone(),
                 self.synapse,
                 self.config.clone(),
@@ -350,11 +388,41 @@ impl Operator {
                 self.stats.clone(),
                 shutdown.clone()
             ),
-            rooms,
-            permission::run(self.client, self.config, permissions, self.stats, shutdown),
+            room_controller,
+            permission::run(
+                permissions_store,
+                permission_triggers,
+                self.client,
+                self.stats,
+                shutdown
+            ),
         );
-        caches.abort();
+        watches.abort();
     }
+}
+
+/// The API of a kind in the operator's scope: one namespace, or all.
+fn scoped<K>(client: &Client, config: &OperatorConfig) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match &config.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+// What the caches never need: managed fields are most of an object's bytes.
+fn strip_user(u: &mut MatrixUser) {
+    u.managed_fields_mut().clear();
+}
+
+fn strip_room(r: &mut MatrixRoom) {
+    r.managed_fields_mut().clear();
+}
+
+fn strip_permission(p: &mut RoomPermission) {
+    p.managed_fields_mut().clear();
 }
 
 /// The watch every controller uses: the configured label selector, if any.

@@ -1,10 +1,10 @@
 //! `RoomPermission`s are converged by their room's reconcile. This controller
 //! only reports the one case no room reconcile sees: the room does not exist.
 
-use super::{Error, OperatorConfig, ReconcileStats};
+use super::{Error, ReconcileStats};
 use crate::api::conditions::{Condition, READY};
 use crate::api::{MatrixRoom, RoomPermission};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
@@ -18,27 +18,31 @@ struct Ctx {
     stats: Arc<ReconcileStats>,
 }
 
-pub async fn run(
-    client: Client,
-    config: OperatorConfig,
+/// The shared watch subscriptions that trigger permission reconciles.
+pub struct Triggers<A, B> {
+    /// Every applied `RoomPermission`.
+    pub objects: A,
+    /// Rooms, deletions included: a room appeared or went away.
+    pub rooms: B,
+}
+
+pub async fn run<A, B>(
     permissions: Store<RoomPermission>,
+    triggers: Triggers<A, B>,
+    client: Client,
     stats: Arc<ReconcileStats>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
-    let (perms_api, rooms_api): (Api<RoomPermission>, Api<MatrixRoom>) = match &config.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
-    let watch = super::watch_config(&config);
-    Controller::new(perms_api, watch.clone())
+) where
+    A: Stream<Item = Arc<RoomPermission>> + Send + 'static,
+    B: Stream<Item = Arc<MatrixRoom>> + Send + 'static,
+{
+    let cache = permissions.clone();
+    Controller::for_shared_stream(triggers.objects, permissions)
         // A room appeared or went away: the permissions naming it.
-        .watches(rooms_api, watch, move |room: MatrixRoom| {
+        .watches_shared_stream(triggers.rooms, move |room: Arc<MatrixRoom>| {
             let ns = room.namespace();
             let name = room.name_any();
-            permissions
+            cache
                 .state()
                 .iter()
                 .filter(|p| p.namespace() == ns && p.spec.room_ref.name == name)

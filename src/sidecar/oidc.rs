@@ -548,9 +548,10 @@ async fn token(
         .display_name
         .clone()
         .unwrap_or_else(|| account.localpart.clone());
+    let sub = crate::api::sso_subject(&account.tenant, &account.subject);
     let claims = IdTokenClaims {
         iss: &p.issuer,
-        sub: &account.subject,
+        sub: &sub,
         aud: &client.id,
         exp: issued_at + p.lifetimes.id_token.as_secs(),
         iat: issued_at,
@@ -628,7 +629,7 @@ async fn userinfo(State(p): State<Arc<Provider>>, headers: HeaderMap) -> Respons
     }
     no_store(
         Json(json!({
-            "sub": account.subject,
+            "sub": crate::api::sso_subject(&account.tenant, &account.subject),
             "preferred_username": account.localpart,
             "name": account.display_name.clone().unwrap_or_else(|| account.localpart.clone()),
             "email": account.email,

@@ -45,6 +45,9 @@ pub enum SynapseError {
     Decode(String),
     #[error("could not build the request: {0}")]
     Request(String),
+    /// This replica no longer holds the leader Lease: no write may leave it.
+    #[error("not the leader: writes to Synapse are stopped")]
+    NotLeader,
 }
 
 impl SynapseError {
@@ -56,6 +59,7 @@ impl SynapseError {
             SynapseError::Unreachable(_)
                 | SynapseError::Server { .. }
                 | SynapseError::RateLimited { .. }
+                | SynapseError::NotLeader
         )
     }
 
@@ -104,6 +108,32 @@ pub struct SynapseClient {
     admin: OwnedUserId,
     as_token: Arc<str>,
     stats: Arc<RequestStats>,
+    /// Closed when this replica may no longer write (leadership lost).
+    write_gate: Option<WriteGate>,
+}
+
+/// Whether writes may leave this process: the controller's client holds one
+/// that the leader election closes the moment leadership is in doubt, so an
+/// in-flight reconcile stops at its next write instead of racing the new
+/// leader. Reads stay allowed.
+#[derive(Clone, Debug, Default)]
+pub struct WriteGate(Arc<std::sync::atomic::AtomicBool>);
+
+impl WriteGate {
+    /// A gate that starts open.
+    pub fn open() -> Self {
+        let gate = WriteGate::default();
+        gate.set_open(true);
+        gate
+    }
+
+    pub fn set_open(&self, open: bool) {
+        self.0.store(open, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl std::fmt::Debug for SynapseClient {
@@ -135,7 +165,14 @@ impl SynapseClient {
             admin,
             as_token: config.as_token.into(),
             stats: Arc::default(),
+            write_gate: None,
         })
+    }
+
+    /// The same client with its writes going through `gate`.
+    pub fn with_write_gate(mut self, gate: WriteGate) -> Self {
+        self.write_gate = Some(gate);
+        self
     }
 
     pub fn server_name(&self) -> &str {
@@ -229,6 +266,9 @@ impl SynapseClient {
         request: reqwest::Request,
         kind: RequestKind,
     ) -> Result<(u16, bytes::Bytes), SynapseError> {
+        if kind.is_write() && self.write_gate.as_ref().is_some_and(|g| !g.is_open()) {
+            return Err(SynapseError::NotLeader);
+        }
         let started = std::time::Instant::now();
         let result = self.http.execute(request).await;
         let outcome = match result {

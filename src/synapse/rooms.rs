@@ -313,6 +313,42 @@ impl SynapseClient {
             .ok_or_else(|| SynapseError::Decode("no delete_id".into()))
     }
 
+    /// The newest deletion of a room Synapse knows of, if any: lets a
+    /// cleanup pick up a deletion an earlier reconcile (or replica) started.
+    pub async fn room_delete_status(
+        &self,
+        room_id: &str,
+    ) -> Result<Option<DeleteStatus>, SynapseError> {
+        let answer = self
+            .send_json(
+                Method::GET,
+                &["_synapse", "admin", "v2", "rooms", room_id, "delete_status"],
+                None,
+                RequestKind::DeleteStatus,
+            )
+            .await;
+        let bytes = match answer {
+            Ok((_, bytes)) => bytes,
+            Err(SynapseError::Rejected { status: 404, .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let v: Value = decode(&bytes)?;
+        let results = v.get("results").and_then(Value::as_array);
+        // Any deletion still running wins; else the last one listed.
+        let statuses: Vec<DeleteStatus> = results
+            .into_iter()
+            .flatten()
+            .map(delete_status_of)
+            .collect();
+        if statuses.contains(&DeleteStatus::InProgress) {
+            return Ok(Some(DeleteStatus::InProgress));
+        }
+        if statuses.contains(&DeleteStatus::Complete) {
+            return Ok(Some(DeleteStatus::Complete));
+        }
+        Ok(statuses.into_iter().last())
+    }
+
     /// Polls a room deletion.
     pub async fn delete_status(&self, delete_id: &str) -> Result<DeleteStatus, SynapseError> {
         let (_, bytes) = self
@@ -331,18 +367,25 @@ impl SynapseClient {
             )
             .await?;
         let v: Value = decode(&bytes)?;
-        Ok(match v.get("status").and_then(Value::as_str) {
-            Some("complete") => DeleteStatus::Complete,
-            Some("failed") => DeleteStatus::Failed(
-                v.get("error")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown")
-                    .to_string(),
-            ),
-            _ => DeleteStatus::InProgress,
-        })
+        Ok(delete_status_of(&v))
     }
+}
 
+/// One deletion's status as Synapse reports it.
+fn delete_status_of(v: &Value) -> DeleteStatus {
+    match v.get("status").and_then(Value::as_str) {
+        Some("complete") => DeleteStatus::Complete,
+        Some("failed") => DeleteStatus::Failed(
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_string(),
+        ),
+        _ => DeleteStatus::InProgress,
+    }
+}
+
+impl SynapseClient {
     /// Restores the admin account's top power level in an adopted room.
     pub async fn make_room_admin(&self, room_id: &str) -> Result<(), SynapseError> {
         let body = json!({"user_id": self.admin.as_str()});

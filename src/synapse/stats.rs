@@ -35,6 +35,8 @@ pub enum RequestKind {
     MakeRoomAdmin,
     LoginAsUser,
     Logout,
+    FindUserByThreepid,
+    FindUserByExternalId,
 }
 
 impl RequestKind {
@@ -46,6 +48,8 @@ impl RequestKind {
                 | RequestKind::GetRoomState
                 | RequestKind::GetDirectory
                 | RequestKind::DeleteStatus
+                | RequestKind::FindUserByThreepid
+                | RequestKind::FindUserByExternalId
         )
     }
 
@@ -73,6 +77,8 @@ impl RequestKind {
             RequestKind::MakeRoomAdmin => "make_room_admin",
             RequestKind::LoginAsUser => "login_as_user",
             RequestKind::Logout => "logout",
+            RequestKind::FindUserByThreepid => "find_user_by_threepid",
+            RequestKind::FindUserByExternalId => "find_user_by_external_id",
         }
     }
 }

@@ -168,6 +168,59 @@ impl SynapseClient {
     }
 
     /// Deactivates an account, optionally erasing it (GDPR erasure).
+    /// The account that holds an email address in Synapse, if any. Synapse
+    /// keys a third-party id by address alone: writing it to one account
+    /// silently takes it from another, so the holder is read first.
+    pub async fn user_by_email(&self, address: &str) -> Result<Option<String>, SynapseError> {
+        self.find_user(
+            &[
+                "_synapse", "admin", "v1", "threepid", "email", "users", address,
+            ],
+            RequestKind::FindUserByThreepid,
+        )
+        .await
+    }
+
+    /// The account an external id (per auth provider) is linked to, if any:
+    /// Synapse keeps each unique, and refuses a write that would repeat one.
+    pub async fn user_by_external_id(
+        &self,
+        auth_provider: &str,
+        external_id: &str,
+    ) -> Result<Option<String>, SynapseError> {
+        self.find_user(
+            &[
+                "_synapse",
+                "admin",
+                "v1",
+                "auth_providers",
+                auth_provider,
+                "users",
+                external_id,
+            ],
+            RequestKind::FindUserByExternalId,
+        )
+        .await
+    }
+
+    async fn find_user(
+        &self,
+        path: &[&str],
+        kind: RequestKind,
+    ) -> Result<Option<String>, SynapseError> {
+        #[derive(Deserialize)]
+        struct Found {
+            user_id: String,
+        }
+        match self.send_json(reqwest::Method::GET, path, None, kind).await {
+            Ok((_, body)) => serde_json::from_slice::<Found>(&body)
+                .map(|f| Some(f.user_id))
+                .map_err(|e| SynapseError::Decode(e.to_string())),
+            Err(SynapseError::Rejected { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn deactivate_user(&self, user_id: &UserId, erase: bool) -> Result<(), SynapseError> {
         let mut request = deactivate_account::v1::Request::new(user_id.to_owned());
         request.erase = erase;

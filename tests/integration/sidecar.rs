@@ -432,7 +432,8 @@ async fn authorization_code_flow_enforces_every_binding() {
     assert_eq!(r.headers()["cache-control"], "no-store");
     let answer: Value = r.json().await.unwrap();
     let claims = verify_id_token(sidecar, answer["id_token"].as_str().unwrap()).await;
-    assert_eq!(claims["sub"], subject.as_str());
+    // The subject is tenant-qualified: equal subjects of two tenants differ.
+    assert_eq!(claims["sub"], format!("{}/{subject}", env.ns(0)));
     assert_eq!(claims["nonce"], auth.nonce.as_str());
     assert_eq!(claims["preferred_username"], localpart.as_str());
     assert_eq!(claims["name"], "flow Example");
@@ -450,7 +451,10 @@ async fn authorization_code_flow_enforces_every_binding() {
     };
     let r = userinfo().await;
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(r.json::<Value>().await.unwrap()["sub"], subject.as_str());
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["sub"],
+        format!("{}/{subject}", env.ns(0))
+    );
 
     // Replaying the code fails and revokes what the code issued.
     let r = redeem(sidecar, &code, &auth.verifier, &secret).await;

@@ -7,10 +7,12 @@ use openmeet_matrix_operator::synapse::{ExternalId, UserUpsert};
 use serde_json::json;
 use std::time::Duration;
 
-fn marker(ns: &str, name: &str) -> ExternalId {
+/// The owner marker of the object `name` in `ns`, as it is now (its uid).
+async fn marker(env: &TestEnv, ns: usize, name: &str) -> ExternalId {
+    let uid = env.users(ns).get(name).await.unwrap().metadata.uid.unwrap();
     ExternalId {
         auth_provider: "net.openmeet.owner".into(),
-        external_id: format!("{ns}/{name}"),
+        external_id: format!("{}/{name}/{uid}", env.ns(ns)),
     }
 }
 
@@ -46,9 +48,11 @@ async fn creates_account_with_profile_sso_link_and_event() {
     assert_eq!(account.emails(), ["alice@example.org"]);
     assert!(account.external_ids.contains(&ExternalId {
         auth_provider: "oidc-openmeet".into(),
-        external_id: "platform-user-1".into()
+        external_id: format!("{}/platform-user-1", env.ns(0))
     }));
-    assert!(account.external_ids.contains(&marker(env.ns(0), "alice")));
+    assert!(account
+        .external_ids
+        .contains(&marker(&env, 0, "alice").await));
     assert!(!account.admin && !account.locked && !account.deactivated);
 
     env.wait_event(0, "alice", "AccountCreated", 1).await;
@@ -118,7 +122,7 @@ async fn updates_profile_then_locks_then_deactivates() {
         .filter(|i| i.auth_provider == "oidc-openmeet")
         .collect();
     assert_eq!(sso.len(), 1);
-    assert_eq!(sso[0].external_id, "s-2");
+    assert_eq!(sso[0].external_id, format!("{}/s-2", env.ns(0)));
 
     env.patch_user(0, "bob", json!({"locked": true})).await;
     env.wait_ready(0, "bob", true, "Converged").await;
@@ -244,7 +248,9 @@ async fn existing_account_is_adopted_only_where_allowed() {
         .unwrap()
         .unwrap();
     assert_eq!(adopted.displayname.as_deref(), Some("Adopted"));
-    assert!(adopted.external_ids.contains(&marker(env.ns(1), "legacy")));
+    assert!(adopted
+        .external_ids
+        .contains(&marker(&env, 1, "legacy").await));
     env.wait_event(1, "legacy", "AccountAdopted", 1).await;
 }
 
@@ -335,8 +341,12 @@ async fn localpart_conflict_oldest_wins_across_namespaces() {
         .unwrap()
         .unwrap();
     assert_eq!(account.displayname.as_deref(), Some("First"));
-    assert!(account.external_ids.contains(&marker(env.ns(0), "first")));
-    assert!(!account.external_ids.contains(&marker(env.ns(1), "second")));
+    assert!(account
+        .external_ids
+        .contains(&marker(&env, 0, "first").await));
+    assert!(!account
+        .external_ids
+        .contains(&marker(&env, 1, "second").await));
     // The winner's reconcile may read; the loser makes no Synapse call at all.
     assert!(env.operator_synapse.stats().reads() <= reads_before + 2);
 

@@ -2,7 +2,7 @@
 //! I/O-free: the shell passes in what its watch caches hold.
 
 use crate::api::permission::Membership;
-use crate::api::RoomPermission;
+use crate::api::{MatrixUser, RoomPermission};
 use crate::controller::claims::{holder, Claim};
 use kube::ResourceExt;
 use std::collections::BTreeMap;
@@ -21,9 +21,30 @@ pub enum PermissionOutcome {
 /// What the shell knows about a referenced `MatrixUser`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UserRefState {
+    /// No such object, or it is deactivated or being deleted: not a member.
     Missing,
+    /// The object has no account yet.
     NotReady,
+    /// The object has its account: a member, whatever its `Ready` says.
     Ready(String),
+}
+
+/// A referenced user's standing in rooms. Membership survives trouble: an
+/// object that exists and has its `status.userId` keeps its rooms and power
+/// whatever its `Ready` condition says (a Synapse blip, a 429 or a policy
+/// refusal on the account must never kick anyone). Only a user that is
+/// gone, deactivated or being deleted leaves.
+pub fn user_ref_state(user: Option<&MatrixUser>) -> UserRefState {
+    let Some(user) = user else {
+        return UserRefState::Missing;
+    };
+    if user.spec.deactivated || user.metadata.deletion_timestamp.is_some() {
+        return UserRefState::Missing;
+    }
+    match user.status.as_ref().and_then(|s| s.user_id.clone()) {
+        Some(id) => UserRefState::Ready(id),
+        None => UserRefState::NotReady,
+    }
 }
 
 /// Folds the permissions of one room (already filtered to it) into the
@@ -62,11 +83,11 @@ pub fn fold(
                 continue;
             }
             let outcome = match user(user_name) {
-                UserRefState::Missing => {
-                    PermissionOutcome::Pending(format!("MatrixUser {user_name} does not exist"))
-                }
+                UserRefState::Missing => PermissionOutcome::Pending(format!(
+                    "MatrixUser {user_name} does not exist, is deactivated or is being deleted"
+                )),
                 UserRefState::NotReady => {
-                    PermissionOutcome::Pending(format!("MatrixUser {user_name} is not Ready"))
+                    PermissionOutcome::Pending(format!("MatrixUser {user_name} has no account yet"))
                 }
                 UserRefState::Ready(user_id) => {
                     let level = p.spec.desired_power_level();
@@ -141,7 +162,9 @@ mod tests {
         assert!(
             matches!(&outcomes["a"], PermissionOutcome::Pending(m) if m.contains("does not exist"))
         );
-        assert!(matches!(&outcomes["b"], PermissionOutcome::Pending(m) if m.contains("not Ready")));
+        assert!(
+            matches!(&outcomes["b"], PermissionOutcome::Pending(m) if m.contains("no account"))
+        );
     }
 
     #[test]
@@ -158,5 +181,71 @@ mod tests {
         assert!(
             matches!(&outcomes["newer"], PermissionOutcome::Duplicate(m) if m.contains("older"))
         );
+    }
+
+    fn user_with(ready: Option<(bool, &str)>, user_id: Option<&str>) -> MatrixUser {
+        let mut u = MatrixUser::new(
+            "alice",
+            serde_json::from_value(serde_json::json!({"localpart": "alice"})).unwrap(),
+        );
+        u.metadata.namespace = Some("t".into());
+        let conditions = ready
+            .map(|(ok, reason)| {
+                vec![crate::api::Condition::new(
+                    crate::api::conditions::READY,
+                    ok,
+                    reason,
+                    "m",
+                    Some(1),
+                )]
+            })
+            .unwrap_or_default();
+        u.status = Some(crate::api::MatrixUserStatus {
+            user_id: user_id.map(str::to_string),
+            conditions,
+            observed_generation: Some(1),
+        });
+        u
+    }
+
+    #[test]
+    fn a_flapping_user_keeps_membership_and_power() {
+        let p = perm("p", "alice", 1, serde_json::json!({"role": "Moderator"}));
+        // Ready, then every kind of trouble, then Ready again: the member and
+        // its power level never change.
+        for (ready, reason) in [
+            (true, "Converged"),
+            (false, "SynapseUnavailable"),
+            (false, "SynapseRejected"),
+            (false, "AdminNotAllowed"),
+            (false, "EmailConflict"),
+            (false, "KubernetesError"),
+            (true, "Converged"),
+        ] {
+            let user = user_with(Some((ready, reason)), Some("@alice:x"));
+            let (members, outcomes) = fold(&[&p], |_| user_ref_state(Some(&user)));
+            assert_eq!(
+                members.get("@alice:x"),
+                Some(&(Membership::Join, 50)),
+                "{reason}"
+            );
+            assert!(matches!(outcomes["p"], PermissionOutcome::Applied { .. }));
+        }
+    }
+
+    #[test]
+    fn only_gone_deactivated_or_departing_users_leave() {
+        assert_eq!(user_ref_state(None), UserRefState::Missing);
+        let mut deactivated = user_with(Some((true, "Converged")), Some("@alice:x"));
+        deactivated.spec.deactivated = true;
+        assert_eq!(user_ref_state(Some(&deactivated)), UserRefState::Missing);
+        let mut departing = user_with(Some((true, "Converged")), Some("@alice:x"));
+        departing.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+        assert_eq!(user_ref_state(Some(&departing)), UserRefState::Missing);
+        // Never had an account (a localpart conflict clears it): not a member yet.
+        let conflict = user_with(Some((false, "LocalpartConflict")), None);
+        assert_eq!(user_ref_state(Some(&conflict)), UserRefState::NotReady);
+        let fresh = user_with(None, None);
+        assert_eq!(user_ref_state(Some(&fresh)), UserRefState::NotReady);
     }
 }

@@ -5,6 +5,7 @@ pub mod fold;
 pub mod plan;
 
 use super::backoff::jitter;
+use super::finalizer::Cleanup;
 use super::memo::fingerprint;
 use super::{claims, key};
 use super::{Error, OperatorConfig, ReconcileStats};
@@ -14,7 +15,7 @@ use crate::api::{MatrixRoom, MatrixRoomStatus, MatrixUser, RoomPermission, RoomP
 use crate::synapse::rooms::{CreateOutcome, DeleteStatus, MembershipAction, RoomState};
 use crate::synapse::{SynapseClient, SynapseError};
 use fold::{fold, PermissionOutcome, UserRefState};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -26,7 +27,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Annotation the application-service endpoint sets to signal drift.
 pub const DRIFT_ANNOTATION: &str = "matrix.openmeet.net/drift-event";
@@ -49,57 +50,63 @@ pub struct RoomContext {
     memo: super::memo::ConvergedMemo,
 }
 
+/// The shared caches the room controller reads.
+pub struct Caches {
+    pub rooms: Store<MatrixRoom>,
+    pub users: Store<MatrixUser>,
+    pub permissions: Store<RoomPermission>,
+}
+
+/// The shared watch subscriptions that trigger room reconciles.
+pub struct Triggers<A, B, C, D> {
+    /// Every applied `MatrixRoom`.
+    pub objects: A,
+    /// Permissions, deletions included: each folds into its room.
+    pub permissions: B,
+    /// Users, deletions included: the rooms their permissions name.
+    pub users: C,
+    /// Rooms, deletions included: alias claimants decide again.
+    pub peers: D,
+}
+
 /// Runs the `MatrixRoom` controller until `shutdown` resolves.
 #[allow(clippy::too_many_arguments)]
-pub async fn run(
+pub async fn run<A, B, C, D>(
+    caches: Caches,
+    triggers: Triggers<A, B, C, D>,
     client: Client,
     synapse: SynapseClient,
     config: OperatorConfig,
     recorder: Recorder,
     stats: Arc<ReconcileStats>,
-    users: Store<MatrixUser>,
-    permissions: Store<RoomPermission>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
-    let scope = |c: &Client| -> (Api<MatrixRoom>, Api<RoomPermission>, Api<MatrixUser>) {
-        match &config.namespace {
-            Some(ns) => (
-                Api::namespaced(c.clone(), ns),
-                Api::namespaced(c.clone(), ns),
-                Api::namespaced(c.clone(), ns),
-            ),
-            None => (
-                Api::all(c.clone()),
-                Api::all(c.clone()),
-                Api::all(c.clone()),
-            ),
-        }
-    };
-    let (rooms_api, perms_api, users_api) = scope(&client);
-    let watch = super::watch_config(&config);
-    let controller = Controller::new(rooms_api.clone(), watch.clone());
-    let rooms = controller.store();
+) where
+    A: Stream<Item = Arc<MatrixRoom>> + Send + 'static,
+    B: Stream<Item = Arc<RoomPermission>> + Send + 'static,
+    C: Stream<Item = Arc<MatrixUser>> + Send + 'static,
+    D: Stream<Item = Arc<MatrixRoom>> + Send + 'static,
+{
     let ctx = Arc::new(RoomContext {
         client,
         synapse,
         config,
         recorder,
-        rooms: rooms.clone(),
-        users: users.clone(),
-        permissions: permissions.clone(),
+        rooms: caches.rooms.clone(),
+        users: caches.users,
+        permissions: caches.permissions.clone(),
         backoff: super::default_backoff(),
         stats,
         memo: Default::default(),
     });
-    let perms_for_users = permissions.clone();
-    let rooms_for_claims = rooms.clone();
-    controller
-        // A permission changed: its room folds it in.
-        .watches(perms_api, watch.clone(), |p: RoomPermission| {
+    let perms_for_users = caches.permissions;
+    let rooms_for_claims = caches.rooms.clone();
+    Controller::for_shared_stream(triggers.objects, caches.rooms)
+        // A permission changed or went away: its room folds it in.
+        .watches_shared_stream(triggers.permissions, |p: Arc<RoomPermission>| {
             Some(ObjectRef::new(&p.spec.room_ref.name).within(&p.namespace().unwrap_or_default()))
         })
-        // A user became Ready (or went away): the rooms that reference it.
-        .watches(users_api, watch.clone(), move |u: MatrixUser| {
+        // A user changed (or went away): the rooms that reference it.
+        .watches_shared_stream(triggers.users, move |u: Arc<MatrixUser>| {
             let ns = u.namespace().unwrap_or_default();
             let name = u.name_any();
             perms_for_users
@@ -112,8 +119,8 @@ pub async fn run(
                 .collect::<Vec<_>>()
         })
         // A room claiming an alias went away: the others claiming it decide again.
-        .watches(rooms_api, watch, move |r: MatrixRoom| {
-            let me = ObjectRef::from_obj(&r);
+        .watches_shared_stream(triggers.peers, move |r: Arc<MatrixRoom>| {
+            let me = ObjectRef::from_obj(r.as_ref());
             let leaving =
                 r.metadata.deletion_timestamp.is_some() || rooms_for_claims.get(&me).is_none();
             if !leaving {
@@ -176,11 +183,19 @@ fn full_alias(room: &MatrixRoom, ctx: &RoomContext) -> Result<OwnedRoomAliasId, 
 }
 
 /// Whether this object holds its alias (oldest claim wins, homeserver-wide).
+/// The message never names the holder, which may be another tenant's; the
+/// operator's log does.
 fn holds_alias(room: &MatrixRoom, ctx: &RoomContext) -> Result<(), String> {
     claims::check(&ctx.rooms.state(), room, |r| {
         r.spec.alias == room.spec.alias
     })
-    .map_err(|holder| format!("alias {:?} is already claimed by {holder}", room.spec.alias))
+    .map_err(|holder| {
+        tracing::info!(room = %key(room), %holder, "alias claimed by an older object");
+        format!(
+            "alias {:?} is already claimed by another, older MatrixRoom",
+            room.spec.alias
+        )
+    })
 }
 
 /// The permissions naming this room, from the cache.
@@ -195,19 +210,7 @@ fn permissions_of(room: &MatrixRoom, ctx: &RoomContext) -> Vec<Arc<RoomPermissio
 }
 
 fn user_state(ctx: &RoomContext, ns: &str, name: &str) -> UserRefState {
-    match ctx.users.get(&ObjectRef::new(name).within(ns)) {
-        None => UserRefState::Missing,
-        Some(u) => {
-            let status = u.status.as_ref();
-            let ready = status
-                .and_then(|s| conditions::find(&s.conditions, READY))
-                .is_some_and(|c| c.is_true());
-            match status.and_then(|s| s.user_id.clone()) {
-                Some(id) if ready && !u.spec.deactivated => UserRefState::Ready(id),
-                _ => UserRefState::NotReady,
-            }
-        }
-    }
+    fold::user_ref_state(ctx.users.get(&ObjectRef::new(name).within(ns)).as_deref())
 }
 
 fn desired(
@@ -650,15 +653,15 @@ async fn cleanup(
     room: &MatrixRoom,
     api: &Api<MatrixRoom>,
     ctx: &RoomContext,
-) -> Result<Action, Error> {
+) -> Result<Cleanup, Error> {
     if holds_alias(room, ctx).is_err() || room.spec.deletion_policy == RoomDeletionPolicy::Retain {
-        return Ok(Action::await_change());
+        return Ok(Cleanup::Done);
     }
-    let result: Result<(), Error> = async {
+    let result: Result<Cleanup, Error> = async {
         let alias = full_alias(room, ctx)?;
         let Located::Ours(room_id, state) = locate(room, &alias, ctx, true).await? else {
             // Gone already, or never ours: nothing to clean.
-            return Ok(());
+            return Ok(Cleanup::Done);
         };
         match room.spec.deletion_policy {
             RoomDeletionPolicy::Retain => {}
@@ -666,7 +669,7 @@ async fn cleanup(
                 let d = desired(room, ctx, BTreeMap::new());
                 if state.memberships().get(&d.admin).map(String::as_str) != Some("join") {
                     // Left already: closed by an earlier, interrupted cleanup.
-                    return Ok(());
+                    return Ok(Cleanup::Done);
                 }
                 let parsed = RoomId::parse(&room_id).map_err(|e| Error::Invalid(e.to_string()))?;
                 for action in plan_close(&d, &state) {
@@ -689,29 +692,24 @@ async fn cleanup(
                 .await;
             }
             RoomDeletionPolicy::Purge => {
-                let delete_id = ctx.synapse.delete_room(&room_id, true).await?;
-                audit(room, &room_id, "delete and purge");
-                let deadline = Instant::now() + Duration::from_secs(120);
-                loop {
-                    match ctx.synapse.delete_status(&delete_id).await? {
-                        DeleteStatus::Complete => break,
-                        DeleteStatus::Failed(why) => {
-                            return Err(Error::Synapse(SynapseError::Server {
-                                status: 500,
-                                errcode: "DELETE_FAILED".into(),
-                                message: why,
-                            }))
-                        }
-                        DeleteStatus::InProgress if Instant::now() > deadline => {
-                            return Err(Error::Synapse(SynapseError::Server {
-                                status: 504,
-                                errcode: "DELETE_PENDING".into(),
-                                message: "room deletion still running".into(),
-                            }))
-                        }
-                        DeleteStatus::InProgress => {
-                            tokio::time::sleep(Duration::from_millis(250)).await
-                        }
+                // One step per reconcile: a running deletion is a requeue,
+                // never a wait inside the reconcile (a replica that loses
+                // its lease must not keep polling, let alone retrying).
+                match ctx.synapse.room_delete_status(&room_id).await? {
+                    Some(DeleteStatus::InProgress) => {
+                        return Ok(Cleanup::Pending(Duration::from_millis(500)))
+                    }
+                    Some(DeleteStatus::Complete) => {}
+                    Some(DeleteStatus::Failed(why)) => {
+                        tracing::warn!(room = %key(room), room_id, why, "room deletion failed; retrying");
+                        ctx.synapse.delete_room(&room_id, true).await?;
+                        audit(room, &room_id, "delete and purge (retry)");
+                        return Ok(Cleanup::Pending(Duration::from_millis(500)));
+                    }
+                    None => {
+                        ctx.synapse.delete_room(&room_id, true).await?;
+                        audit(room, &room_id, "delete and purge");
+                        return Ok(Cleanup::Pending(Duration::from_millis(500)));
                     }
                 }
                 record(
@@ -724,11 +722,11 @@ async fn cleanup(
                 .await;
             }
         }
-        Ok(())
+        Ok(Cleanup::Done)
     }
     .await;
     match result {
-        Ok(()) => Ok(Action::await_change()),
+        Ok(cleanup) => Ok(cleanup),
         Err(error) => {
             let ready = Condition::new(
                 READY,

@@ -3,73 +3,106 @@
 pub mod plan;
 
 use super::backoff::jitter;
+use super::finalizer::Cleanup;
 use super::memo::fingerprint;
 use super::{claims, key};
 use super::{Context, Error, OperatorConfig, ReconcileStats, OWNER_PROVIDER};
 use crate::api::conditions::{self, Condition, READY};
 use crate::api::{MatrixUser, MatrixUserStatus};
 use crate::synapse::{ExternalId, SynapseClient, UserUpsert};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
-use plan::{plan, plan_cleanup, precheck, Blocked, CleanupAction, Desired, UserAction, UserPlan};
+use plan::{
+    global_writes, plan, plan_cleanup, precheck, Blocked, CleanupAction, Desired, UserAction,
+    UserPlan,
+};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The shared caches the user controller reads.
+pub struct Caches {
+    pub users: Store<MatrixUser>,
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+}
+
+/// The shared watch subscriptions that trigger user reconciles.
+pub struct Triggers<A, B> {
+    /// Every applied `MatrixUser`.
+    pub objects: A,
+    /// The same, with deletions: a claimant that changes or goes away lets
+    /// the others decide again.
+    pub peers: B,
+}
+
 /// Runs the `MatrixUser` controller until `shutdown` resolves.
-pub async fn run(
+#[allow(clippy::too_many_arguments)]
+pub async fn run<A, B>(
+    caches: Caches,
+    triggers: Triggers<A, B>,
     client: Client,
     synapse: SynapseClient,
     config: OperatorConfig,
     recorder: Recorder,
     stats: Arc<ReconcileStats>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) {
-    let api: Api<MatrixUser> = match &config.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let watch = super::watch_config(&config);
-    let controller = Controller::new(api.clone(), watch.clone());
-    let users = controller.store();
-    let peers = users.clone();
+) where
+    A: Stream<Item = Arc<MatrixUser>> + Send + 'static,
+    B: Stream<Item = Arc<MatrixUser>> + Send + 'static,
+{
+    let peers = caches.users.clone();
     let ctx = Arc::new(Context {
         client,
         synapse,
         config,
         recorder,
-        users,
+        users: caches.users.clone(),
+        namespaces: caches.namespaces,
         backoff: super::default_backoff(),
         stats,
         memo: Default::default(),
     });
-    controller
-        // When a claimant of a localpart goes away, the others are decided
-        // again. Other changes cannot move the claim: newcomers are younger.
-        .watches(api, watch, move |changed: MatrixUser| {
-            let localpart = changed.spec.localpart.clone();
-            let me = ObjectRef::from_obj(&changed);
-            let leaving = changed.metadata.deletion_timestamp.is_some() || peers.get(&me).is_none();
-            if !leaving {
-                return Vec::new();
-            }
-            peers
-                .state()
-                .into_iter()
-                .filter(|u| u.spec.localpart == localpart)
-                .map(|u| ObjectRef::from_obj(u.as_ref()))
-                .filter(|r| *r != me)
-                .collect::<Vec<_>>()
+    Controller::for_shared_stream(triggers.objects, caches.users)
+        .watches_shared_stream(triggers.peers, move |changed: Arc<MatrixUser>| {
+            claim_peers(&peers.state(), &changed)
         })
         .with_config(super::controller_config(&ctx.config, Duration::ZERO))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
+}
+
+/// The objects whose claims `changed` may have freed: when a claimant of a
+/// localpart goes away, the others claiming it; when one changes in any way,
+/// those currently refused its email or subject (the holder may have let go).
+/// Other changes cannot move a localpart claim: newcomers are younger.
+fn claim_peers(all: &[Arc<MatrixUser>], changed: &MatrixUser) -> Vec<ObjectRef<MatrixUser>> {
+    let me = ObjectRef::from_obj(changed);
+    let leaving = changed.metadata.deletion_timestamp.is_some()
+        || !all.iter().any(|u| ObjectRef::from_obj(u.as_ref()) == me);
+    let refused = |u: &MatrixUser, reason: &str| {
+        u.status
+            .as_ref()
+            .and_then(|s| conditions::find(&s.conditions, READY))
+            .is_some_and(|c| c.reason == reason)
+    };
+    all.iter()
+        .filter(|u| {
+            (leaving && u.spec.localpart == changed.spec.localpart)
+                || (refused(u, "EmailConflict") && u.spec.email.is_some())
+                || (refused(u, "SubjectConflict") && u.spec.subject == changed.spec.subject)
+        })
+        .map(|u| ObjectRef::from_obj(u.as_ref()))
+        .filter(|r| *r != me)
+        .collect()
 }
 
 /// The finalizer is the only top-level branch: apply, or clean up.
@@ -92,24 +125,64 @@ fn error_policy(user: Arc<MatrixUser>, error: &Error, ctx: Arc<Context>) -> Acti
     super::retry_after(user.as_ref(), error, &ctx.backoff, &ctx.stats.user_failures)
 }
 
-/// The marker external id that says "this account is this object's".
+/// The marker external id that says "this account is this object's": the
+/// uid is part of it, so an object re-created under the same name is another
+/// owner and never revives the account its predecessor left.
 fn owner_marker(user: &MatrixUser) -> ExternalId {
     ExternalId {
         auth_provider: OWNER_PROVIDER.into(),
-        external_id: key(user),
+        external_id: format!("{}/{}", key(user), user.uid().unwrap_or_default()),
     }
 }
 
+/// The marker of earlier versions (`namespace/name`), honoured only for the
+/// object whose status already names the account: that object made it.
+fn legacy_marker(user: &MatrixUser, user_id: &str) -> Option<ExternalId> {
+    let recorded = user.status.as_ref().and_then(|s| s.user_id.as_deref());
+    (recorded == Some(user_id)).then(|| ExternalId {
+        auth_provider: OWNER_PROVIDER.into(),
+        external_id: key(user),
+    })
+}
+
 /// Whether this object holds its localpart (oldest claim wins, homeserver-wide).
+/// `Err` names the holder, for the operator's log only.
 fn holds_localpart(user: &MatrixUser, ctx: &Context) -> Result<(), String> {
     claims::check(&ctx.users.state(), user, |u| {
         u.spec.localpart == user.spec.localpart
     })
-    .map_err(|holder| {
-        format!(
-            "localpart {:?} is already claimed by {holder}",
-            user.spec.localpart
-        )
+}
+
+/// The tenant the object's namespace belongs to, from its label.
+fn tenant_of(ctx: &Context, namespace: &str) -> Option<String> {
+    ctx.namespaces
+        .get(&ObjectRef::new(namespace))
+        .and_then(|ns| ns.labels().get(crate::api::TENANT_LABEL).cloned())
+}
+
+/// Whether this object holds its subject among the tenant's objects.
+fn holds_subject(user: &MatrixUser, ctx: &Context, tenant: &str) -> Result<(), String> {
+    let Some(subject) = user.spec.subject.as_deref() else {
+        return Ok(());
+    };
+    claims::check(&ctx.users.state(), user, |u| {
+        u.spec.subject.as_deref() == Some(subject)
+            && u.metadata.deletion_timestamp.is_none()
+            && tenant_of(ctx, &u.namespace().unwrap_or_default()).as_deref() == Some(tenant)
+    })
+}
+
+/// Whether this object holds its email homeserver-wide. Deactivated and
+/// departing objects claim nothing (Synapse strips a deactivated account's
+/// emails); an address still held in Synapse is caught before any write.
+fn holds_email(user: &MatrixUser, ctx: &Context) -> Result<(), String> {
+    let Some(email) = user.spec.email.as_deref().map(str::to_lowercase) else {
+        return Ok(());
+    };
+    claims::check(&ctx.users.state(), user, |u| {
+        !u.spec.deactivated
+            && u.metadata.deletion_timestamp.is_none()
+            && u.spec.email.as_deref().map(str::to_lowercase).as_deref() == Some(email.as_str())
     })
 }
 
@@ -122,26 +195,49 @@ async fn apply(
     let ns = user.namespace().unwrap_or_default();
     let resync = Action::requeue(jitter(ctx.config.resync_interval));
 
-    if let Err(message) = holds_localpart(user, ctx) {
-        block(user, api, ctx, Blocked::LocalpartConflict, message).await?;
+    if let Err(holder) = holds_localpart(user, ctx) {
+        tracing::info!(user = %key(user), %holder, "localpart claimed by an older object");
+        block(user, api, ctx, Blocked::LocalpartConflict).await?;
         return Ok(resync);
     }
     let sso_provider = ctx.config.sso_provider();
-    let desired = Desired {
+    let tenant = tenant_of(ctx, &ns);
+    let sso_subject = match (&user.spec.subject, &tenant) {
+        (Some(subject), Some(tenant)) => Some(crate::api::sso_subject(tenant, subject)),
+        _ => None,
+    };
+    let email_held = match holds_email(user, ctx) {
+        Ok(()) => true,
+        Err(holder) => {
+            tracing::info!(user = %key(user), %holder, "email claimed by an older object");
+            false
+        }
+    };
+    let user_id = ctx.synapse.user_id(&user.spec.localpart)?;
+    let mut desired = Desired {
         spec: &user.spec,
         owner_marker: owner_marker(user),
+        legacy_marker: legacy_marker(user, user_id.as_str()),
         sso_provider: &sso_provider,
+        sso_subject,
         reserved: ctx
             .config
             .reserved_localparts
             .contains(&user.spec.localpart),
         admin_allowed: ctx.config.admin_namespaces.contains(&ns),
         adoption_allowed: ctx.config.adopt_namespaces.contains(&ns),
+        email_held,
     };
     if let Some(blocked) = precheck(&desired) {
-        let message = blocked_message(blocked, user);
-        block(user, api, ctx, blocked, message).await?;
+        block(user, api, ctx, blocked).await?;
         return Ok(resync);
+    }
+    if let Some(tenant) = &tenant {
+        if let Err(holder) = holds_subject(user, ctx, tenant) {
+            tracing::info!(user = %key(user), %holder, "subject claimed by an older object of the tenant");
+            block(user, api, ctx, Blocked::SubjectConflict).await?;
+            return Ok(resync);
+        }
     }
     let fingerprint = fingerprint(&(&desired, user.metadata.generation));
     let fresh = super::freshness(&ctx.config);
@@ -155,39 +251,91 @@ async fn apply(
         return Ok(resync);
     }
 
-    let outcome = converge(user, &desired, ctx).await;
+    let outcome = converge(user, &user_id, &mut desired, ctx).await;
     match outcome {
-        Ok(Ok(user_id)) => {
+        Ok(Ok(())) => {
             ctx.backoff.reset(&key(user));
-            let message = if user.spec.deactivated {
-                "account is deactivated"
+            let ready = if !desired.email_held {
+                Condition::new(
+                    READY,
+                    false,
+                    "EmailConflict",
+                    "the email address belongs to another account; it was not written",
+                    user.metadata.generation,
+                )
+            } else if user.spec.subject.is_some() && tenant.is_none() {
+                Condition::new(
+                    READY,
+                    true,
+                    "Converged",
+                    "account matches the spec; the subject is not linked for SSO because the namespace names no tenant",
+                    user.metadata.generation,
+                )
             } else {
-                "account matches the spec"
+                let message = if user.spec.deactivated {
+                    "account is deactivated"
+                } else {
+                    "account matches the spec"
+                };
+                Condition::new(READY, true, "Converged", message, user.metadata.generation)
             };
-            let ready = Condition::new(READY, true, "Converged", message, user.metadata.generation);
-            let version = write_status(user, api, Some(user_id), ready).await?;
+            let conflict = !ready.is_true();
+            if conflict {
+                warn_on_transition(user, ctx, &ready).await;
+            }
+            let version = write_status(user, api, Some(user_id.to_string()), ready).await?;
+            if conflict {
+                // The other holder may let go: look again well before the resync.
+                return Ok(Action::requeue(jitter(Duration::from_secs(30))));
+            }
             ctx.memo
                 .record(&key(user), [own_version, version], fingerprint);
             Ok(resync)
         }
         Ok(Err(blocked)) => {
-            let message = blocked_message(blocked, user);
-            block(user, api, ctx, blocked, message).await?;
+            block(user, api, ctx, blocked).await?;
             Ok(resync)
         }
         Err(error) => fail(user, api, ctx, error).await,
     }
 }
 
-/// Observe, plan, and apply; returns the user id, or why it is blocked.
+/// Observe, plan, check global claims in Synapse, and apply. An email held by
+/// another account is dropped from the plan (`desired.email_held` turns
+/// false); an SSO link held by another account blocks every write, so no
+/// half-made account is left behind.
 async fn converge(
     user: &MatrixUser,
-    desired: &Desired<'_>,
+    user_id: &ruma::UserId,
+    desired: &mut Desired<'_>,
     ctx: &Context,
-) -> Result<Result<String, Blocked>, Error> {
-    let user_id = ctx.synapse.user_id(&user.spec.localpart)?;
-    let observed = ctx.synapse.get_user(&user_id).await?;
-    match plan(desired, observed.as_ref()) {
+) -> Result<Result<(), Blocked>, Error> {
+    let observed = ctx.synapse.get_user(user_id).await?;
+    let mut planned = plan(desired, observed.as_ref());
+    if let UserPlan::Converge { actions, .. } = &planned {
+        let writes = global_writes(actions, observed.as_ref(), desired.sso_provider);
+        if let Some(subject) = &writes.sso_subject {
+            let holder = ctx
+                .synapse
+                .user_by_external_id(desired.sso_provider, subject)
+                .await?;
+            if holder.is_some_and(|h| h != user_id.as_str()) {
+                tracing::info!(user = %key(user), "SSO subject linked to another account in Synapse");
+                return Ok(Err(Blocked::SubjectConflict));
+            }
+        }
+        for email in &writes.emails {
+            let holder = ctx.synapse.user_by_email(email).await?;
+            if holder.is_some_and(|h| h != user_id.as_str()) {
+                tracing::info!(user = %key(user), "email held by another account in Synapse");
+                desired.email_held = false;
+            }
+        }
+        if !desired.email_held {
+            planned = plan(desired, observed.as_ref());
+        }
+    }
+    match planned {
         UserPlan::Blocked(blocked) => Ok(Err(blocked)),
         UserPlan::Converge { actions, adopts } => {
             for action in actions {
@@ -202,18 +350,22 @@ async fn converge(
                         change,
                     ),
                 };
-                ctx.synapse.upsert_user(&user_id, change).await?;
+                ctx.synapse.upsert_user(user_id, change).await?;
                 record_mutation(user, ctx, verb, user_id.as_str(), change).await;
             }
-            Ok(Ok(user_id.to_string()))
+            Ok(Ok(()))
         }
     }
 }
 
-async fn cleanup(user: &MatrixUser, api: &Api<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
+async fn cleanup(
+    user: &MatrixUser,
+    api: &Api<MatrixUser>,
+    ctx: &Context,
+) -> Result<Cleanup, Error> {
     if holds_localpart(user, ctx).is_err() {
         // Never the account's owner: nothing in Synapse is ours to change.
-        return Ok(Action::await_change());
+        return Ok(Cleanup::Done);
     }
     let result: Result<(), Error> = async {
         let user_id = ctx.synapse.user_id(&user.spec.localpart)?;
@@ -221,6 +373,7 @@ async fn cleanup(user: &MatrixUser, api: &Api<MatrixUser>, ctx: &Context) -> Res
         let (erase, verb) = match plan_cleanup(
             user.spec.deletion_policy,
             &owner_marker(user),
+            legacy_marker(user, user_id.as_str()).as_ref(),
             observed.as_ref(),
         ) {
             CleanupAction::Nothing => return Ok(()),
@@ -237,20 +390,31 @@ async fn cleanup(user: &MatrixUser, api: &Api<MatrixUser>, ctx: &Context) -> Res
     }
     .await;
     match result {
-        Ok(()) => Ok(Action::await_change()),
-        Err(error) => fail(user, api, ctx, error).await,
+        Ok(()) => Ok(Cleanup::Done),
+        Err(error) => fail(user, api, ctx, error)
+            .await
+            .map(|_| Cleanup::Pending(jitter(ctx.config.resync_interval))),
     }
 }
 
+/// The condition message for a blocked object. It never names another
+/// object: the holder of a claim may live in another tenant.
 fn blocked_message(blocked: Blocked, user: &MatrixUser) -> String {
+    let localpart = &user.spec.localpart;
     match blocked {
-        Blocked::ReservedLocalpart => format!("localpart {:?} is reserved by the operator", user.spec.localpart),
-        Blocked::LocalpartConflict => format!("localpart {:?} is claimed by an older MatrixUser", user.spec.localpart),
-        Blocked::AdminNotAllowed => "server admin is not allowed in this namespace".into(),
+        Blocked::ReservedLocalpart => format!("localpart {localpart:?} is reserved by the operator"),
+        Blocked::LocalpartConflict => format!("localpart {localpart:?} is claimed by another, older MatrixUser"),
+        Blocked::AdminNotAllowed => "server admin is not allowed in this namespace; the account is left as it was".into(),
         Blocked::AccountExists => format!(
-            "account @{} exists and was not created by the operator; adoption is not allowed in this namespace",
-            user.spec.localpart
+            "account @{localpart} exists and was not created by the operator; adoption is not allowed in this namespace"
         ),
+        Blocked::OwnedByAnother => format!(
+            "account @{localpart} belongs to another MatrixUser (an earlier object of this name counts as another); it is never adopted"
+        ),
+        Blocked::AccountDeactivated => format!(
+            "account @{localpart} is deactivated in Synapse; the operator never reactivates or adopts a deactivated account"
+        ),
+        Blocked::SubjectConflict => "the subject is already linked to another account of this tenant; nothing was written".into(),
     }
 }
 
@@ -260,33 +424,42 @@ async fn block(
     api: &Api<MatrixUser>,
     ctx: &Context,
     blocked: Blocked,
-    message: String,
 ) -> Result<(), Error> {
+    let ready = Condition::new(
+        READY,
+        false,
+        blocked.reason(),
+        blocked_message(blocked, user),
+        user.metadata.generation,
+    );
+    warn_on_transition(user, ctx, &ready).await;
+    // An object that owns no account must not advertise one; one refused a
+    // change keeps its account, and so its rooms.
+    let user_id = blocked
+        .keeps_account()
+        .then(|| user.status.as_ref().and_then(|s| s.user_id.clone()))
+        .flatten();
+    write_status(user, api, user_id, ready).await.map(|_| ())
+}
+
+/// A Warning Event when the Ready reason changes to `ready`'s.
+async fn warn_on_transition(user: &MatrixUser, ctx: &Context, ready: &Condition) {
     let previous = user
         .status
         .as_ref()
         .and_then(|s| conditions::find(&s.conditions, READY))
         .map(|c| c.reason.clone());
-    if previous.as_deref() != Some(blocked.reason()) {
+    if previous.as_deref() != Some(ready.reason.as_str()) {
         publish(
             user,
             ctx,
             EventType::Warning,
-            blocked.reason(),
+            &ready.reason,
             "Reconcile",
-            message.clone(),
+            ready.message.clone(),
         )
         .await;
     }
-    let ready = Condition::new(
-        READY,
-        false,
-        blocked.reason(),
-        message,
-        user.metadata.generation,
-    );
-    // A blocked object owns no account: do not advertise one.
-    write_status(user, api, None, ready).await.map(|_| ())
 }
 
 /// Records a failure as a condition; transient ones back off, the rest wait for a change.

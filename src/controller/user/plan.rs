@@ -15,6 +15,15 @@ pub enum Blocked {
     AdminNotAllowed,
     /// The account exists, is not the operator's, and adoption is not allowed here.
     AccountExists,
+    /// The account carries another object's owner marker (a deleted object's,
+    /// or one of the same name but another uid): never adopted.
+    OwnedByAnother,
+    /// The account is deactivated in Synapse while the spec wants it active:
+    /// deactivated (and erased) accounts are never reactivated or adopted.
+    AccountDeactivated,
+    /// The SSO subject is claimed by an older object of the tenant, or is
+    /// linked in Synapse to an account that is not this object's.
+    SubjectConflict,
 }
 
 impl Blocked {
@@ -23,8 +32,17 @@ impl Blocked {
             Blocked::ReservedLocalpart => "ReservedLocalpart",
             Blocked::LocalpartConflict => "LocalpartConflict",
             Blocked::AdminNotAllowed => "AdminNotAllowed",
-            Blocked::AccountExists => "AccountExists",
+            Blocked::AccountExists | Blocked::OwnedByAnother => "AccountExists",
+            Blocked::AccountDeactivated => "AccountDeactivated",
+            Blocked::SubjectConflict => "SubjectConflict",
         }
+    }
+
+    /// Whether the object still owns its account while blocked, so its
+    /// `status.userId` (and with it room membership) stays. A policy refusal
+    /// on a change is no reason to take anyone out of their rooms.
+    pub fn keeps_account(self) -> bool {
+        matches!(self, Blocked::AdminNotAllowed | Blocked::SubjectConflict)
     }
 }
 
@@ -53,13 +71,23 @@ pub enum UserPlan {
 #[derive(Clone, Debug)]
 pub struct Desired<'a> {
     pub spec: &'a MatrixUserSpec,
-    /// The external id that marks an account as owned by this object.
+    /// The external id that marks an account as owned by this object
+    /// (namespace, name and uid: a re-created object is another owner).
     pub owner_marker: ExternalId,
+    /// The marker of earlier versions (namespace and name only), honoured
+    /// only when this very object's status already names the account.
+    pub legacy_marker: Option<ExternalId>,
     /// `oidc-<idp>`: the provider SSO logins arrive through.
     pub sso_provider: &'a str,
+    /// The tenant-qualified subject linked as the SSO external id; `None`
+    /// when no subject is declared or the namespace names no tenant.
+    pub sso_subject: Option<String>,
     pub reserved: bool,
     pub admin_allowed: bool,
     pub adoption_allowed: bool,
+    /// Whether this object holds its email claim. When it does not, the
+    /// account's emails are left exactly as they are.
+    pub email_held: bool,
 }
 
 /// Checks that need no Synapse call: reserved names and admin permission.
@@ -77,7 +105,7 @@ pub fn precheck(desired: &Desired<'_>) -> Option<Blocked> {
 /// SSO link when a subject is set. Sorted, so comparison is order-free.
 pub fn desired_external_ids(desired: &Desired<'_>) -> Vec<ExternalId> {
     let mut ids = vec![desired.owner_marker.clone()];
-    if let Some(subject) = &desired.spec.subject {
+    if let Some(subject) = &desired.sso_subject {
         ids.push(ExternalId {
             auth_provider: desired.sso_provider.to_string(),
             external_id: subject.clone(),
@@ -91,8 +119,54 @@ fn desired_emails(spec: &MatrixUserSpec) -> Vec<String> {
     spec.email.iter().map(|e| e.to_lowercase()).collect()
 }
 
-fn is_owned(observed: &SynapseUser, marker: &ExternalId) -> bool {
-    observed.external_ids.iter().any(|id| id == marker)
+/// Whether the account carries this object's marker (or, for an object
+/// that converged it before markers carried the uid, the legacy one).
+fn is_owned(observed: &SynapseUser, marker: &ExternalId, legacy: Option<&ExternalId>) -> bool {
+    observed
+        .external_ids
+        .iter()
+        .any(|id| id == marker || Some(id) == legacy)
+}
+
+/// Whether the account carries an owner marker that is not this object's.
+fn marked_by_another(observed: &SynapseUser, marker: &ExternalId) -> bool {
+    observed
+        .external_ids
+        .iter()
+        .any(|id| id.auth_provider == marker.auth_provider && id != marker)
+}
+
+/// What the plan would add that Synapse keys globally, so the shell can check
+/// who holds it before writing: email addresses and the SSO external id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GlobalWrites {
+    pub emails: Vec<String>,
+    pub sso_subject: Option<String>,
+}
+
+/// The emails and SSO link `actions` would newly give the account.
+pub fn global_writes(
+    actions: &[UserAction],
+    observed: Option<&SynapseUser>,
+    provider: &str,
+) -> GlobalWrites {
+    let held_emails = observed.map(SynapseUser::emails).unwrap_or_default();
+    let held_ids = observed.map(|o| o.external_ids.clone()).unwrap_or_default();
+    let mut out = GlobalWrites::default();
+    for action in actions {
+        let (UserAction::Create(change) | UserAction::Update(change)) = action;
+        for email in change.emails.iter().flatten() {
+            if !held_emails.contains(email) && !out.emails.contains(email) {
+                out.emails.push(email.clone());
+            }
+        }
+        for id in change.external_ids.iter().flatten() {
+            if id.auth_provider == provider && !held_ids.contains(id) {
+                out.sso_subject = Some(id.external_id.clone());
+            }
+        }
+    }
+    out
 }
 
 /// Plans the writes that bring the account to the desired state.
@@ -105,18 +179,24 @@ pub fn plan(desired: &Desired<'_>, observed: Option<&SynapseUser>) -> UserPlan {
         let create = UserUpsert {
             displayname: spec.display_name.clone(),
             avatar_url: spec.avatar_url.clone(),
-            emails: spec.email.as_ref().map(|_| desired_emails(spec)),
+            emails: (desired.email_held && spec.email.is_some()).then(|| desired_emails(spec)),
             external_ids: Some(desired_external_ids(desired)),
             admin: spec.admin.then_some(true),
             locked: None,
             deactivated: None,
         };
         let mut actions = vec![UserAction::Create(create)];
-        // Synapse's create path ignores `locked` and `deactivated`: a second write sets them.
-        if spec.locked || spec.deactivated {
+        // Synapse's create path ignores `locked` and `deactivated`: a second
+        // write sets them. Deactivation wins over a lock: a deactivated
+        // account can do nothing anyway.
+        if spec.deactivated {
             actions.push(UserAction::Update(UserUpsert {
-                locked: spec.locked.then_some(true),
-                deactivated: spec.deactivated.then_some(true),
+                deactivated: Some(true),
+                ..Default::default()
+            }));
+        } else if spec.locked {
+            actions.push(UserAction::Update(UserUpsert {
+                locked: Some(true),
                 ..Default::default()
             }));
         }
@@ -126,10 +206,28 @@ pub fn plan(desired: &Desired<'_>, observed: Option<&SynapseUser>) -> UserPlan {
         };
     };
 
-    let adopts = !is_owned(observed, &desired.owner_marker);
-    if adopts && !desired.adoption_allowed {
-        return UserPlan::Blocked(Blocked::AccountExists);
+    let owned = is_owned(
+        observed,
+        &desired.owner_marker,
+        desired.legacy_marker.as_ref(),
+    );
+    if !owned {
+        // Never bring back what was deactivated or erased, nor take an
+        // account another object (maybe a deleted one) was given.
+        if observed.deactivated {
+            return UserPlan::Blocked(Blocked::AccountDeactivated);
+        }
+        if marked_by_another(observed, &desired.owner_marker) {
+            return UserPlan::Blocked(Blocked::OwnedByAnother);
+        }
+        if !desired.adoption_allowed {
+            return UserPlan::Blocked(Blocked::AccountExists);
+        }
+    } else if observed.deactivated && !spec.deactivated {
+        // Deactivated out of band: only a person reactivates an account.
+        return UserPlan::Blocked(Blocked::AccountDeactivated);
     }
+    let adopts = !owned;
 
     let mut change = UserUpsert::default();
     let mut external_ids = observed.external_ids.clone();
@@ -141,14 +239,12 @@ pub fn plan(desired: &Desired<'_>, observed: Option<&SynapseUser>) -> UserPlan {
 
     if spec.deactivated {
         // On a deactivated account only flags and our marker are compared:
-        // Synapse strips its third-party ids, so diffing them would never settle.
+        // Synapse strips its third-party ids, so diffing them would never
+        // settle. A lock is moot once deactivated.
         if !observed.deactivated {
             change.deactivated = Some(true);
         }
     } else {
-        if observed.deactivated {
-            change.deactivated = Some(false);
-        }
         if let Some(name) = &spec.display_name {
             if observed.displayname.as_ref() != Some(name) {
                 change.displayname = Some(name.clone());
@@ -160,16 +256,16 @@ pub fn plan(desired: &Desired<'_>, observed: Option<&SynapseUser>) -> UserPlan {
             change.avatar_url = Some(spec.avatar_url.clone().unwrap_or_default());
         }
         let emails = desired_emails(spec);
-        if observed.emails() != emails {
+        if desired.email_held && observed.emails() != emails {
             change.emails = Some(emails);
         }
+        if observed.locked != spec.locked {
+            change.locked = Some(spec.locked);
+        }
     }
-    // Flags Synapse keeps on deactivated accounts too.
+    // A flag Synapse keeps on deactivated accounts too.
     if observed.admin != spec.admin {
         change.admin = Some(spec.admin);
-    }
-    if observed.locked != spec.locked {
-        change.locked = Some(spec.locked);
     }
 
     let actions = if change.is_empty() {
@@ -194,13 +290,14 @@ pub enum CleanupAction {
 pub fn plan_cleanup(
     policy: crate::api::UserDeletionPolicy,
     marker: &ExternalId,
+    legacy: Option<&ExternalId>,
     observed: Option<&SynapseUser>,
 ) -> CleanupAction {
     use crate::api::UserDeletionPolicy::*;
     let Some(observed) = observed else {
         return CleanupAction::Nothing;
     };
-    if !is_owned(observed, marker) {
+    if !is_owned(observed, marker, legacy) {
         return CleanupAction::Nothing;
     }
     match policy {
@@ -231,6 +328,13 @@ mod tests {
     fn marker() -> ExternalId {
         ExternalId {
             auth_provider: "net.openmeet.owner".into(),
+            external_id: "tenant-a/alice/uid-1".into(),
+        }
+    }
+
+    fn legacy() -> ExternalId {
+        ExternalId {
+            auth_provider: "net.openmeet.owner".into(),
             external_id: "tenant-a/alice".into(),
         }
     }
@@ -239,10 +343,13 @@ mod tests {
         Desired {
             spec,
             owner_marker: marker(),
+            legacy_marker: None,
             sso_provider: "oidc-openmeet",
+            sso_subject: spec.subject.as_ref().map(|s| format!("tenant-a/{s}")),
             reserved: false,
             admin_allowed: false,
             adoption_allowed: false,
+            email_held: true,
         }
     }
 
@@ -258,7 +365,7 @@ mod tests {
             external_ids: vec![
                 ExternalId {
                     auth_provider: "oidc-openmeet".into(),
-                    external_id: "user-123".into(),
+                    external_id: "tenant-a/user-123".into(),
                 },
                 marker(),
             ],
@@ -334,7 +441,7 @@ mod tests {
         assert!(ids.contains(&marker()));
         assert!(ids
             .iter()
-            .any(|i| i.auth_provider == "oidc-openmeet" && i.external_id == "user-999"));
+            .any(|i| i.auth_provider == "oidc-openmeet" && i.external_id == "tenant-a/user-999"));
         assert_eq!(ids.len(), 2);
     }
 
@@ -446,12 +553,125 @@ mod tests {
     }
 
     #[test]
-    fn reactivation_is_planned() {
+    fn a_deactivated_account_is_never_reactivated() {
         let spec = spec();
         let mut observed = converged();
         observed.deactivated = true;
-        let change = single_update(plan(&desired(&spec), Some(&observed)));
-        assert_eq!(change.deactivated, Some(false));
+        assert_eq!(
+            plan(&desired(&spec), Some(&observed)),
+            UserPlan::Blocked(Blocked::AccountDeactivated)
+        );
+        // Nor adopted, even where adoption is allowed, erased or not.
+        observed.external_ids.clear();
+        observed.erased = true;
+        let mut d = desired(&spec);
+        d.adoption_allowed = true;
+        assert_eq!(
+            plan(&d, Some(&observed)),
+            UserPlan::Blocked(Blocked::AccountDeactivated)
+        );
+    }
+
+    #[test]
+    fn a_recreated_object_never_takes_its_predecessors_account() {
+        let spec = spec();
+        // The account a deleted object of the same name left (Retain).
+        let mut observed = converged();
+        observed.external_ids.retain(|i| *i != marker());
+        observed.external_ids.push(ExternalId {
+            auth_provider: "net.openmeet.owner".into(),
+            external_id: "tenant-a/alice/uid-0".into(),
+        });
+        let mut d = desired(&spec);
+        d.adoption_allowed = true;
+        assert_eq!(
+            plan(&d, Some(&observed)),
+            UserPlan::Blocked(Blocked::OwnedByAnother)
+        );
+        // A legacy marker is another owner too, unless this object made it.
+        let mut legacy_owned = converged();
+        legacy_owned.external_ids.retain(|i| *i != marker());
+        legacy_owned.external_ids.push(legacy());
+        assert_eq!(
+            plan(&d, Some(&legacy_owned)),
+            UserPlan::Blocked(Blocked::OwnedByAnother)
+        );
+        let mut made_it = desired(&spec);
+        made_it.legacy_marker = Some(legacy());
+        let change = single_update(plan(&made_it, Some(&legacy_owned)));
+        let ids = change.external_ids.expect("marker upgraded");
+        assert!(ids.contains(&marker()) && !ids.contains(&legacy()));
+        let UserPlan::Converge { adopts, .. } = plan(&made_it, Some(&legacy_owned)) else {
+            panic!()
+        };
+        assert!(!adopts);
+    }
+
+    #[test]
+    fn deactivation_wins_over_a_lock() {
+        let mut spec = spec();
+        spec.deactivated = true;
+        spec.locked = true;
+        let UserPlan::Converge { actions, .. } = plan(&desired(&spec), None) else {
+            panic!()
+        };
+        let [UserAction::Create(_), UserAction::Update(second)] = actions.as_slice() else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(
+            *second,
+            UserUpsert {
+                deactivated: Some(true),
+                ..Default::default()
+            }
+        );
+        // An existing active, unlocked account: deactivate, never lock too.
+        let change = single_update(plan(&desired(&spec), Some(&converged())));
+        assert_eq!(change.locked, None);
+        assert_eq!(change.deactivated, Some(true));
+    }
+
+    #[test]
+    fn an_email_not_held_is_never_written() {
+        let spec = spec();
+        let mut d = desired(&spec);
+        d.email_held = false;
+        let UserPlan::Converge { actions, .. } = plan(&d, None) else {
+            panic!()
+        };
+        let [UserAction::Create(create)] = actions.as_slice() else {
+            panic!()
+        };
+        assert_eq!(create.emails, None);
+        let mut observed = converged();
+        observed.threepids.clear();
+        let UserPlan::Converge { actions, .. } = plan(&d, Some(&observed)) else {
+            panic!()
+        };
+        assert!(actions.is_empty(), "{actions:?}");
+    }
+
+    #[test]
+    fn global_writes_name_only_what_is_new() {
+        let spec = spec();
+        let d = desired(&spec);
+        let UserPlan::Converge { actions, .. } = plan(&d, None) else {
+            panic!()
+        };
+        let writes = global_writes(&actions, None, "oidc-openmeet");
+        assert_eq!(writes.emails, vec!["alice@example.org".to_string()]);
+        assert_eq!(writes.sso_subject.as_deref(), Some("tenant-a/user-123"));
+        // A converged account adds nothing global.
+        let converged = converged();
+        let mut spec2 = spec.clone();
+        spec2.display_name = Some("Other".into());
+        let UserPlan::Converge { actions, .. } = plan(&desired(&spec2), Some(&converged)) else {
+            panic!()
+        };
+        assert_eq!(
+            global_writes(&actions, Some(&converged), "oidc-openmeet"),
+            GlobalWrites::default()
+        );
     }
 
     #[test]
@@ -460,39 +680,49 @@ mod tests {
         let mut foreign = converged();
         foreign.external_ids.retain(|i| *i != marker());
         assert_eq!(
-            plan_cleanup(UserDeletionPolicy::Deactivate, &marker(), Some(&owned)),
+            plan_cleanup(
+                UserDeletionPolicy::Deactivate,
+                &marker(),
+                None,
+                Some(&owned)
+            ),
             CleanupAction::Deactivate
         );
         assert_eq!(
-            plan_cleanup(UserDeletionPolicy::Deactivate, &marker(), Some(&foreign)),
+            plan_cleanup(
+                UserDeletionPolicy::Deactivate,
+                &marker(),
+                None,
+                Some(&foreign)
+            ),
             CleanupAction::Nothing
         );
         assert_eq!(
-            plan_cleanup(UserDeletionPolicy::Deactivate, &marker(), None),
+            plan_cleanup(UserDeletionPolicy::Deactivate, &marker(), None, None),
             CleanupAction::Nothing
         );
         assert_eq!(
-            plan_cleanup(UserDeletionPolicy::Retain, &marker(), Some(&owned)),
+            plan_cleanup(UserDeletionPolicy::Retain, &marker(), None, Some(&owned)),
             CleanupAction::Nothing
         );
         assert_eq!(
-            plan_cleanup(UserDeletionPolicy::Erase, &marker(), Some(&owned)),
+            plan_cleanup(UserDeletionPolicy::Erase, &marker(), None, Some(&owned)),
             CleanupAction::Erase
         );
 
         let mut done = owned.clone();
         done.deactivated = true;
         assert_eq!(
-            plan_cleanup(UserDeletionPolicy::Deactivate, &marker(), Some(&done)),
+            plan_cleanup(UserDeletionPolicy::Deactivate, &marker(), None, Some(&done)),
             CleanupAction::Nothing
         );
         assert_eq!(
-            plan_cleanup(UserDeletionPolicy::Erase, &marker(), Some(&done)),
+            plan_cleanup(UserDeletionPolicy::Erase, &marker(), None, Some(&done)),
             CleanupAction::Erase
         );
         done.erased = true;
         assert_eq!(
-            plan_cleanup(UserDeletionPolicy::Erase, &marker(), Some(&done)),
+            plan_cleanup(UserDeletionPolicy::Erase, &marker(), None, Some(&done)),
             CleanupAction::Nothing
         );
     }

@@ -1,0 +1,498 @@
+//! Do no harm: identity and membership stay intact under faults and across
+//! tenants. Every test asserts on Synapse itself.
+
+use crate::harness::{unique, wait_for, Options, Stack, TestEnv};
+use crate::rooms::{membership, perm, state, urlencode, users};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use kube::api::{Patch, PatchParams};
+use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser};
+use openmeet_matrix_operator::synapse::ExternalId;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// An HTTP proxy in front of Synapse that can answer `503` to every user
+/// admin call, as Synapse does under load or while restarting, while room
+/// calls go through: the room controller keeps working while users fail.
+struct FaultProxy {
+    url: String,
+    failing_users: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct ProxyState {
+    target: String,
+    failing_users: Arc<AtomicBool>,
+    http: reqwest::Client,
+}
+
+async fn forward(State(s): State<ProxyState>, request: Request) -> Response {
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    if s.failing_users.load(Ordering::SeqCst) && path.starts_with("/_synapse/admin/v2/users/") {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"errcode": "M_UNKNOWN", "error": "overloaded"})),
+        )
+            .into_response();
+    }
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
+    let mut outbound = s
+        .http
+        .request(parts.method, format!("{}{path}", s.target))
+        .body(body.to_vec());
+    for (name, value) in &parts.headers {
+        if name != "host" {
+            outbound = outbound.header(name, value);
+        }
+    }
+    match outbound.send().await {
+        Ok(answer) => {
+            let status = answer.status();
+            let headers = answer.headers().clone();
+            let bytes = answer.bytes().await.unwrap_or_default();
+            let mut response = Response::new(Body::from(bytes));
+            *response.status_mut() = status;
+            if let Some(ct) = headers.get("content-type") {
+                response.headers_mut().insert("content-type", ct.clone());
+            }
+            response
+        }
+        Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
+    }
+}
+
+impl FaultProxy {
+    async fn start() -> FaultProxy {
+        let failing_users = Arc::new(AtomicBool::new(false));
+        let state = ProxyState {
+            target: Stack::get().var("SYNAPSE_URL").trim_end_matches('/').into(),
+            failing_users: failing_users.clone(),
+            http: reqwest::Client::new(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(forward).with_state(state);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FaultProxy {
+            url,
+            failing_users,
+            task,
+        }
+    }
+
+    fn fail_users(&self, on: bool) {
+        self.failing_users.store(on, Ordering::SeqCst);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Every membership event of a room, oldest first: (user, membership).
+async fn membership_history(room_id: &str) -> Vec<(String, String)> {
+    let stack = Stack::get();
+    let url = format!(
+        "{}/_synapse/admin/v1/rooms/{}/messages",
+        stack.var("SYNAPSE_URL"),
+        urlencode(room_id)
+    );
+    let admin = format!(
+        "@{}:{}",
+        stack.var("MATRIX_ADMIN_LOCALPART"),
+        stack.var("MATRIX_SERVER_NAME")
+    );
+    let page: Value = reqwest::Client::new()
+        .get(url)
+        .query(&[
+            ("user_id", admin.as_str()),
+            ("dir", "f"),
+            ("limit", "1000"),
+            ("filter", r#"{"types":["m.room.member"]}"#),
+        ])
+        .bearer_auth(&stack.as_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["chunk"]
+        .as_array()
+        .expect("a page of events")
+        .iter()
+        .filter(|e| e["type"] == "m.room.member")
+        .map(|e| {
+            (
+                e["state_key"].as_str().unwrap_or_default().to_string(),
+                e["content"]["membership"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+async fn patch_spec<K>(env: &TestEnv, ns: usize, name: &str, spec: Value)
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    env.api::<K>(ns)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": spec })),
+        )
+        .await
+        .expect("patch");
+}
+
+fn power_of(state: &openmeet_matrix_operator::synapse::rooms::RoomState, user: &str) -> i64 {
+    state
+        .get("m.room.power_levels", "")
+        .and_then(|pl| pl["users"][user].as_i64())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn trouble_on_a_users_account_never_costs_them_their_rooms() {
+    let proxy = FaultProxy::start().await;
+    let env = TestEnv::with(
+        "harm-members",
+        Options {
+            synapse_url: Some(proxy.url.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ids = users(&env, &["ann", "ben", "cat"]).await;
+    env.create::<MatrixRoom>(
+        0,
+        "room",
+        json!({"alias": unique("harm"), "name": "Harm", "membershipPolicy": "Exclusive"}),
+    )
+    .await;
+    perm(&env, 0, "ann-room", "room", "ann", json!({"role": "Admin"})).await;
+    perm(&env, 0, "ben-room", "room", "ben", json!({"role": "Moderator"})).await;
+    perm(&env, 0, "cat-room", "room", "cat", json!({})).await;
+    let room = wait_for("all three joined", || async {
+        let room = env.api::<MatrixRoom>(0).get("room").await.ok()?;
+        (room.status.as_ref()?.joined_members == Some(4)).then_some(room)
+    })
+    .await;
+    let room_id = room.status.clone().unwrap().room_id.unwrap();
+
+    // A Synapse blip on every user call: ann's change fails, Ready=False.
+    proxy.fail_users(true);
+    patch_spec::<MatrixUser>(&env, 0, "ann", json!({"displayName": "Ann B"})).await;
+    env.wait_ready(0, "ann", false, "SynapseUnavailable").await;
+    // A policy refusal on ben's account: admin is not allowed here.
+    patch_spec::<MatrixUser>(&env, 0, "ben", json!({"admin": true})).await;
+    env.wait_ready(0, "ben", false, "AdminNotAllowed").await;
+    // The room converges meanwhile (a spec change makes sure it runs now).
+    patch_spec::<MatrixRoom>(&env, 0, "room", json!({"topic": "during trouble"})).await;
+    env.wait_condition::<MatrixRoom>(0, "room", true, "Converged")
+        .await;
+    let during = state(&env, &room).await;
+    for id in &ids {
+        assert_eq!(membership(&during, id), "join", "{id} kept its room");
+    }
+    assert_eq!(power_of(&during, &ids[0]), 100, "ann keeps her power");
+    assert_eq!(power_of(&during, &ids[1]), 50, "ben keeps his power");
+
+    // Trouble over: ann converges again, the room stays as it was.
+    proxy.fail_users(false);
+    env.wait_ready(0, "ann", true, "Converged").await;
+    patch_spec::<MatrixRoom>(&env, 0, "room", json!({"topic": "after trouble"})).await;
+    env.wait_condition::<MatrixRoom>(0, "room", true, "Converged")
+        .await;
+
+    let declared: BTreeSet<&String> = ids.iter().collect();
+    let leaves: Vec<(String, String)> = membership_history(&room_id)
+        .await
+        .into_iter()
+        .filter(|(user, m)| declared.contains(user) && (m == "leave" || m == "ban"))
+        .collect();
+    assert!(
+        leaves.is_empty(),
+        "declared members left the room: {leaves:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_recreated_object_never_revives_the_account_it_left() {
+    let env = TestEnv::new("harm-revive").await;
+    let mut accounts = Vec::new();
+    for policy in ["Deactivate", "Erase", "Retain"] {
+        let name = policy.to_lowercase();
+        let localpart = unique(&name);
+        env.create_user(
+            0,
+            &name,
+            json!({"localpart": localpart, "displayName": policy, "deletionPolicy": policy}),
+        )
+        .await;
+        accounts.push((name, localpart));
+    }
+    for (name, _) in &accounts {
+        env.wait_ready(0, name, true, "Converged").await;
+        env.delete_user(0, name).await;
+        env.wait_gone(&env.users(0), name).await;
+    }
+    // The same namespace and name again: a new object (another uid).
+    for (name, localpart) in &accounts {
+        env.create_user(
+            0,
+            name,
+            json!({"localpart": localpart, "displayName": "Thief"}),
+        )
+        .await;
+    }
+    let deactivated = env.wait_ready(0, "deactivate", false, "AccountDeactivated").await;
+    let erased = env.wait_ready(0, "erase", false, "AccountDeactivated").await;
+    let retained = env.wait_ready(0, "retain", false, "AccountExists").await;
+    for user in [&deactivated, &erased, &retained] {
+        assert_eq!(user.status.as_ref().unwrap().user_id, None);
+    }
+    let get = |i: usize| {
+        let id = env.user_id(&accounts[i].1);
+        let synapse = env.synapse.clone();
+        async move { synapse.get_user(&id).await.unwrap().unwrap() }
+    };
+    let account = get(0).await;
+    assert!(account.deactivated, "stays deactivated");
+    let account = get(1).await;
+    assert!(account.deactivated && account.erased, "stays erased");
+    let account = get(2).await;
+    assert!(!account.deactivated);
+    assert_eq!(
+        account.displayname.as_deref(),
+        Some("Retain"),
+        "the retained account is not taken over"
+    );
+    // The marker carries the first object's uid, never the newcomer's.
+    let newcomer = env.users(0).get("retain").await.unwrap();
+    assert!(!account
+        .external_ids
+        .iter()
+        .any(|i| i.external_id.ends_with(&newcomer.metadata.uid.clone().unwrap())));
+}
+
+#[tokio::test]
+async fn an_email_is_never_taken_from_another_account() {
+    let env = TestEnv::with(
+        "harm-email",
+        Options {
+            namespaces: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let email = format!("{}@example.org", unique("shared"));
+    let (a, b) = (unique("owner"), unique("taker"));
+    env.create_user(0, "owner", json!({"localpart": a, "email": email}))
+        .await;
+    env.wait_ready(0, "owner", true, "Converged").await;
+    // Tenant B declares tenant A's user's email.
+    env.create_user(1, "taker", json!({"localpart": b, "email": email}))
+        .await;
+    let taker = env.wait_ready(1, "taker", false, "EmailConflict").await;
+    let message = &taker.status.as_ref().unwrap().conditions[0].message;
+    assert!(
+        !message.contains(env.ns(0)),
+        "never names another tenant: {message}"
+    );
+    // The account exists, without the address; the owner keeps it.
+    assert_eq!(
+        taker.status.as_ref().unwrap().user_id.as_deref(),
+        Some(env.user_id(&b).as_str())
+    );
+    let owner = env.synapse.get_user(&env.user_id(&a)).await.unwrap().unwrap();
+    assert_eq!(owner.emails(), [email.clone()]);
+    let taken = env.synapse.get_user(&env.user_id(&b)).await.unwrap().unwrap();
+    assert!(taken.emails().is_empty());
+    // A later reconcile of either does not flap it.
+    env.patch_user(0, "owner", json!({"displayName": "Owner"})).await;
+    env.wait_ready(0, "owner", true, "Converged").await;
+    env.patch_user(1, "taker", json!({"displayName": "Taker"})).await;
+    env.wait_ready(1, "taker", false, "EmailConflict").await;
+    let owner = env.synapse.get_user(&env.user_id(&a)).await.unwrap().unwrap();
+    assert_eq!(owner.emails(), [email.clone()]);
+
+    // An address held by an account the operator does not own is never moved.
+    let foreign = env.user_id(&unique("foreign"));
+    let foreign_email = format!("{}@example.org", unique("foreign"));
+    env.synapse
+        .upsert_user(
+            &foreign,
+            &openmeet_matrix_operator::synapse::UserUpsert {
+                emails: Some(vec![foreign_email.clone()]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let c = unique("claimer");
+    env.create_user(0, "claimer", json!({"localpart": c, "email": foreign_email}))
+        .await;
+    env.wait_ready(0, "claimer", false, "EmailConflict").await;
+    let held = env.synapse.get_user(&foreign).await.unwrap().unwrap();
+    assert_eq!(held.emails(), [foreign_email]);
+
+    // The holder lets go: the other takes the address.
+    env.patch_user(0, "owner", json!({"email": format!("new-{email}")}))
+        .await;
+    env.wait_ready(1, "taker", true, "Converged").await;
+    let taken = env.synapse.get_user(&env.user_id(&b)).await.unwrap().unwrap();
+    assert_eq!(taken.emails(), [email]);
+}
+
+#[tokio::test]
+async fn equal_subjects_in_two_tenants_are_two_identities() {
+    let env = TestEnv::with(
+        "harm-subject",
+        Options {
+            namespaces: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let subject = unique("platform-user");
+    let (a, b) = (unique("tenant-a"), unique("tenant-b"));
+    env.create_user(0, "user", json!({"localpart": a, "subject": subject}))
+        .await;
+    env.wait_ready(0, "user", true, "Converged").await;
+    // Tenant B declares the same platform subject: its own identity.
+    env.create_user(1, "user", json!({"localpart": b, "subject": subject}))
+        .await;
+    env.wait_ready(1, "user", true, "Converged").await;
+    for (ns, localpart) in [(0, &a), (1, &b)] {
+        let account = env
+            .synapse
+            .get_user(&env.user_id(localpart))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(account.external_ids.contains(&ExternalId {
+            auth_provider: "oidc-openmeet".into(),
+            external_id: format!("{}/{subject}", env.ns(ns)),
+        }));
+    }
+    // Synapse maps each tenant's SSO subject to that tenant's account.
+    for (ns, localpart) in [(0, &a), (1, &b)] {
+        let holder = env
+            .synapse
+            .user_by_external_id("oidc-openmeet", &format!("{}/{subject}", env.ns(ns)))
+            .await
+            .unwrap();
+        assert_eq!(holder.as_deref(), Some(env.user_id(localpart).as_str()));
+    }
+
+    // Inside one tenant a repeated subject: the oldest wins, nothing written.
+    let c = unique("second");
+    env.create_user(0, "second", json!({"localpart": c, "subject": subject}))
+        .await;
+    let second = env.wait_ready(0, "second", false, "SubjectConflict").await;
+    assert!(!second.status.as_ref().unwrap().conditions[0]
+        .message
+        .contains("/user"));
+    assert_eq!(
+        env.synapse.get_user(&env.user_id(&c)).await.unwrap(),
+        None,
+        "no half-created account"
+    );
+
+    // An external id held by an account the operator does not own: refused
+    // before any write, no account left behind.
+    let foreign = env.user_id(&unique("foreign"));
+    let taken_subject = unique("taken");
+    env.synapse
+        .upsert_user(
+            &foreign,
+            &openmeet_matrix_operator::synapse::UserUpsert {
+                external_ids: Some(vec![ExternalId {
+                    auth_provider: "oidc-openmeet".into(),
+                    external_id: format!("{}/{taken_subject}", env.ns(0)),
+                }]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let d = unique("late");
+    env.create_user(0, "late", json!({"localpart": d, "subject": taken_subject}))
+        .await;
+    env.wait_ready(0, "late", false, "SubjectConflict").await;
+    assert_eq!(env.synapse.get_user(&env.user_id(&d)).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn deactivated_wins_over_locked() {
+    let env = TestEnv::new("harm-lockdeact").await;
+    let (fresh, existing) = (unique("fresh"), unique("existing"));
+    env.create_user(
+        0,
+        "fresh",
+        json!({"localpart": fresh, "locked": true, "deactivated": true}),
+    )
+    .await;
+    env.create_user(0, "existing", json!({"localpart": existing}))
+        .await;
+    env.wait_ready(0, "existing", true, "Converged").await;
+    env.patch_user(0, "existing", json!({"locked": true, "deactivated": true}))
+        .await;
+    for (name, localpart) in [("fresh", &fresh), ("existing", &existing)] {
+        env.wait_ready(0, name, true, "Converged").await;
+        let account = env
+            .synapse
+            .get_user(&env.user_id(localpart))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(account.deactivated, "{name} is deactivated in Synapse");
+    }
+}
+
+#[tokio::test]
+async fn alias_conflicts_never_name_another_tenants_object() {
+    let env = TestEnv::with(
+        "harm-alias",
+        Options {
+            namespaces: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let alias = unique("taken");
+    env.create::<MatrixRoom>(0, "secret-event-name", json!({"alias": alias}))
+        .await;
+    env.wait_condition::<MatrixRoom>(0, "secret-event-name", true, "Converged")
+        .await;
+    env.create::<MatrixRoom>(1, "mine", json!({"alias": alias}))
+        .await;
+    let mine = env
+        .wait_condition::<MatrixRoom>(1, "mine", false, "AliasConflict")
+        .await;
+    let message = &mine.status.unwrap().conditions[0].message;
+    assert!(
+        !message.contains(env.ns(0)) && !message.contains("secret-event-name"),
+        "{message}"
+    );
+}
