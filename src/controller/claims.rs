@@ -33,7 +33,8 @@ pub fn holder<'a>(claims: impl IntoIterator<Item = Claim<'a>>) -> Option<Claim<'
         .min_by(|a, b| a.sort_key().cmp(&b.sort_key()))
 }
 
-fn claim_of<K: ResourceExt>(k: &K) -> Claim<'_> {
+/// The claim an object makes, by its namespace, name and age.
+pub fn claim_of<K: ResourceExt>(k: &K) -> Claim<'_> {
     Claim {
         namespace: k.meta().namespace.as_deref().unwrap_or_default(),
         name: k.meta().name.as_deref().unwrap_or_default(),

@@ -297,7 +297,6 @@ fn lookup_error(e: LookupError) -> ApiError {
         LookupError::UnknownTenant(_) => ApiError::new(404, "unknown_tenant", message),
         LookupError::UserNotFound => ApiError::new(404, "user_not_found", message),
         LookupError::Deleted => ApiError::new(404, "user_deleted", message),
-        LookupError::Ambiguous(_) => ApiError::new(409, "ambiguous_user", message),
         LookupError::NotReady(_) => ApiError::new(409, "user_not_ready", message),
         LookupError::Locked => ApiError::new(403, "user_locked", message),
         LookupError::Deactivated => ApiError::new(403, "user_deactivated", message),

@@ -18,8 +18,6 @@ pub enum LookupError {
     UnknownTenant(String),
     #[error("no Matrix account is declared for this user in the tenant")]
     UserNotFound,
-    #[error("more than one Matrix account declares this user in the tenant ({0})")]
-    Ambiguous(String),
     #[error("the Matrix account is not ready yet: {0}")]
     NotReady(String),
     #[error("the Matrix account is locked")]
@@ -97,7 +95,7 @@ pub fn resolve<'a>(
     if tenant_namespaces.is_empty() {
         return Err(LookupError::UnknownTenant(tenant.to_string()));
     }
-    let mut matches: Vec<&MatrixUser> = users
+    let matches: Vec<&MatrixUser> = users
         .into_iter()
         .filter(|u| {
             u.spec.subject.as_deref() == Some(subject)
@@ -105,16 +103,26 @@ pub fn resolve<'a>(
                     .is_some_and(|ns| tenant_namespaces.contains(&ns))
         })
         .collect();
-    match matches.len() {
-        0 => return Err(LookupError::UserNotFound),
-        1 => {}
-        _ => {
-            matches.sort_by_key(|u| crate::controller::key(*u));
-            let names: Vec<String> = matches.iter().map(|u| crate::controller::key(*u)).collect();
-            return Err(LookupError::Ambiguous(names.join(", ")));
-        }
-    }
-    let user = matches[0];
+    // Two objects of a tenant with one subject: the oldest holds it, as the
+    // controller decides (the others are `SubjectConflict` and linked to
+    // nothing). Departing objects hold no claim while another remains.
+    use crate::controller::claims::{claim_of, holder};
+    let staying: Vec<&MatrixUser> = matches
+        .iter()
+        .copied()
+        .filter(|u| u.metadata.deletion_timestamp.is_none())
+        .collect();
+    let pool = if staying.is_empty() {
+        &matches
+    } else {
+        &staying
+    };
+    let Some(oldest) = holder(pool.iter().map(|u| claim_of(*u))) else {
+        return Err(LookupError::UserNotFound);
+    };
+    let Some(user) = pool.iter().copied().find(|u| claim_of(*u) == oldest) else {
+        return Err(LookupError::UserNotFound);
+    };
     usable(user)?;
     Ok(Account {
         namespace: user.namespace().unwrap_or_default(),
@@ -363,13 +371,23 @@ mod tests {
     }
 
     #[test]
-    fn two_accounts_for_one_subject_map_to_neither() {
+    fn two_accounts_for_one_subject_map_to_the_oldest() {
         let (ns, mut users) = fixture();
-        users.push(user("acme-events", "alice-again", "sub-alice"));
-        assert!(matches!(
-            resolve(&ns, &users, "t-acme", "sub-alice"),
-            Err(LookupError::Ambiguous(_))
-        ));
+        let at = |secs| {
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(secs).unwrap(),
+            ))
+        };
+        users[0].metadata.creation_timestamp = at(200);
+        let mut older = user("acme-events", "alice-again", "sub-alice");
+        older.metadata.creation_timestamp = at(100);
+        users.push(older);
+        let found = resolve(&ns, &users, "t-acme", "sub-alice").unwrap();
+        assert_eq!(found.name, "alice-again");
+        // The older one departing: the claim passes on.
+        users[4].metadata.deletion_timestamp = at(300);
+        let found = resolve(&ns, &users, "t-acme", "sub-alice").unwrap();
+        assert_eq!(found.name, "alice");
     }
 
     #[test]

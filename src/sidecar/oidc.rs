@@ -325,10 +325,6 @@ fn lookup_page(e: &LookupError) -> (StatusCode, &'static str) {
             StatusCode::FORBIDDEN,
             "You have no chat account here. Ask the organisers to add you.",
         ),
-        LookupError::Ambiguous(_) => (
-            StatusCode::CONFLICT,
-            "More than one chat account is declared for you; an administrator must resolve this.",
-        ),
         LookupError::NotReady(_) => (
             StatusCode::CONFLICT,
             "Your chat account is not ready yet. Try again in a moment.",
