@@ -5,6 +5,7 @@ mod binary;
 mod chart;
 mod crds;
 mod ha;
+mod harm;
 mod harness;
 mod proxy;
 mod rooms;
