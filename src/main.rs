@@ -458,8 +458,11 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
             .map_err(|e| MainError::Config(e.to_string()))
     };
     // Writes to Synapse leave only while this replica leads.
-    let write_gate = WriteGate::default();
-    write_gate.set_open(!args.leader_elect);
+    let write_gate = if args.leader_elect {
+        WriteGate::default()
+    } else {
+        WriteGate::open()
+    };
     let operator = Operator::new(
         client.clone(),
         synapse.clone().with_write_gate(write_gate.clone()),
@@ -519,7 +522,7 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
             acquired = leader::acquire(&client, &lease) => acquired.map_err(MainError::Leader)?,
             _ = shutdown.clone() => return Ok(()),
         };
-        write_gate.set_open(true);
+        write_gate.open_until(leader::held_until(held_since, &lease));
         readiness.leading.store(true, Ordering::Release);
         let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
         let keeper = {
@@ -542,7 +545,7 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
         // closed gate fails their next write.
         operator.run(stop).await;
         keeper.abort();
-        write_gate.set_open(false);
+        write_gate.close();
         if let Some(e) = lost.lock().expect("lost lock").take() {
             // Another replica may lead now: never reconcile on.
             return Err(MainError::Leader(e));

@@ -207,6 +207,11 @@ pub async fn acquire(client: &Client, settings: &LeaseSettings) -> Result<Instan
 /// the time between sending a renewal and the API server recording it.
 const SAFETY_MARGIN: Duration = Duration::from_millis(500);
 
+/// Until when a lease won (or renewed) by a write sent at `sent` is surely ours.
+pub fn held_until(sent: Instant, settings: &LeaseSettings) -> Instant {
+    sent + settings.duration.saturating_sub(SAFETY_MARGIN)
+}
+
 /// Renews until it can no longer be sure it holds the lease, then closes
 /// `gate` (no Synapse write leaves the process after that) and returns the
 /// error: the caller must stop reconciling. `held_since` is when the write
@@ -220,15 +225,17 @@ pub async fn keep(
 ) -> LeaderError {
     let api: Api<Lease> = Api::namespaced(client.clone(), &settings.namespace);
     let lost = |why: &str| {
-        gate.set_open(false);
+        gate.close();
         tracing::error!(
             why,
             "leader election: leadership lost; Synapse writes stopped"
         );
         LeaderError::Lost(settings.duration)
     };
-    // The lease is ours until `expires` (counted from a renewal's sending).
-    let mut expires = held_since + settings.duration.saturating_sub(SAFETY_MARGIN);
+    // The lease is ours until `expires` (counted from a renewal's sending);
+    // the gate shuts by itself then, whatever this task is doing.
+    let mut expires = held_until(held_since, settings);
+    gate.open_until(expires);
     let mut observation = Observation::default();
     loop {
         let wake = (Instant::now() + settings.renew).min(expires);
@@ -240,7 +247,8 @@ pub async fn keep(
         let left = expires - sent;
         match tokio::time::timeout(left, try_hold(&api, settings, &mut observation)).await {
             Ok(Ok(Decision::Acquire | Decision::Renew)) => {
-                expires = sent + settings.duration.saturating_sub(SAFETY_MARGIN);
+                expires = held_until(sent, settings);
+                gate.open_until(expires);
             }
             Ok(Ok(Decision::Wait(_))) => return lost("another replica took the lease"),
             Ok(Err(e)) => tracing::warn!(error = %e, "leader election: renewal failed; retrying"),

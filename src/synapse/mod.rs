@@ -113,26 +113,51 @@ pub struct SynapseClient {
 }
 
 /// Whether writes may leave this process: the controller's client holds one
-/// that the leader election closes the moment leadership is in doubt, so an
-/// in-flight reconcile stops at its next write instead of racing the new
-/// leader. Reads stay allowed.
+/// that leader election opens only until the lease could expire, and closes
+/// the moment leadership is in doubt, so an in-flight reconcile stops at its
+/// next write instead of racing the new leader. The deadline is checked on
+/// every write, so even a process frozen and thawed (SIGSTOP, a long GC-like
+/// pause) writes nothing once its lease may have passed to another replica.
+/// Reads stay allowed.
 #[derive(Clone, Debug, Default)]
-pub struct WriteGate(Arc<std::sync::atomic::AtomicBool>);
+pub struct WriteGate(Arc<std::sync::Mutex<GateState>>);
+
+#[derive(Clone, Copy, Debug, Default)]
+enum GateState {
+    #[default]
+    Closed,
+    Until(std::time::Instant),
+    Open,
+}
 
 impl WriteGate {
-    /// A gate that starts open.
+    /// A gate that is always open (no leader election).
     pub fn open() -> Self {
         let gate = WriteGate::default();
-        gate.set_open(true);
+        *gate.state() = GateState::Open;
         gate
     }
 
-    pub fn set_open(&self, open: bool) {
-        self.0.store(open, std::sync::atomic::Ordering::SeqCst);
+    /// Open until `deadline` (local clock), then closed until opened again.
+    pub fn open_until(&self, deadline: std::time::Instant) {
+        *self.state() = GateState::Until(deadline);
+    }
+
+    pub fn close(&self) {
+        *self.state() = GateState::Closed;
     }
 
     pub fn is_open(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
+        match *self.state() {
+            GateState::Closed => false,
+            GateState::Until(deadline) => std::time::Instant::now() < deadline,
+            GateState::Open => true,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        // The state is a plain value: a poisoned lock still holds a valid one.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -323,6 +348,20 @@ fn classify(status: u16, body: &[u8]) -> SynapseError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_write_gate_closes_at_its_deadline() {
+        let gate = WriteGate::default();
+        assert!(!gate.is_open(), "closed until opened");
+        gate.open_until(std::time::Instant::now() + Duration::from_secs(60));
+        assert!(gate.is_open());
+        gate.open_until(std::time::Instant::now() - Duration::from_millis(1));
+        assert!(!gate.is_open(), "past its deadline");
+        gate.open_until(std::time::Instant::now() + Duration::from_secs(60));
+        gate.close();
+        assert!(!gate.is_open());
+        assert!(WriteGate::open().is_open());
+    }
 
     #[test]
     fn classifies_answers() {

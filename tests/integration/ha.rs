@@ -116,3 +116,107 @@ async fn one_leader_reconciles_and_a_standby_takes_over() {
     assert!(status.success(), "{status:?}");
     assert_eq!(holder(&env, &lease).await, None, "released on shutdown");
 }
+
+/// Sends a signal to a child process.
+async fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    let status = tokio::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_leader_that_lost_its_lease_writes_nothing_more() {
+    let env = TestEnv::with(
+        "ha-fence",
+        Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    // The leader reaches Synapse through a proxy that logs its writes; slowed
+    // down later, so it is in the middle of a room's joins when it freezes.
+    let proxy = crate::proxy::HttpProxy::start().await;
+    let lease = unique("lease");
+    let port = free_port();
+    let mut a = controller_command(&env)
+        .env("SYNAPSE_URL", &proxy.url)
+        .env("LEADER_ELECT", "true")
+        .env("LEASE_NAME", &lease)
+        .env("POD_NAMESPACE", env.ns(0))
+        .env("POD_NAME", "replica-a")
+        .env("LEASE_DURATION_SECONDS", "4")
+        .env("LEASE_RENEW_SECONDS", "1")
+        .env("METRICS_LISTEN", format!("127.0.0.1:{port}"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start controller replica");
+    wait_for("replica-a to lead", || async {
+        (holder(&env, &lease).await.as_deref() == Some("replica-a")).then_some(())
+    })
+    .await;
+    const MEMBERS: usize = 30;
+    for i in 0..MEMBERS {
+        env.create_user(0, &format!("u{i}"), json!({"localpart": unique("fence")}))
+            .await;
+    }
+    for i in 0..MEMBERS {
+        env.wait_ready(0, &format!("u{i}"), true, "Converged").await;
+    }
+    proxy.delay(Duration::from_millis(300));
+    let before = proxy.writes().len();
+    env.create::<openmeet_matrix_operator::api::MatrixRoom>(
+        0,
+        "room",
+        json!({"alias": unique("fence")}),
+    )
+    .await;
+    for i in 0..MEMBERS {
+        env.create::<openmeet_matrix_operator::api::RoomPermission>(
+            0,
+            &format!("p{i}"),
+            json!({"roomRef": {"name": "room"}, "userRef": {"name": format!("u{i}")}}),
+        )
+        .await;
+    }
+    wait_for("the leader to be joining members", || async {
+        (proxy.writes().len() >= before + 4).then_some(())
+    })
+    .await;
+
+    // Frozen (a long pause, a stalled node): it cannot renew, and the lease
+    // passes to the standby once it lapses.
+    signal(&a, "-STOP").await;
+    let frozen = Instant::now();
+    let b = replica(&env, &lease, "replica-b");
+    wait_for("replica-b to lead", || async {
+        (holder(&env, &lease).await.as_deref() == Some("replica-b")).then_some(())
+    })
+    .await;
+    // Thawed: its reconciles resume where they were, but no write may leave.
+    signal(&a, "-CONT").await;
+    let status = tokio::time::timeout(Duration::from_secs(30), a.wait())
+        .await
+        .expect("the old leader stops")
+        .unwrap();
+    assert!(!status.success(), "it exits as a lost leader: {status:?}");
+    let lease_end = frozen + Duration::from_secs(4);
+    let late: Vec<Duration> = proxy
+        .writes()
+        .into_iter()
+        .filter(|t| *t > lease_end)
+        .map(|t| t - frozen)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "writes after the lease could have lapsed (s after freezing): {late:?}"
+    );
+    // The new leader converges the room.
+    env.wait_condition::<openmeet_matrix_operator::api::MatrixRoom>(0, "room", true, "Converged")
+        .await;
+    drop(b);
+}

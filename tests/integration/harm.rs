@@ -2,105 +2,13 @@
 //! tenants. Every test asserts on Synapse itself.
 
 use crate::harness::{unique, wait_for, Options, Stack, TestEnv};
+use crate::proxy::HttpProxy;
 use crate::rooms::{membership, perm, state, urlencode, users};
-use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
 use kube::api::{Patch, PatchParams};
 use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser};
 use openmeet_matrix_operator::synapse::ExternalId;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
-/// An HTTP proxy in front of Synapse that can answer `503` to every user
-/// admin call, as Synapse does under load or while restarting, while room
-/// calls go through: the room controller keeps working while users fail.
-struct FaultProxy {
-    url: String,
-    failing_users: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-#[derive(Clone)]
-struct ProxyState {
-    target: String,
-    failing_users: Arc<AtomicBool>,
-    http: reqwest::Client,
-}
-
-async fn forward(State(s): State<ProxyState>, request: Request) -> Response {
-    let path = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_default();
-    if s.failing_users.load(Ordering::SeqCst) && path.starts_with("/_synapse/admin/v2/users/") {
-        return (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"errcode": "M_UNKNOWN", "error": "overloaded"})),
-        )
-            .into_response();
-    }
-    let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
-    let mut outbound = s
-        .http
-        .request(parts.method, format!("{}{path}", s.target))
-        .body(body.to_vec());
-    for (name, value) in &parts.headers {
-        if name != "host" {
-            outbound = outbound.header(name, value);
-        }
-    }
-    match outbound.send().await {
-        Ok(answer) => {
-            let status = answer.status();
-            let headers = answer.headers().clone();
-            let bytes = answer.bytes().await.unwrap_or_default();
-            let mut response = Response::new(Body::from(bytes));
-            *response.status_mut() = status;
-            if let Some(ct) = headers.get("content-type") {
-                response.headers_mut().insert("content-type", ct.clone());
-            }
-            response
-        }
-        Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
-    }
-}
-
-impl FaultProxy {
-    async fn start() -> FaultProxy {
-        let failing_users = Arc::new(AtomicBool::new(false));
-        let state = ProxyState {
-            target: Stack::get().var("SYNAPSE_URL").trim_end_matches('/').into(),
-            failing_users: failing_users.clone(),
-            http: reqwest::Client::new(),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = axum::Router::new().fallback(forward).with_state(state);
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        FaultProxy {
-            url,
-            failing_users,
-            task,
-        }
-    }
-
-    fn fail_users(&self, on: bool) {
-        self.failing_users.store(on, Ordering::SeqCst);
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 /// Every membership event of a room, oldest first: (user, membership).
 async fn membership_history(room_id: &str) -> Vec<(String, String)> {
@@ -173,7 +81,7 @@ fn power_of(state: &openmeet_matrix_operator::synapse::rooms::RoomState, user: &
 
 #[tokio::test]
 async fn trouble_on_a_users_account_never_costs_them_their_rooms() {
-    let proxy = FaultProxy::start().await;
+    let proxy = HttpProxy::start().await;
     let env = TestEnv::with(
         "harm-members",
         Options {
@@ -190,7 +98,15 @@ async fn trouble_on_a_users_account_never_costs_them_their_rooms() {
     )
     .await;
     perm(&env, 0, "ann-room", "room", "ann", json!({"role": "Admin"})).await;
-    perm(&env, 0, "ben-room", "room", "ben", json!({"role": "Moderator"})).await;
+    perm(
+        &env,
+        0,
+        "ben-room",
+        "room",
+        "ben",
+        json!({"role": "Moderator"}),
+    )
+    .await;
     perm(&env, 0, "cat-room", "room", "cat", json!({})).await;
     let room = wait_for("all three joined", || async {
         let room = env.api::<MatrixRoom>(0).get("room").await.ok()?;
@@ -265,8 +181,12 @@ async fn a_recreated_object_never_revives_the_account_it_left() {
         )
         .await;
     }
-    let deactivated = env.wait_ready(0, "deactivate", false, "AccountDeactivated").await;
-    let erased = env.wait_ready(0, "erase", false, "AccountDeactivated").await;
+    let deactivated = env
+        .wait_ready(0, "deactivate", false, "AccountDeactivated")
+        .await;
+    let erased = env
+        .wait_ready(0, "erase", false, "AccountDeactivated")
+        .await;
     let retained = env.wait_ready(0, "retain", false, "AccountExists").await;
     for user in [&deactivated, &erased, &retained] {
         assert_eq!(user.status.as_ref().unwrap().user_id, None);
@@ -289,10 +209,9 @@ async fn a_recreated_object_never_revives_the_account_it_left() {
     );
     // The marker carries the first object's uid, never the newcomer's.
     let newcomer = env.users(0).get("retain").await.unwrap();
-    assert!(!account
-        .external_ids
-        .iter()
-        .any(|i| i.external_id.ends_with(&newcomer.metadata.uid.clone().unwrap())));
+    assert!(!account.external_ids.iter().any(|i| i
+        .external_id
+        .ends_with(&newcomer.metadata.uid.clone().unwrap())));
 }
 
 #[tokio::test]
@@ -324,16 +243,33 @@ async fn an_email_is_never_taken_from_another_account() {
         taker.status.as_ref().unwrap().user_id.as_deref(),
         Some(env.user_id(&b).as_str())
     );
-    let owner = env.synapse.get_user(&env.user_id(&a)).await.unwrap().unwrap();
+    let owner = env
+        .synapse
+        .get_user(&env.user_id(&a))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(owner.emails(), [email.clone()]);
-    let taken = env.synapse.get_user(&env.user_id(&b)).await.unwrap().unwrap();
+    let taken = env
+        .synapse
+        .get_user(&env.user_id(&b))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(taken.emails().is_empty());
     // A later reconcile of either does not flap it.
-    env.patch_user(0, "owner", json!({"displayName": "Owner"})).await;
+    env.patch_user(0, "owner", json!({"displayName": "Owner"}))
+        .await;
     env.wait_ready(0, "owner", true, "Converged").await;
-    env.patch_user(1, "taker", json!({"displayName": "Taker"})).await;
+    env.patch_user(1, "taker", json!({"displayName": "Taker"}))
+        .await;
     env.wait_ready(1, "taker", false, "EmailConflict").await;
-    let owner = env.synapse.get_user(&env.user_id(&a)).await.unwrap().unwrap();
+    let owner = env
+        .synapse
+        .get_user(&env.user_id(&a))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(owner.emails(), [email.clone()]);
 
     // An address held by an account the operator does not own is never moved.
@@ -350,8 +286,12 @@ async fn an_email_is_never_taken_from_another_account() {
         .await
         .unwrap();
     let c = unique("claimer");
-    env.create_user(0, "claimer", json!({"localpart": c, "email": foreign_email}))
-        .await;
+    env.create_user(
+        0,
+        "claimer",
+        json!({"localpart": c, "email": foreign_email}),
+    )
+    .await;
     env.wait_ready(0, "claimer", false, "EmailConflict").await;
     let held = env.synapse.get_user(&foreign).await.unwrap().unwrap();
     assert_eq!(held.emails(), [foreign_email]);
@@ -360,7 +300,12 @@ async fn an_email_is_never_taken_from_another_account() {
     env.patch_user(0, "owner", json!({"email": format!("new-{email}")}))
         .await;
     env.wait_ready(1, "taker", true, "Converged").await;
-    let taken = env.synapse.get_user(&env.user_id(&b)).await.unwrap().unwrap();
+    let taken = env
+        .synapse
+        .get_user(&env.user_id(&b))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(taken.emails(), [email]);
 }
 

@@ -1,6 +1,16 @@
-//! A TCP forwarder that can be brought up late, to play "Synapse is down,
-//! then back" without stopping the Synapse other tests share.
+//! Stand-ins between an operator and the shared Synapse, so one test can
+//! play faults without disturbing the others: a TCP forwarder that can be
+//! brought up late ("Synapse is down, then back"), and an HTTP proxy that
+//! can fail user calls, slow every call down and log the writes it passes.
 
+use crate::harness::Stack;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A loopback port with nothing listening on it (yet).
@@ -27,4 +37,115 @@ pub async fn forward(port: u16, target: String) -> tokio::task::JoinHandle<()> {
             });
         }
     })
+}
+
+/// An HTTP proxy in front of the shared Synapse.
+pub struct HttpProxy {
+    pub url: String,
+    state: ProxyState,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct ProxyState {
+    target: String,
+    http: reqwest::Client,
+    /// Answer `503` to every user admin call, as Synapse does under load or
+    /// while restarting, while room calls go through.
+    failing_users: Arc<AtomicBool>,
+    /// Added to every call before it is forwarded.
+    delay_ms: Arc<AtomicU64>,
+    /// When each write (any method but GET) arrived.
+    writes: Arc<Mutex<Vec<Instant>>>,
+}
+
+async fn forward_http(State(s): State<ProxyState>, request: Request) -> Response {
+    let path = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    if request.method() != axum::http::Method::GET {
+        s.writes.lock().unwrap().push(Instant::now());
+    }
+    if s.failing_users.load(Ordering::SeqCst) && path.starts_with("/_synapse/admin/v2/users/") {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"errcode": "M_UNKNOWN", "error": "overloaded"})),
+        )
+            .into_response();
+    }
+    let delay = s.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 64 << 20)
+        .await
+        .unwrap_or_default();
+    let mut outbound = s
+        .http
+        .request(parts.method, format!("{}{path}", s.target))
+        .body(body.to_vec());
+    for (name, value) in &parts.headers {
+        if name != "host" {
+            outbound = outbound.header(name, value);
+        }
+    }
+    match outbound.send().await {
+        Ok(answer) => {
+            let status = answer.status();
+            let content_type = answer.headers().get("content-type").cloned();
+            let bytes = answer.bytes().await.unwrap_or_default();
+            let mut response = Response::new(Body::from(bytes));
+            *response.status_mut() = status;
+            if let Some(ct) = content_type {
+                response.headers_mut().insert("content-type", ct);
+            }
+            response
+        }
+        Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
+    }
+}
+
+impl HttpProxy {
+    pub async fn start() -> HttpProxy {
+        let state = ProxyState {
+            target: Stack::get().var("SYNAPSE_URL").trim_end_matches('/').into(),
+            http: reqwest::Client::new(),
+            failing_users: Arc::default(),
+            delay_ms: Arc::default(),
+            writes: Arc::default(),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .fallback(forward_http)
+            .with_state(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        HttpProxy { url, state, task }
+    }
+
+    pub fn fail_users(&self, on: bool) {
+        self.state.failing_users.store(on, Ordering::SeqCst);
+    }
+
+    pub fn delay(&self, delay: Duration) {
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// When each write that reached the proxy arrived.
+    pub fn writes(&self) -> Vec<Instant> {
+        self.state.writes.lock().unwrap().clone()
+    }
+}
+
+impl Drop for HttpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
