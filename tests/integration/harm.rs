@@ -249,7 +249,7 @@ async fn an_email_is_never_taken_from_another_account() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(owner.emails(), [email.clone()]);
+    assert_eq!(owner.emails(), std::slice::from_ref(&email));
     let taken = env
         .synapse
         .get_user(&env.user_id(&b))
@@ -270,7 +270,7 @@ async fn an_email_is_never_taken_from_another_account() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(owner.emails(), [email.clone()]);
+    assert_eq!(owner.emails(), std::slice::from_ref(&email));
 
     // An address held by an account the operator does not own is never moved.
     let foreign = env.user_id(&unique("foreign"));
