@@ -3,9 +3,9 @@
 //! made by anyone but the operator marks that room's object (an annotation in
 //! the API server), which triggers its reconcile in whichever replica leads.
 //! A transaction is acknowledged only once every mark is recorded, so a
-//! restart or another replica never drops the signal. The body is streamed
-//! through the parser and all but the ids of state events skipped, so a full
-//! transaction costs little.
+//! restart or another replica never drops the signal, and only once the room
+//! cache is complete. The body is streamed through the parser and all but
+//! the ids of state events skipped, so a full transaction costs little.
 
 use super::room::DRIFT_ANNOTATION;
 use crate::api::MatrixRoom;
@@ -28,6 +28,8 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
 
 /// How many recent transaction ids are remembered for idempotency.
 const SEEN_CAPACITY: usize = 4096;
@@ -41,6 +43,11 @@ const SEEN_CAPACITY: usize = 4096;
 /// bounds what a broken sender can make us read. The body streams through
 /// the parser: its size costs time, not memory.
 pub const MAX_TRANSACTION_BYTES: u64 = 32 * 1024 * 1024;
+
+/// How long a transaction is held while the room cache makes its first list.
+/// Acknowledging earlier would drop drift in rooms not listed yet. Synapse
+/// waits 60 s for an answer, and a 503 costs a retry with backoff, so hold.
+const CACHE_WAIT: Duration = Duration::from_secs(20);
 
 /// Read-ahead of the parser over the streamed body.
 const READ_BUFFER: usize = 64 * 1024;
@@ -58,6 +65,8 @@ pub enum AppserviceError {
     NotJson(#[source] serde_json::Error),
     #[error("reading the transaction: {0}")]
     Read(#[source] serde_json::Error),
+    #[error("room cache not ready after {CACHE_WAIT:?}")]
+    NotReady,
     #[error("transaction parser: {0}")]
     Parser(#[source] tokio::task::JoinError),
 }
@@ -78,6 +87,7 @@ impl AppserviceError {
             AppserviceError::NotJson(_) => (StatusCode::BAD_REQUEST, "M_NOT_JSON"),
             AppserviceError::Read(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
             AppserviceError::Record(..)
+            | AppserviceError::NotReady
             | AppserviceError::Parser(_)
             | AppserviceError::Bind(..) => (StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN"),
         };
@@ -239,6 +249,8 @@ pub struct Appservice {
     own_senders: Vec<String>,
     client: Client,
     rooms: Store<MatrixRoom>,
+    /// True once `rooms` holds its first complete list.
+    rooms_ready: watch::Receiver<bool>,
     seen: Mutex<(VecDeque<String>, HashSet<String>)>,
     pub stats: AppserviceStats,
 }
@@ -249,15 +261,31 @@ impl Appservice {
         own_senders: Vec<String>,
         client: Client,
         rooms: Store<MatrixRoom>,
+        rooms_ready: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(Appservice {
             hs_token,
             own_senders,
             client,
             rooms,
+            rooms_ready,
             seen: Mutex::default(),
             stats: AppserviceStats::default(),
         })
+    }
+
+    /// Waits (bounded) for the room cache's first complete list: a room
+    /// missing from it would read as "not ours" and its drift be dropped.
+    async fn wait_for_rooms(&self) -> Result<(), AppserviceError> {
+        let mut rooms_ready = self.rooms_ready.clone();
+        let ready = tokio::time::timeout(CACHE_WAIT, rooms_ready.wait_for(|r| *r))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if ready {
+            Ok(())
+        } else {
+            Err(AppserviceError::NotReady)
+        }
     }
 
     /// Streams the body through the parser on a blocking thread.
@@ -385,6 +413,7 @@ async fn transaction(
         return AppserviceError::TooLarge.response();
     }
     let outcome = async {
+        service.wait_for_rooms().await?;
         let drifted = service.read(body).await?;
         service.mark(drifted).await
     };
@@ -470,6 +499,16 @@ pub async fn run(
         None => Api::all(client.clone()),
     };
     let (rooms, writer) = reflector::store();
+    let (ready_tx, rooms_ready) = watch::channel(false);
+    // One waiter only: a store's readiness wakes a single waiter.
+    let waiter = {
+        let rooms = rooms.clone();
+        tokio::spawn(async move {
+            if rooms.wait_until_ready().await.is_ok() {
+                ready_tx.send_replace(true);
+            }
+        })
+    };
     let cache = tokio::spawn(
         reflector(
             writer,
@@ -489,11 +528,12 @@ pub async fn run(
     );
     let result = serve(
         addr,
-        Appservice::new(hs_token, own_senders, client, rooms),
+        Appservice::new(hs_token, own_senders, client, rooms, rooms_ready),
         shutdown,
     )
     .await;
     cache.abort();
+    waiter.abort();
     result
 }
 
@@ -596,11 +636,13 @@ mod tests {
     }
 
     /// A service whose API server is never reached (these transactions mark nothing).
-    fn service() -> Arc<Appservice> {
+    fn service(ready: bool) -> (Arc<Appservice>, watch::Sender<bool>) {
         let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
         let client = Client::try_from(config).unwrap();
         let (rooms, _writer) = kube::runtime::reflector::store();
-        Appservice::new("hs".into(), vec![OWN.into()], client, rooms)
+        let (ready_tx, ready_rx) = watch::channel(ready);
+        let service = Appservice::new("hs".into(), vec![OWN.into()], client, rooms, ready_rx);
+        (service, ready_tx)
     }
 
     fn headers(token: Option<&str>) -> HeaderMap {
@@ -627,7 +669,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_token_is_checked_before_the_body_is_read() {
-        let service = service();
+        let (service, _ready) = service(true);
         let polled = Arc::new(AtomicBool::new(false));
         let body = |polled: Arc<AtomicBool>| {
             Body::from_stream(futures::stream::once(async move {
@@ -650,7 +692,7 @@ mod tests {
 
     #[tokio::test]
     async fn big_transactions_stream_and_declared_oversized_ones_are_refused() {
-        let service = service();
+        let (service, _ready) = service(true);
         // 100 messages of ~60 KiB, in the chunks a socket delivers.
         // Its rename is in a room that is not ours: no API call.
         let big = Bytes::from(big_transaction("!unknown:x", 100, 60 * 1024));
@@ -703,15 +745,35 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_transaction_is_a_bad_request() {
-        let service = service();
+        let (service, _ready) = service(true);
         let r = put(&service, Some("hs"), Body::from("{\"events\": 3}")).await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         let r = put(&service, Some("hs"), Body::from("{\"events\": [")).await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     }
 
+    #[tokio::test]
+    async fn transactions_wait_for_the_room_cache() {
+        let (service, ready) = service(false);
+        let pending = tokio::spawn({
+            let service = service.clone();
+            async move { put(&service, Some("hs"), Body::from("{\"events\": []}")).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !pending.is_finished(),
+            "acknowledged before the cache was complete"
+        );
+        ready.send_replace(true);
+        assert_eq!(pending.await.unwrap().status(), StatusCode::OK);
+    }
+
     #[test]
     fn refusals_map_to_retryable_or_final_statuses() {
+        assert_eq!(
+            AppserviceError::NotReady.response().status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(
             AppserviceError::TooLarge.response().status(),
             StatusCode::PAYLOAD_TOO_LARGE
