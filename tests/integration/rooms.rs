@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 /// Creates Ready users named after `names` in namespace 0; returns their ids.
-async fn users(env: &TestEnv, names: &[&str]) -> Vec<String> {
+pub(crate) async fn users(env: &TestEnv, names: &[&str]) -> Vec<String> {
     let mut ids = Vec::new();
     for name in names {
         let localpart = unique(name);
@@ -29,7 +29,14 @@ async fn users(env: &TestEnv, names: &[&str]) -> Vec<String> {
     ids
 }
 
-async fn perm(env: &TestEnv, ns: usize, name: &str, room: &str, user: &str, extra: Value) {
+pub(crate) async fn perm(
+    env: &TestEnv,
+    ns: usize,
+    name: &str,
+    room: &str,
+    user: &str,
+    extra: Value,
+) {
     let mut spec = json!({"roomRef": {"name": room}, "userRef": {"name": user}});
     spec.as_object_mut()
         .unwrap()
@@ -37,7 +44,7 @@ async fn perm(env: &TestEnv, ns: usize, name: &str, room: &str, user: &str, extr
     env.create::<RoomPermission>(ns, name, spec).await;
 }
 
-async fn state(env: &TestEnv, room: &MatrixRoom) -> RoomState {
+pub(crate) async fn state(env: &TestEnv, room: &MatrixRoom) -> RoomState {
     let id = room.status.as_ref().unwrap().room_id.clone().unwrap();
     env.synapse
         .room_state(&id)
@@ -55,7 +62,7 @@ fn membership(state: &RoomState, user: &str) -> String {
 }
 
 /// An access token for a local user, minted through the admin API.
-async fn login_as(user_id: &str) -> String {
+pub(crate) async fn login_as(user_id: &str) -> String {
     let stack = Stack::get();
     let admin = format!(
         "@{}:{}",
@@ -89,12 +96,12 @@ async fn login_as(user_id: &str) -> String {
         .to_string()
 }
 
-fn urlencode(s: &str) -> String {
+pub(crate) fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// A client-API call as a plain user.
-async fn as_user(
+pub(crate) async fn as_user(
     token: &str,
     method: reqwest::Method,
     path: &str,
