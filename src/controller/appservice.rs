@@ -3,29 +3,54 @@
 //! made by anyone but the operator marks that room's object (an annotation in
 //! the API server), which triggers its reconcile in whichever replica leads.
 //! A transaction is acknowledged only once every mark is recorded, so a
-//! restart or another replica never drops the signal.
+//! restart or another replica never drops the signal, and only once the room
+//! cache is complete. The body is streamed through the parser and all but
+//! the ids of state events skipped, so a full transaction costs little.
 
 use super::room::DRIFT_ANNOTATION;
 use crate::api::MatrixRoom;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
-use serde::Deserialize;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::json;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
 
 /// How many recent transaction ids are remembered for idempotency.
 const SEEN_CAPACITY: usize = 4096;
+
+/// The largest transaction body read. Synapse puts at most 100 events in a
+/// transaction (`MAX_PERSISTENT_EVENTS_PER_TRANSACTION`), each at most 64 KiB
+/// (`MAX_PDU_SIZE`; `unsigned.prev_content` can double a state event), so
+/// under 13 MiB, plus at most 100 ephemeral events and 100 to-device messages
+/// should ephemeral delivery ever be switched on. A refused transaction is
+/// retried unchanged and blocks the feed, so the cap is generous; it only
+/// bounds what a broken sender can make us read. The body streams through
+/// the parser: its size costs time, not memory.
+pub const MAX_TRANSACTION_BYTES: u64 = 32 * 1024 * 1024;
+
+/// How long a transaction is held while the room cache makes its first list.
+/// Acknowledging earlier would drop drift in rooms not listed yet. Synapse
+/// waits 60 s for an answer, and a 503 costs a retry with backoff, so hold.
+const CACHE_WAIT: Duration = Duration::from_secs(20);
+
+/// Read-ahead of the parser over the streamed body.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Why handling a transaction failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,25 +59,54 @@ pub enum AppserviceError {
     Record(String, #[source] kube::Error),
     #[error("binding {0}: {1}")]
     Bind(SocketAddr, #[source] std::io::Error),
+    #[error("transaction larger than {MAX_TRANSACTION_BYTES} bytes")]
+    TooLarge,
+    #[error("transaction is not valid JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("reading the transaction: {0}")]
+    Read(#[source] serde_json::Error),
+    #[error("room cache not ready after {CACHE_WAIT:?}")]
+    NotReady,
+    #[error("transaction parser: {0}")]
+    Parser(#[source] tokio::task::JoinError),
 }
 
-/// Rooms whose state someone other than `own_senders` changed: room id →
-/// the last such event. Messages (no `state_key`) are skipped cheaply.
-fn drifted_rooms(events: &[PushedEvent], own_senders: &[String]) -> HashMap<String, String> {
-    let mut rooms = HashMap::new();
-    for e in events {
-        if e.state_key.is_none() || e.kind.is_empty() {
-            continue;
-        }
-        let sender = e.sender.as_deref().unwrap_or_default();
-        if own_senders.iter().any(|s| s == sender) {
-            continue;
-        }
-        if let (Some(room), Some(id)) = (&e.room_id, &e.event_id) {
-            rooms.insert(room.clone(), id.clone());
+impl AppserviceError {
+    fn from_parse(e: serde_json::Error) -> Self {
+        match e.io_error_kind() {
+            Some(ErrorKind::FileTooLarge) => AppserviceError::TooLarge,
+            Some(_) => AppserviceError::Read(e),
+            None => AppserviceError::NotJson(e),
         }
     }
-    rooms
+
+    /// The answer Synapse gets. Anything but 200 is retried unchanged.
+    fn response(&self) -> Response {
+        let (status, errcode) = match self {
+            AppserviceError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
+            AppserviceError::NotJson(_) => (StatusCode::BAD_REQUEST, "M_NOT_JSON"),
+            AppserviceError::Read(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
+            AppserviceError::Record(..)
+            | AppserviceError::NotReady
+            | AppserviceError::Parser(_)
+            | AppserviceError::Bind(..) => (StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN"),
+        };
+        matrix_error(status, errcode, &self.to_string())
+    }
+}
+
+/// Reads a transaction body: the rooms whose state someone other than
+/// `own_senders` changed, room id → the last such event. Event content,
+/// messages, ephemeral data and unknown fields are skipped as they stream
+/// past, so a transaction of a hundred big messages costs only its ids.
+fn drifted_rooms(
+    body: impl std::io::Read,
+    own_senders: &[String],
+) -> Result<HashMap<String, String>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_reader(body);
+    let rooms = TransactionSeed(own_senders).deserialize(&mut de)?;
+    de.end()?;
+    Ok(rooms)
 }
 
 /// The parts of a pushed event we look at; content is skipped.
@@ -70,10 +124,115 @@ struct PushedEvent {
     event_id: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-struct Transaction {
-    #[serde(default)]
-    events: Vec<PushedEvent>,
+impl PushedEvent {
+    /// `(room id, event id)` of a state change not made by `own_senders`;
+    /// messages (no `state_key`) are not.
+    fn foreign_state_change(self, own_senders: &[String]) -> Option<(String, String)> {
+        if self.state_key.is_none() || self.kind.is_empty() {
+            return None;
+        }
+        let sender = self.sender.as_deref().unwrap_or_default();
+        if own_senders.iter().any(|s| s == sender) {
+            return None;
+        }
+        Some((self.room_id?, self.event_id?))
+    }
+}
+
+/// The transaction's top level: only `events` is read.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum TransactionField {
+    Events,
+    #[serde(other)]
+    Other,
+}
+
+struct TransactionSeed<'a>(&'a [String]);
+
+impl<'de> DeserializeSeed<'de> for TransactionSeed<'_> {
+    type Value = HashMap<String, String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TransactionSeed<'_> {
+    type Value = HashMap<String, String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an application-service transaction")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut rooms = HashMap::new();
+        while let Some(field) = map.next_key()? {
+            match field {
+                TransactionField::Events => map.next_value_seed(EventsSeed {
+                    own_senders: self.0,
+                    rooms: &mut rooms,
+                })?,
+                TransactionField::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(rooms)
+    }
+}
+
+/// Folds `events` into the drifted rooms one event at a time, so nothing but
+/// the current event's ids is held.
+struct EventsSeed<'a> {
+    own_senders: &'a [String],
+    rooms: &'a mut HashMap<String, String>,
+}
+
+impl<'de> DeserializeSeed<'de> for EventsSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EventsSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of events")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(event) = seq.next_element::<PushedEvent>()? {
+            if let Some((room, id)) = event.foreign_state_change(self.own_senders) {
+                self.rooms.insert(room, id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The request body as a blocking reader, cut after `limit` bytes (an error
+/// of kind `FileTooLarge`). Must be made inside the runtime.
+fn body_reader(body: Body, limit: u64) -> impl std::io::Read + Send + 'static {
+    let mut read = 0u64;
+    let chunks = body.into_data_stream().map(move |chunk| {
+        let chunk = chunk.map_err(std::io::Error::other)?;
+        read += chunk.len() as u64;
+        if read > limit {
+            return Err(std::io::Error::new(
+                ErrorKind::FileTooLarge,
+                "transaction too large",
+            ));
+        }
+        Ok(chunk)
+    });
+    std::io::BufReader::with_capacity(
+        READ_BUFFER,
+        tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(chunks)),
+    )
 }
 
 /// Counters for tests and metrics.
@@ -90,6 +249,8 @@ pub struct Appservice {
     own_senders: Vec<String>,
     client: Client,
     rooms: Store<MatrixRoom>,
+    /// True once `rooms` holds its first complete list.
+    rooms_ready: watch::Receiver<bool>,
     seen: Mutex<(VecDeque<String>, HashSet<String>)>,
     pub stats: AppserviceStats,
 }
@@ -100,15 +261,44 @@ impl Appservice {
         own_senders: Vec<String>,
         client: Client,
         rooms: Store<MatrixRoom>,
+        rooms_ready: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(Appservice {
             hs_token,
             own_senders,
             client,
             rooms,
+            rooms_ready,
             seen: Mutex::default(),
             stats: AppserviceStats::default(),
         })
+    }
+
+    /// Waits (bounded) for the room cache's first complete list: a room
+    /// missing from it would read as "not ours" and its drift be dropped.
+    async fn wait_for_rooms(&self) -> Result<(), AppserviceError> {
+        let mut rooms_ready = self.rooms_ready.clone();
+        let ready = tokio::time::timeout(CACHE_WAIT, rooms_ready.wait_for(|r| *r))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if ready {
+            Ok(())
+        } else {
+            Err(AppserviceError::NotReady)
+        }
+    }
+
+    /// Streams the body through the parser on a blocking thread.
+    async fn read(
+        self: &Arc<Self>,
+        body: Body,
+    ) -> Result<HashMap<String, String>, AppserviceError> {
+        let reader = body_reader(body, MAX_TRANSACTION_BYTES);
+        let service = self.clone();
+        tokio::task::spawn_blocking(move || drifted_rooms(reader, &service.own_senders))
+            .await
+            .map_err(AppserviceError::Parser)?
+            .map_err(AppserviceError::from_parse)
     }
 
     fn seen(&self, txn: &str) -> bool {
@@ -205,8 +395,9 @@ async fn transaction(
     Path(txn): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    // Nothing of the body is read before the sender is known to be Synapse.
     if let Some(refusal) = refusal(&service, &headers, &query) {
         return refusal;
     }
@@ -215,15 +406,18 @@ async fn transaction(
         service.stats.duplicates.fetch_add(1, Ordering::Relaxed);
         return Json(json!({})).into_response();
     }
-    let Ok(transaction) = serde_json::from_slice::<Transaction>(&body) else {
-        return matrix_error(
-            StatusCode::BAD_REQUEST,
-            "M_NOT_JSON",
-            "transaction is not valid JSON",
-        );
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_TRANSACTION_BYTES) {
+        return AppserviceError::TooLarge.response();
+    }
+    let outcome = async {
+        service.wait_for_rooms().await?;
+        let drifted = service.read(body).await?;
+        service.mark(drifted).await
     };
-    let drifted = drifted_rooms(&transaction.events, &service.own_senders);
-    match service.mark(drifted).await {
+    match outcome.await {
         Ok(()) => {
             service.remember(&txn);
             Json(json!({})).into_response()
@@ -231,11 +425,7 @@ async fn transaction(
         Err(e) => {
             // Not acknowledged: Synapse retries the same transaction.
             tracing::warn!(txn = %txn, error = %e, "transaction not recorded; Synapse will retry");
-            matrix_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "M_UNKNOWN",
-                "could not record the transaction",
-            )
+            e.response()
         }
     }
 }
@@ -303,13 +493,22 @@ pub async fn run(
     addr: SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppserviceError> {
-    use futures::StreamExt;
     use kube::runtime::{reflector, watcher, WatchStreamExt};
     let api: Api<MatrixRoom> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
     let (rooms, writer) = reflector::store();
+    let (ready_tx, rooms_ready) = watch::channel(false);
+    // One waiter only: a store's readiness wakes a single waiter.
+    let waiter = {
+        let rooms = rooms.clone();
+        tokio::spawn(async move {
+            if rooms.wait_until_ready().await.is_ok() {
+                ready_tx.send_replace(true);
+            }
+        })
+    };
     let cache = tokio::spawn(
         reflector(
             writer,
@@ -329,34 +528,256 @@ pub async fn run(
     );
     let result = serve(
         addr,
-        Appservice::new(hs_token, own_senders, client, rooms),
+        Appservice::new(hs_token, own_senders, client, rooms, rooms_ready),
         shutdown,
     )
     .await;
     cache.abort();
+    waiter.abort();
     result
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use std::sync::atomic::AtomicBool;
 
-    fn events(v: serde_json::Value) -> Vec<PushedEvent> {
-        serde_json::from_value(v).unwrap()
+    const OWN: &str = "@openmeet-admin:x";
+
+    fn parse(body: &[u8]) -> Result<HashMap<String, String>, AppserviceError> {
+        drifted_rooms(body, &[OWN.to_string()]).map_err(AppserviceError::from_parse)
+    }
+
+    /// A transaction of `n` messages with `size` bytes of content each, then
+    /// one foreign state change, all in `room`.
+    fn big_transaction(room: &str, n: usize, size: usize) -> Vec<u8> {
+        // Escapes and non-ASCII text too, as real messages have.
+        let unit = "ça \"dit\" \\ ok\n";
+        let text = unit.repeat(size / (serde_json::to_string(unit).unwrap().len() - 2));
+        let content = serde_json::to_string(&text).unwrap();
+        let mut out = String::from(r#"{"events": ["#);
+        for i in 0..n {
+            out += &format!(
+                r#"{{"type": "m.room.message", "room_id": "{room}", "sender": "@u:x", "event_id": "${i}", "content": {{"msgtype": "m.text", "body": {content}}}, "unsigned": {{"age": 1}}}},"#
+            );
+        }
+        out += &format!(
+            r#"{{"type": "m.room.name", "room_id": "{room}", "sender": "@u:x", "state_key": "", "event_id": "$rename", "content": {{"name": "Hijacked"}}}}]}}"#
+        );
+        out.into_bytes()
     }
 
     #[test]
     fn only_foreign_state_changes_count() {
-        let own = ["@openmeet-admin:x".to_string()];
-        let evs = events(json!([
+        let body = json!({"events": [
             {"type": "m.room.message", "room_id": "!a:x", "sender": "@u:x", "event_id": "$1", "content": {"body": "hi"}},
-            {"type": "m.room.power_levels", "room_id": "!b:x", "sender": "@openmeet-admin:x", "state_key": "", "event_id": "$2"},
+            {"type": "m.room.power_levels", "room_id": "!b:x", "sender": OWN, "state_key": "", "event_id": "$2"},
             {"type": "m.room.power_levels", "room_id": "!c:x", "sender": "@mod:x", "state_key": "", "event_id": "$3"},
             {"type": "m.room.member", "room_id": "!c:x", "sender": "@x:x", "state_key": "@x:x", "event_id": "$4"},
-        ]));
-        let rooms = drifted_rooms(&evs, &own);
+        ]});
+        let rooms = parse(&serde_json::to_vec(&body).unwrap()).unwrap();
         assert_eq!(rooms.len(), 1);
         assert_eq!(rooms["!c:x"], "$4", "the last event of a room is kept");
+    }
+
+    #[test]
+    fn a_full_transaction_of_big_messages_is_read() {
+        // What Synapse sends after a pause: 100 events of (nearly) 64 KiB.
+        let body = big_transaction("!drift:x", 100, 63 * 1024);
+        assert!(body.len() > 6 * 1024 * 1024);
+        let rooms = parse(&body).unwrap();
+        assert_eq!(rooms.len(), 1);
+        assert_eq!(rooms["!drift:x"], "$rename");
+    }
+
+    #[test]
+    fn ephemeral_data_and_unknown_fields_are_skipped() {
+        let body = json!({
+            "de.sorunome.msc2409.ephemeral": [{"type": "m.typing", "room_id": "!a:x", "content": {"user_ids": ["@u:x"]}}],
+            "ephemeral": [{"type": "m.receipt", "room_id": "!a:x", "content": {"$1": {"m.read": {"@u:x": {"ts": 1}}}}}],
+            "de.sorunome.msc2409.to_device": [{"type": "m.room_key_request", "sender": "@u:x", "to_user_id": "@v:x", "to_device_id": "D", "content": {"x": [1, 2.5, null, true]}}],
+            "org.matrix.msc3202.device_lists": {"changed": ["@u:x"], "left": []},
+            "org.matrix.msc3202.device_one_time_keys_count": {"@u:x": {"D": {"signed_curve25519": 50}}},
+            "events": [
+                {"type": "m.room.topic", "room_id": "!a:x", "sender": "@u:x", "state_key": "", "event_id": "$t",
+                 "content": {"topic": "x"}, "unsigned": {"prev_content": {"topic": "y"}, "age": 3}, "origin_server_ts": 1, "future_field": {"a": [{}]}},
+            ],
+            "trailing_unknown": "after the events",
+        });
+        let rooms = parse(&serde_json::to_vec(&body).unwrap()).unwrap();
+        assert_eq!(rooms.len(), 1);
+        assert_eq!(rooms["!a:x"], "$t");
+        assert!(
+            parse(b"{}").unwrap().is_empty(),
+            "no events: nothing drifted"
+        );
+    }
+
+    #[test]
+    fn malformed_bodies_are_refused() {
+        for body in [
+            &b""[..],
+            b"not json",
+            b"{\"events\": [",
+            b"{\"events\": {}}",
+            b"{\"events\": [{\"type\": 5}]}",
+            b"[]",
+            b"{} trailing",
+        ] {
+            let e = parse(body).unwrap_err();
+            assert!(
+                matches!(e, AppserviceError::NotJson(_)),
+                "{:?}: {e:?}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(e.response().status(), StatusCode::BAD_REQUEST);
+        }
+    }
+
+    /// A service whose API server is never reached (these transactions mark nothing).
+    fn service(ready: bool) -> (Arc<Appservice>, watch::Sender<bool>) {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let (rooms, _writer) = kube::runtime::reflector::store();
+        let (ready_tx, ready_rx) = watch::channel(ready);
+        let service = Appservice::new("hs".into(), vec![OWN.into()], client, rooms, ready_rx);
+        (service, ready_tx)
+    }
+
+    fn headers(token: Option<&str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(t) = token {
+            headers.insert(
+                axum::http::header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
+        }
+        headers
+    }
+
+    async fn put(service: &Arc<Appservice>, token: Option<&str>, body: Body) -> Response {
+        transaction(
+            State(service.clone()),
+            Path(format!("txn-{}", rand::random::<u32>())),
+            Query(HashMap::new()),
+            headers(token),
+            body,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn the_token_is_checked_before_the_body_is_read() {
+        let (service, _ready) = service(true);
+        let polled = Arc::new(AtomicBool::new(false));
+        let body = |polled: Arc<AtomicBool>| {
+            Body::from_stream(futures::stream::once(async move {
+                polled.store(true, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(Bytes::from_static(b"{}"))
+            }))
+        };
+        let r = put(&service, None, body(polled.clone())).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let r = put(&service, Some("wrong"), body(polled.clone())).await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(
+            !polled.load(Ordering::SeqCst),
+            "body read before authentication"
+        );
+        let r = put(&service, Some("hs"), body(polled.clone())).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(polled.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn big_transactions_stream_and_declared_oversized_ones_are_refused() {
+        let (service, _ready) = service(true);
+        // 100 messages of ~60 KiB, in the chunks a socket delivers.
+        // Its rename is in a room that is not ours: no API call.
+        let big = Bytes::from(big_transaction("!unknown:x", 100, 60 * 1024));
+        let chunks: Vec<Result<Bytes, std::io::Error>> = (0..big.len())
+            .step_by(16 * 1024)
+            .map(|i| Ok(big.slice(i..(i + 16 * 1024).min(big.len()))))
+            .collect();
+        let r = put(
+            &service,
+            Some("hs"),
+            Body::from_stream(futures::stream::iter(chunks)),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::OK);
+
+        // A declared length past the cap: refused without reading.
+        let mut h = headers(Some("hs"));
+        h.insert(
+            axum::http::header::CONTENT_LENGTH,
+            (MAX_TRANSACTION_BYTES + 1).to_string().parse().unwrap(),
+        );
+        let r = transaction(
+            State(service.clone()),
+            Path("declared".into()),
+            Query(HashMap::new()),
+            h,
+            Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>()),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_up_to_the_cap_only() {
+        // Streamed without a length, as Synapse could: cut once the cap is read.
+        let filler = Bytes::from(vec![b' '; 64 * 1024]);
+        let endless = futures::stream::once(async { Ok(Bytes::from_static(b"{\"events\": [")) })
+            .chain(futures::stream::repeat_with(move || {
+                Ok::<_, std::io::Error>(filler.clone())
+            }));
+        let reader = body_reader(Body::from_stream(endless), 1024 * 1024);
+        let e = tokio::task::spawn_blocking(move || drifted_rooms(reader, &[]))
+            .await
+            .unwrap()
+            .map_err(AppserviceError::from_parse)
+            .unwrap_err();
+        assert!(matches!(e, AppserviceError::TooLarge), "{e:?}");
+        assert_eq!(e.response().status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn malformed_transaction_is_a_bad_request() {
+        let (service, _ready) = service(true);
+        let r = put(&service, Some("hs"), Body::from("{\"events\": 3}")).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let r = put(&service, Some("hs"), Body::from("{\"events\": [")).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn transactions_wait_for_the_room_cache() {
+        let (service, ready) = service(false);
+        let pending = tokio::spawn({
+            let service = service.clone();
+            async move { put(&service, Some("hs"), Body::from("{\"events\": []}")).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !pending.is_finished(),
+            "acknowledged before the cache was complete"
+        );
+        ready.send_replace(true);
+        assert_eq!(pending.await.unwrap().status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn refusals_map_to_retryable_or_final_statuses() {
+        assert_eq!(
+            AppserviceError::NotReady.response().status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            AppserviceError::TooLarge.response().status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
     }
 
     #[test]

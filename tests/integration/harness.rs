@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const LABEL: &str = "openmeet.test/run";
@@ -35,6 +35,18 @@ pub struct Stack {
 
 static STACK: OnceLock<Stack> = OnceLock::new();
 static SIDECAR: OnceLock<()> = OnceLock::new();
+
+/// Whether the feed (Synapse's transactions to the test process) is paused.
+static FEED_PAUSED: LazyLock<tokio::sync::watch::Sender<bool>> =
+    LazyLock::new(|| tokio::sync::watch::channel(false).0);
+
+/// Pauses or resumes the feed: while paused, Synapse's transactions reach
+/// the endpoint but get no answer, as with a stopped controller. The feed is
+/// shared: keep pauses short, other tests' drift waits behind them. (No
+/// effect when a `make dev` controller holds the port instead.)
+pub fn pause_feed(paused: bool) {
+    FEED_PAUSED.send_replace(paused);
+}
 
 fn parse_env(path: &str) -> HashMap<String, String> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
@@ -65,8 +77,9 @@ impl Stack {
         })
     }
 
-    /// One application-service endpoint for the whole test process, on the
-    /// port the registration names. It marks rooms in the API server, so the
+    /// One application-service endpoint for the whole test process, reached
+    /// on the port the registration names through a forwarder that
+    /// [`pause_feed`] can stop. It marks rooms in the API server, so the
     /// operator of whichever test owns a room sees the drift.
     fn serve_appservice(&self, hs_token: String) {
         let kubeconfig = self.var("KUBECONFIG").to_string();
@@ -74,11 +87,13 @@ impl Stack {
             .var("APPSERVICE_LISTEN")
             .parse()
             .expect("APPSERVICE_LISTEN");
+        let backend = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
         let server = self.var("MATRIX_SERVER_NAME").to_string();
         let own = vec![
             format!("@{}:{server}", self.var("MATRIX_ADMIN_LOCALPART")),
             format!("@openmeet-operator:{server}"),
         ];
+        let paused = FEED_PAUSED.subscribe();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().expect("runtime");
             runtime.block_on(async move {
@@ -88,13 +103,26 @@ impl Stack {
                     .await
                     .expect("config");
                 let client = Client::try_from(config).expect("client");
-                let served =
-                    appservice::run(client, None, hs_token, own, addr, std::future::pending())
-                        .await;
-                if let Err(e) = served {
-                    // A `make dev` controller may serve it already; it marks rooms just the same.
-                    eprintln!("test appservice endpoint not started: {e}");
-                }
+                let forwarder = async {
+                    if let Err(e) = forward_pausable(addr, backend, paused).await {
+                        // A `make dev` controller may serve it already; it marks rooms just the same.
+                        eprintln!("test appservice forwarder not started: {e}");
+                    }
+                };
+                let served = async {
+                    let served = appservice::run(
+                        client,
+                        None,
+                        hs_token,
+                        own,
+                        backend,
+                        std::future::pending(),
+                    );
+                    if let Err(e) = served.await {
+                        eprintln!("test appservice endpoint not started: {e}");
+                    }
+                };
+                tokio::join!(forwarder, served);
             });
         });
     }
@@ -542,4 +570,52 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Forwards connections on `listen` to `target`, passing no bytes either way
+/// while `paused` says so: as if the process behind it were stopped (SIGSTOP,
+/// a long GC pause). Connections are still accepted, as the kernel would.
+async fn forward_pausable(
+    listen: std::net::SocketAddr,
+    target: std::net::SocketAddr,
+    paused: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    loop {
+        let Ok((inbound, _)) = listener.accept().await else {
+            continue;
+        };
+        let paused = paused.clone();
+        tokio::spawn(async move {
+            let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                return;
+            };
+            let (in_read, in_write) = inbound.into_split();
+            let (out_read, out_write) = outbound.into_split();
+            tokio::join!(
+                pipe(in_read, out_write, paused.clone()),
+                pipe(out_read, in_write, paused)
+            );
+        });
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut paused: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Held here while paused: the sender's writes back up in TCP buffers.
+        if paused.wait_for(|p| !*p).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }

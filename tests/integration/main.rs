@@ -4,6 +4,7 @@
 mod binary;
 mod chart;
 mod crds;
+mod feed;
 mod ha;
 mod harm;
 mod harness;
