@@ -52,6 +52,23 @@ impl Account {
 }
 
 /// Whether the object's account may be used right now.
+/// The `Ready` reason of an account converged without its email.
+const EMAIL_CONFLICT: &str = "EmailConflict";
+
+/// The email an account may be presented with: not one it was refused.
+fn presented_email(user: &MatrixUser) -> Option<String> {
+    let refused = user
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, conditions::READY))
+        .is_some_and(|c| c.reason == EMAIL_CONFLICT);
+    if refused {
+        None
+    } else {
+        user.spec.email.clone()
+    }
+}
+
 pub fn usable(user: &MatrixUser) -> Result<(), LookupError> {
     if user.metadata.deletion_timestamp.is_some() {
         return Err(LookupError::Deleted);
@@ -66,6 +83,10 @@ pub fn usable(user: &MatrixUser) -> Result<(), LookupError> {
     let ready = status.and_then(|s| conditions::find(&s.conditions, conditions::READY));
     match ready {
         Some(c) if c.is_true() => {}
+        // The account is converged but for an address another account
+        // holds: still usable, or one tenant could block another's sign-in
+        // by declaring its users' emails first. The address is not claimed.
+        Some(c) if c.reason == EMAIL_CONFLICT => {}
         Some(c) => return Err(LookupError::NotReady(c.reason.clone())),
         None => return Err(LookupError::NotReady("NotReconciled".into())),
     }
@@ -135,7 +156,7 @@ pub fn resolve<'a>(
             .unwrap_or_default(),
         localpart: user.spec.localpart.clone(),
         display_name: user.spec.display_name.clone(),
-        email: user.spec.email.clone(),
+        email: presented_email(user),
         subject: subject.to_string(),
         tenant: tenant.to_string(),
     })
@@ -368,6 +389,31 @@ mod tests {
             resolve(&ns, &users, "", "sub-carol"),
             Err(LookupError::UnknownTenant("".into()))
         );
+    }
+
+    #[test]
+    fn an_account_refused_only_its_email_signs_in_without_it() {
+        let (ns, mut users) = fixture();
+        users[0].status.as_mut().unwrap().conditions = vec![Condition::new(
+            "Ready",
+            false,
+            "EmailConflict",
+            "",
+            Some(1),
+        )];
+        let found = resolve(&ns, &users, "t-acme", "sub-alice").unwrap();
+        assert_eq!(found.email, None, "never presented with an address it lost");
+        users[0].status.as_mut().unwrap().conditions = vec![Condition::new(
+            "Ready",
+            false,
+            "SynapseRejected",
+            "",
+            Some(1),
+        )];
+        assert!(matches!(
+            resolve(&ns, &users, "t-acme", "sub-alice"),
+            Err(LookupError::NotReady(_))
+        ));
     }
 
     #[test]

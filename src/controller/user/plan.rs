@@ -240,9 +240,14 @@ pub fn plan(desired: &Desired<'_>, observed: Option<&SynapseUser>) -> UserPlan {
     if spec.deactivated {
         // On a deactivated account only flags and our marker are compared:
         // Synapse strips its third-party ids, so diffing them would never
-        // settle. A lock is moot once deactivated.
+        // settle. Deactivation wins over a lock: `locked: true` is never
+        // sent with it (Synapse refuses the pair), a lock lifted in the
+        // same change is, and once deactivated the lock is moot.
         if !observed.deactivated {
             change.deactivated = Some(true);
+            if observed.locked && !spec.locked {
+                change.locked = Some(false);
+            }
         }
     } else {
         if let Some(name) = &spec.display_name {
