@@ -394,13 +394,8 @@ mod tests {
     #[test]
     fn an_account_refused_only_its_email_signs_in_without_it() {
         let (ns, mut users) = fixture();
-        users[0].status.as_mut().unwrap().conditions = vec![Condition::new(
-            "Ready",
-            false,
-            "EmailConflict",
-            "",
-            Some(1),
-        )];
+        users[0].status.as_mut().unwrap().conditions =
+            vec![Condition::new("Ready", false, "EmailConflict", "", Some(1))];
         let found = resolve(&ns, &users, "t-acme", "sub-alice").unwrap();
         assert_eq!(found.email, None, "never presented with an address it lost");
         users[0].status.as_mut().unwrap().conditions = vec![Condition::new(

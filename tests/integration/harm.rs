@@ -230,8 +230,13 @@ async fn an_email_is_never_taken_from_another_account() {
         .await;
     env.wait_ready(0, "owner", true, "Converged").await;
     // Tenant B declares tenant A's user's email.
-    env.create_user(1, "taker", json!({"localpart": b, "email": email}))
-        .await;
+    let taker_subject = unique("taker-subject");
+    env.create_user(
+        1,
+        "taker",
+        json!({"localpart": b, "email": email, "subject": taker_subject}),
+    )
+    .await;
     let taker = env.wait_ready(1, "taker", false, "EmailConflict").await;
     let message = &taker.status.as_ref().unwrap().conditions[0].message;
     assert!(
@@ -257,6 +262,13 @@ async fn an_email_is_never_taken_from_another_account() {
         .unwrap()
         .unwrap();
     assert!(taken.emails().is_empty());
+    // Refused only its email, the account still signs in (an older claim
+    // elsewhere must not block anyone's sign-in).
+    let sidecar = Stack::get().sidecar().await;
+    let token = crate::sidecar::platform_token(&taker_subject, env.ns(1));
+    let (status, answer) = crate::sidecar::credentials(sidecar, Some(&token)).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{answer}");
+    assert_eq!(answer["user_id"], env.user_id(&b).as_str());
     // A later reconcile of either does not flap it.
     env.patch_user(0, "owner", json!({"displayName": "Owner"}))
         .await;

@@ -482,7 +482,7 @@ async fn authorization_code_flow_enforces_every_binding() {
     );
 }
 
-async fn credentials(sidecar: &str, token: Option<&str>) -> (StatusCode, Value) {
+pub(crate) async fn credentials(sidecar: &str, token: Option<&str>) -> (StatusCode, Value) {
     let mut request = https_client().post(format!("{sidecar}/api/v1/credentials"));
     if let Some(t) = token {
         request = request.bearer_auth(t);
