@@ -374,26 +374,49 @@ impl Operator {
                 .await
             }
         };
-        futures::join!(
-            user::run(
-                user::Caches {
-                    users: users_store,
-                    namespaces,
-                },
-                user_triggers,
+        let user_controller = {
+            let (client, config, stats, shutdown) = (
                 self.client.clone(),
-                self.synapse,
                 self.config.clone(),
-                user_recorder,
                 self.stats.clone(),
-                shutdown.clone()
-            ),
+                shutdown.clone(),
+            );
+            let synapse = self.synapse.clone();
+            async move {
+                // Tenants come from namespace labels: before that cache is
+                // complete an SSO link would look unwanted and be removed.
+                if let futures::future::Either::Right(_) = futures::future::select(
+                    Box::pin(namespaces.wait_until_ready()),
+                    shutdown.clone(),
+                )
+                .await
+                {
+                    return;
+                }
+                user::run(
+                    user::Caches {
+                        users: users_store,
+                        namespaces,
+                    },
+                    user_triggers,
+                    client,
+                    synapse,
+                    config,
+                    user_recorder,
+                    stats,
+                    shutdown,
+                )
+                .await
+            }
+        };
+        futures::join!(
+            user_controller,
             room_controller,
             permission::run(
                 permissions_store,
                 permission_triggers,
-                self.client,
-                self.stats,
+                self.client.clone(),
+                self.stats.clone(),
                 shutdown
             ),
         );

@@ -571,3 +571,64 @@ async fn publish(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::MatrixUserStatus;
+
+    fn user(name: &str, spec: serde_json::Value, reason: Option<&str>) -> Arc<MatrixUser> {
+        let mut u = MatrixUser::new(name, serde_json::from_value(spec).unwrap());
+        u.metadata.namespace = Some("t".into());
+        u.status = reason.map(|r| MatrixUserStatus {
+            conditions: vec![Condition::new(READY, false, r, "", Some(1))],
+            ..Default::default()
+        });
+        Arc::new(u)
+    }
+
+    fn names(refs: Vec<ObjectRef<MatrixUser>>) -> Vec<String> {
+        let mut names: Vec<String> = refs.into_iter().map(|r| r.name).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_claimant_leaving_or_changing_wakes_those_it_held_back() {
+        let holder = user(
+            "holder",
+            serde_json::json!({"localpart": "a", "subject": "s"}),
+            None,
+        );
+        let all = vec![
+            holder.clone(),
+            user(
+                "same-localpart",
+                serde_json::json!({"localpart": "a"}),
+                Some("LocalpartConflict"),
+            ),
+            user(
+                "email-loser",
+                serde_json::json!({"localpart": "b", "email": "x@y.z"}),
+                Some("EmailConflict"),
+            ),
+            user(
+                "subject-loser",
+                serde_json::json!({"localpart": "c", "subject": "s"}),
+                Some("SubjectConflict"),
+            ),
+            user("bystander", serde_json::json!({"localpart": "d"}), None),
+        ];
+        // A change in place: email and subject losers look again.
+        assert_eq!(
+            names(claim_peers(&all, &holder)),
+            ["email-loser", "subject-loser"]
+        );
+        // Gone from the cache: the localpart is free too.
+        let remaining: Vec<_> = all[1..].to_vec();
+        assert_eq!(
+            names(claim_peers(&remaining, &holder)),
+            ["email-loser", "same-localpart", "subject-loser"]
+        );
+    }
+}
