@@ -163,8 +163,9 @@ async fn chart_lints_renders_and_applies_with_server_side_dry_run() {
         ),
         (
             json!({"watchNamespace": ns, "sidecar": {"enabled": false}, "replicas": 1}),
-            vec!["Role"],
-            vec!["ClusterRole", "ConfigMap", "PodDisruptionBudget"],
+            // Namespaces are cluster-scoped: the controller reads tenant labels.
+            vec!["Role", "ClusterRole"],
+            vec!["ConfigMap", "PodDisruptionBudget"],
         ),
     ];
     for (overrides, expected, absent) in variants {
@@ -183,6 +184,14 @@ async fn chart_lints_renders_and_applies_with_server_side_dry_run() {
             assert!(
                 !kinds.contains(&kind),
                 "{kind} in {kinds:?} for {overrides}"
+            );
+        }
+        if overrides.get("watchNamespace").is_some() {
+            // Scoped to one namespace, the cluster-wide grant is namespaces only.
+            let cluster_role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+            assert_eq!(
+                cluster_role["rules"],
+                json!([{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}])
             );
         }
         let (ok, out) = kubectl(
