@@ -40,9 +40,14 @@ impl Blocked {
 
     /// Whether the object still owns its account while blocked, so its
     /// `status.userId` (and with it room membership) stays. A policy refusal
-    /// on a change is no reason to take anyone out of their rooms.
+    /// (a change refused, or the reserved list grown over an existing
+    /// account) is no reason to take anyone out of their rooms; an account
+    /// that was never, or is no longer, this object's is not kept.
     pub fn keeps_account(self) -> bool {
-        matches!(self, Blocked::AdminNotAllowed | Blocked::SubjectConflict)
+        matches!(
+            self,
+            Blocked::AdminNotAllowed | Blocked::SubjectConflict | Blocked::ReservedLocalpart
+        )
     }
 }
 
