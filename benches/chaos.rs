@@ -8,7 +8,8 @@
 //! The schedule (creation order, spec updates, kill moments, the Synapse
 //! restart) comes from one seeded RNG: `CHAOS_SEED=<n> make chaos` replays it.
 //! Knobs: `CHAOS_SEED`, `CHAOS_KILLS` (at least this many kills, default 12),
-//! `CHAOS_TIMEOUT_SECONDS` (convergence after the chaos, default 600),
+//! `CHAOS_TIMEOUT_SECONDS` (convergence after the chaos, default 300: the
+//! longest backoff, and normally ten times what it takes),
 //! `CHAOS_CONTROLLER_LOG` (the controller's `RUST_LOG`, default `info`).
 
 #[allow(dead_code)]
@@ -533,7 +534,9 @@ async fn audit(
     let mut by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut room_state: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     let mut foreign = Vec::new();
-    let mut unmarked = Vec::new();
+    // Rooms the operator's account began during this run that carry no marker:
+    // a createRoom cut short (Synapse stopped mid-request) leaves exactly that.
+    let mut half_made = Vec::new();
     for (room, state) in &rooms {
         let id = room["room_id"].as_str().unwrap_or_default().to_string();
         let marker = state
@@ -551,14 +554,40 @@ async fn audit(
             }
             Some(_) => {}
             None => {
-                // A room under this run's aliases without a marker is not ours to have made.
-                if room["canonical_alias"]
-                    .as_str()
-                    .is_some_and(|a| a.contains(run))
-                {
-                    unmarked.push(id);
+                let create = state.iter().find(|e| e["type"] == "m.room.create");
+                if create.is_some_and(|e| {
+                    e["sender"] == admin.as_str()
+                        && e["origin_server_ts"].as_i64().unwrap_or(0) >= started_ms
+                }) {
+                    half_made.push(format!(
+                        "{id}: no marker, {} state events ({})",
+                        state.len(),
+                        state
+                            .iter()
+                            .filter_map(|e| e["type"].as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
                 }
             }
+        }
+    }
+    // Each declared alias must lead to its object's marked room.
+    let mut misdirected = Vec::new();
+    for r in 0..ROOMS {
+        let alias = format!("#openmeet-{run}-r{r}:{server}");
+        let target = synapse_get(
+            &format!("/_matrix/client/v3/directory/room/{}", enc(&alias)),
+            &[],
+        )
+        .await
+        .ok()
+        .and_then(|v| v["room_id"].as_str().map(str::to_string));
+        let marked = by_name.get(&format!("r{r}"));
+        match target {
+            Some(id) if marked.is_some_and(|ids| ids.contains(&id)) => {}
+            Some(id) => misdirected.push(format!("{alias} -> {id}, a room without r{r}'s marker")),
+            None => misdirected.push(format!("{alias} does not resolve")),
         }
     }
     let duplicates: Vec<String> = by_name
@@ -577,24 +606,28 @@ async fn audit(
             && missing.is_empty()
             && unexpected.is_empty()
             && foreign.is_empty()
-            && unmarked.is_empty(),
+            && half_made.is_empty()
+            && misdirected.is_empty(),
         format!(
             "rooms: {ROOMS} declared, {marked} in Synapse with this tenant's marker \
              ({} rooms on the server); duplicates {}, missing {}, unexpected {}, \
-             wrong uid {}, unmarked under our aliases {}",
+             wrong uid {}, aliases not leading to their marked room {}, \
+             half-made rooms (the operator's, no marker) {}",
             rooms.len(),
             duplicates.len(),
             missing.len(),
             unexpected.len(),
             foreign.len(),
-            unmarked.len()
+            misdirected.len(),
+            half_made.len()
         ),
     );
     for d in duplicates
         .iter()
         .chain(&missing)
         .chain(&foreign)
-        .chain(&unmarked)
+        .chain(&misdirected)
+        .chain(&half_made)
     {
         audit.lines.push(format!("         {d}"));
     }
@@ -789,7 +822,8 @@ async fn audit(
             .push(format!("         … and {} more", leaves.len() - 40));
     }
     audit.figure(
-        not_joined.is_empty() && undeclared.is_empty(),
+        // Members of a room that is missing count as not joined.
+        joined_ok == declared_memberships && not_joined.is_empty() && undeclared.is_empty(),
         format!(
             "members now: {joined_ok}/{declared_memberships} declared memberships joined, \
              {} undeclared members",
@@ -797,7 +831,7 @@ async fn audit(
         ),
     );
     audit.figure(
-        wrong_level.is_empty(),
+        levels_ok == declared_memberships && wrong_level.is_empty(),
         format!("power levels: {levels_ok}/{declared_memberships} as declared"),
     );
     for d in not_joined
@@ -821,7 +855,7 @@ async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let seed: u64 = env_or("CHAOS_SEED", rand::rng().random());
     let min_kills: usize = env_or("CHAOS_KILLS", MIN_KILLS).min(MAX_KILLS);
-    let timeout = Duration::from_secs(env_or("CHAOS_TIMEOUT_SECONDS", 600));
+    let timeout = Duration::from_secs(env_or("CHAOS_TIMEOUT_SECONDS", 300));
     println!("=== make chaos: CHAOS_SEED={seed} (set it to replay this schedule) ===");
 
     let env = Arc::new(
@@ -906,9 +940,18 @@ async fn main() {
 
     // Converge with the last incarnation, bounded.
     let mut outcome = readiness(&env).await;
+    let mut said = Instant::now();
     while !(outcome.1.is_empty() && outcome.0 == ROOMS + USERS + plan.levels.len())
         && started.elapsed() < chaos_time + timeout
     {
+        if said.elapsed() > Duration::from_secs(30) {
+            println!(
+                "waiting for convergence: {} objects not Ready yet ({:.0}s of {timeout:?})",
+                outcome.1.len(),
+                (started.elapsed() - chaos_time).as_secs_f64()
+            );
+            said = Instant::now();
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
         outcome = readiness(&env).await;
     }
