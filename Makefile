@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/debug/openmeet-matrix-operator
 
-.PHONY: all build test lint fmt-check clippy crds crd-check unit integration dev stack-tools clean bench chart
+.PHONY: all build test lint fmt-check clippy crds crd-check unit integration dev stack-tools clean bench chart chaos
 
 all: build
 
@@ -63,3 +63,10 @@ clean:
 ## Benchmark on the local stack (not a test): prints the figures in the README.
 bench: stack-tools
 	$(CARGO) bench --bench converge
+
+## Chaos suite on the local stack (not part of `make test`): converge a tenant
+## while the controller is SIGKILLed and Synapse restarts, then audit Synapse.
+## A debug build: it checks correctness, not speed, and reuses the test build.
+## CHAOS_SEED=<n> replays a run's schedule.
+chaos: stack-tools
+	$(CARGO) bench --profile dev --bench chaos

@@ -19,6 +19,12 @@ use kube::CustomResourceExt;
 pub const GROUP: &str = "matrix.openmeet.net";
 /// The one field manager the operator uses for server-side apply.
 pub const FIELD_MANAGER: &str = "openmeet-matrix-operator";
+/// Free text shown to people (display names, room names, topics): no C0 or C1
+/// control characters, no DEL, and no bidi overrides or isolates, which can make
+/// a name read as someone else's. Written in RE2 syntax (`\x{..}`), which is
+/// how kube-apiserver evaluates `pattern`.
+pub const PLAIN_TEXT_PATTERN: &str =
+    r"^[^\x{0}-\x{1F}\x{7F}-\x{9F}\x{202A}-\x{202E}\x{2066}-\x{2069}]*$";
 /// Namespace label that names the tenant a namespace belongs to.
 pub const TENANT_LABEL: &str = "matrix.openmeet.net/tenant";
 

@@ -1,6 +1,7 @@
 //! `MatrixRoom`: a room for an OpenMeet event, group or direct conversation.
 
 use super::conditions::Condition;
+use super::PLAIN_TEXT_PATTERN;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -36,14 +37,15 @@ pub struct MatrixRoomSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("alias is immutable"))]
     pub alias: String,
 
-    /// Room name.
+    /// Room name. No control characters and no bidirectional overrides or isolates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 255))]
+    #[schemars(regex(pattern = PLAIN_TEXT_PATTERN), length(min = 1, max = 255))]
     pub name: Option<String>,
 
-    /// Room topic.
+    /// Room topic. No control characters (newlines included) and no
+    /// bidirectional overrides or isolates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 4096))]
+    #[schemars(regex(pattern = PLAIN_TEXT_PATTERN), length(max = 4096))]
     pub topic: Option<String>,
 
     /// Room avatar as an `mxc://` content URI.

@@ -1,11 +1,13 @@
 //! `MatrixUser`: one Matrix account on the homeserver.
 
 use super::conditions::Condition;
+use super::PLAIN_TEXT_PATTERN;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-/// Matrix user-id localpart grammar (lower case, as new accounts require).
-pub const LOCALPART_PATTERN: &str = r"^[a-z0-9._=/+-]+$";
+/// Matrix user-id localpart grammar (lower case, as new accounts require);
+/// Synapse refuses a leading `_` (reserved for application services' bridges).
+pub const LOCALPART_PATTERN: &str = r"^[a-z0-9.=/+-][a-z0-9._=/+-]*$";
 /// Content URIs only: the avatar must already live in the media repository.
 pub const MXC_PATTERN: &str = r"^mxc://[A-Za-z0-9.:_-]+/[A-Za-z0-9_-]+$";
 
@@ -27,16 +29,19 @@ pub const MXC_PATTERN: &str = r"^mxc://[A-Za-z0-9.:_-]+/[A-Za-z0-9_-]+$";
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = Rule::new("!has(oldSelf.deactivated) || !oldSelf.deactivated || (has(self.deactivated) && self.deactivated)").message("deactivation is permanent: deactivated cannot be set back to false"))]
 #[serde(rename_all = "camelCase")]
 pub struct MatrixUserSpec {
-    /// Local part of the Matrix user id (`@<localpart>:<server>`). Immutable.
-    #[schemars(regex(pattern = r"^[a-z0-9._=/+-]+$"), length(min = 1, max = 200))]
+    /// Local part of the Matrix user id (`@<localpart>:<server>`): lower case
+    /// `[a-z0-9._=/+-]`, not starting with `_`. Immutable.
+    #[schemars(regex(pattern = LOCALPART_PATTERN), length(min = 1, max = 200))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("localpart is immutable"))]
     pub localpart: String,
 
-    /// Display name shown in Matrix clients.
+    /// Display name shown in Matrix clients. No control characters and no
+    /// bidirectional overrides or isolates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 256))]
+    #[schemars(regex(pattern = PLAIN_TEXT_PATTERN), length(min = 1, max = 256))]
     pub display_name: Option<String>,
 
     /// Avatar as an `mxc://` content URI.
@@ -66,7 +71,10 @@ pub struct MatrixUserSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub locked: bool,
 
-    /// Deactivated accounts are logged out and leave their rooms.
+    /// Deactivated accounts are logged out and leave their rooms. Deactivation
+    /// is permanent: once true it can't be set back to false or removed (CEL
+    /// rule). Reactivating is left to a person, out of band in Synapse; while
+    /// this object says true, the controller deactivates the account again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deactivated: bool,
 

@@ -183,12 +183,41 @@ async fn immutable_and_one_way_fields_are_enforced() {
     )
     .await;
 
+    // Deactivation is permanent: neither `false` nor removing the field undoes it.
+    let gone = create(
+        "MatrixUser",
+        "gone",
+        json!({"localpart": "deactivated-user", "deactivated": true}),
+    );
+    api_for(&env, &gone)
+        .create(&PostParams::default(), &object(&env, &gone))
+        .await
+        .unwrap();
+    for patch in [json!({"deactivated": false}), json!({"deactivated": null})] {
+        expect_rejected(
+            &api_for(&env, &gone),
+            "gone",
+            json!({ "spec": patch }),
+            "deactivation is permanent",
+        )
+        .await;
+    }
+
     // Mutable fields still change.
     api_for(&env, &user)
         .patch(
             "u",
             &PatchParams::default(),
             &Patch::Merge(json!({"spec": {"displayName": "Fine"}})),
+        )
+        .await
+        .unwrap();
+    // Deactivation turns on from off.
+    api_for(&env, &user)
+        .patch(
+            "u",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"deactivated": true}})),
         )
         .await
         .unwrap();
@@ -206,4 +235,75 @@ async fn immutable_and_one_way_fields_are_enforced() {
         )
         .await
         .unwrap();
+}
+
+/// Display names, room names and topics refuse control characters and bidi
+/// overrides/isolates (each range's edges), and keep accepting any other text.
+#[tokio::test]
+async fn text_fields_refuse_control_and_bidi_characters_only() {
+    let env = TestEnv::with(
+        "text",
+        crate::harness::Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let doc = |kind: &str, name: &str, spec: Value| json!({"apiVersion": "matrix.openmeet.net/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec});
+    let with_text = |field: &str, text: &str, i: usize| match field {
+        "displayName" => doc(
+            "MatrixUser",
+            &format!("u{i}"),
+            json!({"localpart": format!("text-{i}"), "displayName": text}),
+        ),
+        _ => doc(
+            "MatrixRoom",
+            &format!("r{i}"),
+            json!({"alias": format!("text-{i}"), field: text}),
+        ),
+    };
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let refused = [
+        '\u{0}', '\u{9}', '\n', '\u{1b}', '\u{1f}', '\u{7f}', '\u{80}', '\u{85}', '\u{9f}',
+        '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}',
+    ];
+    let accepted = [
+        "Zoë Ångström",
+        "Ольга Петрова",
+        "李小龙",
+        "مريم الحربي",
+        "👩🏽‍💻 Dev ☕",
+        "A\u{a0}B \u{202f}C \u{2065}\u{206a}",
+    ];
+    let mut i = 0;
+    for field in ["displayName", "name", "topic"] {
+        for c in refused {
+            i += 1;
+            let d = with_text(field, &format!("Alice{c}Bob"), i);
+            match api_for(&env, &d).create(&dry_run, &object(&env, &d)).await {
+                Err(kube::Error::Api(status)) => {
+                    assert_eq!(status.code, 422, "{field} with U+{:04X}", c as u32);
+                    assert!(
+                        status.message.contains(&format!("spec.{field}")),
+                        "{field} with U+{:04X} refused for its text: {}",
+                        c as u32,
+                        status.message
+                    );
+                }
+                other => panic!("{field} with U+{:04X} accepted: {other:?}", c as u32),
+            }
+        }
+        for text in accepted {
+            i += 1;
+            let d = with_text(field, text, i);
+            let created = api_for(&env, &d)
+                .create(&PostParams::default(), &object(&env, &d))
+                .await
+                .unwrap_or_else(|e| panic!("{field} {text:?} refused: {e}"));
+            assert_eq!(created.data["spec"][field], text, "stored as sent");
+        }
+    }
 }

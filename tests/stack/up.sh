@@ -214,7 +214,28 @@ room_list_publication_rules:
     action: allow
 SYNCFG
 (cd "$syn" && "$venv/bin/python" -m synapse.app.homeserver -c homeserver.yaml --generate-keys >/dev/null 2>&1)
-(cd "$syn" && SSL_CERT_FILE="$pki/ca.crt" exec "$venv/bin/python" -m synapse.app.homeserver -c homeserver.yaml) > "$syn/stdout.log" 2>&1 &
+# Synapse runs under a small supervisor so that tests/stack/restart-synapse.sh
+# can restart it (same port, same database) without this script taking the
+# stop for a crash: it writes the restart marker (holding how many seconds to
+# stay down), then stops the pid in synapse.pid. Any other exit ends the
+# supervisor, which the loop below notices.
+supervise_synapse() {
+  local child="" down
+  trap '[[ -n "$child" ]] && kill "$child" 2>/dev/null; wait; exit 0' TERM INT
+  while :; do
+    (cd "$syn" && SSL_CERT_FILE="$pki/ca.crt" exec "$venv/bin/python" -m synapse.app.homeserver -c homeserver.yaml) >> "$syn/stdout.log" 2>&1 &
+    child=$!
+    echo "$child" > "$syn/synapse.pid"
+    wait "$child" || true
+    [[ -f "$syn/restart" ]] || exit 1
+    down="$(cat "$syn/restart")"
+    rm -f "$syn/restart"
+    echo "supervisor: restarting Synapse in ${down:-0}s" >> "$syn/stdout.log"
+    sleep "${down:-0}" & child=$!   # in the background, so that TERM still ends it at once
+    wait "$child" || true
+  done
+}
+supervise_synapse &
 pids+=($!)
 
 wait_for "kube-apiserver" 120 "$kubectl" get --raw /readyz
