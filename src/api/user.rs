@@ -111,4 +111,10 @@ pub struct MatrixUserStatus {
     /// The `metadata.generation` last acted upon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The account the operator asked Synapse to create and has not seen
+    /// complete yet. Synapse creates an account before recording its
+    /// external ids; a create cut short in between leaves an account with
+    /// no owner marker, which this record lets the next reconcile finish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_account: Option<String>,
 }

@@ -338,6 +338,7 @@ mod tests {
             user_id: Some(format!("@{name}:example.test")),
             conditions: vec![Condition::new("Ready", true, "Converged", "", Some(1))],
             observed_generation: Some(1),
+            ..Default::default()
         });
         u
     }

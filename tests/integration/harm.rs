@@ -453,3 +453,92 @@ async fn alias_conflicts_never_name_another_tenants_object() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn a_room_whose_creation_was_cut_short_is_completed_not_blocked() {
+    let env = TestEnv::new("harm-halfroom").await;
+    // What a createRoom cut short by a Synapse stop leaves: the operator's
+    // room under the managed alias, with no marker and none of the state.
+    let alias = unique("half");
+    let outcome = env
+        .synapse
+        .create_room(
+            &json!({"room_alias_name": format!("openmeet-{alias}"), "preset": "private_chat"}),
+        )
+        .await
+        .unwrap();
+    let openmeet_matrix_operator::synapse::rooms::CreateOutcome::Created(half_made) = outcome
+    else {
+        panic!("room not created")
+    };
+    users(&env, &["ann"]).await;
+    env.create::<MatrixRoom>(0, "room", json!({"alias": alias, "name": "Finished"}))
+        .await;
+    perm(&env, 0, "ann-room", "room", "ann", json!({})).await;
+    let room = env
+        .wait_condition::<MatrixRoom>(0, "room", true, "Converged")
+        .await;
+    assert_eq!(
+        room.status.as_ref().unwrap().room_id.as_deref(),
+        Some(half_made.as_str()),
+        "the unfinished room is completed, no second room made"
+    );
+    let state = state(&env, &room).await;
+    assert_eq!(
+        state.get("net.openmeet.owner", "").unwrap()["uid"],
+        room.metadata.uid.clone().unwrap().as_str()
+    );
+    assert_eq!(state.get("m.room.name", "").unwrap()["name"], "Finished");
+}
+
+#[tokio::test]
+async fn an_account_whose_creation_was_cut_short_is_finished_not_blocked() {
+    let env = TestEnv::with(
+        "harm-halfuser",
+        Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let localpart = unique("half");
+    let user_id = env.user_id(&localpart);
+    let user = env
+        .create_user(
+            0,
+            "half",
+            json!({"localpart": localpart, "displayName": "Half"}),
+        )
+        .await;
+    // The controller recorded its intent, then Synapse stopped between
+    // making the account and recording its external ids.
+    let status = json!({
+        "apiVersion": "matrix.openmeet.net/v1alpha1", "kind": "MatrixUser",
+        "status": {"pendingAccount": user_id.as_str(), "conditions": []},
+    });
+    env.users(0)
+        .patch_status(
+            "half",
+            &PatchParams::apply(openmeet_matrix_operator::api::FIELD_MANAGER).force(),
+            &Patch::Apply(&status),
+        )
+        .await
+        .unwrap();
+    env.synapse
+        .upsert_user(&user_id, &Default::default())
+        .await
+        .unwrap();
+    let mut controller = crate::harness::controller_command(&env)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = env.wait_ready(0, "half", true, "Converged").await;
+    assert_eq!(ready.status.as_ref().unwrap().pending_account, None);
+    let account = env.synapse.get_user(&user_id).await.unwrap().unwrap();
+    assert_eq!(account.displayname.as_deref(), Some("Half"));
+    assert!(account.external_ids.contains(&ExternalId {
+        auth_provider: "net.openmeet.owner".into(),
+        external_id: format!("{}/half/{}", env.ns(0), user.metadata.uid.unwrap()),
+    }));
+    controller.kill().await.unwrap();
+}

@@ -204,6 +204,7 @@ mod tests {
             user_id: user_id.map(str::to_string),
             conditions,
             observed_generation: Some(1),
+            ..Default::default()
         });
         u
     }

@@ -262,6 +262,19 @@ fn users_in_flight(perms: &[Arc<RoomPermission>], ctx: &RoomContext, ns: &str) -
     })
 }
 
+/// Whether the room is this object's: its marker says so, or it is one the
+/// operator began and a Synapse stop cut short (then the plan completes it).
+fn is_ours(room: &MatrixRoom, state: &RoomState, ctx: &RoomContext) -> bool {
+    if marker_matches(state, &marker(room)) {
+        return true;
+    }
+    let unfinished = plan::unfinished_by(state, ctx.synapse.admin_user_id().as_str());
+    if unfinished {
+        tracing::info!(room = %key(room), "completing a room whose creation was cut short");
+    }
+    unfinished
+}
+
 /// Where the room is, if it exists and is this object's.
 enum Located {
     Ours(String, RoomState),
@@ -289,7 +302,7 @@ async fn locate(
         return Ok(Located::Absent);
     };
     match ctx.synapse.room_state(&room_id).await? {
-        Some(state) if marker_matches(&state, &marker(room)) => Ok(Located::Ours(room_id, state)),
+        Some(state) if is_ours(room, &state, ctx) => Ok(Located::Ours(room_id, state)),
         Some(_) => Ok(Located::Foreign(room_id)),
         None => Ok(Located::Foreign(room_id)),
     }
@@ -516,7 +529,7 @@ async fn locate_by_alias(
         return Ok(None);
     };
     match ctx.synapse.room_state(&id).await? {
-        Some(state) if marker_matches(&state, &marker(room)) => Ok(Some((id, state))),
+        Some(state) if is_ours(room, &state, ctx) => Ok(Some((id, state))),
         _ => Ok(None),
     }
 }

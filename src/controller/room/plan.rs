@@ -249,6 +249,15 @@ pub fn marker_matches(state: &RoomState, marker: &Value) -> bool {
     state.get(MARKER_TYPE, "") == Some(marker)
 }
 
+/// A room the operator's own account began that carries no marker at all:
+/// a `createRoom` cut short (Synapse stopped between the create event and
+/// the initial state). Only the operator can bind a managed alias (its
+/// namespace is exclusive), so such a room under the object's alias is its
+/// own unfinished one: completed, never left blocking the alias.
+pub fn unfinished_by(state: &RoomState, admin: &str) -> bool {
+    state.get(MARKER_TYPE, "").is_none() && state.creator.as_deref() == Some(admin)
+}
+
 fn state_matches(observed: Option<&Value>, desired: &Value) -> bool {
     let Some(observed) = observed else {
         // An absent name/topic equals an empty one.
@@ -682,5 +691,27 @@ mod tests {
             &state,
             &json!({"namespace": "t", "name": "meetup", "uid": "other"})
         ));
+    }
+
+    #[test]
+    fn a_room_cut_short_by_the_operator_is_its_own_and_others_are_not() {
+        let d = desired();
+        let mut begun = RoomState::from_events(vec![StateEvent {
+            kind: "m.room.create".into(),
+            state_key: String::new(),
+            sender: ADMIN.into(),
+            content: json!({"room_version": "12"}),
+        }]);
+        assert!(unfinished_by(&begun, ADMIN));
+        // Completing it writes the marker with the rest of the state.
+        let completed = plan(&d, &begun);
+        assert!(completed.actions.iter().any(
+            |a| matches!(a, RoomAction::SetState { kind, content } if kind == MARKER_TYPE && *content == d.marker)
+        ));
+        // Someone else's room, or one marked for another object, never is.
+        begun.creator = Some("@mallory:x".into());
+        assert!(!unfinished_by(&begun, ADMIN));
+        let marked = converged(&d);
+        assert!(!unfinished_by(&marked, ADMIN));
     }
 }

@@ -227,6 +227,7 @@ async fn apply(
         admin_allowed: ctx.config.admin_namespaces.contains(&ns),
         adoption_allowed: ctx.config.adopt_namespaces.contains(&ns),
         email_held,
+        create_pending: pending_account(user).as_deref() == Some(user_id.as_str()),
     };
     if let Some(blocked) = precheck(&desired) {
         block(user, api, ctx, blocked).await?;
@@ -251,7 +252,7 @@ async fn apply(
         return Ok(resync);
     }
 
-    let outcome = converge(user, &user_id, &mut desired, ctx).await;
+    let outcome = converge(user, api, &user_id, &mut desired, ctx).await;
     match outcome {
         Ok(Ok(())) => {
             ctx.backoff.reset(&key(user));
@@ -283,7 +284,8 @@ async fn apply(
             if conflict {
                 warn_on_transition(user, ctx, &ready).await;
             }
-            let version = write_status(user, api, Some(user_id.to_string()), ready).await?;
+            // Converged: no create is pending any more.
+            let version = write_status(user, api, Some(user_id.to_string()), ready, None).await?;
             if conflict {
                 // The other holder may let go: look again well before the resync.
                 return Ok(Action::requeue(jitter(Duration::from_secs(30))));
@@ -306,6 +308,7 @@ async fn apply(
 /// half-made account is left behind.
 async fn converge(
     user: &MatrixUser,
+    api: &Api<MatrixUser>,
     user_id: &ruma::UserId,
     desired: &mut Desired<'_>,
     ctx: &Context,
@@ -339,6 +342,9 @@ async fn converge(
         UserPlan::Blocked(blocked) => Ok(Err(blocked)),
         UserPlan::Converge { actions, adopts } => {
             for action in actions {
+                if let UserAction::Create(_) = &action {
+                    record_pending_create(user, api, user_id).await?;
+                }
                 let (verb, change) = match &action {
                     UserAction::Create(change) => ("AccountCreated", change),
                     UserAction::Update(change) => (
@@ -439,7 +445,9 @@ async fn block(
         .keeps_account()
         .then(|| user.status.as_ref().and_then(|s| s.user_id.clone()))
         .flatten();
-    write_status(user, api, user_id, ready).await.map(|_| ())
+    write_status(user, api, user_id, ready, pending_account(user))
+        .await
+        .map(|_| ())
 }
 
 /// A Warning Event when the Ready reason changes to `ready`'s.
@@ -478,7 +486,8 @@ async fn fail(
         error.to_string(),
         user.metadata.generation,
     );
-    if let Err(status_error) = write_status(user, api, user_id, ready).await {
+    if let Err(status_error) = write_status(user, api, user_id, ready, pending_account(user)).await
+    {
         tracing::warn!(user = %key(user), error = %status_error, "could not record failure in status");
     }
     if error.is_transient() {
@@ -502,6 +511,7 @@ async fn write_status(
     api: &Api<MatrixUser>,
     user_id: Option<String>,
     ready: Condition,
+    pending_account: Option<String>,
 ) -> Result<Option<String>, Error> {
     let existing = user.status.clone().unwrap_or_default();
     let now =
@@ -510,11 +520,32 @@ async fn write_status(
         user_id,
         conditions: conditions::merge(&existing.conditions, vec![ready], now),
         observed_generation: user.metadata.generation,
+        pending_account,
     };
     if status == existing {
         return Ok(user.resource_version());
     }
     super::apply_status(api, user, &status).await
+}
+
+/// The account this object's status says a create is under way for.
+fn pending_account(user: &MatrixUser) -> Option<String> {
+    user.status.as_ref().and_then(|s| s.pending_account.clone())
+}
+
+/// Records in the status, before Synapse is asked, that this object is
+/// creating `user_id`: the intent outlives a crash of either side.
+async fn record_pending_create(
+    user: &MatrixUser,
+    api: &Api<MatrixUser>,
+    user_id: &ruma::UserId,
+) -> Result<(), Error> {
+    if pending_account(user).as_deref() == Some(user_id.as_str()) {
+        return Ok(());
+    }
+    let mut status = user.status.clone().unwrap_or_default();
+    status.pending_account = Some(user_id.to_string());
+    super::apply_status(api, user, &status).await.map(|_| ())
 }
 
 /// Every Synapse mutation leaves an Event on the object and an audit log line.

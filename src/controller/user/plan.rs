@@ -93,6 +93,9 @@ pub struct Desired<'a> {
     /// Whether this object holds its email claim. When it does not, the
     /// account's emails are left exactly as they are.
     pub email_held: bool,
+    /// This object asked Synapse to create the account (recorded in its
+    /// status before the call) and has not seen the create complete.
+    pub create_pending: bool,
 }
 
 /// Checks that need no Synapse call: reserved names and admin permission.
@@ -211,11 +214,17 @@ pub fn plan(desired: &Desired<'_>, observed: Option<&SynapseUser>) -> UserPlan {
         };
     };
 
-    let owned = is_owned(
-        observed,
-        &desired.owner_marker,
-        desired.legacy_marker.as_ref(),
-    );
+    // An account with no external id at all, where this object's own create
+    // was under way: the create was cut short before Synapse recorded the
+    // marker. Finish it rather than leave the object blocked for good.
+    let unfinished_create =
+        desired.create_pending && observed.external_ids.is_empty() && !observed.deactivated;
+    let owned = unfinished_create
+        || is_owned(
+            observed,
+            &desired.owner_marker,
+            desired.legacy_marker.as_ref(),
+        );
     if !owned {
         // Never bring back what was deactivated or erased, nor take an
         // account another object (maybe a deleted one) was given.
@@ -360,6 +369,7 @@ mod tests {
             admin_allowed: false,
             adoption_allowed: false,
             email_held: true,
+            create_pending: false,
         }
     }
 
@@ -734,6 +744,39 @@ mod tests {
         assert_eq!(
             plan_cleanup(UserDeletionPolicy::Erase, &marker(), None, Some(&done)),
             CleanupAction::Nothing
+        );
+    }
+
+    #[test]
+    fn a_create_cut_short_is_finished_not_refused() {
+        let spec = spec();
+        // Synapse made the account but not its external ids.
+        let bare = SynapseUser {
+            name: "@alice:x".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            plan(&desired(&spec), Some(&bare)),
+            UserPlan::Blocked(Blocked::AccountExists),
+            "without a pending create it is someone else's"
+        );
+        let mut d = desired(&spec);
+        d.create_pending = true;
+        let UserPlan::Converge { actions, adopts } = plan(&d, Some(&bare)) else {
+            panic!()
+        };
+        assert!(!adopts);
+        let [UserAction::Update(change)] = actions.as_slice() else {
+            panic!("{actions:?}")
+        };
+        assert!(change.external_ids.as_ref().unwrap().contains(&marker()));
+        assert_eq!(change.displayname.as_deref(), Some("Alice"));
+        // A pending create never takes an account marked by another owner.
+        let mut marked = bare.clone();
+        marked.external_ids.push(legacy());
+        assert_eq!(
+            plan(&d, Some(&marked)),
+            UserPlan::Blocked(Blocked::OwnedByAnother)
         );
     }
 }
