@@ -660,6 +660,21 @@ async fn audit(
         }
     }
     let declared: BTreeSet<String> = (0..USERS).map(user_id).collect();
+    // The owner marker names the object with its uid: `<ns>/<name>/<uid>`.
+    let uids: BTreeMap<String, String> = env
+        .api::<MatrixUser>(0)
+        .list(&Default::default())
+        .await
+        .map_err(|e| format!("listing users: {e}"))?
+        .items
+        .into_iter()
+        .map(|u| {
+            (
+                u.metadata.name.unwrap_or_default(),
+                u.metadata.uid.unwrap_or_default(),
+            )
+        })
+        .collect();
     let mut markers: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let (mut unexpected, mut deactivated, mut wrong_marker) = (Vec::new(), Vec::new(), Vec::new());
     let mut found = BTreeSet::new();
@@ -683,7 +698,8 @@ async fn audit(
             .collect();
         let localpart = id.trim_start_matches('@').split(':').next().unwrap_or("");
         let name = localpart.trim_start_matches(&format!("{run}-"));
-        if owner != [format!("{ns}/{name}")] {
+        let uid = uids.get(name).map(String::as_str).unwrap_or("?");
+        if owner != [format!("{ns}/{name}/{uid}")] {
             wrong_marker.push(format!("{id}: {owner:?}"));
         }
         for o in owner {

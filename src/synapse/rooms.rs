@@ -155,6 +155,48 @@ impl SynapseClient {
         }
     }
 
+    /// Reads a room's current state through the admin API, which answers
+    /// whether or not the admin account is in the room (the client API does
+    /// not). Only used when the client API refuses.
+    pub async fn admin_room_state(&self, room_id: &str) -> Result<Option<RoomState>, SynapseError> {
+        #[derive(Deserialize)]
+        struct AdminState {
+            state: Vec<StateEvent>,
+        }
+        match self
+            .send_json(
+                Method::GET,
+                &["_synapse", "admin", "v1", "rooms", room_id, "state"],
+                None,
+                RequestKind::GetRoomState,
+            )
+            .await
+        {
+            Ok((_, bytes)) => {
+                let answer: AdminState = decode(&bytes)?;
+                Ok(Some(RoomState::from_events(answer.state)))
+            }
+            Err(SynapseError::Rejected {
+                status: 400 | 403 | 404,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Joins the admin account itself to a room (as its creator it may join
+    /// a room that has nothing but its create event).
+    pub async fn join_self(&self, room_id: &str) -> Result<(), SynapseError> {
+        self.send_json(
+            Method::POST,
+            &["_matrix", "client", "v3", "rooms", room_id, "join"],
+            Some(&json!({})),
+            RequestKind::AdminJoin,
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Sends one state event as the admin account.
     pub async fn put_state(
         &self,

@@ -262,6 +262,26 @@ fn users_in_flight(perms: &[Arc<RoomPermission>], ctx: &RoomContext, ns: &str) -
     })
 }
 
+/// A room's state as the admin account sees it. A `createRoom` cut short
+/// right after the create event leaves a room the admin account is not even
+/// joined to: read it through the admin API and, when it is such an
+/// unfinished room of the operator's, join it (its creator may) so that it
+/// can be completed. Any other room the admin cannot read stays unreadable.
+async fn readable_state(room_id: &str, ctx: &RoomContext) -> Result<Option<RoomState>, Error> {
+    if let Some(state) = ctx.synapse.room_state(room_id).await? {
+        return Ok(Some(state));
+    }
+    let admin = ctx.synapse.admin_user_id().as_str();
+    match ctx.synapse.admin_room_state(room_id).await? {
+        Some(state) if plan::unfinished_by(&state, admin) => {
+            tracing::info!(room_id, "joining a room whose creation was cut short");
+            ctx.synapse.join_self(room_id).await?;
+            Ok(ctx.synapse.room_state(room_id).await?)
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Whether the room is this object's: its marker says so, or it is one the
 /// operator began and a Synapse stop cut short (then the plan completes it).
 fn is_ours(room: &MatrixRoom, state: &RoomState, ctx: &RoomContext) -> bool {
@@ -301,7 +321,7 @@ async fn locate(
     let Some(room_id) = candidate else {
         return Ok(Located::Absent);
     };
-    match ctx.synapse.room_state(&room_id).await? {
+    match readable_state(&room_id, ctx).await? {
         Some(state) if is_ours(room, &state, ctx) => Ok(Located::Ours(room_id, state)),
         Some(_) => Ok(Located::Foreign(room_id)),
         None => Ok(Located::Foreign(room_id)),
@@ -528,7 +548,7 @@ async fn locate_by_alias(
     let Some(id) = ctx.synapse.resolve_alias(alias).await? else {
         return Ok(None);
     };
-    match ctx.synapse.room_state(&id).await? {
+    match readable_state(&id, ctx).await? {
         Some(state) if is_ours(room, &state, ctx) => Ok(Some((id, state))),
         _ => Ok(None),
     }
