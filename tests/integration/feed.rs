@@ -17,11 +17,7 @@ const MESSAGE_BYTES: usize = 60_000;
 /// operator's admin account), so the burst is sent at full speed.
 async fn unlimited(user_id: &str) {
     let stack = Stack::get();
-    let admin = format!(
-        "@{}:{}",
-        stack.var("MATRIX_ADMIN_LOCALPART"),
-        stack.var("MATRIX_SERVER_NAME")
-    );
+    let admin = stack.admin_user_id();
     let url = format!(
         "{}/_synapse/admin/v1/users/{}/override_ratelimit",
         stack.var("SYNAPSE_URL"),

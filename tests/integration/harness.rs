@@ -165,6 +165,15 @@ impl Stack {
         base
     }
 
+    /// The operator's admin account, `@<admin localpart>:<server>`.
+    pub fn admin_user_id(&self) -> String {
+        format!(
+            "@{}:{}",
+            self.var("MATRIX_ADMIN_LOCALPART"),
+            self.var("MATRIX_SERVER_NAME")
+        )
+    }
+
     pub fn var(&self, key: &str) -> &str {
         self.env
             .get(key)

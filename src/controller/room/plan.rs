@@ -249,13 +249,17 @@ pub fn marker_matches(state: &RoomState, marker: &Value) -> bool {
     state.get(MARKER_TYPE, "") == Some(marker)
 }
 
-/// A room the operator's own account began that carries no marker at all:
-/// a `createRoom` cut short (Synapse stopped between the create event and
-/// the initial state). Only the operator can bind a managed alias (its
-/// namespace is exclusive), so such a room under the object's alias is its
-/// own unfinished one: completed, never left blocking the alias.
+/// A room the operator's own account began that carries no marker at all
+/// and nobody else in it: a `createRoom` cut short (Synapse stopped between
+/// the create event and the initial state that carries the marker). Only
+/// the operator can bind a managed alias (its namespace is exclusive), so
+/// such a room under the object's alias is its own unfinished one: completed,
+/// never left blocking the alias. A room anyone else is part of is never
+/// taken this way.
 pub fn unfinished_by(state: &RoomState, admin: &str) -> bool {
-    state.get(MARKER_TYPE, "").is_none() && state.creator.as_deref() == Some(admin)
+    state.get(MARKER_TYPE, "").is_none()
+        && state.creator.as_deref() == Some(admin)
+        && state.memberships().keys().all(|user| user == admin)
 }
 
 fn state_matches(observed: Option<&Value>, desired: &Value) -> bool {
@@ -708,7 +712,14 @@ mod tests {
         assert!(completed.actions.iter().any(
             |a| matches!(a, RoomAction::SetState { kind, content } if kind == MARKER_TYPE && *content == d.marker)
         ));
-        // Someone else's room, or one marked for another object, never is.
+        // A room someone else is in, someone else's room, or one marked for
+        // another object, never is.
+        let mut peopled = begun.clone();
+        peopled.events.insert(
+            ("m.room.member".into(), "@bob:x".into()),
+            json!({"membership": "join"}),
+        );
+        assert!(!unfinished_by(&peopled, ADMIN));
         begun.creator = Some("@mallory:x".into());
         assert!(!unfinished_by(&begun, ADMIN));
         let marked = converged(&d);
