@@ -5,7 +5,7 @@
 
 use super::directory::{Account, Directory, LookupError};
 use super::platform::PlatformVerifier;
-use super::{bearer, ApiError};
+use super::{bearer, untrusted, ApiError};
 use crate::synapse::{SynapseClient, SynapseError};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -254,7 +254,7 @@ impl CredentialService {
                 }
                 Err(e) => {
                     tracing::debug!(
-                        user = %minted.account.user_id, error = %e,
+                        user = %minted.account.user_id, error = %untrusted(&e),
                         "credentials: token not revoked yet; retrying"
                     );
                     retry.push(minted);
@@ -305,7 +305,7 @@ fn lookup_error(e: LookupError) -> ApiError {
 }
 
 fn synapse_error(e: SynapseError) -> ApiError {
-    tracing::warn!(error = %e, "credentials: Synapse call failed");
+    tracing::warn!(error = %untrusted(&e), "credentials: Synapse call failed");
     if e.is_transient() {
         ApiError::new(
             503,

@@ -117,6 +117,64 @@ pub fn random_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// At most this many characters of an untrusted value reach a log line.
+const LOGGED_CHARS: usize = 200;
+
+/// A value from outside (a request, a token's claims, a peer's error text)
+/// made safe for a log field: control characters, line and paragraph
+/// separators, bidirectional overrides and backslashes are written as
+/// `\u{..}` escapes, so no value can start a log line of its own or hide
+/// text, and it is cut after [`LOGGED_CHARS`] characters.
+pub fn untrusted<T: std::fmt::Display>(value: T) -> Untrusted<T> {
+    Untrusted(value)
+}
+
+/// See [`untrusted`].
+pub struct Untrusted<T>(T);
+
+impl<T: std::fmt::Display> std::fmt::Display for Untrusted<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        struct Escaper<'a, 'b> {
+            out: &'a mut std::fmt::Formatter<'b>,
+            left: usize,
+            cut: bool,
+        }
+        impl Write for Escaper<'_, '_> {
+            fn write_str(&mut self, s: &str) -> std::fmt::Result {
+                for c in s.chars() {
+                    if self.left == 0 {
+                        self.cut = true;
+                        // Stops the value's own formatting.
+                        return Err(std::fmt::Error);
+                    }
+                    self.left -= 1;
+                    let unsafe_char = c.is_control()
+                        || c == '\\'
+                        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}')
+                        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+                    if unsafe_char {
+                        write!(self.out, "{}", c.escape_unicode())?;
+                    } else {
+                        self.out.write_char(c)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+        let mut escaper = Escaper {
+            out: f,
+            left: LOGGED_CHARS,
+            cut: false,
+        };
+        let written = write!(escaper, "{}", self.0);
+        if escaper.cut {
+            return escaper.out.write_str("…");
+        }
+        written
+    }
+}
+
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -421,7 +479,8 @@ async fn access_log(
     let status = response.status().as_u16();
     metrics.record(&endpoint, status, started.elapsed());
     tracing::debug!(
-        %method, %path, status, ms = started.elapsed().as_millis() as u64, "request"
+        %method, path = %untrusted(&path), status, ms = started.elapsed().as_millis() as u64,
+        "request"
     );
     response
 }
@@ -656,6 +715,21 @@ mod tests {
         assert_eq!(bearer(&headers).as_deref(), Some("abc"));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         assert_eq!(bearer(&headers), None);
+    }
+
+    #[test]
+    fn untrusted_values_cannot_break_a_log_line() {
+        let logged = untrusted("a\nb\r\u{2028}c\\n\u{202e}d\u{1b}[31m").to_string();
+        assert_eq!(
+            logged,
+            "a\\u{a}b\\u{d}\\u{2028}c\\u{5c}n\\u{202e}d\\u{1b}[31m"
+        );
+        assert!(!logged.chars().any(char::is_control));
+        let long = untrusted("x".repeat(LOGGED_CHARS + 50)).to_string();
+        assert_eq!(long.chars().count(), LOGGED_CHARS + 1);
+        assert!(long.ends_with('…'));
+        assert_eq!(untrusted(42).to_string(), "42");
+        assert_eq!(untrusted("client-é").to_string(), "client-é");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use super::directory::{Directory, LookupError};
 use super::grants::{self, AccessClaims, CodeClaims, GrantError, Redemption, Redemptions};
 use super::keys::Keys;
 use super::platform::{PlatformError, PlatformVerifier};
-use super::{bearer, digest, html_page};
+use super::{bearer, digest, html_page, untrusted};
 use axum::extract::{Form, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -271,7 +271,7 @@ async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequ
     let identity = match p.platform.verify(&platform_token).await {
         Ok(id) => id,
         Err(e) => {
-            tracing::info!(reason = %e, "authorize: platform token refused");
+            tracing::info!(reason = %untrusted(&e), "authorize: platform token refused");
             let status = if e.is_unavailable() {
                 StatusCode::SERVICE_UNAVAILABLE
             } else {
@@ -284,7 +284,10 @@ async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequ
     let account = match p.directory.lookup(&identity.tenant, &identity.subject) {
         Ok(a) => a,
         Err(e) => {
-            tracing::info!(tenant = %identity.tenant, reason = %e, "authorize: no usable account");
+            tracing::info!(
+                tenant = %untrusted(&identity.tenant), reason = %untrusted(&e),
+                "authorize: no usable account"
+            );
             let (status, detail) = lookup_page(&e);
             return refuse_page(status, "No chat account", detail);
         }
@@ -447,7 +450,7 @@ async fn token(
         .get(&client_id)
         .filter(|c| secret_matches(&c.secret_digest, &secret))
     else {
-        tracing::info!(client = %client_id, "token: client authentication failed");
+        tracing::info!(client = %untrusted(&client_id), "token: client authentication failed");
         return oauth_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",

@@ -184,7 +184,10 @@ impl PlatformVerifier {
                 }
                 // A stale document still verifies while the platform is down.
                 Err(e) if cache.is_none() => return Err(e),
-                Err(e) => tracing::warn!(error = %e, "keeping the cached platform JWKS"),
+                Err(e) => tracing::warn!(
+                    error = %super::untrusted(&e),
+                    "keeping the cached platform JWKS"
+                ),
             }
         }
         let jwk = cache
