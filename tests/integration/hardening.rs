@@ -2,14 +2,15 @@
 //! much it reads, which headers its answers carry, and how it behaves when
 //! the platform's keys are out of reach.
 
-use crate::harness::{https_client, unique, TestEnv};
+use crate::harness::{https_client, unique, Stack, TestEnv};
 use crate::sidecar::{
-    hs256_platform_yaml, own_sidecar, platform_claims, platform_token, platform_token_with,
-    ready_user, Authorization,
+    callback, client_secret, hs256_platform_yaml, own_sidecar, platform_claims, platform_token,
+    platform_token_with, ready_user, redeem, Authorization,
 };
 use base64::Engine;
+use openmeet_matrix_operator::api::MatrixUser;
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::time::Duration;
 
 /// An unauthenticated request whose client id carries a line break must not
@@ -77,5 +78,75 @@ async fn untrusted_values_never_forge_log_lines() {
             !line.trim_start().starts_with(&marker),
             "a forged line reached the log: {line:?}"
         );
+    }
+}
+
+/// Every way a decoder might read a code or token: each dot-separated part,
+/// base64url or standard, padded or not; and the text itself.
+fn readings(sealed: &str) -> Vec<String> {
+    let mut out = vec![sealed.to_string()];
+    for part in sealed.split('.') {
+        for engine in [
+            base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            base64::engine::general_purpose::STANDARD_NO_PAD,
+        ] {
+            let trimmed = part.trim_end_matches('=');
+            // Any alignment: a value may start at any of the first 4 characters.
+            for skip in 0..4.min(trimmed.len()) {
+                let body = &trimmed[skip..];
+                let body = &body[..body.len() - body.len() % 4];
+                if let Ok(bytes) = engine.decode(body) {
+                    out.push(String::from_utf8_lossy(&bytes).into_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn codes_and_tokens_reveal_nothing_about_the_user() {
+    let env = TestEnv::new("opaque").await;
+    let sidecar = Stack::get().sidecar().await;
+    let (subject, localpart, user_id) = ready_user(&env, "opaque").await;
+    let user: MatrixUser = env.users(0).get("opaque").await.unwrap();
+    let uid = user.metadata.uid.clone().unwrap();
+    let token = platform_token(&subject, env.ns(0));
+
+    let auth = Authorization::new();
+    let code = auth.code(sidecar, &token).await;
+    let r = redeem(sidecar, &code, &auth.verifier, &client_secret()).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let answer: Value = r.json().await.unwrap();
+    let access = answer["access_token"].as_str().unwrap().to_string();
+    // Still a working token.
+    let r = https_client()
+        .get(format!("{sidecar}/userinfo"))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let secrets = [
+        ("namespace / tenant", env.ns(0).to_string()),
+        ("uid", uid),
+        ("email", format!("{localpart}@example.test")),
+        ("display name", "opaque Example".to_string()),
+        ("subject", subject.clone()),
+        ("localpart", localpart.clone()),
+        ("user id", user_id.clone()),
+        ("object name", "\"opaque\"".to_string()),
+        ("redirect URI", callback()),
+    ];
+    for (what, sealed) in [("code", &code), ("access token", &access)] {
+        for reading in readings(sealed) {
+            for (field, value) in &secrets {
+                assert!(
+                    !reading.contains(value.as_str()),
+                    "the {what} reveals the {field}: {reading}"
+                );
+            }
+        }
     }
 }
