@@ -4,7 +4,7 @@
 //! expiry, and logged out as soon as the account stops being usable.
 
 use super::directory::{Account, Directory, LookupError};
-use super::platform::PlatformVerifier;
+use super::platform::{PlatformError, PlatformVerifier};
 use super::{bearer, untrusted, ApiError};
 use crate::synapse::{SynapseClient, SynapseError};
 use axum::extract::State;
@@ -110,6 +110,8 @@ impl CredentialService {
         let identity = self.platform.verify(&token).await.map_err(|e| {
             if e.is_unavailable() {
                 ApiError::new(503, "platform_keys_unavailable", e.to_string())
+            } else if matches!(e, PlatformError::TooLarge) {
+                ApiError::new(413, "token_too_large", e.to_string())
             } else {
                 ApiError::new(401, "invalid_token", e.to_string())
             }

@@ -514,7 +514,19 @@ pub fn router(
         base.nest(prefix, oidc)
     };
     app.route_layer(axum::middleware::from_fn_with_state(metrics, access_log))
+        // Forms carry a platform token (at most 16 KiB) and a few short
+        // parameters: nothing larger is read.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
+
+/// The largest request body read (the `/authorize` and `/token` forms).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Request headers (HTTP/2's header list; HTTP/1's read buffer has its own
+/// larger limit) up to this size reach the handlers, so that a platform
+/// token over its 16 KiB cap in a header or the query is answered with a
+/// clear refusal; beyond it, 431.
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
 /// Runs the sidecar until `shutdown` resolves.
 pub async fn run(
@@ -649,8 +661,12 @@ pub async fn run(
             }
         });
     }
-    let served = axum_server::bind_rustls(settings.listen, tls)
-        .handle(handle)
+    let mut server = axum_server::bind_rustls(settings.listen, tls).handle(handle);
+    server
+        .http_builder()
+        .http2()
+        .max_header_list_size(MAX_HEADER_LIST_BYTES);
+    let served = server
         .serve(app.into_make_service())
         .await
         .map_err(Error::Serve);

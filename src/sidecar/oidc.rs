@@ -152,9 +152,18 @@ async fn authorize_get(
 async fn authorize_post(
     State(p): State<Arc<Provider>>,
     headers: HeaderMap,
-    Form(request): Form<AuthorizeRequest>,
+    form: Result<Form<AuthorizeRequest>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    no_store(authorize(&p, &headers, request).await)
+    match form {
+        Ok(Form(request)) => no_store(authorize(&p, &headers, request).await),
+        // Over the body limit (413) or not a form: a page, as on every
+        // browser route.
+        Err(rejection) => no_store(refuse_page(
+            rejection.status(),
+            "Invalid sign-in request",
+            "The sign-in request could not be read: it is too large or malformed.",
+        )),
+    }
 }
 
 /// Errors before the redirect URI is trusted are shown, never redirected.
@@ -274,6 +283,8 @@ async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequ
             tracing::info!(reason = %untrusted(&e), "authorize: platform token refused");
             let status = if e.is_unavailable() {
                 StatusCode::SERVICE_UNAVAILABLE
+            } else if matches!(e, PlatformError::TooLarge) {
+                StatusCode::PAYLOAD_TOO_LARGE
             } else {
                 StatusCode::UNAUTHORIZED
             };

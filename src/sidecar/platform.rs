@@ -14,6 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
+/// The largest platform token read, on every carrier (query, form, Bearer
+/// header): a JWT of a few claims is well under 2 KiB.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
 /// Why a platform token was refused. The message is safe to show; it never
 /// contains the token.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +26,8 @@ pub enum PlatformError {
     Missing,
     #[error("the platform token is malformed")]
     Malformed,
+    #[error("the platform token is too large (over 16 KiB)")]
+    TooLarge,
     #[error("the platform token's algorithm {0} is not allowed")]
     AlgorithmNotAllowed(String),
     #[error("the platform token names no key id (kid)")]
@@ -132,6 +138,9 @@ impl PlatformVerifier {
 
     /// Checks a token and returns the identity it names.
     pub async fn verify(&self, token: &str) -> Result<PlatformIdentity, PlatformError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(PlatformError::TooLarge);
+        }
         let header = decode_header(token).map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::InvalidAlgorithmName => {
                 PlatformError::AlgorithmNotAllowed("(unsupported)".into())
@@ -316,6 +325,19 @@ mod tests {
 
     fn b64(v: &serde_json::Value) -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    #[tokio::test]
+    async fn oversized_tokens_are_refused_unread() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let verifier = PlatformVerifier::new(settings());
+        let mut c = claims();
+        c["pad"] = json!("a".repeat(MAX_TOKEN_BYTES));
+        assert!(matches!(
+            verifier.verify(&hs256(&c)).await,
+            Err(PlatformError::TooLarge)
+        ));
+        assert!(verifier.verify(&hs256(&claims())).await.is_ok());
     }
 
     #[test]

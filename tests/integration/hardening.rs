@@ -4,8 +4,8 @@
 
 use crate::harness::{https_client, unique, Stack, TestEnv};
 use crate::sidecar::{
-    callback, client_secret, hs256_platform_yaml, own_sidecar, platform_claims, platform_token,
-    platform_token_with, ready_user, redeem, Authorization,
+    callback, client_secret, hs256_platform_yaml, location, own_sidecar, platform_claims,
+    platform_token, platform_token_with, query, ready_user, redeem, Authorization,
 };
 use base64::Engine;
 use openmeet_matrix_operator::api::MatrixUser;
@@ -148,5 +148,128 @@ async fn codes_and_tokens_reveal_nothing_about_the_user() {
                 );
             }
         }
+    }
+}
+
+/// A valid platform token of about `bytes` bytes (a padding claim).
+fn platform_token_of(subject: &str, tenant: &str, bytes: usize) -> String {
+    let mut claims = platform_claims(subject, tenant);
+    let base = platform_token_with(&claims).len();
+    // base64url: 4 characters per 3 bytes of claims.
+    let pad = (bytes.saturating_sub(base + 12)) * 3 / 4;
+    claims["pad"] = json!("a".repeat(pad));
+    platform_token_with(&claims)
+}
+
+const CAP: usize = 16 * 1024;
+
+/// The client of the stack's CA, speaking HTTP/1.1 only (the default one
+/// negotiates HTTP/2).
+fn http1_client() -> reqwest::Client {
+    let pem = std::fs::read(Stack::get().var("STACK_CA")).unwrap();
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .http1_only()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A request carrying a platform token one way.
+type Carrier<'a> = dyn Fn(&str) -> reqwest::RequestBuilder + 'a;
+
+#[tokio::test]
+async fn platform_tokens_are_capped_on_every_carrier() {
+    let env = TestEnv::new("token-cap").await;
+    let sidecar = Stack::get().sidecar().await;
+    let (subject, _, _) = ready_user(&env, "capped").await;
+    let fits = platform_token_of(&subject, env.ns(0), CAP - 1024);
+    let big = platform_token_of(&subject, env.ns(0), CAP + 1024);
+    assert!(
+        fits.len() < CAP && big.len() > CAP,
+        "{} {}",
+        fits.len(),
+        big.len()
+    );
+
+    for (protocol, http) in [("HTTP/2", https_client()), ("HTTP/1.1", http1_client())] {
+        // The credential API (Bearer header): a JSON refusal.
+        let r = http
+            .post(format!("{sidecar}/api/v1/credentials"))
+            .bearer_auth(&big)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE, "{protocol}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "token_too_large", "{protocol}");
+        let r = http
+            .post(format!("{sidecar}/api/v1/credentials"))
+            .bearer_auth(&fits)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{protocol} below the cap");
+
+        // The browser routes: a page, whichever carrier.
+        let query_carrier = |t: &str| {
+            let auth = Authorization::new().set("platform_token", Some(t));
+            http.get(format!("{sidecar}/authorize")).query(&auth.params)
+        };
+        let form_carrier = |t: &str| {
+            let auth = Authorization::new().set("platform_token", Some(t));
+            http.post(format!("{sidecar}/authorize")).form(&auth.params)
+        };
+        let bearer_carrier = |t: &str| {
+            let auth = Authorization::new();
+            http.get(format!("{sidecar}/authorize"))
+                .query(&auth.params)
+                .bearer_auth(t)
+        };
+        let carriers: [(&str, &Carrier); 3] = [
+            ("query", &query_carrier),
+            ("form", &form_carrier),
+            ("bearer", &bearer_carrier),
+        ];
+        for (carrier, request) in carriers {
+            let r = request(&big).send().await.unwrap();
+            let status = r.status();
+            let kind = r.headers()["content-type"].to_str().unwrap().to_string();
+            let text = r.text().await.unwrap();
+            assert_eq!(
+                status,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "{protocol} {carrier}: {text}"
+            );
+            assert!(
+                kind.starts_with("text/html"),
+                "{protocol} {carrier}: {kind}"
+            );
+            assert!(text.contains("too large"), "{protocol} {carrier}: {text}");
+            let r = request(&fits).send().await.unwrap();
+            assert_eq!(
+                r.status(),
+                StatusCode::SEE_OTHER,
+                "{protocol} {carrier} below the cap"
+            );
+            assert!(
+                query(&location(&r)).contains_key("code"),
+                "{protocol} {carrier}"
+            );
+        }
+        // A form far over any token's size is refused with a page too.
+        let auth = Authorization::new().set("platform_token", Some(&"a".repeat(200 * 1024)));
+        let r = http
+            .post(format!("{sidecar}/authorize"))
+            .form(&auth.params)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE, "{protocol}");
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
     }
 }
