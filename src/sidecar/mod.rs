@@ -485,6 +485,63 @@ async fn access_log(
     response
 }
 
+/// The Content-Security-Policy of the sidecar's pages. They are static
+/// HTML with inline style attributes: no script, image, font or frame; a
+/// form may post only to the sidecar itself, and what it answers may
+/// redirect only to a client's registered redirect URI or the platform's
+/// login page (CSP applies `form-action` to those redirects too). A meta
+/// refresh is not governed by CSP.
+pub fn content_security_policy<'a>(targets: impl IntoIterator<Item = &'a str>) -> String {
+    let mut origins: Vec<String> = targets.into_iter().filter_map(origin_of).collect();
+    origins.sort();
+    origins.dedup();
+    let mut form_action = String::from("'self'");
+    for origin in origins {
+        form_action.push(' ');
+        form_action.push_str(&origin);
+    }
+    format!(
+        "default-src 'none'; style-src 'unsafe-inline'; form-action {form_action}; \
+         frame-ancestors 'none'; base-uri 'none'"
+    )
+}
+
+/// `scheme://host[:port]` of an http(s) URL, as CSP source expressions
+/// write it.
+fn origin_of(url: &str) -> Option<String> {
+    let url = url::Url::parse(url).ok()?;
+    matches!(url.scheme(), "http" | "https").then(|| url.origin().ascii_serialization())
+}
+
+/// Headers on every answer: `nosniff` (JSON and HTML alike) and HSTS (the
+/// sidecar serves HTTPS only); HTML answers also get the
+/// Content-Security-Policy and are never framed.
+async fn security_headers(
+    State(csp): State<HeaderValue>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=31536000"),
+    );
+    let html = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    if html {
+        headers.insert(header::CONTENT_SECURITY_POLICY, csp);
+        headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    }
+    response
+}
+
 /// The complete router: OIDC under the issuer's path, the credential API,
 /// health and the API description.
 pub fn router(
@@ -505,6 +562,13 @@ pub fn router(
         "/openapi.yaml",
         get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }),
     );
+    let targets = provider
+        .clients
+        .values()
+        .flat_map(|c| c.redirect_uris.iter().map(String::as_str))
+        .chain(provider.login.iter().map(|l| l.url.as_str()));
+    let csp = HeaderValue::from_str(&content_security_policy(targets))
+        .unwrap_or_else(|_| HeaderValue::from_static("default-src 'none'"));
     let oidc = oidc::router(provider);
     let prefix = issuer_path.trim_end_matches('/');
     let base = api.merge(health).merge(openapi);
@@ -517,6 +581,7 @@ pub fn router(
         // Forms carry a platform token (at most 16 KiB) and a few short
         // parameters: nothing larger is read.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(csp, security_headers))
 }
 
 /// The largest request body read (the `/authorize` and `/token` forms).
@@ -746,6 +811,22 @@ mod tests {
         assert!(long.ends_with('…'));
         assert_eq!(untrusted(42).to_string(), "42");
         assert_eq!(untrusted("client-é").to_string(), "client-é");
+    }
+
+    #[test]
+    fn pages_may_post_only_to_the_sidecar_and_redirect_to_known_places() {
+        let csp = content_security_policy([
+            "https://matrix.example.com/_synapse/client/oidc/callback",
+            "https://matrix.example.com/other/callback",
+            "https://openmeet.example.com/login?x=1",
+            "javascript:alert(1)",
+        ]);
+        assert_eq!(
+            csp,
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self' \
+             https://matrix.example.com https://openmeet.example.com; \
+             frame-ancestors 'none'; base-uri 'none'"
+        );
     }
 
     #[test]

@@ -273,3 +273,72 @@ async fn platform_tokens_are_capped_on_every_carrier() {
             .starts_with("text/html"));
     }
 }
+
+#[tokio::test]
+async fn answers_carry_security_headers() {
+    let sidecar = Stack::get().sidecar().await;
+    let http = https_client();
+    let hsts = |r: &reqwest::Response| {
+        let v = r.headers()["strict-transport-security"].to_str().unwrap();
+        assert!(v.contains("max-age="), "{v}");
+    };
+
+    // HTML: an error page (unknown client).
+    let r = Authorization::new()
+        .set("client_id", Some("intruder"))
+        .send(sidecar, None)
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    hsts(&r);
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    for directive in [
+        "default-src 'none'",
+        "frame-ancestors 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+    ] {
+        assert!(csp.contains(directive), "{directive} missing from {csp}");
+    }
+    // A form's answer may redirect to the client (Synapse's callback).
+    let synapse = url::Url::parse(&callback()).unwrap();
+    assert!(
+        csp.contains(&synapse.origin().ascii_serialization()),
+        "{csp}"
+    );
+    // The page's inline style is all it needs: no script is allowed.
+    assert!(!csp.contains("script-src"), "{csp}");
+
+    // JSON: discovery, a refusal of the credential API, a token error.
+    for r in [
+        http.get(format!("{sidecar}/.well-known/openid-configuration"))
+            .send()
+            .await
+            .unwrap(),
+        http.post(format!("{sidecar}/api/v1/credentials"))
+            .send()
+            .await
+            .unwrap(),
+        http.post(format!("{sidecar}/token"))
+            .form(&[("grant_type", "x")])
+            .send()
+            .await
+            .unwrap(),
+    ] {
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"));
+        assert_eq!(
+            r.headers()["x-content-type-options"],
+            "nosniff",
+            "{}",
+            r.url()
+        );
+        hsts(&r);
+    }
+}
