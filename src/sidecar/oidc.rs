@@ -256,9 +256,18 @@ async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequ
             )
         }
     };
-    // 3. Who the browser is, by the platform's token.
+    // 3. Who the browser is, by the platform's token. With `prompt=none`
+    //    no session is the client's error, never a login page (OIDC Core
+    //    3.1.2.6).
+    let silent = request
+        .prompt
+        .as_deref()
+        .is_some_and(|p| p.split(' ').any(|x| x == "none"));
     let presented = bearer(headers).or(request.platform_token.take());
     let Some(platform_token) = presented else {
+        if silent {
+            return fail("login_required", "no platform session");
+        }
         return match &p.login {
             Some(login) => {
                 let mut back = url::Url::parse(&p.endpoint("/authorize")).expect("issuer URL");
@@ -281,6 +290,9 @@ async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequ
         Ok(id) => id,
         Err(e) => {
             tracing::info!(reason = %untrusted(&e), "authorize: platform token refused");
+            if silent && !e.is_unavailable() {
+                return fail("login_required", "the platform session is not valid");
+            }
             let status = if e.is_unavailable() {
                 StatusCode::SERVICE_UNAVAILABLE
             } else if matches!(e, PlatformError::TooLarge) {

@@ -342,3 +342,47 @@ async fn answers_carry_security_headers() {
         hsts(&r);
     }
 }
+
+#[tokio::test]
+async fn prompt_none_without_a_session_answers_login_required() {
+    let env = TestEnv::new("prompt-none").await;
+    let sidecar = Stack::get().sidecar().await;
+    let (subject, _, _) = ready_user(&env, "silent").await;
+
+    let r = Authorization::new()
+        .set("prompt", Some("none"))
+        .send(sidecar, None)
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let to = location(&r);
+    assert!(to.as_str().starts_with(&callback()), "{to}");
+    let q = query(&to);
+    assert_eq!(q["error"], "login_required");
+    assert_eq!(q["state"], "state-123");
+    assert!(!q.contains_key("code"));
+
+    // An expired platform session is no session either.
+    let mut claims = platform_claims(&subject, env.ns(0));
+    claims["exp"] = json!(jsonwebtoken::get_current_timestamp() - 600);
+    let r = Authorization::new()
+        .set("prompt", Some("none"))
+        .send(sidecar, Some(&platform_token_with(&claims)))
+        .await;
+    assert_eq!(query(&location(&r))["error"], "login_required");
+
+    // With a session, prompt=none signs in silently.
+    let r = Authorization::new()
+        .set("prompt", Some("none"))
+        .send(sidecar, Some(&platform_token(&subject, env.ns(0))))
+        .await;
+    assert!(query(&location(&r)).contains_key("code"));
+
+    // An unregistered redirect URI is never redirected to, prompt or not.
+    let r = Authorization::new()
+        .set("prompt", Some("none"))
+        .set("redirect_uri", Some("https://evil.test/cb"))
+        .send(sidecar, None)
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.headers().get("location").is_none());
+}
