@@ -4,14 +4,16 @@
 
 use crate::harness::{https_client, unique, Stack, TestEnv};
 use crate::sidecar::{
-    callback, client_secret, hs256_platform_yaml, location, own_sidecar, platform_claims,
-    platform_token, platform_token_with, query, ready_user, redeem, Authorization,
+    callback, client_secret, credentials, generate_ec_key, hs256_platform_yaml, location,
+    own_sidecar, platform_claims, platform_token, platform_token_with, query, ready_user, redeem,
+    Authorization, PLATFORM_AUDIENCE, PLATFORM_ISSUER,
 };
 use base64::Engine;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use openmeet_matrix_operator::api::MatrixUser;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// An unauthenticated request whose client id carries a line break must not
 /// write a line of its own into the log; nor may a tenant claim.
@@ -385,4 +387,81 @@ async fn prompt_none_without_a_session_answers_login_required() {
         .await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert!(r.headers().get("location").is_none());
+}
+
+/// Accepts connections and never answers: the platform's JWKS, hung.
+async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (url, task)
+}
+
+/// The sidecar's fetch timeout for the platform's JWKS.
+const FETCH_TIMEOUT: Duration = openmeet_matrix_operator::sidecar::platform::FETCH_TIMEOUT;
+
+#[tokio::test]
+async fn an_unreachable_platform_jwks_fails_fast_and_in_parallel() {
+    let (jwks_url, hole) = black_hole().await;
+    let own = own_sidecar(&format!(
+        "  issuer: \"{PLATFORM_ISSUER}\"\n  audience: \"{PLATFORM_AUDIENCE}\"\n  jwksUrl: \"{jwks_url}\"\n  algorithms: [ES256]"
+    ))
+    .await;
+    let key = EncodingKey::from_ec_pem(&generate_ec_key()).unwrap();
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("platform-1".into());
+    let token =
+        jsonwebtoken::encode(&header, &platform_claims("someone", "some-tenant"), &key).unwrap();
+
+    // Ten browsers at once: they share one fetch, not ten in a row.
+    let started = Instant::now();
+    let answers = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures::future::join_all((0..10).map(|_| {
+            let (base, token) = (own.base.clone(), token.clone());
+            async move {
+                let r = https_client()
+                    .post(format!("{base}/api/v1/credentials"))
+                    .bearer_auth(token)
+                    .timeout(Duration::from_secs(50))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) => {
+                        let status = r.status();
+                        (Some(status), r.json::<Value>().await.unwrap_or(Value::Null))
+                    }
+                    Err(e) => (None, json!(e.to_string())),
+                }
+            }
+        })),
+    )
+    .await
+    .expect("every request answers");
+    let elapsed = started.elapsed();
+    for (status, body) in &answers {
+        assert_eq!(*status, Some(StatusCode::SERVICE_UNAVAILABLE), "{body}");
+        assert_eq!(body["error"], "platform_keys_unavailable");
+    }
+    assert!(
+        elapsed < FETCH_TIMEOUT * 2,
+        "10 concurrent requests took {elapsed:?}: they waited for each other"
+    );
+
+    // Right after a failed fetch, requests fail fast instead of waiting.
+    let started = Instant::now();
+    let (status, body) = credentials(&own.base, Some(&token)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "platform_keys_unavailable");
+    assert!(
+        started.elapsed() < FETCH_TIMEOUT / 2,
+        "a request in the negative-cache window took {:?}",
+        started.elapsed()
+    );
+    hole.abort();
 }
