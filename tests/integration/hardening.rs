@@ -2,7 +2,7 @@
 //! much it reads, which headers its answers carry, and how it behaves when
 //! the platform's keys are out of reach.
 
-use crate::harness::{https_client, unique, Stack, TestEnv};
+use crate::harness::{free_port, https_client, unique, Stack, TestEnv};
 use crate::sidecar::{
     callback, client_secret, credentials, generate_ec_key, hs256_platform_yaml, location,
     own_sidecar, platform_claims, platform_token, platform_token_with, query, ready_user, redeem,
@@ -464,4 +464,93 @@ async fn an_unreachable_platform_jwks_fails_fast_and_in_parallel() {
         started.elapsed()
     );
     hole.abort();
+}
+
+/// The dev stand-in for the platform's login page sends browsers back only
+/// to the sidecar's own authorize URL.
+#[tokio::test]
+async fn dev_login_returns_only_to_the_sidecars_authorize_url() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = std::env::temp_dir().join(unique("dev-platform"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("platform_secret");
+    std::fs::write(&secret, "a-dev-platform-secret-of-at-least-32-bytes").unwrap();
+    let port = free_port();
+    let issuer = "https://127.0.0.1:8443";
+    let _platform = tokio::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/stack/dev-platform.py"
+        ))
+        .arg(port.to_string())
+        .env(
+            "OPERATOR_BIN",
+            env!("CARGO_BIN_EXE_openmeet-matrix-operator"),
+        )
+        .env("SIDECAR_URL", issuer)
+        .env("KUBECTL", "/nonexistent/kubectl")
+        .env("PLATFORM_SECRET_FILE", &secret)
+        .env("PLATFORM_ISSUER", PLATFORM_ISSUER)
+        .env("PLATFORM_AUDIENCE", PLATFORM_AUDIENCE)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 tests/stack/dev-platform.py");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = format!("http://127.0.0.1:{port}/login");
+    crate::harness::wait_for("the dev login page", || async {
+        http.get(format!("http://127.0.0.1:{port}/health"))
+            .send()
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let pick = |return_to: Option<&str>| {
+        let mut q = vec![("subject", "sub-1"), ("tenant", "demo")];
+        if let Some(r) = return_to {
+            q.push(("return_to", r));
+        }
+        http.get(&login).query(&q).send()
+    };
+
+    let good = format!("{issuer}/authorize?client_id=synapse&state=s");
+    let r = pick(Some(&good)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let to = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(to.starts_with(&format!("{good}&platform_token=")), "{to}");
+
+    for bad in [
+        None,
+        Some("https://evil.test/authorize?client_id=synapse"),
+        Some("https://127.0.0.1:8443.evil.test/authorize"),
+        Some("https://127.0.0.1:8444/authorize"),
+        Some("http://127.0.0.1:8443/authorize"),
+        Some("https://127.0.0.1:8443/token"),
+        Some("https://127.0.0.1:8443/authorize/../token"),
+        Some("https://127.0.0.1:8443/authorizex"),
+        Some("https://user@127.0.0.1:8443/authorize"),
+        Some("//evil.test/authorize"),
+        Some("/authorize"),
+        Some("javascript:alert(1)//127.0.0.1:8443/authorize"),
+        Some("https://127.0.0.1:8443/authorize#fragment"),
+        // Line breaks, which Python's URL parser would silently drop.
+        Some("https://127.0.0.1:8443/authorize?x=1\r\nSet-Cookie: a=b"),
+        Some("https://127.0.0.1:84\n43/authorize"),
+    ] {
+        let r = pick(bad).await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad:?}");
+        assert!(r.headers().get("location").is_none(), "{bad:?}");
+    }
+    // The sign-in page itself refuses to offer a foreign return address.
+    let r = http
+        .get(&login)
+        .query(&[("return_to", "https://evil.test/authorize")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let _ = std::fs::remove_dir_all(dir);
 }
