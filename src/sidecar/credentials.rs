@@ -4,8 +4,8 @@
 //! expiry, and logged out as soon as the account stops being usable.
 
 use super::directory::{Account, Directory, LookupError};
-use super::platform::PlatformVerifier;
-use super::{bearer, ApiError};
+use super::platform::{PlatformError, PlatformVerifier};
+use super::{bearer, untrusted, ApiError};
 use crate::synapse::{SynapseClient, SynapseError};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -110,6 +110,8 @@ impl CredentialService {
         let identity = self.platform.verify(&token).await.map_err(|e| {
             if e.is_unavailable() {
                 ApiError::new(503, "platform_keys_unavailable", e.to_string())
+            } else if matches!(e, PlatformError::TooLarge) {
+                ApiError::new(413, "token_too_large", e.to_string())
             } else {
                 ApiError::new(401, "invalid_token", e.to_string())
             }
@@ -254,7 +256,7 @@ impl CredentialService {
                 }
                 Err(e) => {
                     tracing::debug!(
-                        user = %minted.account.user_id, error = %e,
+                        user = %minted.account.user_id, error = %untrusted(&e),
                         "credentials: token not revoked yet; retrying"
                     );
                     retry.push(minted);
@@ -305,7 +307,7 @@ fn lookup_error(e: LookupError) -> ApiError {
 }
 
 fn synapse_error(e: SynapseError) -> ApiError {
-    tracing::warn!(error = %e, "credentials: Synapse call failed");
+    tracing::warn!(error = %untrusted(&e), "credentials: Synapse call failed");
     if e.is_transient() {
         ApiError::new(
             503,

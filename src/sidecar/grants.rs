@@ -1,21 +1,25 @@
 //! Authorization codes and OIDC access tokens that any replica can check.
 //!
-//! Both are sealed (HS256) with a key derived from the private signing key
-//! named by `kid`: only sidecars hold it, every replica holds it (a mounted
-//! Secret), and a retired key keeps opening what it sealed. A code is
-//! redeemed once across all replicas: the first redemption creates a Lease
-//! named after the code in the API server, and a second finds it (and marks
-//! it revoked, which ends the access tokens that code produced). Without a
-//! state namespace (one replica, development) the same record is kept in
-//! memory.
+//! Both are sealed: encrypted and authenticated (AES-256-GCM, a random
+//! 96-bit nonce each) with a key derived from the private signing key, so a
+//! code in a browser's address bar or a token in a log reveals nothing (no
+//! namespace, uid, email, name, subject or tenant) to anyone but a sidecar.
+//! Only sidecars hold the keys, every replica holds them (a mounted
+//! Secret), and a retired key keeps opening what it sealed while it is
+//! published. A code is redeemed once across all replicas: the first
+//! redemption creates a Lease named after the code in the API server, and a
+//! second finds it (and marks it revoked, which ends the access tokens that
+//! code produced). Without a state namespace (one replica, development) the
+//! same record is kept in memory.
 
 use super::directory::Account;
 use super::keys::{KeySet, SigningKey};
-use jsonwebtoken::{decode, decode_header, encode, Algorithm, DecodingKey, EncodingKey, Header};
+use base64::Engine;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::Api;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -25,6 +29,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const CODE_TYPE: &str = "om-code";
 const ACCESS_TYPE: &str = "om-access";
+/// The first byte of every sealed value: its format.
+const FORMAT: u8 = 1;
+/// Longer values are refused unread (a sealed code is well under 1 KiB).
+const MAX_SEALED: usize = 8 * 1024;
 /// Label on every redemption Lease, for the cleanup.
 pub const REDEMPTION_LABEL: &str = "matrix.openmeet.net/oidc-code";
 const REVOKED_ANNOTATION: &str = "matrix.openmeet.net/revoked";
@@ -62,25 +70,41 @@ pub struct AccessClaims {
     pub account: Account,
 }
 
-fn mac_key(key: &SigningKey, purpose: &str) -> Vec<u8> {
+/// The AEAD key of one purpose, derived from a signing key's secret seed.
+fn sealing_key(key: &SigningKey, purpose: &str) -> LessSafeKey {
     let mut h = Sha256::new();
-    h.update(b"openmeet-matrix-operator/oidc/");
+    h.update(b"openmeet-matrix-operator/oidc-seal/");
     h.update(purpose.as_bytes());
     h.update([0]);
     h.update(key.seed);
-    h.finalize().to_vec()
+    let bytes = h.finalize();
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &bytes).expect("a 256-bit key"))
 }
 
+/// What the ciphertext is bound to besides its key: format and purpose.
+fn associated_data(purpose: &str) -> Vec<u8> {
+    let mut aad = vec![FORMAT];
+    aad.extend_from_slice(purpose.as_bytes());
+    aad
+}
+
+/// `base64url(FORMAT || nonce || AES-256-GCM(claims JSON) || tag)`, with the
+/// active key.
 fn seal<T: Serialize>(keys: &KeySet, purpose: &str, claims: &T) -> String {
-    let mut header = Header::new(Algorithm::HS256);
-    header.kid = Some(keys.active.kid.clone());
-    header.typ = Some(purpose.to_string());
-    encode(
-        &header,
-        claims,
-        &EncodingKey::from_secret(&mac_key(&keys.active, purpose)),
-    )
-    .expect("HS256 sealing cannot fail")
+    let mut sealed = serde_json::to_vec(claims).expect("claims serialize");
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    sealing_key(&keys.active, purpose)
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(associated_data(purpose)),
+            &mut sealed,
+        )
+        .expect("AES-GCM sealing cannot fail for short inputs");
+    let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+    out.push(FORMAT);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&sealed);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
 }
 
 /// Sealed claims with an expiry (seconds since the epoch).
@@ -105,36 +129,44 @@ fn open<T: DeserializeOwned + Expiring>(
     purpose: &str,
     sealed: &str,
 ) -> Result<T, GrantError> {
-    let header = decode_header(sealed).map_err(|_| GrantError::Invalid)?;
-    if header.alg != Algorithm::HS256 || header.typ.as_deref() != Some(purpose) {
+    if sealed.len() > MAX_SEALED {
         return Err(GrantError::Invalid);
     }
-    let key = header
-        .kid
-        .as_deref()
-        .and_then(|kid| keys.by_kid(kid))
-        .ok_or(GrantError::Invalid)?;
-    let mut validation = jsonwebtoken::Validation::new(Algorithm::HS256);
-    validation.leeway = 0;
-    validation.validate_aud = false;
-    validation.set_required_spec_claims(&["exp"]);
-    decode::<T>(
-        sealed,
-        &DecodingKey::from_secret(&mac_key(key, purpose)),
-        &validation,
-    )
-    .map_err(|e| match e.kind() {
-        jsonwebtoken::errors::ErrorKind::ExpiredSignature => GrantError::Expired,
-        _ => GrantError::Invalid,
-    })
-    .and_then(|d| {
-        // Expired at `exp` itself, not a second later.
-        if d.claims.exp() <= epoch(SystemTime::now()) {
-            Err(GrantError::Expired)
-        } else {
-            Ok(d.claims)
-        }
-    })
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(sealed)
+        .map_err(|_| GrantError::Invalid)?;
+    let Some((&FORMAT, rest)) = bytes.split_first() else {
+        return Err(GrantError::Invalid);
+    };
+    if rest.len() < NONCE_LEN + AES_256_GCM.tag_len() {
+        return Err(GrantError::Invalid);
+    }
+    let (nonce, ciphertext) = rest.split_at(NONCE_LEN);
+    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| GrantError::Invalid)?;
+    // No key id travels with the value: the active key first, then every
+    // other published one (a handful at most, during a rotation).
+    let candidates =
+        std::iter::once(&keys.active).chain(keys.all.iter().filter(|k| k.kid != keys.active.kid));
+    let claims = candidates
+        .filter_map(|key| {
+            let mut buffer = ciphertext.to_vec();
+            let plain = sealing_key(key, purpose)
+                .open_in_place(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(associated_data(purpose)),
+                    &mut buffer,
+                )
+                .ok()?;
+            Some(serde_json::from_slice::<T>(plain))
+        })
+        .next()
+        .ok_or(GrantError::Invalid)?
+        .map_err(|_| GrantError::Invalid)?;
+    // Expired at `exp` itself, not a second later.
+    if claims.exp() <= epoch(SystemTime::now()) {
+        return Err(GrantError::Expired);
+    }
+    Ok(claims)
 }
 
 pub fn seal_code(keys: &KeySet, claims: &CodeClaims) -> String {
@@ -346,10 +378,35 @@ mod tests {
         assert!(open_code(&keys(&["a"], "a"), &sealed).is_err());
         // A code is not an access token, nor the reverse.
         assert!(open_access(&set, &sealed).is_err());
-        // Tampering breaks the seal.
-        let mut parts: Vec<String> = sealed.split('.').map(str::to_string).collect();
-        parts[1].push('A');
-        assert!(open_code(&set, &parts.join(".")).is_err());
+        // Tampering breaks the seal, anywhere.
+        for at in [0, 1, 20, sealed.len() / 2, sealed.len() - 1] {
+            let mut forged = sealed.clone().into_bytes();
+            forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+            let forged = String::from_utf8(forged).unwrap();
+            assert!(open_code(&set, &forged).is_err(), "tampered at {at}");
+        }
+        assert!(open_code(&set, "").is_err());
+        assert!(open_code(&set, &"A".repeat(MAX_SEALED + 4)).is_err());
+    }
+
+    #[test]
+    fn sealed_values_are_opaque_and_never_repeat() {
+        let set = keys(&["a"], "a");
+        let mut claims = code(epoch(SystemTime::now()) + 60);
+        claims.account.display_name = Some("Alice Liddell".into());
+        claims.account.email = Some("alice@wonderland.test".into());
+        let first = seal_code(&set, &claims);
+        let second = seal_code(&set, &claims);
+        assert_ne!(first, second, "a fresh nonce each time");
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&first)
+            .unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for secret in ["alice", "Alice", "wonderland", "sub-1", "\"ns\"", "synapse"] {
+            assert!(!text.contains(secret), "{secret} readable in {text:?}");
+        }
+        let opened = open_code(&set, &first).unwrap();
+        assert_eq!(opened.account, claims.account);
     }
 
     #[test]

@@ -38,8 +38,8 @@ pub enum KeyError {
 /// One key: how it signs and how it is published.
 pub struct SigningKey {
     pub kid: String,
-    /// Secret material derived from the private key, for the MACs that
-    /// seal codes and access tokens (see `grants`).
+    /// Secret material derived from the private key, for the keys that
+    /// seal (encrypt) codes and access tokens (see `grants`).
     pub seed: [u8; 32],
     pub algorithm: Algorithm,
     pub encoding: EncodingKey,

@@ -117,6 +117,64 @@ pub fn random_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// At most this many characters of an untrusted value reach a log line.
+const LOGGED_CHARS: usize = 200;
+
+/// A value from outside (a request, a token's claims, a peer's error text)
+/// made safe for a log field: control characters, line and paragraph
+/// separators, bidirectional overrides and backslashes are written as
+/// `\u{..}` escapes, so no value can start a log line of its own or hide
+/// text, and it is cut after [`LOGGED_CHARS`] characters.
+pub fn untrusted<T: std::fmt::Display>(value: T) -> Untrusted<T> {
+    Untrusted(value)
+}
+
+/// See [`untrusted`].
+pub struct Untrusted<T>(T);
+
+impl<T: std::fmt::Display> std::fmt::Display for Untrusted<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        struct Escaper<'a, 'b> {
+            out: &'a mut std::fmt::Formatter<'b>,
+            left: usize,
+            cut: bool,
+        }
+        impl Write for Escaper<'_, '_> {
+            fn write_str(&mut self, s: &str) -> std::fmt::Result {
+                for c in s.chars() {
+                    if self.left == 0 {
+                        self.cut = true;
+                        // Stops the value's own formatting.
+                        return Err(std::fmt::Error);
+                    }
+                    self.left -= 1;
+                    let unsafe_char = c.is_control()
+                        || c == '\\'
+                        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}')
+                        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+                    if unsafe_char {
+                        write!(self.out, "{}", c.escape_unicode())?;
+                    } else {
+                        self.out.write_char(c)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+        let mut escaper = Escaper {
+            out: f,
+            left: LOGGED_CHARS,
+            cut: false,
+        };
+        let written = write!(escaper, "{}", self.0);
+        if escaper.cut {
+            return escaper.out.write_str("…");
+        }
+        written
+    }
+}
+
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -421,8 +479,66 @@ async fn access_log(
     let status = response.status().as_u16();
     metrics.record(&endpoint, status, started.elapsed());
     tracing::debug!(
-        %method, %path, status, ms = started.elapsed().as_millis() as u64, "request"
+        %method, path = %untrusted(&path), status, ms = started.elapsed().as_millis() as u64,
+        "request"
     );
+    response
+}
+
+/// The Content-Security-Policy of the sidecar's pages. They are static
+/// HTML with inline style attributes: no script, image, font or frame; a
+/// form may post only to the sidecar itself, and what it answers may
+/// redirect only to a client's registered redirect URI or the platform's
+/// login page (CSP applies `form-action` to those redirects too). A meta
+/// refresh is not governed by CSP.
+pub fn content_security_policy<'a>(targets: impl IntoIterator<Item = &'a str>) -> String {
+    let mut origins: Vec<String> = targets.into_iter().filter_map(origin_of).collect();
+    origins.sort();
+    origins.dedup();
+    let mut form_action = String::from("'self'");
+    for origin in origins {
+        form_action.push(' ');
+        form_action.push_str(&origin);
+    }
+    format!(
+        "default-src 'none'; style-src 'unsafe-inline'; form-action {form_action}; \
+         frame-ancestors 'none'; base-uri 'none'"
+    )
+}
+
+/// `scheme://host[:port]` of an http(s) URL, as CSP source expressions
+/// write it.
+fn origin_of(url: &str) -> Option<String> {
+    let url = url::Url::parse(url).ok()?;
+    matches!(url.scheme(), "http" | "https").then(|| url.origin().ascii_serialization())
+}
+
+/// Headers on every answer: `nosniff` (JSON and HTML alike) and HSTS (the
+/// sidecar serves HTTPS only); HTML answers also get the
+/// Content-Security-Policy and are never framed.
+async fn security_headers(
+    State(csp): State<HeaderValue>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=31536000"),
+    );
+    let html = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    if html {
+        headers.insert(header::CONTENT_SECURITY_POLICY, csp);
+        headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    }
     response
 }
 
@@ -446,6 +562,13 @@ pub fn router(
         "/openapi.yaml",
         get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }),
     );
+    let targets = provider
+        .clients
+        .values()
+        .flat_map(|c| c.redirect_uris.iter().map(String::as_str))
+        .chain(provider.login.iter().map(|l| l.url.as_str()));
+    let csp = HeaderValue::from_str(&content_security_policy(targets))
+        .unwrap_or_else(|_| HeaderValue::from_static("default-src 'none'"));
     let oidc = oidc::router(provider);
     let prefix = issuer_path.trim_end_matches('/');
     let base = api.merge(health).merge(openapi);
@@ -455,7 +578,20 @@ pub fn router(
         base.nest(prefix, oidc)
     };
     app.route_layer(axum::middleware::from_fn_with_state(metrics, access_log))
+        // Forms carry a platform token (at most 16 KiB) and a few short
+        // parameters: nothing larger is read.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(csp, security_headers))
 }
+
+/// The largest request body read (the `/authorize` and `/token` forms).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Request headers (HTTP/2's header list; HTTP/1's read buffer has its own
+/// larger limit) up to this size reach the handlers, so that a platform
+/// token over its 16 KiB cap in a header or the query is answered with a
+/// clear refusal; beyond it, 431.
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
 /// Runs the sidecar until `shutdown` resolves.
 pub async fn run(
@@ -590,8 +726,12 @@ pub async fn run(
             }
         });
     }
-    let served = axum_server::bind_rustls(settings.listen, tls)
-        .handle(handle)
+    let mut server = axum_server::bind_rustls(settings.listen, tls).handle(handle);
+    server
+        .http_builder()
+        .http2()
+        .max_header_list_size(MAX_HEADER_LIST_BYTES);
+    let served = server
         .serve(app.into_make_service())
         .await
         .map_err(Error::Serve);
@@ -656,6 +796,37 @@ mod tests {
         assert_eq!(bearer(&headers).as_deref(), Some("abc"));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         assert_eq!(bearer(&headers), None);
+    }
+
+    #[test]
+    fn untrusted_values_cannot_break_a_log_line() {
+        let logged = untrusted("a\nb\r\u{2028}c\\n\u{202e}d\u{1b}[31m").to_string();
+        assert_eq!(
+            logged,
+            "a\\u{a}b\\u{d}\\u{2028}c\\u{5c}n\\u{202e}d\\u{1b}[31m"
+        );
+        assert!(!logged.chars().any(char::is_control));
+        let long = untrusted("x".repeat(LOGGED_CHARS + 50)).to_string();
+        assert_eq!(long.chars().count(), LOGGED_CHARS + 1);
+        assert!(long.ends_with('…'));
+        assert_eq!(untrusted(42).to_string(), "42");
+        assert_eq!(untrusted("client-é").to_string(), "client-é");
+    }
+
+    #[test]
+    fn pages_may_post_only_to_the_sidecar_and_redirect_to_known_places() {
+        let csp = content_security_policy([
+            "https://matrix.example.com/_synapse/client/oidc/callback",
+            "https://matrix.example.com/other/callback",
+            "https://openmeet.example.com/login?x=1",
+            "javascript:alert(1)",
+        ]);
+        assert_eq!(
+            csp,
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self' \
+             https://matrix.example.com https://openmeet.example.com; \
+             frame-ancestors 'none'; base-uri 'none'"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use super::directory::{Directory, LookupError};
 use super::grants::{self, AccessClaims, CodeClaims, GrantError, Redemption, Redemptions};
 use super::keys::Keys;
 use super::platform::{PlatformError, PlatformVerifier};
-use super::{bearer, digest, html_page};
+use super::{bearer, digest, html_page, untrusted};
 use axum::extract::{Form, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -152,9 +152,18 @@ async fn authorize_get(
 async fn authorize_post(
     State(p): State<Arc<Provider>>,
     headers: HeaderMap,
-    Form(request): Form<AuthorizeRequest>,
+    form: Result<Form<AuthorizeRequest>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    no_store(authorize(&p, &headers, request).await)
+    match form {
+        Ok(Form(request)) => no_store(authorize(&p, &headers, request).await),
+        // Over the body limit (413) or not a form: a page, as on every
+        // browser route.
+        Err(rejection) => no_store(refuse_page(
+            rejection.status(),
+            "Invalid sign-in request",
+            "The sign-in request could not be read: it is too large or malformed.",
+        )),
+    }
 }
 
 /// Errors before the redirect URI is trusted are shown, never redirected.
@@ -247,9 +256,18 @@ async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequ
             )
         }
     };
-    // 3. Who the browser is, by the platform's token.
+    // 3. Who the browser is, by the platform's token. With `prompt=none`
+    //    no session is the client's error, never a login page (OIDC Core
+    //    3.1.2.6).
+    let silent = request
+        .prompt
+        .as_deref()
+        .is_some_and(|p| p.split(' ').any(|x| x == "none"));
     let presented = bearer(headers).or(request.platform_token.take());
     let Some(platform_token) = presented else {
+        if silent {
+            return fail("login_required", "no platform session");
+        }
         return match &p.login {
             Some(login) => {
                 let mut back = url::Url::parse(&p.endpoint("/authorize")).expect("issuer URL");
@@ -271,9 +289,14 @@ async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequ
     let identity = match p.platform.verify(&platform_token).await {
         Ok(id) => id,
         Err(e) => {
-            tracing::info!(reason = %e, "authorize: platform token refused");
+            tracing::info!(reason = %untrusted(&e), "authorize: platform token refused");
+            if silent && !e.is_unavailable() {
+                return fail("login_required", "the platform session is not valid");
+            }
             let status = if e.is_unavailable() {
                 StatusCode::SERVICE_UNAVAILABLE
+            } else if matches!(e, PlatformError::TooLarge) {
+                StatusCode::PAYLOAD_TOO_LARGE
             } else {
                 StatusCode::UNAUTHORIZED
             };
@@ -284,7 +307,10 @@ async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequ
     let account = match p.directory.lookup(&identity.tenant, &identity.subject) {
         Ok(a) => a,
         Err(e) => {
-            tracing::info!(tenant = %identity.tenant, reason = %e, "authorize: no usable account");
+            tracing::info!(
+                tenant = %untrusted(&identity.tenant), reason = %untrusted(&e),
+                "authorize: no usable account"
+            );
             let (status, detail) = lookup_page(&e);
             return refuse_page(status, "No chat account", detail);
         }
@@ -447,7 +473,7 @@ async fn token(
         .get(&client_id)
         .filter(|c| secret_matches(&c.secret_digest, &secret))
     else {
-        tracing::info!(client = %client_id, "token: client authentication failed");
+        tracing::info!(client = %untrusted(&client_id), "token: client authentication failed");
         return oauth_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",

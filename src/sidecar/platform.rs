@@ -6,13 +6,17 @@
 //! `nbf` honoured, a small leeway. Keys never come from the token itself
 //! (`jku`, `x5u`, `jwk` headers are ignored).
 
+use futures::future::{BoxFuture, FutureExt, Shared};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Mutex;
+
+/// The largest platform token read, on every carrier (query, form, Bearer
+/// header): a JWT of a few claims is well under 2 KiB.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 /// Why a platform token was refused. The message is safe to show; it never
 /// contains the token.
@@ -22,6 +26,8 @@ pub enum PlatformError {
     Missing,
     #[error("the platform token is malformed")]
     Malformed,
+    #[error("the platform token is too large (over 16 KiB)")]
+    TooLarge,
     #[error("the platform token's algorithm {0} is not allowed")]
     AlgorithmNotAllowed(String),
     #[error("the platform token names no key id (kid)")]
@@ -101,22 +107,48 @@ struct CachedJwks {
     fetched: Instant,
 }
 
+/// A fetch of the JWKS in flight, shared by every request waiting for it;
+/// it yields the failure's text, or nothing (the document is in the cache).
+type Fetch = Shared<BoxFuture<'static, Result<(), String>>>;
+
+/// What is known of the platform's JWKS. Locked only briefly, never across
+/// a fetch: requests that can be answered from the cache never wait.
+#[derive(Default)]
+struct JwksState {
+    cached: Option<CachedJwks>,
+    /// When the last fetch failed, and why.
+    failed: Option<(Instant, String)>,
+    in_flight: Option<Fetch>,
+}
+
 /// Verifies platform tokens; cheap to clone.
 #[derive(Clone)]
 pub struct PlatformVerifier {
     settings: Arc<PlatformSettings>,
     http: reqwest::Client,
-    jwks: Arc<Mutex<Option<CachedJwks>>>,
+    jwks: Arc<Mutex<JwksState>>,
 }
 
 /// An unknown `kid` fetches the JWKS again at most this often, so forged
 /// tokens cannot turn the sidecar into a request amplifier.
 const MIN_REFETCH: Duration = Duration::from_secs(10);
 
+/// After a failed fetch the JWKS is not fetched again for this long:
+/// requests that need it meanwhile fail at once (503), instead of each
+/// waiting for a fetch of its own.
+pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// How long one fetch of the JWKS may take.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl PlatformVerifier {
     pub fn new(settings: PlatformSettings) -> Self {
+        Self::with_fetch_timeout(settings, FETCH_TIMEOUT)
+    }
+
+    pub fn with_fetch_timeout(settings: PlatformSettings, timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
+            .timeout(timeout)
             .build()
             .expect("HTTP client");
         PlatformVerifier {
@@ -132,6 +164,9 @@ impl PlatformVerifier {
 
     /// Checks a token and returns the identity it names.
     pub async fn verify(&self, token: &str) -> Result<PlatformIdentity, PlatformError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(PlatformError::TooLarge);
+        }
         let header = decode_header(token).map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::InvalidAlgorithmName => {
                 PlatformError::AlgorithmNotAllowed("(unsupported)".into())
@@ -163,31 +198,65 @@ impl PlatformVerifier {
     }
 
     /// The key for `kid`, from the cache or a fresh fetch of the JWKS.
+    ///
+    /// One fetch at a time (single flight): concurrent requests that need
+    /// it wait for the same one, so an unreachable JWKS costs them one
+    /// timeout together, not one each in turn. A failed fetch is not
+    /// retried for [`RETRY_AFTER_FAILURE`]. A cached document that names
+    /// the `kid` answers at once, even when due for a refresh (which then
+    /// runs in the background); a stale document still verifies while the
+    /// platform is down.
     async fn jwks_key(&self, kid: &str, alg: Algorithm) -> Result<DecodingKey, PlatformError> {
         let PlatformKeys::Jwks { url, refresh, .. } = &self.settings.keys else {
             unreachable!("only called for JWKS settings");
         };
-        let mut cache = self.jwks.lock().await;
-        let stale = cache
-            .as_ref()
-            .is_none_or(|c| c.fetched.elapsed() > *refresh);
-        let missing = cache
-            .as_ref()
-            .is_some_and(|c| c.keys.find(kid).is_none() && c.fetched.elapsed() > MIN_REFETCH);
-        if stale || missing {
-            match self.fetch_jwks(url).await {
-                Ok(keys) => {
-                    *cache = Some(CachedJwks {
-                        keys,
-                        fetched: Instant::now(),
-                    })
+        let wait = {
+            let mut state = self.jwks.lock().expect("jwks lock");
+            let recently_failed = state
+                .failed
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() < RETRY_AFTER_FAILURE)
+                .map(|(_, why)| why.clone());
+            let known = state
+                .cached
+                .as_ref()
+                .is_some_and(|c| c.keys.find(kid).is_some());
+            let stale = state
+                .cached
+                .as_ref()
+                .is_none_or(|c| c.fetched.elapsed() > *refresh);
+            if known {
+                if stale && recently_failed.is_none() {
+                    // Refreshed in the background; this request goes on.
+                    drop(self.fetch(&mut state, url));
                 }
-                // A stale document still verifies while the platform is down.
-                Err(e) if cache.is_none() => return Err(e),
-                Err(e) => tracing::warn!(error = %e, "keeping the cached platform JWKS"),
+                None
+            } else if state
+                .cached
+                .as_ref()
+                .is_some_and(|c| c.fetched.elapsed() <= MIN_REFETCH)
+            {
+                return Err(PlatformError::UnknownKey);
+            } else if let Some(why) = recently_failed {
+                return Err(if state.cached.is_some() {
+                    PlatformError::UnknownKey
+                } else {
+                    PlatformError::KeysUnavailable(why)
+                });
+            } else {
+                Some(self.fetch(&mut state, url))
+            }
+        };
+        if let Some(fetch) = wait {
+            if let Err(why) = fetch.await {
+                if self.jwks.lock().expect("jwks lock").cached.is_none() {
+                    return Err(PlatformError::KeysUnavailable(why));
+                }
             }
         }
-        let jwk = cache
+        let state = self.jwks.lock().expect("jwks lock");
+        let jwk = state
+            .cached
             .as_ref()
             .and_then(|c| c.keys.find(kid))
             .ok_or(PlatformError::UnknownKey)?;
@@ -198,6 +267,54 @@ impl PlatformVerifier {
             }
         }
         DecodingKey::from_jwk(jwk).map_err(|e| PlatformError::Invalid(e.to_string()))
+    }
+
+    /// The fetch in flight, or a new one. The fetch runs as a task of its
+    /// own and records its outcome, whether or not anyone still waits.
+    fn fetch(&self, state: &mut JwksState, url: &str) -> Fetch {
+        if let Some(fetch) = &state.in_flight {
+            return fetch.clone();
+        }
+        let (this, url) = (self.clone(), url.to_string());
+        let task = tokio::spawn(async move {
+            let outcome = this.fetch_jwks(&url).await;
+            let mut state = this.jwks.lock().expect("jwks lock");
+            state.in_flight = None;
+            match outcome {
+                Ok(keys) => {
+                    state.cached = Some(CachedJwks {
+                        keys,
+                        fetched: Instant::now(),
+                    });
+                    state.failed = None;
+                    Ok(())
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    tracing::warn!(
+                        error = %super::untrusted(&why),
+                        cached = state.cached.is_some(),
+                        "the platform JWKS could not be fetched"
+                    );
+                    state.failed = Some((Instant::now(), why.clone()));
+                    Err(why)
+                }
+            }
+        });
+        let jwks = self.jwks.clone();
+        let fetch = async move {
+            task.await.unwrap_or_else(|e| {
+                let mut state = jwks.lock().expect("jwks lock");
+                state.in_flight = None;
+                let why = format!("the JWKS fetch failed: {e}");
+                state.failed = Some((Instant::now(), why.clone()));
+                Err(why)
+            })
+        }
+        .boxed()
+        .shared();
+        state.in_flight = Some(fetch.clone());
+        fetch
     }
 
     async fn fetch_jwks(&self, url: &str) -> Result<JwkSet, PlatformError> {
@@ -313,6 +430,77 @@ mod tests {
 
     fn b64(v: &serde_json::Value) -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    /// A JWKS URL whose server accepts connections and never answers.
+    async fn hung_jwks() -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        (url, task)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_jwks_is_waited_for_once_then_fails_fast() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (url, hole) = hung_jwks().await;
+        let timeout = Duration::from_secs(1);
+        let verifier = PlatformVerifier::with_fetch_timeout(
+            PlatformSettings {
+                keys: PlatformKeys::Jwks {
+                    url,
+                    algorithms: vec![Algorithm::ES256],
+                    refresh: Duration::from_secs(300),
+                },
+                ..settings()
+            },
+            timeout,
+        );
+        // Only the header matters: the key is looked up before the signature.
+        let token = format!(
+            "{}.{}.c2ln",
+            b64(&json!({"alg": "ES256", "kid": "k1"})),
+            b64(&claims())
+        );
+        let started = Instant::now();
+        let outcomes = futures::future::join_all((0..10).map(|_| verifier.verify(&token))).await;
+        for outcome in outcomes {
+            assert!(
+                matches!(outcome, Err(PlatformError::KeysUnavailable(_))),
+                "{outcome:?}"
+            );
+        }
+        assert!(
+            started.elapsed() < timeout * 2,
+            "10 concurrent verifications took {:?}: they waited in turn",
+            started.elapsed()
+        );
+        // Within the negative-cache window: no new fetch, an answer at once.
+        let started = Instant::now();
+        assert!(matches!(
+            verifier.verify(&token).await,
+            Err(PlatformError::KeysUnavailable(_))
+        ));
+        assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+        hole.abort();
+    }
+
+    #[tokio::test]
+    async fn oversized_tokens_are_refused_unread() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let verifier = PlatformVerifier::new(settings());
+        let mut c = claims();
+        c["pad"] = json!("a".repeat(MAX_TOKEN_BYTES));
+        assert!(matches!(
+            verifier.verify(&hs256(&c)).await,
+            Err(PlatformError::TooLarge)
+        ));
+        assert!(verifier.verify(&hs256(&claims())).await.is_ok());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The Helm chart (`charts/openmeet-matrix-operator`): it lints, its schema
 //! refuses wrong values, what it renders is accepted by the real API server,
 //! its CRDs are the generated ones, and the shipped binaries, configured as
-//! its Deployment configures them, work under exactly the RBAC it grants.
+//! its Deployments configure them, work under exactly the RBAC it grants,
+//! each under its own ServiceAccount.
 
 use crate::harness::{free_port, https_client, unique, wait_for, Options, Stack, TestEnv, LABEL};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -94,6 +95,36 @@ fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     docs.iter().filter(|d| d["kind"] == kind).collect()
 }
 
+/// The Deployment of one component (`controller`, `sidecar`).
+fn deployment<'a>(docs: &'a [Value], component: &str) -> &'a Value {
+    of_kind(docs, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["labels"]["app.kubernetes.io/component"] == component)
+        .unwrap_or_else(|| panic!("no {component} Deployment"))
+}
+
+/// Creates the namespaces a manifest declares (for real: a dry run of a
+/// Role in a namespace that does not exist yet is refused).
+async fn create_namespaces(docs: &[Value]) {
+    let namespaces: Vec<&Value> = of_kind(docs, "Namespace");
+    if namespaces.is_empty() {
+        return;
+    }
+    let (ok, out) = kubectl(
+        Stack::get().var("KUBECONFIG"),
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=chart-test",
+            "-f",
+            "-",
+        ],
+        Some(to_yaml_stream(&namespaces)),
+    )
+    .await;
+    assert!(ok, "creating the chart's namespaces: {out}");
+}
+
 fn container<'a>(deployment: &'a Value, name: &str) -> &'a Value {
     deployment["spec"]["template"]["spec"]["containers"]
         .as_array()
@@ -154,26 +185,45 @@ async fn chart_lints_renders_and_applies_with_server_side_dry_run() {
         String::from_utf8_lossy(&lint.stderr)
     );
 
-    // The default shape, and the namespaced one without the sidecar.
+    // The default shape, the namespaced one, and the namespaced one without
+    // the sidecar.
     let variants = [
         (
             json!({}),
-            vec!["ClusterRole", "ConfigMap", "PodDisruptionBudget"],
+            vec![
+                "ClusterRole",
+                "ConfigMap",
+                "PodDisruptionBudget",
+                "Namespace",
+            ],
             vec![],
+            2,
+        ),
+        (
+            json!({"watchNamespace": ns}),
+            vec!["Role", "ClusterRole", "ConfigMap", "Namespace"],
+            vec![],
+            2,
         ),
         (
             json!({"watchNamespace": ns, "sidecar": {"enabled": false}, "replicas": 1}),
             // Namespaces are cluster-scoped: the controller reads tenant labels.
             vec!["Role", "ClusterRole"],
-            vec!["ConfigMap", "PodDisruptionBudget"],
+            vec!["ConfigMap", "PodDisruptionBudget", "Namespace"],
+            1,
         ),
     ];
-    for (overrides, expected, absent) in variants {
+    for (overrides, expected, absent, deployments) in variants {
         let release = unique("dry");
         let manifest = template(&dir, &release, ns, &overrides).expect("helm template");
         let docs = documents(&manifest);
         let mut kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
         kinds.sort();
+        // One Deployment and one ServiceAccount per component.
+        for kind in ["Deployment", "ServiceAccount"] {
+            let count = kinds.iter().filter(|k| **k == kind).count();
+            assert_eq!(count, deployments, "{kind}s in {kinds:?} for {overrides}");
+        }
         for kind in ["Deployment", "Service", "ServiceAccount", "RoleBinding"]
             .into_iter()
             .chain(expected)
@@ -188,12 +238,14 @@ async fn chart_lints_renders_and_applies_with_server_side_dry_run() {
         }
         if overrides.get("watchNamespace").is_some() {
             // Scoped to one namespace, the cluster-wide grant is namespaces only.
-            let cluster_role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
-            assert_eq!(
-                cluster_role["rules"],
-                json!([{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}])
-            );
+            for cluster_role in of_kind(&docs, "ClusterRole") {
+                assert_eq!(
+                    cluster_role["rules"],
+                    json!([{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}])
+                );
+            }
         }
+        create_namespaces(&docs).await;
         let (ok, out) = kubectl(
             stack.var("KUBECONFIG"),
             &[
@@ -228,6 +280,15 @@ async fn chart_lints_renders_and_applies_with_server_side_dry_run() {
     );
     let unknown = template(&dir, "bad", ns, &json!({"controler": {}})).unwrap_err();
     assert!(unknown.contains("controler"), "{unknown}");
+    // The sidecar's records never share the leader Lease's namespace.
+    let shared = template(
+        &dir,
+        "bad",
+        ns,
+        &json!({"sidecar": {"stateNamespace": {"name": ns}}}),
+    )
+    .unwrap_err();
+    assert!(shared.contains("stateNamespace"), "{shared}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -266,7 +327,7 @@ fn impersonating(dir: &Path, user: &str, groups: &[String]) -> String {
         entry["user"]["as"] = json!(user);
         entry["user"]["as-groups"] = json!(groups);
     }
-    let path = dir.join("kubeconfig-impersonating");
+    let path = dir.join(format!("kubeconfig-as-{}", user.replace(':', "-")));
     std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
     path.display().to_string()
 }
@@ -280,6 +341,34 @@ fn plain_env(container: &Value) -> Vec<(String, String)> {
         .flatten()
         .filter_map(|e| Some((e["name"].as_str()?.into(), e["value"].as_str()?.into())))
         .collect()
+}
+
+/// The downward-API environment values of a rendered container, as the
+/// kubelet would fill them in for pod `pod` in namespace `ns`: only those
+/// the container declares.
+fn downward_env(container: &Value, pod: &str, ns: &str) -> Vec<(String, String)> {
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let field = e["valueFrom"]["fieldRef"]["fieldPath"].as_str()?;
+            let value = match field {
+                "metadata.name" => pod,
+                "metadata.namespace" => ns,
+                other => panic!("unexpected downward-API field {other}"),
+            };
+            Some((e["name"].as_str()?.to_string(), value.to_string()))
+        })
+        .collect()
+}
+
+/// The ServiceAccount a rendered Deployment's pods run as.
+fn service_account(deployment: &Value) -> String {
+    deployment["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .expect("serviceAccountName")
+        .to_string()
 }
 
 #[tokio::test]
@@ -321,20 +410,34 @@ async fn controller_works_under_exactly_the_charts_rbac() {
     )
     .expect("helm template");
     let docs = documents(&manifest);
-    let deployment = of_kind(&docs, "Deployment")[0];
-    let account = of_kind(&docs, "ServiceAccount")[0]["metadata"]["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let controller_deployment = deployment(&docs, "controller");
+    let sidecar_deployment = deployment(&docs, "sidecar");
+    let account = service_account(controller_deployment);
+    let sidecar_account = service_account(sidecar_deployment);
+    assert_ne!(account, sidecar_account, "the sidecar has its own account");
+    for name in [&account, &sidecar_account] {
+        assert!(
+            of_kind(&docs, "ServiceAccount")
+                .iter()
+                .any(|a| a["metadata"]["name"] == name.as_str()),
+            "the chart creates {name}"
+        );
+    }
 
-    // The chart's permissions, for real; nothing else is granted to the account.
+    // The chart's permissions, for real; nothing else is granted to the
+    // accounts. The sidecar's records have a namespace of their own.
+    create_namespaces(&docs).await;
     let rbac: Vec<&Value> = docs
         .iter()
         .filter(|d| RBAC_KINDS.iter().any(|k| d["kind"] == *k))
         .collect();
     let _cleanup = ClusterScoped(
         rbac.iter()
-            .filter(|d| d["kind"].as_str().unwrap().starts_with("Cluster"))
+            .chain(of_kind(&docs, "Namespace").iter())
+            .filter(|d| {
+                let kind = d["kind"].as_str().unwrap();
+                kind.starts_with("Cluster") || kind == "Namespace"
+            })
             .map(|d| {
                 (
                     d["kind"].as_str().unwrap().to_string(),
@@ -358,7 +461,7 @@ async fn controller_works_under_exactly_the_charts_rbac() {
     assert!(ok, "applying the chart's RBAC: {out}");
 
     // The registration's tokens, under the name the chart points the controller at.
-    let controller_env = plain_env(container(deployment, "controller"));
+    let controller_env = plain_env(container(controller_deployment, "controller"));
     let lookup = |key: &str| {
         controller_env
             .iter()
@@ -386,16 +489,20 @@ async fn controller_works_under_exactly_the_charts_rbac() {
         .await
         .expect("copy the appservice Secret");
 
-    // Act as the ServiceAccount. The stack's admin (system:masters) may.
-    let kubeconfig = impersonating(
-        &dir,
-        &format!("system:serviceaccount:{ns}:{account}"),
-        &[
-            "system:serviceaccounts".into(),
-            format!("system:serviceaccounts:{ns}"),
-            "system:authenticated".into(),
-        ],
-    );
+    // Act as the ServiceAccounts. The stack's admin (system:masters) may.
+    let as_account = |name: &str| {
+        impersonating(
+            &dir,
+            &format!("system:serviceaccount:{ns}:{name}"),
+            &[
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{ns}"),
+                "system:authenticated".into(),
+            ],
+        )
+    };
+    let kubeconfig = as_account(&account);
+    let sidecar_kubeconfig = as_account(&sidecar_account);
     let (allowed, out) = kubectl(
         &kubeconfig,
         &["-n", &ns, "get", "secret", secret_name, "-o", "name"],
@@ -426,7 +533,8 @@ async fn controller_works_under_exactly_the_charts_rbac() {
     let pod_name = format!("{release}-controller");
     assert_eq!(lookup("LEADER_ELECT"), "true");
     let args: Vec<String> =
-        serde_json::from_value(container(deployment, "controller")["args"].clone()).unwrap();
+        serde_json::from_value(container(controller_deployment, "controller")["args"].clone())
+            .unwrap();
     let log = dir.join("controller.log");
     let _controller = tokio::process::Command::new(env!("CARGO_BIN_EXE_openmeet-matrix-operator"))
         .args(&args)
@@ -502,7 +610,7 @@ async fn controller_works_under_exactly_the_charts_rbac() {
 
     // The sidecar, with the chart's own configuration file: only the mounted
     // paths are swapped for the stack's files.
-    let sidecar = container(deployment, "sidecar");
+    let sidecar = container(sidecar_deployment, "sidecar");
     let config_map = of_kind(&docs, "ConfigMap")[0];
     let mut config: Value =
         serde_yaml::from_str(config_map["data"]["sidecar.yaml"].as_str().unwrap()).unwrap();
@@ -564,9 +672,8 @@ async fn controller_works_under_exactly_the_charts_rbac() {
         .arg(&config_path)
         .env_clear()
         .envs(plain_env(sidecar))
-        .env("KUBECONFIG", &kubeconfig)
-        .env("POD_NAME", &sidecar_pod)
-        .env("POD_NAMESPACE", &ns)
+        .envs(downward_env(sidecar, &sidecar_pod, &ns))
+        .env("KUBECONFIG", &sidecar_kubeconfig)
         // No fixed metrics port: tests run side by side.
         .env("SIDECAR_METRICS_LISTEN", "off")
         .stdout(Stdio::null())
@@ -635,7 +742,19 @@ async fn controller_works_under_exactly_the_charts_rbac() {
     assert_eq!(first.status(), reqwest::StatusCode::OK, "first redemption");
     let replay = redeem().await.unwrap();
     assert_eq!(replay.status(), reqwest::StatusCode::BAD_REQUEST, "replay");
-    let records = leases
+    // The records are in the sidecar's own namespace, none beside the
+    // leader Lease.
+    let state_namespace = config["stateNamespace"].as_str().expect("stateNamespace");
+    assert_ne!(state_namespace, ns);
+    assert!(of_kind(&docs, "Namespace")
+        .iter()
+        .any(|n| n["metadata"]["name"] == state_namespace));
+    let beside_leader = leases
+        .list(&ListParams::default().labels("matrix.openmeet.net/oidc-code"))
+        .await
+        .unwrap();
+    assert!(beside_leader.items.is_empty(), "no record in {ns}");
+    let records = Api::<Lease>::namespaced(env.client.clone(), state_namespace)
         .list(&ListParams::default().labels("matrix.openmeet.net/oidc-code"))
         .await
         .unwrap();
@@ -659,5 +778,65 @@ async fn controller_works_under_exactly_the_charts_rbac() {
         !sidecar_logged.to_lowercase().contains("forbidden"),
         "no request was refused:\n{sidecar_logged}"
     );
+
+    // What the internet-facing sidecar may not do: touch the leader Lease
+    // (or any Lease beside it), write MatrixUsers, read other Secrets.
+    let leader_patch = r#"{"metadata":{"annotations":{"openmeet.test/tampered":"yes"}}}"#;
+    for (what, args) in [
+        (
+            "patch the leader Lease",
+            vec![
+                "-n",
+                &ns,
+                "patch",
+                "lease",
+                &lease_name,
+                "--type=merge",
+                "-p",
+                leader_patch,
+            ],
+        ),
+        (
+            "delete the leader Lease",
+            vec!["-n", &ns, "delete", "lease", &lease_name],
+        ),
+        (
+            "read the leader Lease",
+            vec!["-n", &ns, "get", "lease", &lease_name],
+        ),
+        ("list Leases beside it", vec!["-n", &ns, "get", "leases"]),
+        (
+            "write a MatrixUser",
+            vec![
+                "-n",
+                &ns,
+                "label",
+                "matrixuser",
+                "ann",
+                "openmeet.test/tampered=yes",
+            ],
+        ),
+        ("read another Secret", vec!["-n", &ns, "get", "secrets"]),
+        ("read MatrixRooms", vec!["-n", &ns, "get", "matrixrooms"]),
+    ] {
+        let (allowed, out) = kubectl(&sidecar_kubeconfig, &args, None).await;
+        assert!(
+            !allowed && out.contains("Forbidden"),
+            "the sidecar's account may {what}: {out}"
+        );
+    }
+    let lease = leases.get(&lease_name).await.unwrap();
+    assert!(
+        !lease
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("openmeet.test/tampered"),
+        "the leader Lease is untouched"
+    );
+    // And the controller's account has no business with the records.
+    let (allowed, out) =
+        kubectl(&kubeconfig, &["-n", state_namespace, "get", "leases"], None).await;
+    assert!(!allowed && out.contains("Forbidden"), "{out}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -6,6 +6,7 @@ mod chart;
 mod crds;
 mod feed;
 mod ha;
+mod hardening;
 mod harm;
 mod harness;
 mod proxy;

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 pub const PLATFORM_ISSUER: &str = "https://platform.openmeet.test";
 pub const PLATFORM_AUDIENCE: &str = "openmeet-matrix";
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     jsonwebtoken::get_current_timestamp()
 }
 
@@ -42,12 +42,12 @@ pub fn platform_token(subject: &str, tenant: &str) -> String {
     platform_token_with(&platform_claims(subject, tenant))
 }
 
-fn client_secret() -> String {
+pub(crate) fn client_secret() -> String {
     let path = Stack::get().var("OIDC_CLIENT_SECRET_FILE");
     std::fs::read_to_string(path).unwrap().trim().to_string()
 }
 
-fn callback() -> String {
+pub(crate) fn callback() -> String {
     format!(
         "{}/_synapse/client/oidc/callback",
         Stack::get().var("SYNAPSE_URL")
@@ -61,7 +61,7 @@ fn pkce() -> (String, String) {
     (verifier, challenge)
 }
 
-fn location(r: &reqwest::Response) -> url::Url {
+pub(crate) fn location(r: &reqwest::Response) -> url::Url {
     let raw = r
         .headers()
         .get("location")
@@ -71,12 +71,12 @@ fn location(r: &reqwest::Response) -> url::Url {
     url::Url::parse(raw).unwrap()
 }
 
-fn query(url: &url::Url) -> HashMap<String, String> {
+pub(crate) fn query(url: &url::Url) -> HashMap<String, String> {
     url.query_pairs().into_owned().collect()
 }
 
 /// Creates a user with a subject and waits until it is Ready.
-async fn ready_user(env: &TestEnv, name: &str) -> (String, String, String) {
+pub(crate) async fn ready_user(env: &TestEnv, name: &str) -> (String, String, String) {
     let subject = unique("sub");
     let localpart = unique(name);
     env.create_user(
@@ -103,14 +103,14 @@ async fn whoami(synapse: &str, token: &str) -> (StatusCode, Value) {
 }
 
 /// One authorization request, as a client of the sidecar.
-struct Authorization {
-    params: Vec<(String, String)>,
-    verifier: String,
+pub(crate) struct Authorization {
+    pub(crate) params: Vec<(String, String)>,
+    pub(crate) verifier: String,
     nonce: String,
 }
 
 impl Authorization {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let (verifier, challenge) = pkce();
         let nonce = unique("nonce");
         let params = [
@@ -133,7 +133,7 @@ impl Authorization {
         }
     }
 
-    fn set(mut self, key: &str, value: Option<&str>) -> Self {
+    pub(crate) fn set(mut self, key: &str, value: Option<&str>) -> Self {
         self.params.retain(|(k, _)| k != key);
         if let Some(v) = value {
             self.params.push((key.to_string(), v.to_string()));
@@ -141,7 +141,7 @@ impl Authorization {
         self
     }
 
-    async fn send(&self, base: &str, platform_token: Option<&str>) -> reqwest::Response {
+    pub(crate) async fn send(&self, base: &str, platform_token: Option<&str>) -> reqwest::Response {
         let mut request = https_client()
             .get(format!("{base}/authorize"))
             .query(&self.params);
@@ -152,7 +152,7 @@ impl Authorization {
     }
 
     /// The code from a successful authorization.
-    async fn code(&self, base: &str, platform_token: &str) -> String {
+    pub(crate) async fn code(&self, base: &str, platform_token: &str) -> String {
         let r = self.send(base, Some(platform_token)).await;
         assert_eq!(r.status(), StatusCode::SEE_OTHER, "authorize redirects");
         let to = location(&r);
@@ -163,7 +163,12 @@ impl Authorization {
     }
 }
 
-async fn redeem(base: &str, code: &str, verifier: &str, secret: &str) -> reqwest::Response {
+pub(crate) async fn redeem(
+    base: &str,
+    code: &str,
+    verifier: &str,
+    secret: &str,
+) -> reqwest::Response {
     https_client()
         .post(format!("{base}/token"))
         .basic_auth("synapse", Some(secret))
@@ -695,8 +700,8 @@ async fn tokens_die_when_the_user_is_locked_deactivated_or_deleted() {
 
 /// A sidecar of the test's own: the shipped binary with its own config file,
 /// key directory and port (Synapse never talks to it; the test is the client).
-struct OwnSidecar {
-    base: String,
+pub(crate) struct OwnSidecar {
+    pub(crate) base: String,
     metrics: String,
     keys: std::path::PathBuf,
     dir: std::path::PathBuf,
@@ -710,13 +715,13 @@ impl Drop for OwnSidecar {
 }
 
 /// The platform part of the config as YAML (indented under `platform:`).
-async fn own_sidecar(platform_yaml: &str) -> OwnSidecar {
+pub(crate) async fn own_sidecar(platform_yaml: &str) -> OwnSidecar {
     own_sidecar_with(platform_yaml, None, "").await
 }
 
 /// With a key directory of another sidecar (replicas share their Secret),
 /// and more top-level YAML.
-async fn own_sidecar_with(
+pub(crate) async fn own_sidecar_with(
     platform_yaml: &str,
     shared_keys: Option<&std::path::Path>,
     extra_yaml: &str,
@@ -797,12 +802,12 @@ metricsListen: "127.0.0.1:{metrics_port}"
 }
 
 impl OwnSidecar {
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("sidecar.log")).unwrap()
     }
 }
 
-fn generate_ec_key() -> Vec<u8> {
+pub(crate) fn generate_ec_key() -> Vec<u8> {
     let out = std::process::Command::new("openssl")
         .args([
             "genpkey",
@@ -817,7 +822,7 @@ fn generate_ec_key() -> Vec<u8> {
     out.stdout
 }
 
-fn hs256_platform_yaml() -> String {
+pub(crate) fn hs256_platform_yaml() -> String {
     format!(
         "  issuer: \"{PLATFORM_ISSUER}\"\n  audience: \"{PLATFORM_AUDIENCE}\"\n  secretFile: \"{}\"",
         Stack::get().var("PLATFORM_SECRET_FILE")

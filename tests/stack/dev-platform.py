@@ -5,10 +5,15 @@ The sidecar sends browsers without a platform session to
 GET /login?return_to=<sidecar authorize URL>. This page lists the sample
 MatrixUsers; picking one mints a platform JWT with the operator binary's
 `dev-token` subcommand (HS256, the stack's shared secret) and sends the
-browser back with `platform_token` added. It never runs in tests or in a
-cluster.
+browser back with `platform_token` added. It runs for `make dev` (and in the
+test that checks it), never in a cluster.
 
-Usage: dev-platform.py PORT   (environment: OPERATOR_BIN, KUBECTL, PLATFORM_*)
+It sends browsers back only to the sidecar's own authorize URL (scheme,
+host, port and path of SIDECAR_URL + /authorize; any query): any other
+`return_to` is refused with 400, so the page cannot be used to hand a
+platform token to another site.
+
+Usage: dev-platform.py PORT   (environment: SIDECAR_URL, OPERATOR_BIN, KUBECTL, PLATFORM_*)
 """
 import html
 import http.server
@@ -17,6 +22,21 @@ import os
 import subprocess
 import sys
 import urllib.parse
+
+# The sidecar's authorize endpoint: the only place browsers are sent back to.
+AUTHORIZE = urllib.parse.urlsplit(os.environ["SIDECAR_URL"].rstrip("/") + "/authorize")
+
+
+def allowed_return(return_to):
+    """Whether `return_to` is the sidecar's authorize URL (any query)."""
+    # urlsplit drops tabs and line breaks: refuse them before it can.
+    if not return_to or any(ord(c) < 0x20 or ord(c) == 0x7F for c in return_to):
+        return False
+    url = urllib.parse.urlsplit(return_to)
+    return (
+        (url.scheme, url.netloc, url.path) == (AUTHORIZE.scheme, AUTHORIZE.netloc, AUTHORIZE.path)
+        and not url.fragment
+    )
 
 
 def users():
@@ -43,6 +63,9 @@ class Login(http.server.BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
         return_to = query.get("return_to", "")
+        if url.path == "/login" and not allowed_return(return_to):
+            self.send_error(400, "return_to must be the sidecar's authorize URL")
+            return
         if url.path == "/login" and "subject" in query:
             token = subprocess.run(
                 [os.environ["OPERATOR_BIN"], "dev-token", "--subject", query["subject"], "--tenant", query["tenant"]],

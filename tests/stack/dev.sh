@@ -33,7 +33,7 @@ echo "dev: sidecar logs in $dir/sidecar.log" >&2
 "$OPERATOR_BIN" sidecar --config "$SIDECAR_CONFIG" \
   --platform-login-url "http://127.0.0.1:$platform_port/login" > "$dir/sidecar.log" 2>&1 &
 pids+=($!)
-OPERATOR_BIN="$OPERATOR_BIN" python3 "$here/dev-platform.py" "$platform_port" > "$dir/platform.log" 2>&1 &
+OPERATOR_BIN="$OPERATOR_BIN" SIDECAR_URL="$SIDECAR_URL" python3 "$here/dev-platform.py" "$platform_port" > "$dir/platform.log" 2>&1 &
 pids+=($!)
 
 "$KUBECTL" apply --server-side --field-manager dev -f "$repo/config/samples/" >/dev/null

@@ -5,7 +5,7 @@
 
 {{/*
 Full name: <release>-<chart>, or the release name when it already contains the
-chart name. Leaves room for the longest suffix ("-appservice").
+chart name. Leaves room for the longest suffixes ("-appservice", "-controller").
 */}}
 {{- define "omo.fullname" -}}
 {{- if .Values.fullnameOverride }}
@@ -34,6 +34,18 @@ app.kubernetes.io/name: {{ include "omo.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* Pods of the controller Deployment. */}}
+{{- define "omo.controllerSelectorLabels" -}}
+{{ include "omo.selectorLabels" . }}
+app.kubernetes.io/component: controller
+{{- end }}
+
+{{/* Pods of the sidecar Deployment. */}}
+{{- define "omo.sidecarSelectorLabels" -}}
+{{ include "omo.selectorLabels" . }}
+app.kubernetes.io/component: sidecar
+{{- end }}
+
 {{- define "omo.labels" -}}
 helm.sh/chart: {{ include "omo.chart" . }}
 {{ include "omo.selectorLabels" . }}
@@ -48,6 +60,31 @@ app.kubernetes.io/part-of: openmeet
 {{- else }}
 {{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
 {{- end }}
+{{- end }}
+
+{{/* The sidecar's own ServiceAccount: it faces the internet, so it holds
+only what it uses, and nothing of the controller's. */}}
+{{- define "omo.sidecarServiceAccountName" -}}
+{{- $sa := .Values.sidecar.serviceAccount }}
+{{- if $sa.create }}
+{{- default (printf "%s-sidecar" (include "omo.fullname" .)) $sa.name }}
+{{- else }}
+{{- required "sidecar.serviceAccount.name is required when sidecar.serviceAccount.create is false" $sa.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The namespace of the sidecar's code-redemption records (one Lease per
+redeemed authorization code, names not known in advance). It is their own:
+the sidecar may read, patch and delete every Lease there, so it must not be
+the release namespace, where the controller's leader Lease lives.
+*/}}
+{{- define "omo.stateNamespace" -}}
+{{- $ns := default (printf "%s-oidc-codes" (include "omo.clusterName" .) | trunc 63 | trimSuffix "-") .Values.sidecar.stateNamespace.name }}
+{{- if or (eq $ns .Release.Namespace) (eq $ns (default "" .Values.watchNamespace)) }}
+{{- fail "sidecar.stateNamespace.name must be a namespace of its own: not the release namespace (the controller's leader Lease) nor watchNamespace" }}
+{{- end }}
+{{- $ns }}
 {{- end }}
 
 {{- define "omo.image" -}}
@@ -71,6 +108,16 @@ app.kubernetes.io/part-of: openmeet
 {{/* The platform's HS256 secret is mounted only without a JWKS URL. */}}
 {{- define "omo.platformSecretMounted" -}}
 {{- if not .Values.sidecar.platform.jwksUrl }}true{{ end }}
+{{- end }}
+
+{{/* The pod security context both Deployments share. */}}
+{{- define "omo.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
 {{- end }}
 
 {{/* The hardened container security context both containers share. */}}
@@ -103,4 +150,10 @@ seccompProfile:
   - apiGroups: [""]
     resources: ["namespaces"]
     verbs: ["list", "watch"]
+{{- end }}
+{{/* The sidecar's view of MatrixUsers: read only. */}}
+{{- define "omo.sidecarUserRules" }}
+  - apiGroups: ["matrix.openmeet.net"]
+    resources: ["matrixusers"]
+    verbs: ["get", "list", "watch"]
 {{- end }}
