@@ -1,5 +1,6 @@
 //! `MatrixUser` controller: the I/O shell around [`plan`].
 
+pub mod handle;
 pub mod plan;
 
 use super::backoff::jitter;
@@ -148,9 +149,7 @@ fn legacy_marker(user: &MatrixUser, user_id: &str) -> Option<ExternalId> {
 /// Whether this object holds its localpart (oldest claim wins, homeserver-wide).
 /// `Err` names the holder, for the operator's log only.
 fn holds_localpart(user: &MatrixUser, ctx: &Context) -> Result<(), String> {
-    claims::check(&ctx.users.state(), user, |u| {
-        u.spec.localpart == user.spec.localpart
-    })
+    claims::holds_localpart(&ctx.users.state(), user)
 }
 
 /// The tenant the object's namespace belongs to, from its label.
@@ -220,10 +219,7 @@ async fn apply(
         legacy_marker: legacy_marker(user, user_id.as_str()),
         sso_provider: &sso_provider,
         sso_subject,
-        reserved: ctx
-            .config
-            .reserved_localparts
-            .contains(&user.spec.localpart),
+        reserved: claims::is_reserved(&ctx.config.reserved_localparts, &user.spec.localpart),
         admin_allowed: ctx.config.admin_namespaces.contains(&ns),
         adoption_allowed: ctx.config.adopt_namespaces.contains(&ns),
         email_held,
