@@ -269,6 +269,11 @@ impl Directory {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// Every `MatrixUser` in the cache (all tenants in scope), for claims.
+    pub fn users(&self) -> Vec<Arc<MatrixUser>> {
+        self.users.state()
+    }
+
     /// The usable account for a platform identity.
     pub fn lookup(&self, tenant: &str, subject: &str) -> Result<Account, LookupError> {
         if !self.is_ready() {

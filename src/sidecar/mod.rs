@@ -6,6 +6,7 @@ pub mod config;
 pub mod credentials;
 pub mod directory;
 pub mod grants;
+pub mod handles;
 pub mod keys;
 pub mod oidc;
 pub mod platform;
@@ -151,6 +152,7 @@ pub struct Settings {
     pub synapse: SynapseConfig,
     pub homeserver_public_url: String,
     pub credentials: credentials::CredentialSettings,
+    pub handles: handles::HandleSettings,
     pub lifetimes: oidc::Lifetimes,
     pub scope: directory::DirectoryScope,
     pub reload: Duration,
@@ -282,6 +284,28 @@ impl Settings {
             per_minute: non_zero(c.requests_per_minute, 30, "credentials.requestsPerMinute")?,
             burst: non_zero(c.burst, 10, "credentials.burst")?,
         };
+        let admin_localpart = hs
+            .admin_localpart
+            .unwrap_or_else(|| "openmeet-admin".into());
+        let sender_localpart = hs
+            .sender_localpart
+            .unwrap_or_else(|| "openmeet-operator".into());
+        let h = config.handles;
+        let mut reserved = crate::controller::OperatorConfig::builtin_reserved(
+            &admin_localpart,
+            &sender_localpart,
+        );
+        reserved.extend(
+            h.reserved_localparts
+                .into_iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty()),
+        );
+        let handles = handles::HandleSettings {
+            reserved,
+            per_minute: non_zero(h.requests_per_minute, 60, "handles.requestsPerMinute")?,
+            burst: non_zero(h.burst, 20, "handles.burst")?,
+        };
         if credentials.renew_before >= credentials.token_lifetime {
             return Err(Error::Config(
                 "credentials.renewBeforeSeconds must be shorter than tokenLifetimeSeconds".into(),
@@ -304,13 +328,12 @@ impl Settings {
             synapse: SynapseConfig {
                 url,
                 server_name: required(hs.server_name, "homeserver.serverName")?,
-                admin_localpart: hs
-                    .admin_localpart
-                    .unwrap_or_else(|| "openmeet-admin".into()),
+                admin_localpart,
                 as_token,
                 timeout: Duration::from_secs(10),
             },
             credentials,
+            handles,
             lifetimes: oidc::Lifetimes {
                 code: secs(o.code_seconds, defaults.code),
                 id_token: secs(o.id_token_seconds, defaults.id_token),
@@ -432,12 +455,14 @@ pub fn router(
     issuer_path: &str,
     provider: Arc<oidc::Provider>,
     credentials: Arc<credentials::CredentialService>,
+    handles: Arc<handles::HandleService>,
     directory: directory::Directory,
     metrics: SidecarMetrics,
 ) -> Router {
     let api = Router::new()
         .route("/api/v1/credentials", post(credentials::handler))
-        .with_state(credentials);
+        .with_state(credentials)
+        .merge(handles::router(handles));
     let health = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -490,6 +515,12 @@ pub async fn run(
         lifetimes: settings.lifetimes,
         redemptions,
     });
+    let handles = Arc::new(handles::HandleService::new(
+        directory.clone(),
+        verifier.clone(),
+        synapse.clone(),
+        settings.handles,
+    ));
     let credentials = Arc::new(credentials::CredentialService::new(
         settings.homeserver_public_url,
         directory.clone(),
@@ -501,6 +532,7 @@ pub async fn run(
         &settings.issuer_path,
         provider.clone(),
         credentials.clone(),
+        handles.clone(),
         directory,
         metrics.clone(),
     );
@@ -544,6 +576,7 @@ pub async fn run(
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(60)).await;
+                handles.retain_recent();
                 match provider.redemptions.sweep().await {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(removed = n, "expired code redemptions removed"),
@@ -612,6 +645,7 @@ mod tests {
     /// Every path the router serves, as an issuer without a path puts them.
     const SERVED: &[&str] = &[
         "/api/v1/credentials",
+        "/api/v1/handles/{localpart}",
         "/.well-known/openid-configuration",
         "/jwks",
         "/authorize",

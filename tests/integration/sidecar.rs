@@ -1075,3 +1075,137 @@ async fn replicas_redeem_each_others_codes_once() {
     assert_eq!(userinfo(a.base.clone()).await, StatusCode::UNAUTHORIZED);
     assert_eq!(userinfo(b.base.clone()).await, StatusCode::UNAUTHORIZED);
 }
+
+async fn handle(sidecar: &str, token: Option<&str>, localpart: &str) -> reqwest::Response {
+    let mut url = url::Url::parse(sidecar).unwrap();
+    url.path_segments_mut()
+        .unwrap()
+        .pop_if_empty()
+        .extend(["api", "v1", "handles", localpart]);
+    let mut request = https_client().get(url);
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    request.send().await.unwrap()
+}
+
+async fn handle_status(sidecar: &str, token: &str, localpart: &str) -> Value {
+    let r = handle(sidecar, Some(token), localpart).await;
+    assert_eq!(r.status(), StatusCode::OK, "{localpart}");
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    r.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn handle_availability_never_names_the_holder() {
+    let env = TestEnv::with(
+        "handles",
+        Options {
+            namespaces: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let stack = Stack::get();
+    let sidecar = stack.sidecar().await;
+    // The holder lives in one tenant; the caller, in another, has no account.
+    let (_, held, _) = ready_user(&env, "holder").await;
+    let caller = platform_token(&unique("sub"), env.ns(1));
+
+    let free = unique("free");
+    assert_eq!(
+        handle_status(sidecar, &caller, &free).await,
+        json!({"status": "available"})
+    );
+    // `/` is part of the grammar: sent percent-encoded.
+    assert_eq!(
+        handle_status(sidecar, &caller, &format!("{free}/x+y=z")).await,
+        json!({"status": "available"})
+    );
+    // Claimed by another tenant's object: taken, and nothing more is said.
+    assert_eq!(
+        handle_status(sidecar, &caller, &held).await,
+        json!({"status": "taken"})
+    );
+    // Claimed by an object the controller has not converged (or refused).
+    let pending = unique("pending");
+    env.create_user(
+        0,
+        "not-yet",
+        json!({"localpart": pending, "deactivated": true}),
+    )
+    .await;
+    wait_for("the new claim to be seen", || async {
+        (handle_status(sidecar, &caller, &pending).await == json!({"status": "taken"}))
+            .then_some(())
+    })
+    .await;
+    // An account in Synapse that no MatrixUser declares.
+    let outside = unique("outside");
+    env.synapse
+        .upsert_user(
+            &env.user_id(&outside),
+            &openmeet_matrix_operator::synapse::UserUpsert {
+                displayname: Some("Made by hand".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        handle_status(sidecar, &caller, &outside).await,
+        json!({"status": "taken"})
+    );
+    // The operator's reserved list, its own accounts included.
+    for reserved in ["admin", "root", stack.var("MATRIX_ADMIN_LOCALPART")] {
+        assert_eq!(
+            handle_status(sidecar, &caller, reserved).await,
+            json!({"status": "reserved"}),
+            "{reserved}"
+        );
+    }
+    // The schema's grammar, with the rule broken.
+    for (bad, rule) in [
+        ("Alice", "characters"),
+        ("al:ice", "characters"),
+        ("_bridge", "leading_underscore"),
+        (&"a".repeat(201) as &str, "length"),
+    ] {
+        assert_eq!(
+            handle_status(sidecar, &caller, bad).await,
+            json!({"status": "invalid", "reason": rule}),
+            "{bad}"
+        );
+    }
+
+    // Only signed-in platform users ask.
+    let r = handle(sidecar, None, &free).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "missing_token");
+    let r = handle(sidecar, Some("not.a.token"), &free).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_token");
+
+    // Rate-limited per caller (burst 20), with Retry-After.
+    let busy = platform_token(&unique("sub"), env.ns(1));
+    let mut limited = None;
+    for _ in 0..40 {
+        let r = handle(sidecar, Some(&busy), &free).await;
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let limited = limited.expect("the per-caller limit applies");
+    assert!(limited.headers().contains_key("retry-after"));
+    assert_eq!(
+        limited.json::<Value>().await.unwrap()["error"],
+        "rate_limited"
+    );
+    // Another caller is not affected.
+    assert_eq!(
+        handle_status(sidecar, &caller, &free).await,
+        json!({"status": "available"})
+    );
+}
