@@ -206,94 +206,139 @@ async fn verify_id_token(base: &str, id_token: &str) -> Value {
         .claims
 }
 
+/// A browser in the middle of Synapse's SSO login: the cookies Synapse set
+/// and the address it sent the browser to (the sidecar's `/authorize`).
+struct SsoBrowser {
+    cookies: String,
+    authorize: url::Url,
+}
+
+impl SsoBrowser {
+    /// Step 1: the Matrix client asks Synapse for SSO; Synapse sends it to us.
+    async fn begin() -> SsoBrowser {
+        let stack = Stack::get();
+        let sidecar = stack.sidecar().await;
+        let r = https_client()
+            .get(format!(
+                "{}/_matrix/client/v3/login/sso/redirect/oidc-{}?redirectUrl=http://localhost/done",
+                stack.var("SYNAPSE_URL"),
+                stack.var("OIDC_IDP_ID")
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FOUND);
+        let cookies: Vec<String> = r
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|c| c.to_str().ok()?.split(';').next().map(str::to_string))
+            .collect();
+        let authorize = location(&r);
+        assert!(authorize
+            .as_str()
+            .starts_with(&format!("{sidecar}/authorize")));
+        assert_eq!(query(&authorize)["code_challenge_method"], "S256");
+        SsoBrowser {
+            cookies: cookies.join("; "),
+            authorize,
+        }
+    }
+
+    /// Steps 2 and 3: without a platform session the sidecar sends the
+    /// browser to the platform, which signs the user in and sends it back
+    /// with its token. The address it comes back to.
+    async fn back_from_platform(&self, platform_token: &str) -> url::Url {
+        let sidecar = Stack::get().sidecar().await;
+        let r = https_client()
+            .get(self.authorize.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        let login = location(&r);
+        assert_eq!(login.path(), "/login");
+        let return_to = query(&login)["return_to"].clone();
+        assert!(return_to.starts_with(&format!("{sidecar}/authorize?")));
+        let mut back = url::Url::parse(&return_to).unwrap();
+        back.query_pairs_mut()
+            .append_pair("platform_token", platform_token);
+        back
+    }
+
+    /// Steps 4 and 5: Synapse redeems the code (PKCE, client secret),
+    /// checks the id_token and hands the client a login token, which
+    /// `m.login.token` turns into a session: Synapse's answer to `/login`.
+    async fn complete(&self, callback: &url::Url) -> Value {
+        let synapse = Stack::get().var("SYNAPSE_URL");
+        assert!(callback.as_str().starts_with(&self::callback()));
+        let r = https_client()
+            .get(callback.as_str())
+            .header("cookie", &self.cookies)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let login_token = if status.is_redirection() {
+            query(&location(&r))
+                .get("loginToken")
+                .cloned()
+                .expect("loginToken")
+        } else {
+            let body = r.text().await.unwrap();
+            let start = body
+                .find("loginToken=")
+                .unwrap_or_else(|| panic!("no loginToken in Synapse's {status} page: {body}"));
+            body[start + "loginToken=".len()..]
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let r = reqwest::Client::new()
+            .post(format!("{synapse}/_matrix/client/v3/login"))
+            .json(&json!({"type": "m.login.token", "token": login_token}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json().await.unwrap()
+    }
+}
+
+/// A whole SSO login through Synapse for a platform user with a usable
+/// account: Synapse's answer to `/login` (a session with a device).
+async fn sso_login(subject: &str, tenant: &str) -> Value {
+    let browser = SsoBrowser::begin().await;
+    let back = browser
+        .back_from_platform(&platform_token(subject, tenant))
+        .await;
+    let r = https_client().get(back.as_str()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    browser.complete(&location(&r)).await
+}
+
 #[tokio::test]
 async fn sso_login_through_synapse_lands_on_the_operators_account() {
     let env = TestEnv::new("sso").await;
     let stack = Stack::get();
-    let sidecar = stack.sidecar().await;
     let synapse = stack.var("SYNAPSE_URL");
     let (subject, _, user_id) = ready_user(&env, "sso-user").await;
-    let http = https_client();
 
-    // 1. The Matrix client asks Synapse for SSO; Synapse sends it to us.
-    let r = http
-        .get(format!(
-            "{synapse}/_matrix/client/v3/login/sso/redirect/oidc-{}?redirectUrl=http://localhost/done",
-            stack.var("OIDC_IDP_ID")
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::FOUND);
-    let cookies: Vec<String> = r
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|c| c.to_str().ok()?.split(';').next().map(str::to_string))
-        .collect();
-    let authorize = location(&r);
-    assert!(authorize
-        .as_str()
-        .starts_with(&format!("{sidecar}/authorize")));
-    assert_eq!(query(&authorize)["code_challenge_method"], "S256");
-
-    // 2. No platform session: the sidecar sends the browser to the platform.
-    let r = http.get(authorize.as_str()).send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    let login = location(&r);
-    assert_eq!(login.path(), "/login");
-    let return_to = query(&login)["return_to"].clone();
-    assert!(return_to.starts_with(&format!("{sidecar}/authorize?")));
-
-    // 3. The platform signs the user in and sends it back with its token.
-    let mut back = url::Url::parse(&return_to).unwrap();
-    back.query_pairs_mut()
-        .append_pair("platform_token", &platform_token(&subject, env.ns(0)));
-    let r = http.get(back.as_str()).send().await.unwrap();
+    let browser = SsoBrowser::begin().await;
+    let back = browser
+        .back_from_platform(&platform_token(&subject, env.ns(0)))
+        .await;
+    let r = https_client().get(back.as_str()).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(
         r.headers()["referrer-policy"],
         "no-referrer",
         "the platform token must not leak through Referer"
     );
-    let callback = location(&r);
-    assert!(callback.as_str().starts_with(&self::callback()));
+    let login = browser.complete(&location(&r)).await;
 
-    // 4. Synapse redeems the code (PKCE, client secret), checks the id_token
-    //    and hands the client a login token.
-    let r = http
-        .get(callback.as_str())
-        .header("cookie", cookies.join("; "))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let login_token = if status.is_redirection() {
-        query(&location(&r))
-            .get("loginToken")
-            .cloned()
-            .expect("loginToken")
-    } else {
-        let body = r.text().await.unwrap();
-        let start = body
-            .find("loginToken=")
-            .unwrap_or_else(|| panic!("no loginToken in Synapse's {status} page: {body}"));
-        body[start + "loginToken=".len()..]
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
-            .next()
-            .unwrap()
-            .to_string()
-    };
-
-    // 5. m.login.token → an access token for exactly the operator's account.
-    let r = reqwest::Client::new()
-        .post(format!("{synapse}/_matrix/client/v3/login"))
-        .json(&json!({"type": "m.login.token", "token": login_token}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let login: Value = r.json().await.unwrap();
+    // An access token for exactly the operator's account.
     assert_eq!(login["user_id"], user_id);
     let (status, me) = whoami(synapse, login["access_token"].as_str().unwrap()).await;
     assert_eq!(status, StatusCode::OK);
@@ -1207,5 +1252,41 @@ async fn handle_availability_never_names_the_holder() {
     assert_eq!(
         handle_status(sidecar, &caller, &free).await,
         json!({"status": "available"})
+    );
+}
+
+/// Locking a `MatrixUser` ends the sessions its account opened through
+/// SSO (devices), so they do not come back when the lock is lifted.
+#[tokio::test]
+async fn locking_ends_sso_sessions() {
+    let env = TestEnv::new("sso-lock").await;
+    let stack = Stack::get();
+    let synapse = stack.var("SYNAPSE_URL");
+    let (subject, _, user_id) = ready_user(&env, "sso-locked").await;
+    let login = sso_login(&subject, env.ns(0)).await;
+    assert_eq!(login["user_id"], user_id);
+    let access = login["access_token"].as_str().unwrap().to_string();
+    assert_eq!(whoami(synapse, &access).await.0, StatusCode::OK);
+
+    env.patch_user(0, "sso-locked", json!({"locked": true}))
+        .await;
+    env.wait_ready(0, "sso-locked", true, "Converged").await;
+    assert_eq!(whoami(synapse, &access).await.0, StatusCode::UNAUTHORIZED);
+    env.patch_user(0, "sso-locked", json!({"locked": false}))
+        .await;
+    env.wait_ready(0, "sso-locked", true, "Converged").await;
+    let (status, body) = whoami(synapse, &access).await;
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("M_UNKNOWN_TOKEN")),
+        "the session opened before the lock stays ended: {body}"
+    );
+    // A new SSO login works again.
+    let again = sso_login(&subject, env.ns(0)).await;
+    assert_eq!(
+        whoami(synapse, again["access_token"].as_str().unwrap())
+            .await
+            .0,
+        StatusCode::OK
     );
 }

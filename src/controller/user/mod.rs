@@ -345,6 +345,10 @@ async fn converge(
                         },
                         change,
                     ),
+                    UserAction::EndSessions => {
+                        end_sessions(user, user_id, ctx).await?;
+                        continue;
+                    }
                 };
                 ctx.synapse.upsert_user(user_id, change).await?;
                 record_mutation(user, ctx, verb, user_id.as_str(), change).await;
@@ -352,6 +356,40 @@ async fn converge(
             Ok(Ok(()))
         }
     }
+}
+
+/// Deletes every device of the account, which ends its sessions (their
+/// access tokens die). Nothing is written when it has none.
+async fn end_sessions(
+    user: &MatrixUser,
+    user_id: &ruma::UserId,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let devices = ctx.synapse.list_devices(user_id).await?;
+    if devices.is_empty() {
+        return Ok(());
+    }
+    ctx.synapse.delete_devices(user_id, &devices).await?;
+    tracing::info!(
+        target: "audit",
+        kind = "MatrixUser",
+        namespace = %user.namespace().unwrap_or_default(),
+        name = %user.name_any(),
+        action = "SessionsEnded",
+        matrix_user = user_id.as_str(),
+        sessions = devices.len(),
+        "synapse mutation"
+    );
+    publish(
+        user,
+        ctx,
+        EventType::Normal,
+        "SessionsEnded",
+        "Converge",
+        format!("{user_id}: ended {} session(s)", devices.len()),
+    )
+    .await;
+    Ok(())
 }
 
 async fn cleanup(
