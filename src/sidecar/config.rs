@@ -29,6 +29,8 @@ pub struct SidecarConfig {
     pub oidc: OidcLifetimes,
     #[serde(default)]
     pub handles: HandlesConfig,
+    #[serde(default)]
+    pub pending_account: PendingAccountConfig,
     /// Only `MatrixUser`s in this namespace (default: all).
     pub namespace: Option<String>,
     /// Only `MatrixUser`s matching this label selector.
@@ -129,6 +131,17 @@ pub struct HandlesConfig {
     /// Per caller.
     pub requests_per_minute: Option<u32>,
     pub burst: Option<u32>,
+}
+
+/// A first login whose account is still being prepared waits on a page
+/// that refreshes itself.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PendingAccountConfig {
+    /// Longest wait (default 30; 0 answers at once).
+    pub wait_seconds: Option<u64>,
+    /// Between two looks (default 2).
+    pub refresh_seconds: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

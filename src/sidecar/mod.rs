@@ -9,6 +9,7 @@ pub mod grants;
 pub mod handles;
 pub mod keys;
 pub mod oidc;
+pub mod pending;
 pub mod platform;
 
 use crate::secrets::{read_secret_file, read_secret_key, SecretError};
@@ -153,6 +154,7 @@ pub struct Settings {
     pub homeserver_public_url: String,
     pub credentials: credentials::CredentialSettings,
     pub handles: handles::HandleSettings,
+    pub pending: pending::PendingSettings,
     pub lifetimes: oidc::Lifetimes,
     pub scope: directory::DirectoryScope,
     pub reload: Duration,
@@ -278,6 +280,7 @@ impl Settings {
         let defaults = oidc::Lifetimes::default();
         let secs = |v: Option<u64>, d: Duration| v.map(Duration::from_secs).unwrap_or(d);
         let credential_defaults = credentials::CredentialSettings::default();
+        let pending_defaults = pending::PendingSettings::default();
         let credentials = credentials::CredentialSettings {
             token_lifetime: secs(c.token_lifetime_seconds, credential_defaults.token_lifetime),
             renew_before: secs(c.renew_before_seconds, credential_defaults.renew_before),
@@ -334,6 +337,14 @@ impl Settings {
             },
             credentials,
             handles,
+            pending: pending::PendingSettings {
+                wait: secs(config.pending_account.wait_seconds, pending_defaults.wait),
+                refresh: secs(
+                    config.pending_account.refresh_seconds,
+                    pending_defaults.refresh,
+                )
+                .max(Duration::from_secs(1)),
+            },
             lifetimes: oidc::Lifetimes {
                 code: secs(o.code_seconds, defaults.code),
                 id_token: secs(o.id_token_seconds, defaults.id_token),
@@ -514,6 +525,7 @@ pub async fn run(
         directory: directory.clone(),
         lifetimes: settings.lifetimes,
         redemptions,
+        pending: settings.pending,
     });
     let handles = Arc::new(handles::HandleService::new(
         directory.clone(),

@@ -351,15 +351,26 @@ async fn authorize_refuses_users_without_a_ready_account() {
     let sidecar = Stack::get().sidecar().await;
     let (subject, localpart, _) = ready_user(&env, "locked-soon").await;
 
-    // Unknown subject, unknown tenant: a clear page, never another account.
-    for token in [
-        platform_token("nobody", env.ns(0)),
-        platform_token(&subject, "no-such-tenant"),
-    ] {
-        let r = Authorization::new().send(sidecar, Some(&token)).await;
-        assert_eq!(r.status(), StatusCode::FORBIDDEN);
-        assert!(r.text().await.unwrap().contains("no chat account"));
-    }
+    // Unknown tenant: a clear page, never another account.
+    let r = Authorization::new()
+        .send(sidecar, Some(&platform_token(&subject, "no-such-tenant")))
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert!(r.text().await.unwrap().contains("no chat account"));
+    // Unknown subject: it may be signing up right now, so it waits a
+    // bounded time on a page that refreshes itself; then the same page.
+    let nobody = platform_token("nobody", env.ns(0));
+    let r = Authorization::new().send(sidecar, Some(&nobody)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let (_, refresh) = refresh_of(&r.text().await.unwrap());
+    let started: u64 = query(&refresh)["wait_started"].parse().unwrap();
+    assert!(started.abs_diff(now()) < 60);
+    let r = Authorization::new()
+        .set("wait_started", Some(&(now() - 3600).to_string()))
+        .send(sidecar, Some(&nobody))
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "the wait is bounded");
+    assert!(r.text().await.unwrap().contains("no chat account"));
     // A declared but not Ready account (its localpart is taken).
     let other_subject = unique("sub");
     env.create_user(
@@ -613,10 +624,11 @@ async fn credential_api_refusals_have_stable_codes() {
         (status, body["error"].as_str()),
         (StatusCode::NOT_FOUND, Some("unknown_tenant"))
     );
+    // No account declared (yet): the platform may be writing it.
     let (status, body) = credentials(sidecar, Some(&platform_token("stranger", &tenant))).await;
     assert_eq!(
         (status, body["error"].as_str()),
-        (StatusCode::NOT_FOUND, Some("user_not_found"))
+        (StatusCode::ACCEPTED, Some("account_pending"))
     );
 
     // Declared but not Ready (the localpart is held by the older object).
@@ -1289,4 +1301,83 @@ async fn locking_ends_sso_sessions() {
             .0,
         StatusCode::OK
     );
+}
+
+/// The address a wait page refreshes to (`<meta http-equiv="refresh">`),
+/// and after how many seconds.
+fn refresh_of(page: &str) -> (u64, url::Url) {
+    let start = page
+        .find("http-equiv=\"refresh\" content=\"")
+        .unwrap_or_else(|| panic!("no refresh in the page: {page}"))
+        + "http-equiv=\"refresh\" content=\"".len();
+    let content = &page[start..start + page[start..].find('"').unwrap()];
+    let (seconds, target) = content.split_once(";url=").expect("seconds;url=...");
+    let target = target.replace("&amp;", "&");
+    (seconds.parse().unwrap(), url::Url::parse(&target).unwrap())
+}
+
+/// A new user signs up: the platform returns the browser before the
+/// `MatrixUser` exists; the sidecar holds it on a self-refreshing page and
+/// lets it through to Synapse as soon as the account is ready.
+#[tokio::test]
+async fn a_first_login_waits_for_the_account_being_prepared() {
+    let env = TestEnv::new("first-login").await;
+    let stack = Stack::get();
+    let sidecar = stack.sidecar().await;
+    let subject = unique("sub");
+    let localpart = unique("newcomer");
+    let token = platform_token(&subject, env.ns(0));
+
+    let browser = SsoBrowser::begin().await;
+    let back = browser.back_from_platform(&token).await;
+    let r = https_client().get(back.as_str()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let page = r.text().await.unwrap();
+    assert!(page.contains("being prepared"), "{page}");
+    assert!(
+        !page.contains("<script"),
+        "no script: the page works under a strict CSP"
+    );
+    let (seconds, mut next) = refresh_of(&page);
+    assert!(next.as_str().starts_with(&format!("{sidecar}/authorize?")));
+    assert!((1..=5).contains(&seconds));
+    // The credential API says the same to programs.
+    let r = https_client()
+        .post(format!("{sidecar}/api/v1/credentials"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "account_pending");
+
+    // The platform writes the MatrixUser only now.
+    env.create_user(
+        0,
+        "newcomer",
+        json!({"localpart": localpart, "displayName": "New Comer", "subject": subject}),
+    )
+    .await;
+    let mut redirected = None;
+    for _ in 0..30 {
+        let r = https_client().get(next.as_str()).send().await.unwrap();
+        if r.status() == StatusCode::SEE_OTHER {
+            redirected = Some(location(&r));
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::OK);
+        let (seconds, again) = refresh_of(&r.text().await.unwrap());
+        next = again;
+        tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+    }
+    let callback = redirected.expect("the wait page continues the flow");
+    let login = browser.complete(&callback).await;
+    assert_eq!(
+        login["user_id"],
+        format!("@{localpart}:{}", stack.var("MATRIX_SERVER_NAME"))
+    );
+    let (status, _) = credentials(sidecar, Some(&token)).await;
+    assert_eq!(status, StatusCode::OK);
 }
