@@ -746,8 +746,14 @@ async fn tokens_die_when_the_user_is_locked_deactivated_or_deleted() {
         (whoami(synapse, &access).await.0 == StatusCode::UNAUTHORIZED).then_some(())
     })
     .await;
-    let (status, _) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Gone: no account is declared for the user any more. As for one not
+    // declared yet, no token, and the answer is "pending" (the platform
+    // knows whether it will declare one).
+    let (status, body) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::ACCEPTED, Some("account_pending"))
+    );
 }
 
 /// A sidecar of the test's own: the shipped binary with its own config file,
