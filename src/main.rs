@@ -188,6 +188,13 @@ struct SidecarArgs {
     /// Localpart of the operator's admin account.
     #[arg(long, env = "MATRIX_ADMIN_LOCALPART")]
     admin_localpart: Option<String>,
+    /// Localpart of the application service's own bot (reserved).
+    #[arg(long, env = "MATRIX_SENDER_LOCALPART")]
+    sender_localpart: Option<String>,
+    /// More reserved localparts (comma-separated), besides the built-in ones:
+    /// the controller's list, for the handle API.
+    #[arg(long, env = "RESERVED_LOCALPARTS", value_delimiter = ',')]
+    reserved_localparts: Vec<String>,
     /// Secret holding the registration's `as_token`, as namespace/name.
     #[arg(long, env = "AS_TOKEN_SECRET")]
     as_token_secret: Option<String>,
@@ -250,6 +257,12 @@ impl SidecarArgs {
         set(&mut c.homeserver.public_url, self.homeserver_public_url);
         set(&mut c.homeserver.server_name, self.server_name);
         set(&mut c.homeserver.admin_localpart, self.admin_localpart);
+        set(&mut c.homeserver.sender_localpart, self.sender_localpart);
+        c.handles.reserved_localparts.extend(
+            self.reserved_localparts
+                .into_iter()
+                .filter(|s| !s.is_empty()),
+        );
         set(&mut c.homeserver.as_token_secret, self.as_token_secret);
         set(&mut c.namespace, self.namespace);
         set(&mut c.label_selector, self.selector);

@@ -5,9 +5,14 @@ use super::PLAIN_TEXT_PATTERN;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-/// Matrix user-id localpart grammar (lower case, as new accounts require);
-/// Synapse refuses a leading `_` (reserved for application services' bridges).
-pub const LOCALPART_PATTERN: &str = r"^[a-z0-9.=/+-][a-z0-9._=/+-]*$";
+/// Matrix user-id localpart grammar (lower case, as new accounts require).
+pub const LOCALPART_PATTERN: &str = r"^[a-z0-9._=/+-]+$";
+/// Shortest and longest localpart the schema admits.
+pub const LOCALPART_MIN: usize = 1;
+pub const LOCALPART_MAX: usize = 200;
+/// CEL rule of the schema: Synapse refuses new localparts starting with `_`
+/// (kept for application services' namespaces).
+pub const LOCALPART_NO_UNDERSCORE_RULE: &str = "!self.startsWith('_')";
 /// Content URIs only: the avatar must already live in the media repository.
 pub const MXC_PATTERN: &str = r"^mxc://[A-Za-z0-9.:_-]+/[A-Za-z0-9_-]+$";
 
@@ -34,8 +39,14 @@ pub const MXC_PATTERN: &str = r"^mxc://[A-Za-z0-9.:_-]+/[A-Za-z0-9_-]+$";
 pub struct MatrixUserSpec {
     /// Local part of the Matrix user id (`@<localpart>:<server>`): lower case
     /// `[a-z0-9._=/+-]`, not starting with `_`. Immutable.
-    #[schemars(regex(pattern = LOCALPART_PATTERN), length(min = 1, max = 200))]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("localpart is immutable"))]
+    #[schemars(
+        regex(pattern = LOCALPART_PATTERN),
+        length(min = LOCALPART_MIN, max = LOCALPART_MAX)
+    )]
+    #[x_kube(
+        validation = Rule::new("self == oldSelf").message("localpart is immutable"),
+        validation = Rule::new(LOCALPART_NO_UNDERSCORE_RULE).message("localpart must not start with _")
+    )]
     pub localpart: String,
 
     /// Display name shown in Matrix clients. No control characters and no
@@ -46,10 +57,7 @@ pub struct MatrixUserSpec {
 
     /// Avatar as an `mxc://` content URI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        regex(pattern = r"^mxc://[A-Za-z0-9.:_-]+/[A-Za-z0-9_-]+$"),
-        length(max = 512)
-    )]
+    #[schemars(regex(pattern = MXC_PATTERN), length(max = 512))]
     pub avatar_url: Option<String>,
 
     /// Email address recorded as the account's third-party id.
@@ -117,4 +125,99 @@ pub struct MatrixUserStatus {
     /// no owner marker, which this record lets the next reconcile finish.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_account: Option<String>,
+}
+
+/// The grammar rule a localpart breaks: exactly the rules of the CRD's
+/// schema for `spec.localpart` (a test holds the two together), so a handle
+/// the sidecar calls valid is one the API server admits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalpartRule {
+    /// Shorter than [`LOCALPART_MIN`] or longer than [`LOCALPART_MAX`].
+    Length,
+    /// A character outside [`LOCALPART_PATTERN`] (lower case letters,
+    /// digits and `._=/+-`).
+    Characters,
+    /// Starts with `_`.
+    LeadingUnderscore,
+}
+
+impl LocalpartRule {
+    /// Stable code for programs.
+    pub fn code(self) -> &'static str {
+        match self {
+            LocalpartRule::Length => "length",
+            LocalpartRule::Characters => "characters",
+            LocalpartRule::LeadingUnderscore => "leading_underscore",
+        }
+    }
+}
+
+/// Checks a localpart against the schema's rules, in the order a person
+/// fixes them: length, characters, first character.
+pub fn check_localpart(localpart: &str) -> Result<(), LocalpartRule> {
+    static GRAMMAR: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(LOCALPART_PATTERN).expect("the localpart pattern compiles")
+    });
+    // The schema counts characters (code points), as does `chars()`.
+    let length = localpart.chars().count();
+    if !(LOCALPART_MIN..=LOCALPART_MAX).contains(&length) {
+        return Err(LocalpartRule::Length);
+    }
+    if !GRAMMAR.is_match(localpart) {
+        return Err(LocalpartRule::Characters);
+    }
+    if localpart.starts_with('_') {
+        return Err(LocalpartRule::LeadingUnderscore);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn the_localpart_check_is_the_schemas() {
+        let crd = serde_json::to_value(MatrixUser::crd()).unwrap();
+        let field = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["localpart"];
+        assert_eq!(field["pattern"], LOCALPART_PATTERN);
+        assert_eq!(field["minLength"], LOCALPART_MIN);
+        assert_eq!(field["maxLength"], LOCALPART_MAX);
+        let rules: Vec<&str> = field["x-kubernetes-validations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["rule"].as_str().unwrap())
+            .collect();
+        assert_eq!(rules, ["self == oldSelf", LOCALPART_NO_UNDERSCORE_RULE]);
+    }
+
+    #[test]
+    fn localparts_follow_the_grammar() {
+        for ok in [
+            "a",
+            "alice",
+            "john.doe",
+            "a_b",
+            "x=y/z+w-v",
+            "0",
+            &"a".repeat(200),
+        ] {
+            assert_eq!(check_localpart(ok), Ok(()), "{ok}");
+        }
+        for (bad, rule) in [
+            ("", LocalpartRule::Length),
+            (&"a".repeat(201) as &str, LocalpartRule::Length),
+            ("Alice", LocalpartRule::Characters),
+            ("al ice", LocalpartRule::Characters),
+            ("al:ice", LocalpartRule::Characters),
+            ("alice\n", LocalpartRule::Characters),
+            ("émile", LocalpartRule::Characters),
+            ("_bridge", LocalpartRule::LeadingUnderscore),
+        ] {
+            assert_eq!(check_localpart(bad), Err(rule), "{bad:?}");
+        }
+    }
 }

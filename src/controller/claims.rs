@@ -1,8 +1,10 @@
 //! Globally unique names (localparts, aliases): the oldest claim wins.
 //! I/O-free; the controller feeds it from its watch cache.
 
+use crate::api::MatrixUser;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// One object claiming a name.
@@ -65,6 +67,38 @@ pub fn check<K: ResourceExt>(
     }
 }
 
+/// Whether `user` claims `localpart`. Every object does, whatever its
+/// state (a deactivated account's id is never reused; a departing object
+/// holds its claim until its cleanup is done). The one predicate both the
+/// controller's conflict check and the sidecar's handle API use.
+pub fn claims_localpart(user: &MatrixUser, localpart: &str) -> bool {
+    user.spec.localpart == localpart
+}
+
+/// The object holding `localpart` among `users` (a watch cache), if any.
+pub fn localpart_holder<'a>(
+    users: impl IntoIterator<Item = &'a MatrixUser>,
+    localpart: &str,
+) -> Option<Claim<'a>> {
+    holder(
+        users
+            .into_iter()
+            .filter(|u| claims_localpart(u, localpart))
+            .map(claim_of),
+    )
+}
+
+/// Whether `me` holds its localpart among `all`. `Err` names the holder.
+pub fn holds_localpart(all: &[Arc<MatrixUser>], me: &MatrixUser) -> Result<(), String> {
+    check(all, me, |u| claims_localpart(u, &me.spec.localpart))
+}
+
+/// Whether the operator's reserved list (its own accounts, `admin`, and the
+/// configured extras) names `localpart`.
+pub fn is_reserved(reserved: &BTreeSet<String>, localpart: &str) -> bool {
+    reserved.contains(localpart)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +147,39 @@ mod tests {
         ];
         assert_eq!(holder(claims).unwrap().namespace, "a");
         assert_eq!(holder(Vec::<Claim>::new()), None);
+    }
+
+    fn user(ns: &str, name: &str, localpart: &str, created: i64) -> Arc<MatrixUser> {
+        let mut u = MatrixUser::new(
+            name,
+            serde_json::from_value(serde_json::json!({ "localpart": localpart })).unwrap(),
+        );
+        u.metadata.namespace = Some(ns.into());
+        u.metadata.creation_timestamp = Some(t(created));
+        Arc::new(u)
+    }
+
+    #[test]
+    fn the_oldest_claimant_holds_a_localpart_whatever_its_tenant() {
+        let all = vec![
+            user("tenant-a", "alice", "alice", 100),
+            user("tenant-b", "alice", "alice", 50),
+            user("tenant-b", "bob", "bob", 10),
+        ];
+        let held = localpart_holder(all.iter().map(|u| u.as_ref()), "alice").unwrap();
+        assert_eq!((held.namespace, held.name), ("tenant-b", "alice"));
+        assert_eq!(
+            localpart_holder(all.iter().map(|u| u.as_ref()), "carol"),
+            None
+        );
+        // The controller's view of the same claims.
+        assert_eq!(holds_localpart(&all, &all[1]), Ok(()));
+        assert_eq!(
+            holds_localpart(&all, &all[0]),
+            Err("tenant-b/alice".to_string())
+        );
+        // An object the cache has not seen yet counts too.
+        let newcomer = user("tenant-c", "early", "carol", 1);
+        assert_eq!(holds_localpart(&all, &newcomer), Ok(()));
     }
 }

@@ -27,6 +27,10 @@ pub struct SidecarConfig {
     pub credentials: CredentialsConfig,
     #[serde(default)]
     pub oidc: OidcLifetimes,
+    #[serde(default)]
+    pub handles: HandlesConfig,
+    #[serde(default)]
+    pub pending_account: PendingAccountConfig,
     /// Only `MatrixUser`s in this namespace (default: all).
     pub namespace: Option<String>,
     /// Only `MatrixUser`s matching this label selector.
@@ -98,6 +102,9 @@ pub struct HomeserverConfig {
     pub public_url: Option<String>,
     pub server_name: Option<String>,
     pub admin_localpart: Option<String>,
+    /// The registration's own bot (default `openmeet-operator`): reserved,
+    /// like the admin account.
+    pub sender_localpart: Option<String>,
     /// `namespace/name` of the Secret holding `as_token`.
     pub as_token_secret: Option<String>,
     /// Or a file holding it.
@@ -111,6 +118,30 @@ pub struct CredentialsConfig {
     pub renew_before_seconds: Option<u64>,
     pub requests_per_minute: Option<u32>,
     pub burst: Option<u32>,
+}
+
+/// The handle API (`GET /api/v1/handles/{localpart}`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HandlesConfig {
+    /// Reserved localparts besides the built-in ones: the same list as the
+    /// controller's `--reserved-localparts`.
+    #[serde(default)]
+    pub reserved_localparts: Vec<String>,
+    /// Per caller.
+    pub requests_per_minute: Option<u32>,
+    pub burst: Option<u32>,
+}
+
+/// A first login whose account is still being prepared waits on a page
+/// that refreshes itself.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PendingAccountConfig {
+    /// Longest wait (default 30; 0 answers at once).
+    pub wait_seconds: Option<u64>,
+    /// Between two looks (default 2).
+    pub refresh_seconds: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

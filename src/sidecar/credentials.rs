@@ -295,6 +295,17 @@ impl CredentialService {
 
 fn lookup_error(e: LookupError) -> ApiError {
     let message = e.to_string();
+    if super::pending::is_pending(&e) {
+        // Being prepared (or about to be declared): ask again shortly.
+        return ApiError::new(
+            202,
+            "account_pending",
+            format!(
+                "the Matrix account is being prepared ({message}); ask again after Retry-After"
+            ),
+        )
+        .retry_after(super::pending::RETRY_AFTER_SECONDS);
+    }
     match e {
         LookupError::UnknownTenant(_) => ApiError::new(404, "unknown_tenant", message),
         LookupError::UserNotFound => ApiError::new(404, "user_not_found", message),

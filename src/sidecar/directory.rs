@@ -80,6 +80,14 @@ pub fn usable(user: &MatrixUser) -> Result<(), LookupError> {
         return Err(LookupError::Locked);
     }
     let status = user.status.as_ref();
+    // A status about an older spec says nothing about this one, refusals
+    // included (the change may have lifted them): still converging.
+    let generation = user.metadata.generation;
+    if generation.is_some()
+        && status.is_some_and(|s| !s.conditions.is_empty() && s.observed_generation != generation)
+    {
+        return Err(LookupError::NotReady("Reconciling".into()));
+    }
     let ready = status.and_then(|s| conditions::find(&s.conditions, conditions::READY));
     match ready {
         Some(c) if c.is_true() => {}
@@ -91,7 +99,6 @@ pub fn usable(user: &MatrixUser) -> Result<(), LookupError> {
         None => return Err(LookupError::NotReady("NotReconciled".into())),
     }
     // Ready must describe the current spec, not an older one.
-    let generation = user.metadata.generation;
     if generation.is_some() && status.and_then(|s| s.observed_generation) != generation {
         return Err(LookupError::NotReady("Reconciling".into()));
     }
@@ -267,6 +274,11 @@ impl Directory {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Every `MatrixUser` in the cache (all tenants in scope), for claims.
+    pub fn users(&self) -> Vec<Arc<MatrixUser>> {
+        self.users.state()
     }
 
     /// The usable account for a platform identity.
@@ -467,6 +479,20 @@ mod tests {
         );
         assert_eq!(
             check(&|u| u.metadata.generation = Some(2)),
+            Err(LookupError::NotReady("Reconciling".into()))
+        );
+        // A refusal of an older spec: the change may have lifted it.
+        assert_eq!(
+            check(&|u| {
+                u.metadata.generation = Some(2);
+                u.status.as_mut().unwrap().conditions = vec![Condition::new(
+                    "Ready",
+                    false,
+                    "AdminNotAllowed",
+                    "",
+                    Some(1),
+                )]
+            }),
             Err(LookupError::NotReady("Reconciling".into()))
         );
     }

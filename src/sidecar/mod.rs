@@ -6,8 +6,10 @@ pub mod config;
 pub mod credentials;
 pub mod directory;
 pub mod grants;
+pub mod handles;
 pub mod keys;
 pub mod oidc;
+pub mod pending;
 pub mod platform;
 
 use crate::secrets::{read_secret_file, read_secret_key, SecretError};
@@ -209,6 +211,8 @@ pub struct Settings {
     pub synapse: SynapseConfig,
     pub homeserver_public_url: String,
     pub credentials: credentials::CredentialSettings,
+    pub handles: handles::HandleSettings,
+    pub pending: pending::PendingSettings,
     pub lifetimes: oidc::Lifetimes,
     pub scope: directory::DirectoryScope,
     pub reload: Duration,
@@ -334,11 +338,34 @@ impl Settings {
         let defaults = oidc::Lifetimes::default();
         let secs = |v: Option<u64>, d: Duration| v.map(Duration::from_secs).unwrap_or(d);
         let credential_defaults = credentials::CredentialSettings::default();
+        let pending_defaults = pending::PendingSettings::default();
         let credentials = credentials::CredentialSettings {
             token_lifetime: secs(c.token_lifetime_seconds, credential_defaults.token_lifetime),
             renew_before: secs(c.renew_before_seconds, credential_defaults.renew_before),
             per_minute: non_zero(c.requests_per_minute, 30, "credentials.requestsPerMinute")?,
             burst: non_zero(c.burst, 10, "credentials.burst")?,
+        };
+        let admin_localpart = hs
+            .admin_localpart
+            .unwrap_or_else(|| "openmeet-admin".into());
+        let sender_localpart = hs
+            .sender_localpart
+            .unwrap_or_else(|| "openmeet-operator".into());
+        let h = config.handles;
+        let mut reserved = crate::controller::OperatorConfig::builtin_reserved(
+            &admin_localpart,
+            &sender_localpart,
+        );
+        reserved.extend(
+            h.reserved_localparts
+                .into_iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty()),
+        );
+        let handles = handles::HandleSettings {
+            reserved,
+            per_minute: non_zero(h.requests_per_minute, 60, "handles.requestsPerMinute")?,
+            burst: non_zero(h.burst, 20, "handles.burst")?,
         };
         if credentials.renew_before >= credentials.token_lifetime {
             return Err(Error::Config(
@@ -362,13 +389,20 @@ impl Settings {
             synapse: SynapseConfig {
                 url,
                 server_name: required(hs.server_name, "homeserver.serverName")?,
-                admin_localpart: hs
-                    .admin_localpart
-                    .unwrap_or_else(|| "openmeet-admin".into()),
+                admin_localpart,
                 as_token,
                 timeout: Duration::from_secs(10),
             },
             credentials,
+            handles,
+            pending: pending::PendingSettings {
+                wait: secs(config.pending_account.wait_seconds, pending_defaults.wait),
+                refresh: secs(
+                    config.pending_account.refresh_seconds,
+                    pending_defaults.refresh,
+                )
+                .max(Duration::from_secs(1)),
+            },
             lifetimes: oidc::Lifetimes {
                 code: secs(o.code_seconds, defaults.code),
                 id_token: secs(o.id_token_seconds, defaults.id_token),
@@ -548,12 +582,14 @@ pub fn router(
     issuer_path: &str,
     provider: Arc<oidc::Provider>,
     credentials: Arc<credentials::CredentialService>,
+    handles: Arc<handles::HandleService>,
     directory: directory::Directory,
     metrics: SidecarMetrics,
 ) -> Router {
     let api = Router::new()
         .route("/api/v1/credentials", post(credentials::handler))
-        .with_state(credentials);
+        .with_state(credentials)
+        .merge(handles::router(handles));
     let health = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -625,7 +661,14 @@ pub async fn run(
         directory: directory.clone(),
         lifetimes: settings.lifetimes,
         redemptions,
+        pending: settings.pending,
     });
+    let handles = Arc::new(handles::HandleService::new(
+        directory.clone(),
+        verifier.clone(),
+        synapse.clone(),
+        settings.handles,
+    ));
     let credentials = Arc::new(credentials::CredentialService::new(
         settings.homeserver_public_url,
         directory.clone(),
@@ -637,6 +680,7 @@ pub async fn run(
         &settings.issuer_path,
         provider.clone(),
         credentials.clone(),
+        handles.clone(),
         directory,
         metrics.clone(),
     );
@@ -680,6 +724,7 @@ pub async fn run(
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(60)).await;
+                handles.retain_recent();
                 match provider.redemptions.sweep().await {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(removed = n, "expired code redemptions removed"),
@@ -752,6 +797,7 @@ mod tests {
     /// Every path the router serves, as an issuer without a path puts them.
     const SERVED: &[&str] = &[
         "/api/v1/credentials",
+        "/api/v1/handles/{localpart}",
         "/.well-known/openid-configuration",
         "/jwks",
         "/authorize",

@@ -65,6 +65,8 @@ pub struct Provider {
     pub lifetimes: Lifetimes,
     /// Which codes were redeemed, across replicas.
     pub redemptions: Redemptions,
+    /// How long a first login waits for an account being prepared.
+    pub pending: super::pending::PendingSettings,
 }
 
 impl Provider {
@@ -139,6 +141,10 @@ pub struct AuthorizeRequest {
     /// sign-in. Never part of the return address we hand out.
     #[serde(default, skip_serializing)]
     platform_token: Option<String>,
+    /// When a first login began waiting for its account (the wait page's
+    /// refresh carries it).
+    #[serde(default, skip_serializing)]
+    wait_started: Option<String>,
 }
 
 async fn authorize_get(
@@ -307,6 +313,29 @@ async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequ
     let account = match p.directory.lookup(&identity.tenant, &identity.subject) {
         Ok(a) => a,
         Err(e) => {
+            // A first login may arrive before its account is ready: wait,
+            // unless the client asked for no interaction at all.
+            let silent = request
+                .prompt
+                .as_deref()
+                .is_some_and(|p| p.split(' ').any(|x| x == "none"));
+            if !silent {
+                let again = serde_urlencoded::to_string(&request).unwrap_or_default();
+                if let Some(page) = super::pending::hold(
+                    &p.pending,
+                    &e,
+                    &p.endpoint("/authorize"),
+                    &again,
+                    &platform_token,
+                    request.wait_started.as_deref(),
+                ) {
+                    tracing::info!(
+                        tenant = %untrusted(&identity.tenant), reason = %untrusted(&e),
+                        "authorize: account pending; the browser waits"
+                    );
+                    return page;
+                }
+            }
             tracing::info!(
                 tenant = %untrusted(&identity.tenant), reason = %untrusted(&e),
                 "authorize: no usable account"

@@ -37,6 +37,8 @@ pub enum RequestKind {
     Logout,
     FindUserByThreepid,
     FindUserByExternalId,
+    ListDevices,
+    DeleteDevices,
 }
 
 impl RequestKind {
@@ -50,6 +52,7 @@ impl RequestKind {
                 | RequestKind::DeleteStatus
                 | RequestKind::FindUserByThreepid
                 | RequestKind::FindUserByExternalId
+                | RequestKind::ListDevices
         )
     }
 
@@ -79,6 +82,8 @@ impl RequestKind {
             RequestKind::Logout => "logout",
             RequestKind::FindUserByThreepid => "find_user_by_threepid",
             RequestKind::FindUserByExternalId => "find_user_by_external_id",
+            RequestKind::ListDevices => "list_devices",
+            RequestKind::DeleteDevices => "delete_devices",
         }
     }
 }

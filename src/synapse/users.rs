@@ -261,6 +261,63 @@ impl SynapseClient {
             .map_err(|e| SynapseError::Decode(e.to_string()))
     }
 
+    /// The ids of the account's devices: one per session a client opened
+    /// with `/login` (SSO included). Login-as-user tokens have none.
+    pub async fn list_devices(&self, user_id: &UserId) -> Result<Vec<String>, SynapseError> {
+        #[derive(Deserialize)]
+        struct Device {
+            device_id: String,
+        }
+        #[derive(Deserialize)]
+        struct Devices {
+            #[serde(default, deserialize_with = "null_as_default")]
+            devices: Vec<Device>,
+        }
+        let (_, body) = self
+            .send_json(
+                reqwest::Method::GET,
+                &[
+                    "_synapse",
+                    "admin",
+                    "v2",
+                    "users",
+                    user_id.as_str(),
+                    "devices",
+                ],
+                None,
+                RequestKind::ListDevices,
+            )
+            .await?;
+        serde_json::from_slice::<Devices>(&body)
+            .map(|d| d.devices.into_iter().map(|d| d.device_id).collect())
+            .map_err(|e| SynapseError::Decode(e.to_string()))
+    }
+
+    /// Deletes devices, which invalidates their access (and refresh) tokens.
+    /// Unknown ids are no error.
+    pub async fn delete_devices(
+        &self,
+        user_id: &UserId,
+        device_ids: &[String],
+    ) -> Result<(), SynapseError> {
+        let body = serde_json::json!({ "devices": device_ids });
+        self.send_json(
+            reqwest::Method::POST,
+            &[
+                "_synapse",
+                "admin",
+                "v2",
+                "users",
+                user_id.as_str(),
+                "delete_devices",
+            ],
+            Some(&body),
+            RequestKind::DeleteDevices,
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Invalidates one access token (as its own holder). Already invalid
     /// counts as done; a locked account cannot log out (`M_USER_LOCKED`),
     /// so that is an error to retry once the lock lifts.

@@ -211,94 +211,139 @@ async fn verify_id_token(base: &str, id_token: &str) -> Value {
         .claims
 }
 
+/// A browser in the middle of Synapse's SSO login: the cookies Synapse set
+/// and the address it sent the browser to (the sidecar's `/authorize`).
+struct SsoBrowser {
+    cookies: String,
+    authorize: url::Url,
+}
+
+impl SsoBrowser {
+    /// Step 1: the Matrix client asks Synapse for SSO; Synapse sends it to us.
+    async fn begin() -> SsoBrowser {
+        let stack = Stack::get();
+        let sidecar = stack.sidecar().await;
+        let r = https_client()
+            .get(format!(
+                "{}/_matrix/client/v3/login/sso/redirect/oidc-{}?redirectUrl=http://localhost/done",
+                stack.var("SYNAPSE_URL"),
+                stack.var("OIDC_IDP_ID")
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FOUND);
+        let cookies: Vec<String> = r
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|c| c.to_str().ok()?.split(';').next().map(str::to_string))
+            .collect();
+        let authorize = location(&r);
+        assert!(authorize
+            .as_str()
+            .starts_with(&format!("{sidecar}/authorize")));
+        assert_eq!(query(&authorize)["code_challenge_method"], "S256");
+        SsoBrowser {
+            cookies: cookies.join("; "),
+            authorize,
+        }
+    }
+
+    /// Steps 2 and 3: without a platform session the sidecar sends the
+    /// browser to the platform, which signs the user in and sends it back
+    /// with its token. The address it comes back to.
+    async fn back_from_platform(&self, platform_token: &str) -> url::Url {
+        let sidecar = Stack::get().sidecar().await;
+        let r = https_client()
+            .get(self.authorize.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        let login = location(&r);
+        assert_eq!(login.path(), "/login");
+        let return_to = query(&login)["return_to"].clone();
+        assert!(return_to.starts_with(&format!("{sidecar}/authorize?")));
+        let mut back = url::Url::parse(&return_to).unwrap();
+        back.query_pairs_mut()
+            .append_pair("platform_token", platform_token);
+        back
+    }
+
+    /// Steps 4 and 5: Synapse redeems the code (PKCE, client secret),
+    /// checks the id_token and hands the client a login token, which
+    /// `m.login.token` turns into a session: Synapse's answer to `/login`.
+    async fn complete(&self, callback: &url::Url) -> Value {
+        let synapse = Stack::get().var("SYNAPSE_URL");
+        assert!(callback.as_str().starts_with(&self::callback()));
+        let r = https_client()
+            .get(callback.as_str())
+            .header("cookie", &self.cookies)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let login_token = if status.is_redirection() {
+            query(&location(&r))
+                .get("loginToken")
+                .cloned()
+                .expect("loginToken")
+        } else {
+            let body = r.text().await.unwrap();
+            let start = body
+                .find("loginToken=")
+                .unwrap_or_else(|| panic!("no loginToken in Synapse's {status} page: {body}"));
+            body[start + "loginToken=".len()..]
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let r = reqwest::Client::new()
+            .post(format!("{synapse}/_matrix/client/v3/login"))
+            .json(&json!({"type": "m.login.token", "token": login_token}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json().await.unwrap()
+    }
+}
+
+/// A whole SSO login through Synapse for a platform user with a usable
+/// account: Synapse's answer to `/login` (a session with a device).
+async fn sso_login(subject: &str, tenant: &str) -> Value {
+    let browser = SsoBrowser::begin().await;
+    let back = browser
+        .back_from_platform(&platform_token(subject, tenant))
+        .await;
+    let r = https_client().get(back.as_str()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    browser.complete(&location(&r)).await
+}
+
 #[tokio::test]
 async fn sso_login_through_synapse_lands_on_the_operators_account() {
     let env = TestEnv::new("sso").await;
     let stack = Stack::get();
-    let sidecar = stack.sidecar().await;
     let synapse = stack.var("SYNAPSE_URL");
     let (subject, _, user_id) = ready_user(&env, "sso-user").await;
-    let http = https_client();
 
-    // 1. The Matrix client asks Synapse for SSO; Synapse sends it to us.
-    let r = http
-        .get(format!(
-            "{synapse}/_matrix/client/v3/login/sso/redirect/oidc-{}?redirectUrl=http://localhost/done",
-            stack.var("OIDC_IDP_ID")
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::FOUND);
-    let cookies: Vec<String> = r
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|c| c.to_str().ok()?.split(';').next().map(str::to_string))
-        .collect();
-    let authorize = location(&r);
-    assert!(authorize
-        .as_str()
-        .starts_with(&format!("{sidecar}/authorize")));
-    assert_eq!(query(&authorize)["code_challenge_method"], "S256");
-
-    // 2. No platform session: the sidecar sends the browser to the platform.
-    let r = http.get(authorize.as_str()).send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    let login = location(&r);
-    assert_eq!(login.path(), "/login");
-    let return_to = query(&login)["return_to"].clone();
-    assert!(return_to.starts_with(&format!("{sidecar}/authorize?")));
-
-    // 3. The platform signs the user in and sends it back with its token.
-    let mut back = url::Url::parse(&return_to).unwrap();
-    back.query_pairs_mut()
-        .append_pair("platform_token", &platform_token(&subject, env.ns(0)));
-    let r = http.get(back.as_str()).send().await.unwrap();
+    let browser = SsoBrowser::begin().await;
+    let back = browser
+        .back_from_platform(&platform_token(&subject, env.ns(0)))
+        .await;
+    let r = https_client().get(back.as_str()).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(
         r.headers()["referrer-policy"],
         "no-referrer",
         "the platform token must not leak through Referer"
     );
-    let callback = location(&r);
-    assert!(callback.as_str().starts_with(&self::callback()));
+    let login = browser.complete(&location(&r)).await;
 
-    // 4. Synapse redeems the code (PKCE, client secret), checks the id_token
-    //    and hands the client a login token.
-    let r = http
-        .get(callback.as_str())
-        .header("cookie", cookies.join("; "))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let login_token = if status.is_redirection() {
-        query(&location(&r))
-            .get("loginToken")
-            .cloned()
-            .expect("loginToken")
-    } else {
-        let body = r.text().await.unwrap();
-        let start = body
-            .find("loginToken=")
-            .unwrap_or_else(|| panic!("no loginToken in Synapse's {status} page: {body}"));
-        body[start + "loginToken=".len()..]
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
-            .next()
-            .unwrap()
-            .to_string()
-    };
-
-    // 5. m.login.token → an access token for exactly the operator's account.
-    let r = reqwest::Client::new()
-        .post(format!("{synapse}/_matrix/client/v3/login"))
-        .json(&json!({"type": "m.login.token", "token": login_token}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let login: Value = r.json().await.unwrap();
+    // An access token for exactly the operator's account.
     assert_eq!(login["user_id"], user_id);
     let (status, me) = whoami(synapse, login["access_token"].as_str().unwrap()).await;
     assert_eq!(status, StatusCode::OK);
@@ -311,15 +356,26 @@ async fn authorize_refuses_users_without_a_ready_account() {
     let sidecar = Stack::get().sidecar().await;
     let (subject, localpart, _) = ready_user(&env, "locked-soon").await;
 
-    // Unknown subject, unknown tenant: a clear page, never another account.
-    for token in [
-        platform_token("nobody", env.ns(0)),
-        platform_token(&subject, "no-such-tenant"),
-    ] {
-        let r = Authorization::new().send(sidecar, Some(&token)).await;
-        assert_eq!(r.status(), StatusCode::FORBIDDEN);
-        assert!(r.text().await.unwrap().contains("no chat account"));
-    }
+    // Unknown tenant: a clear page, never another account.
+    let r = Authorization::new()
+        .send(sidecar, Some(&platform_token(&subject, "no-such-tenant")))
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert!(r.text().await.unwrap().contains("no chat account"));
+    // Unknown subject: it may be signing up right now, so it waits a
+    // bounded time on a page that refreshes itself; then the same page.
+    let nobody = platform_token("nobody", env.ns(0));
+    let r = Authorization::new().send(sidecar, Some(&nobody)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let (_, refresh) = refresh_of(&r.text().await.unwrap());
+    let started: u64 = query(&refresh)["wait_started"].parse().unwrap();
+    assert!(started.abs_diff(now()) < 60);
+    let r = Authorization::new()
+        .set("wait_started", Some(&(now() - 3600).to_string()))
+        .send(sidecar, Some(&nobody))
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "the wait is bounded");
+    assert!(r.text().await.unwrap().contains("no chat account"));
     // A declared but not Ready account (its localpart is taken).
     let other_subject = unique("sub");
     env.create_user(
@@ -573,10 +629,11 @@ async fn credential_api_refusals_have_stable_codes() {
         (status, body["error"].as_str()),
         (StatusCode::NOT_FOUND, Some("unknown_tenant"))
     );
+    // No account declared (yet): the platform may be writing it.
     let (status, body) = credentials(sidecar, Some(&platform_token("stranger", &tenant))).await;
     assert_eq!(
         (status, body["error"].as_str()),
-        (StatusCode::NOT_FOUND, Some("user_not_found"))
+        (StatusCode::ACCEPTED, Some("account_pending"))
     );
 
     // Declared but not Ready (the localpart is held by the older object).
@@ -694,8 +751,14 @@ async fn tokens_die_when_the_user_is_locked_deactivated_or_deleted() {
         (whoami(synapse, &access).await.0 == StatusCode::UNAUTHORIZED).then_some(())
     })
     .await;
-    let (status, _) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Gone: no account is declared for the user any more. As for one not
+    // declared yet, no token, and the answer is "pending" (the platform
+    // knows whether it will declare one).
+    let (status, body) = credentials(sidecar, Some(&platform_token(&subject, &tenant))).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::ACCEPTED, Some("account_pending"))
+    );
 }
 
 /// A sidecar of the test's own: the shipped binary with its own config file,
@@ -1079,4 +1142,253 @@ async fn replicas_redeem_each_others_codes_once() {
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_grant");
     assert_eq!(userinfo(a.base.clone()).await, StatusCode::UNAUTHORIZED);
     assert_eq!(userinfo(b.base.clone()).await, StatusCode::UNAUTHORIZED);
+}
+
+async fn handle(sidecar: &str, token: Option<&str>, localpart: &str) -> reqwest::Response {
+    let mut url = url::Url::parse(sidecar).unwrap();
+    url.path_segments_mut()
+        .unwrap()
+        .pop_if_empty()
+        .extend(["api", "v1", "handles", localpart]);
+    let mut request = https_client().get(url);
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    request.send().await.unwrap()
+}
+
+async fn handle_status(sidecar: &str, token: &str, localpart: &str) -> Value {
+    let r = handle(sidecar, Some(token), localpart).await;
+    assert_eq!(r.status(), StatusCode::OK, "{localpart}");
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    r.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn handle_availability_never_names_the_holder() {
+    let env = TestEnv::with(
+        "handles",
+        Options {
+            namespaces: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let stack = Stack::get();
+    let sidecar = stack.sidecar().await;
+    // The holder lives in one tenant; the caller, in another, has no account.
+    let (_, held, _) = ready_user(&env, "holder").await;
+    let caller = platform_token(&unique("sub"), env.ns(1));
+
+    let free = unique("free");
+    assert_eq!(
+        handle_status(sidecar, &caller, &free).await,
+        json!({"status": "available"})
+    );
+    // `/` is part of the grammar: sent percent-encoded.
+    assert_eq!(
+        handle_status(sidecar, &caller, &format!("{free}/x+y=z")).await,
+        json!({"status": "available"})
+    );
+    // Claimed by another tenant's object: taken, and nothing more is said.
+    assert_eq!(
+        handle_status(sidecar, &caller, &held).await,
+        json!({"status": "taken"})
+    );
+    // Claimed by an object the controller has not converged (or refused).
+    let pending = unique("pending");
+    env.create_user(
+        0,
+        "not-yet",
+        json!({"localpart": pending, "deactivated": true}),
+    )
+    .await;
+    wait_for("the new claim to be seen", || async {
+        (handle_status(sidecar, &caller, &pending).await == json!({"status": "taken"}))
+            .then_some(())
+    })
+    .await;
+    // An account in Synapse that no MatrixUser declares.
+    let outside = unique("outside");
+    env.synapse
+        .upsert_user(
+            &env.user_id(&outside),
+            &openmeet_matrix_operator::synapse::UserUpsert {
+                displayname: Some("Made by hand".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        handle_status(sidecar, &caller, &outside).await,
+        json!({"status": "taken"})
+    );
+    // The operator's reserved list, its own accounts included.
+    for reserved in ["admin", "root", stack.var("MATRIX_ADMIN_LOCALPART")] {
+        assert_eq!(
+            handle_status(sidecar, &caller, reserved).await,
+            json!({"status": "reserved"}),
+            "{reserved}"
+        );
+    }
+    // The schema's grammar, with the rule broken.
+    for (bad, rule) in [
+        ("Alice", "characters"),
+        ("al:ice", "characters"),
+        ("_bridge", "leading_underscore"),
+        (&"a".repeat(201) as &str, "length"),
+    ] {
+        assert_eq!(
+            handle_status(sidecar, &caller, bad).await,
+            json!({"status": "invalid", "reason": rule}),
+            "{bad}"
+        );
+    }
+
+    // Only signed-in platform users ask.
+    let r = handle(sidecar, None, &free).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "missing_token");
+    let r = handle(sidecar, Some("not.a.token"), &free).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_token");
+
+    // Rate-limited per caller (burst 20), with Retry-After.
+    let busy = platform_token(&unique("sub"), env.ns(1));
+    let mut limited = None;
+    for _ in 0..40 {
+        let r = handle(sidecar, Some(&busy), &free).await;
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let limited = limited.expect("the per-caller limit applies");
+    assert!(limited.headers().contains_key("retry-after"));
+    assert_eq!(
+        limited.json::<Value>().await.unwrap()["error"],
+        "rate_limited"
+    );
+    // Another caller is not affected.
+    assert_eq!(
+        handle_status(sidecar, &caller, &free).await,
+        json!({"status": "available"})
+    );
+}
+
+/// Locking a `MatrixUser` ends the sessions its account opened through
+/// SSO (devices), so they do not come back when the lock is lifted.
+#[tokio::test]
+async fn locking_ends_sso_sessions() {
+    let env = TestEnv::new("sso-lock").await;
+    let stack = Stack::get();
+    let synapse = stack.var("SYNAPSE_URL");
+    let (subject, _, user_id) = ready_user(&env, "sso-locked").await;
+    let login = sso_login(&subject, env.ns(0)).await;
+    assert_eq!(login["user_id"], user_id);
+    let access = login["access_token"].as_str().unwrap().to_string();
+    assert_eq!(whoami(synapse, &access).await.0, StatusCode::OK);
+
+    env.patch_user(0, "sso-locked", json!({"locked": true}))
+        .await;
+    env.wait_ready(0, "sso-locked", true, "Converged").await;
+    assert_eq!(whoami(synapse, &access).await.0, StatusCode::UNAUTHORIZED);
+    env.patch_user(0, "sso-locked", json!({"locked": false}))
+        .await;
+    env.wait_ready(0, "sso-locked", true, "Converged").await;
+    let (status, body) = whoami(synapse, &access).await;
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("M_UNKNOWN_TOKEN")),
+        "the session opened before the lock stays ended: {body}"
+    );
+    // A new SSO login works again.
+    let again = sso_login(&subject, env.ns(0)).await;
+    assert_eq!(
+        whoami(synapse, again["access_token"].as_str().unwrap())
+            .await
+            .0,
+        StatusCode::OK
+    );
+}
+
+/// The address a wait page refreshes to (`<meta http-equiv="refresh">`),
+/// and after how many seconds.
+fn refresh_of(page: &str) -> (u64, url::Url) {
+    let start = page
+        .find("http-equiv=\"refresh\" content=\"")
+        .unwrap_or_else(|| panic!("no refresh in the page: {page}"))
+        + "http-equiv=\"refresh\" content=\"".len();
+    let content = &page[start..start + page[start..].find('"').unwrap()];
+    let (seconds, target) = content.split_once(";url=").expect("seconds;url=...");
+    let target = target.replace("&amp;", "&");
+    (seconds.parse().unwrap(), url::Url::parse(&target).unwrap())
+}
+
+/// A new user signs up: the platform returns the browser before the
+/// `MatrixUser` exists; the sidecar holds it on a self-refreshing page and
+/// lets it through to Synapse as soon as the account is ready.
+#[tokio::test]
+async fn a_first_login_waits_for_the_account_being_prepared() {
+    let env = TestEnv::new("first-login").await;
+    let stack = Stack::get();
+    let sidecar = stack.sidecar().await;
+    let subject = unique("sub");
+    let localpart = unique("newcomer");
+    let token = platform_token(&subject, env.ns(0));
+
+    let browser = SsoBrowser::begin().await;
+    let back = browser.back_from_platform(&token).await;
+    let r = https_client().get(back.as_str()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let page = r.text().await.unwrap();
+    assert!(page.contains("being prepared"), "{page}");
+    assert!(
+        !page.contains("<script"),
+        "no script: the page works under a strict CSP"
+    );
+    let (seconds, mut next) = refresh_of(&page);
+    assert!(next.as_str().starts_with(&format!("{sidecar}/authorize?")));
+    assert!((1..=5).contains(&seconds));
+    // The credential API says the same to programs.
+    let r = https_client()
+        .post(format!("{sidecar}/api/v1/credentials"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "account_pending");
+
+    // The platform writes the MatrixUser only now.
+    env.create_user(
+        0,
+        "newcomer",
+        json!({"localpart": localpart, "displayName": "New Comer", "subject": subject}),
+    )
+    .await;
+    let mut redirected = None;
+    for _ in 0..30 {
+        let r = https_client().get(next.as_str()).send().await.unwrap();
+        if r.status() == StatusCode::SEE_OTHER {
+            redirected = Some(location(&r));
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::OK);
+        let (seconds, again) = refresh_of(&r.text().await.unwrap());
+        next = again;
+        tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+    }
+    let callback = redirected.expect("the wait page continues the flow");
+    let login = browser.complete(&callback).await;
+    assert_eq!(
+        login["user_id"],
+        format!("@{localpart}:{}", stack.var("MATRIX_SERVER_NAME"))
+    );
+    let (status, _) = credentials(sidecar, Some(&token)).await;
+    assert_eq!(status, StatusCode::OK);
 }

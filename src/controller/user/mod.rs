@@ -1,5 +1,6 @@
 //! `MatrixUser` controller: the I/O shell around [`plan`].
 
+pub mod handle;
 pub mod plan;
 
 use super::backoff::jitter;
@@ -148,9 +149,7 @@ fn legacy_marker(user: &MatrixUser, user_id: &str) -> Option<ExternalId> {
 /// Whether this object holds its localpart (oldest claim wins, homeserver-wide).
 /// `Err` names the holder, for the operator's log only.
 fn holds_localpart(user: &MatrixUser, ctx: &Context) -> Result<(), String> {
-    claims::check(&ctx.users.state(), user, |u| {
-        u.spec.localpart == user.spec.localpart
-    })
+    claims::holds_localpart(&ctx.users.state(), user)
 }
 
 /// The tenant the object's namespace belongs to, from its label.
@@ -220,10 +219,7 @@ async fn apply(
         legacy_marker: legacy_marker(user, user_id.as_str()),
         sso_provider: &sso_provider,
         sso_subject,
-        reserved: ctx
-            .config
-            .reserved_localparts
-            .contains(&user.spec.localpart),
+        reserved: claims::is_reserved(&ctx.config.reserved_localparts, &user.spec.localpart),
         admin_allowed: ctx.config.admin_namespaces.contains(&ns),
         adoption_allowed: ctx.config.adopt_namespaces.contains(&ns),
         email_held,
@@ -355,6 +351,10 @@ async fn converge(
                         },
                         change,
                     ),
+                    UserAction::EndSessions => {
+                        end_sessions(user, user_id, ctx).await?;
+                        continue;
+                    }
                 };
                 ctx.synapse.upsert_user(user_id, change).await?;
                 record_mutation(user, ctx, verb, user_id.as_str(), change).await;
@@ -362,6 +362,40 @@ async fn converge(
             Ok(Ok(()))
         }
     }
+}
+
+/// Deletes every device of the account, which ends its sessions (their
+/// access tokens die). Nothing is written when it has none.
+async fn end_sessions(
+    user: &MatrixUser,
+    user_id: &ruma::UserId,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let devices = ctx.synapse.list_devices(user_id).await?;
+    if devices.is_empty() {
+        return Ok(());
+    }
+    ctx.synapse.delete_devices(user_id, &devices).await?;
+    tracing::info!(
+        target: "audit",
+        kind = "MatrixUser",
+        namespace = %user.namespace().unwrap_or_default(),
+        name = %user.name_any(),
+        action = "SessionsEnded",
+        matrix_user = user_id.as_str(),
+        sessions = devices.len(),
+        "synapse mutation"
+    );
+    publish(
+        user,
+        ctx,
+        EventType::Normal,
+        "SessionsEnded",
+        "Converge",
+        format!("{user_id}: ended {} session(s)", devices.len()),
+    )
+    .await;
+    Ok(())
 }
 
 async fn cleanup(

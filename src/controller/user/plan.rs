@@ -58,6 +58,10 @@ pub enum UserAction {
     Create(UserUpsert),
     /// `PUT` of the changed fields of an existing account.
     Update(UserUpsert),
+    /// Ends every session the account has (its devices, with their access
+    /// and refresh tokens): Synapse's lock only suspends them, and they
+    /// would come back when it is lifted.
+    EndSessions,
 }
 
 /// The outcome of planning.
@@ -162,7 +166,9 @@ pub fn global_writes(
     let held_ids = observed.map(|o| o.external_ids.clone()).unwrap_or_default();
     let mut out = GlobalWrites::default();
     for action in actions {
-        let (UserAction::Create(change) | UserAction::Update(change)) = action;
+        let (UserAction::Create(change) | UserAction::Update(change)) = action else {
+            continue;
+        };
         for email in change.emails.iter().flatten() {
             if !held_emails.contains(email) && !out.emails.contains(email) {
                 out.emails.push(email.clone());
@@ -287,11 +293,22 @@ pub fn plan(desired: &Desired<'_>, observed: Option<&SynapseUser>) -> UserPlan {
         change.admin = Some(spec.admin);
     }
 
-    let actions = if change.is_empty() {
-        vec![]
-    } else {
-        vec![UserAction::Update(change)]
-    };
+    // Sessions never outlive a lock: they end right after the account is
+    // locked (Synapse refuses new logins from then on), and once more right
+    // before a lock is lifted, so that none from before it comes back even
+    // when ending them failed after the lock landed, or the lock was made
+    // out of band. A deactivation ends them by itself.
+    let lock_flips = !spec.deactivated && observed.locked != spec.locked;
+    let mut actions = Vec::new();
+    if lock_flips && !spec.locked {
+        actions.push(UserAction::EndSessions);
+    }
+    if !change.is_empty() {
+        actions.push(UserAction::Update(change));
+    }
+    if lock_flips && spec.locked {
+        actions.push(UserAction::EndSessions);
+    }
     UserPlan::Converge { actions, adopts }
 }
 
@@ -440,16 +457,79 @@ mod tests {
     fn changes_only_what_differs() {
         let mut spec = spec();
         spec.display_name = Some("Alice B".into());
-        spec.locked = true;
+        spec.avatar_url = Some("mxc://x/new".into());
         let change = single_update(plan(&desired(&spec), Some(&converged())));
         assert_eq!(
             change,
             UserUpsert {
                 displayname: Some("Alice B".into()),
-                locked: Some(true),
+                avatar_url: Some("mxc://x/new".into()),
                 ..Default::default()
             }
         );
+    }
+
+    fn actions(plan: UserPlan) -> Vec<UserAction> {
+        match plan {
+            UserPlan::Converge { actions, .. } => actions,
+            other => panic!("expected converge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn locking_ends_the_sessions_after_the_lock() {
+        let mut spec = spec();
+        spec.locked = true;
+        spec.display_name = Some("Alice B".into());
+        assert_eq!(
+            actions(plan(&desired(&spec), Some(&converged()))),
+            [
+                UserAction::Update(UserUpsert {
+                    displayname: Some("Alice B".into()),
+                    locked: Some(true),
+                    ..Default::default()
+                }),
+                UserAction::EndSessions,
+            ]
+        );
+        // Locked already: nothing more, not even a read of the sessions.
+        let mut locked = converged();
+        locked.locked = true;
+        spec.display_name = Some("Alice".into());
+        assert_eq!(actions(plan(&desired(&spec), Some(&locked))), []);
+    }
+
+    #[test]
+    fn lifting_a_lock_ends_the_sessions_before_it() {
+        let spec = spec();
+        let mut locked = converged();
+        locked.locked = true;
+        assert_eq!(
+            actions(plan(&desired(&spec), Some(&locked))),
+            [
+                UserAction::EndSessions,
+                UserAction::Update(UserUpsert {
+                    locked: Some(false),
+                    ..Default::default()
+                }),
+            ]
+        );
+    }
+
+    #[test]
+    fn no_sessions_to_end_on_create_or_deactivation() {
+        let mut spec = spec();
+        spec.locked = true;
+        assert!(!actions(plan(&desired(&spec), None)).contains(&UserAction::EndSessions));
+        // Deactivation ends every session itself, lifting a lock or not.
+        spec.deactivated = true;
+        assert!(
+            !actions(plan(&desired(&spec), Some(&converged()))).contains(&UserAction::EndSessions)
+        );
+        spec.locked = false;
+        let mut locked = converged();
+        locked.locked = true;
+        assert!(!actions(plan(&desired(&spec), Some(&locked))).contains(&UserAction::EndSessions));
     }
 
     #[test]
