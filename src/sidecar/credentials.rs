@@ -230,7 +230,7 @@ impl CredentialService {
             cache.retain(|_, m| m.expires_at > now);
             let dead: Vec<String> = cache
                 .iter()
-                .filter(|(_, m)| matches!(self.directory.still_usable(&m.account), Some(Err(_))))
+                .filter(|(_, m)| self.directory.is_withdrawn(&m.account) == Some(true))
                 .map(|(k, _)| k.clone())
                 .collect();
             let mut pending = self.pending_logout.lock().expect("pending lock");

@@ -108,6 +108,17 @@ pub fn usable(user: &MatrixUser) -> Result<(), LookupError> {
     Ok(())
 }
 
+/// Whether this version of the object takes the account away from its
+/// user: deleted, deactivated, locked, or no longer naming the account.
+/// A spec change still converging, or a passing Synapse failure, is not:
+/// tokens handed out stay alive through a display-name change.
+pub fn withdrawn(user: &MatrixUser) -> bool {
+    matches!(
+        usable(user),
+        Err(LookupError::Deleted | LookupError::Deactivated | LookupError::Locked)
+    ) || user.status.as_ref().is_some_and(|s| s.user_id.is_none())
+}
+
 /// Maps `(tenant, subject)` to exactly one usable account, or says why not.
 pub fn resolve<'a>(
     namespaces: impl IntoIterator<Item = &'a Namespace>,
@@ -238,7 +249,7 @@ impl Directory {
                 // Nobody listening is fine: the send only fails then.
                 match event {
                     Ok(watcher::Event::Apply(u) | watcher::Event::InitApply(u)) => {
-                        let _ = changes.send(change(&u, self::usable(&u).is_ok()));
+                        let _ = changes.send(change(&u, !withdrawn(&u)));
                     }
                     Ok(watcher::Event::Delete(u)) => {
                         let _ = changes.send(change(&u, false));
@@ -294,6 +305,20 @@ impl Directory {
             tenant,
             subject,
         )
+    }
+
+    /// Whether the account an earlier lookup returned has been taken away
+    /// from its user since (see [`withdrawn`]). `None` while loading.
+    pub fn is_withdrawn(&self, account: &Account) -> Option<bool> {
+        if !self.is_ready() {
+            return None;
+        }
+        let reference = ObjectRef::<MatrixUser>::new(&account.name).within(&account.namespace);
+        Some(match self.users.get(&reference) {
+            None => true,
+            Some(user) if user.uid().as_deref() != Some(account.uid.as_str()) => true,
+            Some(user) => withdrawn(&user),
+        })
     }
 
     /// Whether the account an earlier lookup returned is still usable (same
@@ -402,6 +427,23 @@ mod tests {
             resolve(&ns, &users, "", "sub-carol"),
             Err(LookupError::UnknownTenant("".into()))
         );
+    }
+
+    #[test]
+    fn only_a_withdrawn_account_loses_its_tokens() {
+        let (_, users) = fixture();
+        let mut u = users[0].clone();
+        assert!(!withdrawn(&u));
+        // A display-name change still converging: not withdrawn.
+        u.metadata.generation = Some(2);
+        assert!(usable(&u).is_err());
+        assert!(!withdrawn(&u));
+        let mut locked = u.clone();
+        locked.spec.locked = true;
+        assert!(withdrawn(&locked));
+        let mut gone = u.clone();
+        gone.status.as_mut().unwrap().user_id = None;
+        assert!(withdrawn(&gone));
     }
 
     #[test]

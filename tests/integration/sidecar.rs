@@ -1392,3 +1392,25 @@ async fn a_first_login_waits_for_the_account_being_prepared() {
     let (status, _) = credentials(sidecar, Some(&token)).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_token_survives_a_profile_change() {
+    let env = TestEnv::new("creds-keep").await;
+    let stack = Stack::get();
+    let sidecar = stack.sidecar().await;
+    let (subject, _, user_id) = ready_user(&env, "keeper").await;
+    let token = platform_token(&subject, env.ns(0));
+    let (status, minted) = credentials(sidecar, Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{minted}");
+    let access = minted["access_token"].as_str().unwrap().to_string();
+    // A spec change is converging for a moment: the account is not taken
+    // away, so the token handed out must not be logged out.
+    env.patch_user(0, "keeper", json!({"displayName": "Keeper Renamed"}))
+        .await;
+    env.wait_ready(0, "keeper", true, "Converged").await;
+    // Longer than the sidecar's revocation sweep (1 s).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let (status, me) = whoami(stack.var("SYNAPSE_URL"), &access).await;
+    assert_eq!(status, StatusCode::OK, "the token still works: {me}");
+    assert_eq!(me["user_id"], user_id);
+}
