@@ -236,7 +236,13 @@ async fn apply(
             return Ok(resync);
         }
     }
-    let fingerprint = fingerprint(&(&desired, user.metadata.generation));
+    // Whether a create is pending is bookkeeping, not what the account
+    // should be: our own pending record must not look like a change.
+    let fingerprint = {
+        let mut what = desired.clone();
+        what.create_pending = false;
+        fingerprint(&(&what, user.metadata.generation))
+    };
     let fresh = super::freshness(&ctx.config);
     if ctx.memo.is_fresh(
         &key(user),
@@ -250,7 +256,7 @@ async fn apply(
 
     let outcome = converge(user, api, &user_id, &mut desired, ctx).await;
     match outcome {
-        Ok(Ok(())) => {
+        Ok(Ok(pending_version)) => {
             ctx.backoff.reset(&key(user));
             let ready = if !desired.email_held {
                 Condition::new(
@@ -286,8 +292,11 @@ async fn apply(
                 // The other holder may let go: look again well before the resync.
                 return Ok(Action::requeue(jitter(Duration::from_secs(30))));
             }
-            ctx.memo
-                .record(&key(user), [own_version, version], fingerprint);
+            ctx.memo.record(
+                &key(user),
+                [own_version, pending_version, version],
+                fingerprint,
+            );
             Ok(resync)
         }
         Ok(Err(blocked)) => {
@@ -301,14 +310,15 @@ async fn apply(
 /// Observe, plan, check global claims in Synapse, and apply. An email held by
 /// another account is dropped from the plan (`desired.email_held` turns
 /// false); an SSO link held by another account blocks every write, so no
-/// half-made account is left behind.
+/// half-made account is left behind. Returns the resourceVersion of the
+/// pending-create record it wrote, if any (our own write, to be remembered).
 async fn converge(
     user: &MatrixUser,
     api: &Api<MatrixUser>,
     user_id: &ruma::UserId,
     desired: &mut Desired<'_>,
     ctx: &Context,
-) -> Result<Result<(), Blocked>, Error> {
+) -> Result<Result<Option<String>, Blocked>, Error> {
     let observed = ctx.synapse.get_user(user_id).await?;
     let mut planned = plan(desired, observed.as_ref());
     if let UserPlan::Converge { actions, .. } = &planned {
@@ -337,9 +347,10 @@ async fn converge(
     match planned {
         UserPlan::Blocked(blocked) => Ok(Err(blocked)),
         UserPlan::Converge { actions, adopts } => {
+            let mut pending_version = None;
             for action in actions {
                 if let UserAction::Create(_) = &action {
-                    record_pending_create(user, api, user_id).await?;
+                    pending_version = record_pending_create(user, api, user_id).await?;
                 }
                 let (verb, change) = match &action {
                     UserAction::Create(change) => ("AccountCreated", change),
@@ -359,7 +370,7 @@ async fn converge(
                 ctx.synapse.upsert_user(user_id, change).await?;
                 record_mutation(user, ctx, verb, user_id.as_str(), change).await;
             }
-            Ok(Ok(()))
+            Ok(Ok(pending_version))
         }
     }
 }
@@ -573,13 +584,14 @@ async fn record_pending_create(
     user: &MatrixUser,
     api: &Api<MatrixUser>,
     user_id: &ruma::UserId,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     if pending_account(user).as_deref() == Some(user_id.as_str()) {
-        return Ok(());
+        return Ok(None);
     }
     let mut status = user.status.clone().unwrap_or_default();
     status.pending_account = Some(user_id.to_string());
-    super::apply_status(api, user, &status).await.map(|_| ())
+    // Its resourceVersion is ours: the event it causes needs no reconcile.
+    super::apply_status(api, user, &status).await
 }
 
 /// Every Synapse mutation leaves an Event on the object and an audit log line.
