@@ -236,13 +236,17 @@ async fn apply(
             return Ok(resync);
         }
     }
-    // Whether a create is pending is bookkeeping, not what the account
-    // should be: our own pending record must not look like a change.
-    let fingerprint = {
-        let mut what = desired.clone();
-        what.create_pending = false;
-        fingerprint(&(&what, user.metadata.generation))
-    };
+    // What the account should be, and nothing of our own bookkeeping (a
+    // pending create, the legacy marker our own status enables): our own
+    // status writes must not look like a change and cost a Synapse read.
+    let fingerprint = fingerprint(&(
+        desired.spec,
+        &desired.owner_marker,
+        &desired.sso_subject,
+        (desired.reserved, desired.admin_allowed),
+        (desired.adoption_allowed, desired.email_held),
+        user.metadata.generation,
+    ));
     let fresh = super::freshness(&ctx.config);
     if ctx.memo.is_fresh(
         &key(user),
