@@ -8,9 +8,8 @@ use super::platform::{PlatformError, PlatformVerifier};
 use super::{bearer, untrusted, ApiError};
 use crate::synapse::{SynapseClient, SynapseError};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::http::HeaderMap;
+use axum::response::Response;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -338,15 +337,5 @@ pub async fn handler(
     State(service): State<Arc<CredentialService>>,
     headers: HeaderMap,
 ) -> Response {
-    let mut response = match service.credentials(bearer(&headers)).await {
-        Ok(c) => Json(c).into_response(),
-        Err(e) => {
-            tracing::info!(code = e.code, status = e.status, "credentials: refused");
-            e.into_response()
-        }
-    };
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    super::api_answer(service.credentials(bearer(&headers)).await, "credentials")
 }

@@ -10,10 +10,10 @@ use super::{bearer, ApiError};
 use crate::controller::user::handle::{self, Availability};
 use crate::synapse::SynapseClient;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -172,18 +172,8 @@ async fn check_handler(
     Path(localpart): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let mut response = match service.check(bearer(&headers), &localpart).await {
-        Ok(answer) => Json(answer).into_response(),
-        Err(e) => {
-            tracing::info!(code = e.code, status = e.status, "handles: refused");
-            e.into_response()
-        }
-    };
-    // The answer changes as soon as someone claims the handle.
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    // The answer changes as soon as someone claims the handle: never cached.
+    super::api_answer(service.check(bearer(&headers), &localpart).await, "handles")
 }
 
 /// `GET /api/v1/handles/{localpart}` (a `/` in the localpart is sent as `%2F`).

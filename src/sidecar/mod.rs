@@ -99,6 +99,22 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An API answer: the JSON result or the refusal (logged by its stable code
+/// only), never cached, since both change as accounts and claims do.
+pub fn api_answer<T: serde::Serialize>(result: Result<T, ApiError>, api: &'static str) -> Response {
+    let mut response = match result {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => {
+            tracing::info!(api, code = e.code, status = e.status, "refused");
+            e.into_response()
+        }
+    };
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
 /// The `Authorization: Bearer` token, if any.
 pub fn bearer(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
