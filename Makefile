@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/debug/openmeet-matrix-operator
 
-.PHONY: all build test lint fmt-check clippy crds crd-check unit integration dev stack-tools clean bench chart chaos
+.PHONY: all build test lint fmt-check clippy crds crd-check unit integration integration-postgres dev stack-tools clean bench chart chaos
 
 all: build
 
@@ -34,6 +34,12 @@ unit:
 integration: stack-tools
 	$(CARGO) test --test integration
 
+## The same suite with Synapse on PostgreSQL (Debian's postgresql-15 server and
+## libpq-dev; tests/stack/up.sh starts a throwaway cluster on loopback).
+integration-postgres: stack-tools
+	@SYNAPSE_DATABASE=postgres tests/stack/install-synapse.sh >/dev/null
+	SYNAPSE_DATABASE=postgres $(CARGO) test --test integration
+
 ## Build (once, cached by version) kube-apiserver, etcd, kubectl, Synapse and helm.
 stack-tools:
 	@tests/stack/build-tools.sh >/dev/null
@@ -50,8 +56,9 @@ chart:
 	       -f $(CHART)/ci/test-values.yaml >/dev/null \
 	  && echo "chart: lint and template clean"
 
-## Everything CI runs: fmt, clippy, CRD drift, unit and integration tests.
-test: lint unit integration
+## Everything CI runs: fmt, clippy, CRD drift, unit and integration tests
+## (the integration suite twice: Synapse on SQLite, then on PostgreSQL).
+test: lint unit integration integration-postgres
 
 ## Run the operator against a local stack with the samples applied.
 dev: build stack-tools

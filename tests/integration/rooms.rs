@@ -578,7 +578,9 @@ async fn deletion_closes_purges_or_retains() {
             .resolve_alias(&alias(&rooms[1].1))
             .await
             .unwrap(),
-        None
+        None,
+        "the purged room was {}",
+        ids_by_name[1]
     );
     let details = admin_room_details(&ids_by_name[1]).await;
     assert_eq!(details, reqwest::StatusCode::NOT_FOUND);

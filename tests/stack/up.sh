@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts the local stack on loopback with ephemeral ports: etcd, kube-apiserver
 # (secure port, admin client certificate in a generated kubeconfig) and Synapse
-# (SQLite) with the operator's application-service registration loaded and its
+# (SQLite, or PostgreSQL with SYNAPSE_DATABASE=postgres) with the operator's application-service registration loaded and its
 # admin account made a server admin. Installs the CRDs and stores the as_token
 # in a Secret. Writes the connection details as shell assignments to
 # "$STACK_DIR/stack.env", prints "stack ready: <env file>" and stays up until
@@ -9,6 +9,8 @@
 #
 # Usage: up.sh [--dir DIR] [--watch-pid PID] [--ephemeral]
 # --ephemeral removes DIR (state, logs, keys) on teardown.
+# SYNAPSE_DATABASE=postgres runs Synapse on a throwaway PostgreSQL cluster
+# (Debian's postgresql-$POSTGRES_MAJOR) on a loopback port, removed on teardown.
 # Needs OPERATOR_BIN (the built openmeet-matrix-operator binary).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,8 +36,12 @@ dir="$(cd "$dir" && pwd)"
 log() { echo "stack: $*" >&2; }
 
 pids=()
+pg_pid=""
+pg_dir=""
 teardown() {
   trap - EXIT INT TERM
+  # PostgreSQL's own "immediate" stop: its data is thrown away below.
+  if [[ -n "$pg_pid" ]]; then kill -QUIT "$pg_pid" 2>/dev/null || true; fi
   if ((${#pids[@]})); then
     log "tearing down"
     kill "${pids[@]}" 2>/dev/null || true
@@ -48,6 +54,7 @@ teardown() {
     kill -9 "${pids[@]}" 2>/dev/null || true
     wait 2>/dev/null || true
   fi
+  if [[ -n "$pg_dir" ]]; then rm -rf "$pg_dir"; fi
   if ((ephemeral)); then rm -rf "$dir"; fi
 }
 trap teardown EXIT
@@ -143,6 +150,47 @@ chmod 600 "$oidc"/client_secret "$oidc"/platform_secret "$oidc"/keys/*.pem
 sidecar_url="https://127.0.0.1:$sidecar_port"
 idp_id="openmeet"
 
+# --- PostgreSQL (SYNAPSE_DATABASE=postgres) ---
+synapse_database="${SYNAPSE_DATABASE:-sqlite}"
+case "$synapse_database" in
+  sqlite)
+    database_config="  name: sqlite3
+  args:
+    database: \"$dir/synapse/homeserver.db\""
+    ;;
+  postgres)
+    pg_bin="/usr/lib/postgresql/$POSTGRES_MAJOR/bin"
+    [[ -x "$pg_bin/postgres" ]] || { log "SYNAPSE_DATABASE=postgres needs Debian's postgresql-$POSTGRES_MAJOR (apt-get install postgresql-$POSTGRES_MAJOR libpq-dev)"; exit 1; }
+    pg_port="$(free_port)"
+    # PostgreSQL refuses to run as root: as root, its cluster belongs to the
+    # postgres account Debian's package creates, in a directory of its own.
+    pg_dir="$(mktemp -d "${TMPDIR:-/tmp}/openmeet-pg.XXXXXX")"
+    as_pg=()
+    if ((EUID == 0)); then
+      chown postgres: "$pg_dir"
+      as_pg=(setpriv --reuid postgres --regid postgres --init-groups)
+    fi
+    "${as_pg[@]}" "$pg_bin/initdb" -D "$pg_dir/data" -U synapse --auth=trust --encoding UTF8 --locale C > "$dir/postgres-initdb.log" 2>&1
+    # A test database: durability is traded for speed (the cluster is thrown away).
+    "${as_pg[@]}" "$pg_bin/postgres" -D "$pg_dir/data" -p "$pg_port" -k "$pg_dir" \
+      -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+      > "$dir/postgres.log" 2>&1 &
+    pg_pid=$!
+    pids+=("$pg_pid")
+    wait_for "PostgreSQL" 60 "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port"
+    "$pg_bin/createdb" -h 127.0.0.1 -p "$pg_port" -U synapse -T template0 synapse
+    database_config="  name: psycopg2
+  args:
+    user: synapse
+    dbname: synapse
+    host: 127.0.0.1
+    port: $pg_port
+    cp_min: 2
+    cp_max: 10"
+    ;;
+  *) log "SYNAPSE_DATABASE must be sqlite or postgres"; exit 2 ;;
+esac
+
 # --- Synapse ---
 syn="$dir/synapse"; mkdir -p "$syn/media"
 synapse_url="http://127.0.0.1:$synapse_port"
@@ -173,9 +221,7 @@ listeners:
       - names: [client]
         compress: false
 database:
-  name: sqlite3
-  args:
-    database: "$syn/homeserver.db"
+$database_config
 log_config: "$syn/log.yaml"
 media_store_path: "$syn/media"
 signing_key_path: "$syn/signing.key"
@@ -289,6 +335,7 @@ AS_TOKEN_SECRET=openmeet-system/matrix-appservice
 MATRIX_ADMIN_LOCALPART=$ADMIN_LOCALPART
 SYNAPSE_CONFIG=$syn/homeserver.yaml
 SYNAPSE_VENV=$venv
+SYNAPSE_DATABASE=$synapse_database
 APPSERVICE_PORT=$appservice_port
 APPSERVICE_LISTEN=127.0.0.1:$appservice_port
 STACK_CA=$pki/ca.crt
