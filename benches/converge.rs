@@ -2,6 +2,10 @@
 //! permissions from empty on the local stack, and compare with the minimal
 //! request sequence a plain client would issue directly against Synapse.
 //! Prints figures; asserts nothing about time.
+//!
+//! `BENCH_SCALE=10` multiplies the tenant (10,000 users, 1,000 rooms,
+//! 20,000 permissions); `BENCH_USERS` / `BENCH_ROOMS` set it directly.
+//! `SYNAPSE_DATABASE=postgres` runs it against Synapse on PostgreSQL.
 
 #[allow(dead_code)]
 #[path = "../tests/integration/harness.rs"]
@@ -13,6 +17,7 @@ use kube::Api;
 use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -22,6 +27,10 @@ const ROOMS: usize = 100;
 const PERMISSIONS_PER_USER: usize = 2;
 const CONCURRENCY: usize = 16;
 const DRIFT_SAMPLES: usize = 100;
+
+/// API-server requests the bench itself makes (creates and Ready counts),
+/// subtracted from the API server's own count to leave the operator's.
+static BENCH_API_REQUESTS: AtomicU64 = AtomicU64::new(0);
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -84,6 +93,39 @@ impl Controller {
         by_kind
     }
 
+    /// Totals the timeline samples: Synapse requests completed, the sum of
+    /// their latencies (seconds), and reconciles in flight.
+    async fn totals(&self) -> Option<Totals> {
+        let text = reqwest::get(&self.metrics).await.ok()?.text().await.ok()?;
+        let mut t = Totals::default();
+        for line in text.lines() {
+            let value = || line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+            if line.starts_with("openmeet_synapse_requests_total{") {
+                t.requests += value().unwrap_or(0.0) as u64;
+            } else if line.starts_with("openmeet_synapse_request_duration_seconds_sum") {
+                t.latency_seconds += value().unwrap_or(0.0);
+            } else if line.starts_with("openmeet_reconciles_in_flight") {
+                t.reconciles_in_flight += value().unwrap_or(0.0);
+            }
+        }
+        Some(t)
+    }
+
+    /// CPU time (user + system) the controller process has used, in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let pid = self.child.id().expect("running");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime and
+        // stime are the 12th and 13th.
+        let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+            .sum();
+        ticks / clock_ticks_per_second()
+    }
+
     /// Peak resident memory of the controller process, in KiB.
     fn peak_rss_kib(&self) -> u64 {
         let pid = self.child.id().expect("running");
@@ -94,6 +136,142 @@ impl Controller {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+#[derive(Clone, Copy, Default)]
+struct Totals {
+    requests: u64,
+    latency_seconds: f64,
+    reconciles_in_flight: f64,
+}
+
+/// One second of convergence as the controller's metrics show it.
+struct Second {
+    /// Synapse requests completed in this second.
+    requests: u64,
+    /// Latency completed in this second: the mean number of Synapse
+    /// requests in flight (Little's law, one-second resolution).
+    in_flight: f64,
+    reconciles_in_flight: f64,
+}
+
+/// Samples the controller's metrics every second until `done` is set.
+async fn sample_timeline(
+    controller: Arc<Controller>,
+    done: Arc<tokio::sync::Notify>,
+) -> Vec<Second> {
+    let mut seconds = Vec::new();
+    let mut previous = controller.totals().await.unwrap_or_default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = done.notified() => return seconds,
+        }
+        let Some(now) = controller.totals().await else {
+            continue;
+        };
+        seconds.push(Second {
+            requests: now.requests.saturating_sub(previous.requests),
+            in_flight: (now.latency_seconds - previous.latency_seconds).max(0.0),
+            reconciles_in_flight: now.reconciles_in_flight,
+        });
+        previous = now;
+    }
+}
+
+fn print_timeline(seconds: &[Second]) {
+    if seconds.is_empty() {
+        return;
+    }
+    let idle: Vec<usize> = seconds
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.requests == 0)
+        .map(|(i, _)| i)
+        .collect();
+    let mean_in_flight = seconds.iter().map(|s| s.in_flight).sum::<f64>() / seconds.len() as f64;
+    let mut rates: Vec<f64> = seconds.iter().map(|s| s.requests as f64).collect();
+    rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "timeline: {} s sampled; Synapse requests/s p50 {:.0}, max {:.0}; mean Synapse requests in flight {:.1} (of {CONCURRENCY} reconciles allowed)",
+        seconds.len(),
+        rates[rates.len() / 2],
+        rates[rates.len() - 1],
+        mean_in_flight
+    );
+    println!(
+        "seconds with Synapse idle (no request completed) before all Ready: {} {}",
+        idle.len(),
+        ranges(&idle)
+    );
+    // One line per tenth of the run: where the tail is.
+    let step = seconds.len().div_ceil(10).max(1);
+    for (k, chunk) in seconds.chunks(step).enumerate() {
+        let requests: u64 = chunk.iter().map(|s| s.requests).sum();
+        let in_flight = chunk.iter().map(|s| s.in_flight).sum::<f64>() / chunk.len() as f64;
+        let reconciles =
+            chunk.iter().map(|s| s.reconciles_in_flight).sum::<f64>() / chunk.len() as f64;
+        println!(
+            "  {:>5}-{:<5}s {:>6.0} req/s  {:>5.1} Synapse requests in flight  {:>5.1} reconciles in flight",
+            k * step,
+            k * step + chunk.len(),
+            requests as f64 / chunk.len() as f64,
+            in_flight,
+            reconciles
+        );
+    }
+}
+
+/// `[3-5, 9]` for seconds 3, 4, 5 and 9.
+fn ranges(seconds: &[usize]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < seconds.len() {
+        let start = seconds[i];
+        while i + 1 < seconds.len() && seconds[i + 1] == seconds[i] + 1 {
+            i += 1;
+        }
+        parts.push(if seconds[i] == start {
+            format!("{start}")
+        } else {
+            format!("{start}-{}", seconds[i])
+        });
+        i += 1;
+    }
+    format!("[{}]", parts.join(", "))
+}
+
+/// Requests the API server has served for the operator's kinds and events
+/// (its own `apiserver_request_total`), less those the bench made.
+async fn operator_api_requests() -> u64 {
+    let stack = Stack::get();
+    let output = tokio::process::Command::new(stack.var("KUBECTL"))
+        .args(["get", "--raw", "/metrics"])
+        .env("KUBECONFIG", stack.var("KUBECONFIG"))
+        .output()
+        .await
+        .expect("kubectl");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let served: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            l.contains("group=\"matrix.openmeet.net\"") || l.contains("resource=\"events\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    (served as u64).saturating_sub(BENCH_API_REQUESTS.load(Ordering::Relaxed))
 }
 
 fn ready(v: &Value) -> bool {
@@ -107,6 +285,7 @@ async fn count_ready<K>(api: &Api<K>) -> usize
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
+    BENCH_API_REQUESTS.fetch_add(1, Ordering::Relaxed);
     let list = api.list(&ListParams::default()).await.unwrap();
     list.items
         .iter()
@@ -131,6 +310,7 @@ where
         let (api, gate) = (api.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire().await.unwrap();
+            BENCH_API_REQUESTS.fetch_add(1, Ordering::Relaxed);
             api.create(&PostParams::default(), &o).await.unwrap();
         }));
     }
@@ -169,8 +349,10 @@ fn memberships(u: usize, rooms: usize) -> Vec<(usize, &'static str)> {
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let users = env_usize("BENCH_USERS", USERS);
-    let rooms = env_usize("BENCH_ROOMS", ROOMS);
+    let scale = env_usize("BENCH_SCALE", 1).max(1);
+    let users = env_usize("BENCH_USERS", USERS * scale);
+    let rooms = env_usize("BENCH_ROOMS", ROOMS * scale);
+    let converge_limit = Duration::from_secs(env_usize("BENCH_TIMEOUT_SECS", 1800 * scale) as u64);
     let env = TestEnv::with(
         "bench",
         Options {
@@ -180,7 +362,10 @@ async fn main() {
     )
     .await;
     let run = env.run_id.clone();
-    let controller = start_controller(&env).await;
+    let api_before = operator_api_requests().await;
+    let controller = Arc::new(start_controller(&env).await);
+    let timeline_done = Arc::new(tokio::sync::Notify::new());
+    let timeline = tokio::spawn(sample_timeline(controller.clone(), timeline_done.clone()));
 
     // --- converge from empty -------------------------------------------------
     let started = Instant::now();
@@ -231,20 +416,24 @@ async fn main() {
             break;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(1800),
+            started.elapsed() < converge_limit,
             "not converged: users {u}, rooms {r}, permissions {p}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let converge_time = started.elapsed();
     let requests = controller.requests().await;
+    timeline_done.notify_one();
+    let timeline = timeline.await.unwrap();
+    let cpu_seconds = controller.cpu_seconds();
+    let api_requests = operator_api_requests().await.saturating_sub(api_before);
 
     // --- the minimal sequence, issued directly ------------------------------
     let minimal = minimal_sequence(&run, users, rooms).await;
 
     // --- a full no-op resync: a fresh controller reconciles everything once ---
     let rss_kib = controller.peak_rss_kib();
-    drop(controller);
+    drop(Arc::into_inner(controller).expect("the sampler has stopped"));
     let resync = start_controller(&env).await;
     let resync_started = Instant::now();
     let expected_reads = (users + rooms) as u64;
@@ -267,6 +456,7 @@ async fn main() {
         .filter(|(_, w)| !w)
         .map(|(c, _)| c)
         .sum();
+    let resync_time = resync_started.elapsed();
 
     // --- drift: out-of-band power-level changes, reverted via the feed -------
     let drift = drift_samples(&env, &run, DRIFT_SAMPLES.min(users / 10)).await;
@@ -297,16 +487,32 @@ async fn main() {
         "ratio operator / minimal time: {:.2}",
         converge_time.as_secs_f64() / minimal.0.as_secs_f64()
     );
-    println!("full no-op resync: {resync_writes} writes, {resync_reads} reads ({users} users + {rooms} rooms)");
+    println!(
+        "Synapse requests operator / minimal: {total} / {} ({:+.1} %)",
+        minimal.1,
+        (total as f64 / minimal.1 as f64 - 1.0) * 100.0
+    );
+    print_timeline(&timeline);
+    println!("full no-op resync: {resync_writes} writes, {resync_reads} reads ({users} users + {rooms} rooms) in {:.1}s", resync_time.as_secs_f64());
     println!(
         "drift reverted after out-of-band power-level change ({} samples): p50 {:.0} ms, p99 {:.0} ms",
         drift.len(),
         percentile(&drift, 0.50),
         percentile(&drift, 0.99)
     );
+    let objects = (users + rooms + permission_count) as f64;
     println!(
-        "controller peak resident memory: {:.1} MiB",
-        rss_kib as f64 / 1024.0
+        "controller peak resident memory: {:.1} MiB ({:.1} KiB per object)",
+        rss_kib as f64 / 1024.0,
+        rss_kib as f64 / objects
+    );
+    println!(
+        "controller CPU while converging: {cpu_seconds:.1} s ({:.2} ms per object)",
+        cpu_seconds * 1000.0 / objects
+    );
+    println!(
+        "API-server requests for the operator's kinds and events while converging: {api_requests} ({:.2} per object)",
+        api_requests as f64 / objects
     );
 }
 
