@@ -94,7 +94,9 @@ impl SynapseClient {
 /// `None` when it is listed already.
 pub fn with_direct_room(current: &Value, other: &str, room_id: &str) -> Option<Value> {
     let mut content = current.as_object().cloned().unwrap_or_default();
-    let rooms = content.entry(other.to_string()).or_insert_with(|| json!([]));
+    let rooms = content
+        .entry(other.to_string())
+        .or_insert_with(|| json!([]));
     if !rooms.is_array() {
         *rooms = json!([]);
     }

@@ -113,7 +113,12 @@ pub fn declared_members(
     permissions
         .iter()
         .filter(|p| p.spec.membership != Membership::Ban)
-        .filter(|p| !matches!(outcomes.get(&p.name_any()), Some(PermissionOutcome::Duplicate(_))))
+        .filter(|p| {
+            !matches!(
+                outcomes.get(&p.name_any()),
+                Some(PermissionOutcome::Duplicate(_))
+            )
+        })
         .count()
 }
 
@@ -200,7 +205,12 @@ mod tests {
     fn declared_members_skip_duplicates_and_bans() {
         let a = perm("a", "alice", 1, serde_json::json!({}));
         let a2 = perm("a2", "alice", 2, serde_json::json!({}));
-        let b = perm("b", "pending", 1, serde_json::json!({"membership": "Invite"}));
+        let b = perm(
+            "b",
+            "pending",
+            1,
+            serde_json::json!({"membership": "Invite"}),
+        );
         let c = perm("c", "carol", 1, serde_json::json!({"membership": "Ban"}));
         let all = [&a, &a2, &b, &c];
         let (_, outcomes) = fold(&all, users);

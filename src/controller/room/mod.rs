@@ -270,7 +270,9 @@ fn desired(
 /// The room's parent space, resolved from the cache.
 fn parent_of(room: &MatrixRoom, ctx: &RoomContext) -> tree::Parent {
     let ns = room.namespace().unwrap_or_default();
-    tree::parent(room, |name| ctx.rooms.get(&ObjectRef::new(name).within(&ns)))
+    tree::parent(room, |name| {
+        ctx.rooms.get(&ObjectRef::new(name).within(&ns))
+    })
 }
 
 /// How long to wait for referenced users that are still being created: not

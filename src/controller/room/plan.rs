@@ -234,10 +234,7 @@ pub struct Refusal {
 /// change: its type, and a room version too old for the join rule.
 pub fn refusal(d: &DesiredRoom, state: &RoomState) -> Option<Refusal> {
     let create = state.get("m.room.create", "");
-    let is_space = create
-        .and_then(|c| c.get("type"))
-        .and_then(Value::as_str)
-        == Some("m.space");
+    let is_space = create.and_then(|c| c.get("type")).and_then(Value::as_str) == Some("m.space");
     if is_space != d.space {
         return Some(Refusal {
             reason: "RoomTypeMismatch",
@@ -253,7 +250,10 @@ pub fn refusal(d: &DesiredRoom, state: &RoomState) -> Option<Refusal> {
             .and_then(|c| c.get("room_version"))
             .and_then(Value::as_str)
             .unwrap_or("1");
-        if version.parse::<u32>().map_or(true, |v| v < RESTRICTED_SINCE) {
+        if version
+            .parse::<u32>()
+            .map_or(true, |v| v < RESTRICTED_SINCE)
+        {
             return Some(Refusal {
                 reason: "RoomVersionUnsupported",
                 message: format!(
@@ -392,11 +392,9 @@ pub fn create_body(d: &DesiredRoom) -> Value {
         .collect();
     let initial_state: Vec<Value> = initial_state
         .into_iter()
-        .chain(
-            desired_relations(d)
-                .into_iter()
-                .map(|(kind, key, content)| json!({"type": kind, "state_key": key, "content": content})),
-        )
+        .chain(desired_relations(d).into_iter().map(
+            |(kind, key, content)| json!({"type": kind, "state_key": key, "content": content}),
+        ))
         .collect();
     let mut body = json!({
         "room_alias_name": d.alias_localpart,
@@ -591,7 +589,9 @@ pub fn plan_close(d: &DesiredRoom, state: &RoomState) -> Vec<RoomAction> {
 /// Whether a plan removes anyone (then a restricted room checks who may be
 /// there through its parent space).
 pub fn removes_members(plan: &RoomPlan) -> bool {
-    plan.actions.iter().any(|a| matches!(a, RoomAction::Kick(_)))
+    plan.actions
+        .iter()
+        .any(|a| matches!(a, RoomAction::Kick(_)))
 }
 
 #[cfg(test)]

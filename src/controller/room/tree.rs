@@ -183,55 +183,97 @@ mod tests {
             room("plain", json!({}), Some("!p:x")),
         ];
         let child = |parent: &str| room("c", json!({"parentRef": {"name": parent}}), None);
-        assert_eq!(parent(&room("c", json!({}), None), lookup(&rooms)), Parent::None);
+        assert_eq!(
+            parent(&room("c", json!({}), None), lookup(&rooms)),
+            Parent::None
+        );
         assert_eq!(
             parent(&child("group"), lookup(&rooms)),
             Parent::Ready("!g:x".into())
         );
         assert!(matches!(
             parent(&child("new-group"), lookup(&rooms)),
-            Parent::Waiting { reason: "ParentNotReady", .. }
+            Parent::Waiting {
+                reason: "ParentNotReady",
+                ..
+            }
         ));
         assert!(matches!(
             parent(&child("gone"), lookup(&rooms)),
-            Parent::Waiting { reason: "ParentNotFound", .. }
+            Parent::Waiting {
+                reason: "ParentNotFound",
+                ..
+            }
         ));
         assert!(matches!(
             parent(&child("plain"), lookup(&rooms)),
-            Parent::Refused { reason: "ParentNotSpace", .. }
+            Parent::Refused {
+                reason: "ParentNotSpace",
+                ..
+            }
         ));
         assert!(matches!(
             parent(&child("c"), lookup(&rooms)),
-            Parent::Refused { reason: "ParentCycle", .. }
+            Parent::Refused {
+                reason: "ParentCycle",
+                ..
+            }
         ));
     }
 
     #[test]
     fn cycles_are_refused_for_every_member_and_only_them() {
         let rooms = vec![
-            room("a", json!({"type": "Space", "parentRef": {"name": "c"}}), Some("!a:x")),
-            room("b", json!({"type": "Space", "parentRef": {"name": "a"}}), Some("!b:x")),
-            room("c", json!({"type": "Space", "parentRef": {"name": "b"}}), Some("!c:x")),
+            room(
+                "a",
+                json!({"type": "Space", "parentRef": {"name": "c"}}),
+                Some("!a:x"),
+            ),
+            room(
+                "b",
+                json!({"type": "Space", "parentRef": {"name": "a"}}),
+                Some("!b:x"),
+            ),
+            room(
+                "c",
+                json!({"type": "Space", "parentRef": {"name": "b"}}),
+                Some("!c:x"),
+            ),
             room("d", json!({"parentRef": {"name": "a"}}), None),
         ];
         for r in &rooms[..3] {
             assert!(
-                matches!(parent(r, lookup(&rooms)), Parent::Refused { reason: "ParentCycle", .. }),
+                matches!(
+                    parent(r, lookup(&rooms)),
+                    Parent::Refused {
+                        reason: "ParentCycle",
+                        ..
+                    }
+                ),
                 "{}",
                 r.name_any()
             );
         }
         // Below a cycle, but not part of it: converges under its parent.
-        assert_eq!(parent(&rooms[3], lookup(&rooms)), Parent::Ready("!a:x".into()));
+        assert_eq!(
+            parent(&rooms[3], lookup(&rooms)),
+            Parent::Ready("!a:x".into())
+        );
     }
 
     #[test]
     fn children_are_the_rooms_naming_the_space_that_have_a_room() {
         let space = room("group", json!({"type": "Space"}), Some("!g:x"));
-        let mut leaving = (*room("leaving", json!({"parentRef": {"name": "group"}}), Some("!l:x"))).clone();
-        leaving.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
-        );
+        let mut leaving = (*room(
+            "leaving",
+            json!({"parentRef": {"name": "group"}}),
+            Some("!l:x"),
+        ))
+        .clone();
+        leaving.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
         let rooms = vec![
             space.clone(),
             room(
@@ -264,7 +306,10 @@ mod tests {
         // The space changed (its room id appeared): both children.
         assert_eq!(index.update("t", "group", None), vec!["e1", "e2"]);
         // Re-parented: the old parent drops it, the new one lists it.
-        assert_eq!(index.update("t", "e1", Some("other")), vec!["group", "other"]);
+        assert_eq!(
+            index.update("t", "e1", Some("other")),
+            vec!["group", "other"]
+        );
         assert_eq!(index.update("t", "group", None), vec!["e2"]);
         // Gone: its parent hears of it; same names elsewhere are others.
         assert_eq!(index.update("t", "e2", None), vec!["group"]);
