@@ -630,16 +630,28 @@ mod tests {
     /// The state Synapse would hold once `d` has fully converged (room v12,
     /// created by the admin).
     fn converged(d: &DesiredRoom) -> RoomState {
+        let mut create = json!({"room_version": "12"});
+        if d.space {
+            create["type"] = json!("m.space");
+        }
         let mut events = vec![StateEvent {
             kind: "m.room.create".into(),
             state_key: String::new(),
             sender: ADMIN.into(),
-            content: json!({"room_version": "12"}),
+            content: create,
         }];
         for (kind, content) in desired_state(d) {
             events.push(StateEvent {
                 kind: kind.into(),
                 state_key: String::new(),
+                sender: ADMIN.into(),
+                content,
+            });
+        }
+        for (kind, state_key, content) in desired_relations(d) {
+            events.push(StateEvent {
+                kind: kind.into(),
+                state_key,
                 sender: ADMIN.into(),
                 content,
             });
@@ -949,5 +961,234 @@ mod tests {
         assert!(!unfinished_by(&begun, ADMIN));
         let marked = converged(&d);
         assert!(!unfinished_by(&marked, ADMIN));
+    }
+
+    fn space() -> DesiredRoom {
+        DesiredRoom {
+            space: true,
+            children: Some(BTreeMap::from([
+                (
+                    "!e1:x".to_string(),
+                    ChildLink {
+                        order: Some("01".into()),
+                        suggested: true,
+                    },
+                ),
+                ("!e2:x".to_string(), ChildLink::default()),
+            ])),
+            ..desired()
+        }
+    }
+
+    fn child(parent: &str) -> DesiredRoom {
+        DesiredRoom {
+            parent: Some(parent.into()),
+            join_rule: JoinRule::Restricted,
+            ..desired()
+        }
+    }
+
+    fn relation(kind: &'static str, key: &str, content: Value) -> RoomAction {
+        RoomAction::SetRelation {
+            kind,
+            state_key: key.into(),
+            content,
+        }
+    }
+
+    #[test]
+    fn converged_spaces_and_children_plan_nothing() {
+        for d in [space(), child("!g:x")] {
+            assert_eq!(plan(&d, &converged(&d)).actions, vec![]);
+            assert_eq!(refusal(&d, &converged(&d)), None);
+        }
+    }
+
+    #[test]
+    fn create_bodies_carry_type_relations_and_dm_invites() {
+        let body = create_body(&space());
+        assert_eq!(body["creation_content"], json!({"type": "m.space"}));
+        let initial = body["initial_state"].as_array().unwrap();
+        assert!(
+            initial.contains(&json!({"type": SPACE_CHILD, "state_key": "!e1:x",
+            "content": {"via": ["x"], "order": "01", "suggested": true}}))
+        );
+
+        let body = create_body(&child("!g:x"));
+        assert!(body.get("creation_content").is_none() && body.get("is_direct").is_none());
+        let initial = body["initial_state"].as_array().unwrap();
+        assert!(
+            initial.contains(&json!({"type": SPACE_PARENT, "state_key": "!g:x",
+            "content": {"via": ["x"], "canonical": true}}))
+        );
+        assert!(
+            initial.contains(&json!({"type": "m.room.join_rules", "state_key": "",
+            "content": {"join_rule": "restricted",
+                        "allow": [{"type": "m.room_membership", "room_id": "!g:x"}]}}))
+        );
+
+        let mut dm = DesiredRoom {
+            direct: true,
+            encrypted: true,
+            ..desired()
+        };
+        dm.members.insert("@banned:x".into(), (Membership::Ban, 0));
+        let body = create_body(&dm);
+        assert_eq!(body["is_direct"], true);
+        assert_eq!(body["invite"], json!(["@alice:x", "@bob:x"]));
+        // An ordinary room's body is what it always was.
+        let plain = create_body(&desired());
+        assert!(["creation_content", "is_direct", "invite"]
+            .iter()
+            .all(|k| plain.get(*k).is_none()));
+    }
+
+    #[test]
+    fn space_children_drift_is_reverted_one_write_each() {
+        let d = space();
+        let mut state = converged(&d);
+        // Someone dropped a child and added a room of their own.
+        state
+            .events
+            .insert((SPACE_CHILD.into(), "!e2:x".into()), json!({}));
+        state.events.insert(
+            (SPACE_CHILD.into(), "!theirs:x".into()),
+            json!({"via": ["x"]}),
+        );
+        assert_eq!(
+            plan(&d, &state).actions,
+            vec![
+                relation(SPACE_CHILD, "!theirs:x", json!({})),
+                relation(SPACE_CHILD, "!e2:x", json!({"via": ["x"]})),
+            ]
+        );
+        // A child's listing changed in the spec: one write.
+        let mut reordered = d.clone();
+        reordered.children.as_mut().unwrap().insert(
+            "!e2:x".into(),
+            ChildLink {
+                order: Some("00".into()),
+                suggested: false,
+            },
+        );
+        assert_eq!(
+            plan(&reordered, &converged(&d)).actions,
+            vec![relation(
+                SPACE_CHILD,
+                "!e2:x",
+                json!({"via": ["x"], "order": "00"})
+            )]
+        );
+    }
+
+    #[test]
+    fn ordinary_rooms_leave_child_events_alone_but_not_stray_parents() {
+        let d = desired();
+        let mut state = converged(&d);
+        state
+            .events
+            .insert((SPACE_CHILD.into(), "!x:x".into()), json!({"via": ["x"]}));
+        assert_eq!(plan(&d, &state).actions, vec![]);
+        state.events.insert(
+            (SPACE_PARENT.into(), "!old:x".into()),
+            json!({"via": ["x"], "canonical": true}),
+        );
+        assert_eq!(
+            plan(&d, &state).actions,
+            vec![relation(SPACE_PARENT, "!old:x", json!({}))]
+        );
+    }
+
+    #[test]
+    fn reparenting_moves_the_parent_and_the_allow_rule() {
+        let before = child("!old:x");
+        let after = child("!new:x");
+        let actions = plan(&after, &converged(&before)).actions;
+        assert_eq!(
+            actions,
+            vec![
+                RoomAction::SetState {
+                    kind: "m.room.join_rules".into(),
+                    content: json!({"join_rule": "restricted",
+                        "allow": [{"type": "m.room_membership", "room_id": "!new:x"}]}),
+                },
+                relation(SPACE_PARENT, "!old:x", json!({})),
+                relation(
+                    SPACE_PARENT,
+                    "!new:x",
+                    json!({"via": ["x"], "canonical": true})
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn old_rooms_and_wrong_types_are_refused_before_any_write() {
+        let d = child("!g:x");
+        let mut state = converged(&d);
+        state.events.insert(
+            ("m.room.create".into(), String::new()),
+            json!({"room_version": "7"}),
+        );
+        assert_eq!(
+            refusal(&d, &state).map(|r| r.reason),
+            Some("RoomVersionUnsupported")
+        );
+        let invite_only = DesiredRoom {
+            join_rule: JoinRule::Invite,
+            ..d
+        };
+        assert_eq!(refusal(&invite_only, &state), None);
+        // A space spec on an ordinary room, and the other way round.
+        assert_eq!(
+            refusal(&space(), &converged(&desired())).map(|r| r.reason),
+            Some("RoomTypeMismatch")
+        );
+        assert_eq!(
+            refusal(&desired(), &converged(&space())).map(|r| r.reason),
+            Some("RoomTypeMismatch")
+        );
+    }
+
+    #[test]
+    fn restricted_rooms_keep_members_who_came_through_the_space() {
+        let d = child("!g:x");
+        let mut state = converged(&d);
+        set_member(&mut state, "@via-space:x", "join");
+        set_member(&mut state, "@intruder:x", "join");
+        let first = plan(&d, &state);
+        assert!(removes_members(&first));
+        let space_members = std::collections::BTreeSet::from(["@via-space:x".to_string()]);
+        assert_eq!(
+            plan_with(&d, &state, Some(&space_members)).actions,
+            vec![RoomAction::Kick("@intruder:x".into())]
+        );
+        // Not restricted: the parent's members are no reason to stay.
+        let invite_only = DesiredRoom {
+            join_rule: JoinRule::Invite,
+            ..d
+        };
+        let mut state = converged(&invite_only);
+        set_member(&mut state, "@via-space:x", "join");
+        assert_eq!(
+            plan_with(&invite_only, &state, Some(&space_members)).actions,
+            vec![RoomAction::Kick("@via-space:x".into())]
+        );
+    }
+
+    #[test]
+    fn closing_unlinks_the_room_from_its_space() {
+        let d = child("!g:x");
+        let close = plan_close(&d, &converged(&d));
+        assert_eq!(close[0], relation(SPACE_PARENT, "!g:x", json!({})));
+        let s = space();
+        let close = plan_close(&s, &converged(&s));
+        assert_eq!(
+            close[..2],
+            [
+                relation(SPACE_CHILD, "!e1:x", json!({})),
+                relation(SPACE_CHILD, "!e2:x", json!({}))
+            ]
+        );
     }
 }
