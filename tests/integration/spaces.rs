@@ -195,6 +195,34 @@ async fn reparenting_unparenting_and_child_drift() {
     })
     .await;
 
+    // A child closed by deletion leaves its space on both sides.
+    env.create::<MatrixRoom>(
+        0,
+        "gone",
+        json!({"alias": unique("gone"), "parentRef": {"name": "s2"}}),
+    )
+    .await;
+    let gone = room_id(
+        &env.wait_condition::<MatrixRoom>(0, "gone", true, "Converged")
+            .await,
+    );
+    wait_for("s2 lists the second child", || async {
+        linked(&state_of(&env, &s2).await, "m.space.child", &gone).then_some(())
+    })
+    .await;
+    env.api::<MatrixRoom>(0)
+        .delete("gone", &Default::default())
+        .await
+        .unwrap();
+    env.wait_gone(&env.api::<MatrixRoom>(0), "gone").await;
+    wait_for("the closed child unlinked", || async {
+        let space = state_of(&env, &s2).await;
+        let closed = env.synapse.admin_room_state(&gone).await.ok()??;
+        (!linked(&space, "m.space.child", &gone) && !linked(&closed, "m.space.parent", &s2))
+            .then_some(())
+    })
+    .await;
+
     // Un-parented: no relation left on either side.
     patch_spec(&env, "c", json!({"parentRef": null})).await;
     wait_for("no parent left", || async {
@@ -380,4 +408,57 @@ async fn a_direct_room_is_a_dm_for_both_and_needs_exactly_two_members() {
         .wait_condition(0, "trio", false, "DirectMemberCount")
         .await;
     assert!(trio.status.unwrap().room_id.is_none());
+}
+
+#[tokio::test]
+async fn resync_of_a_converged_space_and_child_reads_once_and_writes_nothing() {
+    let env = TestEnv::new("spacenoop").await;
+    users(&env, &["member"]).await;
+    perm(&env, 0, "member", "s", "member", json!({})).await;
+    env.create::<MatrixRoom>(0, "s", json!({"alias": unique("s"), "type": "Space"}))
+        .await;
+    env.create::<MatrixRoom>(
+        0,
+        "c",
+        json!({"alias": unique("c"), "joinRule": "restricted",
+               "parentRef": {"name": "s", "order": "1", "suggested": true}}),
+    )
+    .await;
+    let s = room_id(
+        &env.wait_condition::<MatrixRoom>(0, "s", true, "Converged")
+            .await,
+    );
+    let c = room_id(
+        &env.wait_condition::<MatrixRoom>(0, "c", true, "Converged")
+            .await,
+    );
+    wait_for("s lists c", || async {
+        linked(&state_of(&env, &s).await, "m.space.child", &c).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let stats = env.operator_synapse.stats();
+    let (writes, reads) = (stats.writes(), stats.reads());
+    for (i, name) in ["s", "c", "s", "c"].into_iter().enumerate() {
+        let before = env.stats.room_reconciles();
+        env.api::<MatrixRoom>(0)
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {"test/touch": i.to_string()}}})),
+            )
+            .await
+            .unwrap();
+        wait_for("a resync", || async {
+            (env.stats.room_reconciles() > before).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stats.writes(), writes, "a no-op resync writes nothing");
+    assert_eq!(
+        stats.reads(),
+        reads + 4,
+        "one state read per resync: the relations cost no extra read"
+    );
 }

@@ -400,7 +400,7 @@ async fn apply(
         let declared = fold::declared_members(&perm_refs, &outcomes);
         if declared != 2 {
             let message = format!(
-                "a Direct room has exactly two members; {declared} RoomPermissions declare one"
+                "a Direct room has exactly two members; RoomPermissions declare {declared}"
             );
             blocked(room, api, ctx, &perms, "DirectMemberCount", message, true).await?;
             return Ok(resync);
