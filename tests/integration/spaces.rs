@@ -462,3 +462,51 @@ async fn resync_of_a_converged_space_and_child_reads_once_and_writes_nothing() {
         "one state read per resync: the relations cost no extra read"
     );
 }
+
+#[tokio::test]
+async fn an_adopted_room_too_old_for_restricted_joins_is_refused_untouched() {
+    let env = TestEnv::new("oldroom").await;
+    let alias = unique("old");
+    // The room object waits for its space, so nothing is created yet.
+    let child: MatrixRoom = env
+        .create(
+            0,
+            "old",
+            json!({"alias": alias, "joinRule": "restricted", "parentRef": {"name": "later"}}),
+        )
+        .await;
+    env.wait_condition::<MatrixRoom>(0, "old", false, "ParentNotFound")
+        .await;
+    // Meanwhile an older room of this object's appears under its alias
+    // (say, made by an earlier version of the platform): room version 7.
+    let marker = json!({"namespace": env.ns(0), "name": "old",
+                        "uid": child.metadata.uid.clone().unwrap()});
+    let created = env
+        .synapse
+        .create_room(&json!({
+            "room_alias_name": format!("openmeet-{alias}"),
+            "room_version": "7",
+            "preset": "private_chat",
+            "initial_state": [{"type": "net.openmeet.owner", "state_key": "", "content": marker}],
+        }))
+        .await
+        .unwrap();
+    let openmeet_matrix_operator::synapse::rooms::CreateOutcome::Created(old_id) = created else {
+        panic!("alias taken")
+    };
+    env.create::<MatrixRoom>(
+        0,
+        "later",
+        json!({"alias": unique("later"), "type": "Space"}),
+    )
+    .await;
+    env.wait_condition::<MatrixRoom>(0, "old", false, "RoomVersionUnsupported")
+        .await;
+    // Nothing was half-applied: the join rule and the parent link are as they were.
+    let s = state_of(&env, &old_id).await;
+    assert_eq!(
+        s.get("m.room.join_rules", "").unwrap()["join_rule"],
+        "invite"
+    );
+    assert!(s.events.keys().all(|(kind, _)| kind != "m.space.parent"));
+}
