@@ -23,9 +23,14 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Alias","type":"string","jsonPath":".status.canonicalAlias"}"#,
     printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.joinedMembers"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Type","type":"string","priority":1,"jsonPath":".spec.type"}"#,
+    printcolumn = r#"{"name":"Parent","type":"string","priority":1,"jsonPath":".spec.parentRef.name"}"#
 )]
-#[x_kube(validation = Rule::new("!has(oldSelf.encrypted) || !oldSelf.encrypted || (has(self.encrypted) && self.encrypted)").message("encryption cannot be turned off once enabled"))]
+#[x_kube(validation = Rule::new("!(has(oldSelf.encrypted) ? oldSelf.encrypted : (has(oldSelf.source) && oldSelf.source.kind == 'Direct')) || (has(self.encrypted) ? self.encrypted : (has(self.source) && self.source.kind == 'Direct'))").message("encryption cannot be turned off once enabled"))]
+#[x_kube(validation = Rule::new("has(self.type) == has(oldSelf.type) && (!has(self.type) || self.type == oldSelf.type)").message("type is immutable"))]
+#[x_kube(validation = Rule::new("!has(self.joinRule) || self.joinRule != 'restricted' || has(self.parentRef)").message("joinRule restricted admits the parent space's members: it needs parentRef"))]
+#[x_kube(validation = Rule::new("!has(self.type) || !has(self.source) || self.source.kind != 'Direct'").message("a Direct room cannot be a space"))]
 #[serde(rename_all = "camelCase")]
 pub struct MatrixRoomSpec {
     /// Local part of the room's canonical alias, mapped into the operator's
@@ -56,11 +61,27 @@ pub struct MatrixRoomSpec {
     )]
     pub avatar_url: Option<String>,
 
-    /// The platform object this room belongs to.
+    /// The platform object this room belongs to. `Direct` rooms have
+    /// exactly two members (two `RoomPermission`s), are created with
+    /// `is_direct`, are listed in both users' `m.direct`, and are encrypted
+    /// unless `encrypted` says otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<RoomSource>,
 
-    /// Who may join.
+    /// `Space` makes this room a Matrix space (`m.space`) that other rooms
+    /// name as their parent; absent, an ordinary room. Immutable.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub room_type: Option<RoomType>,
+
+    /// The space this room belongs to: a `MatrixRoom` of type `Space` in
+    /// this namespace (a reference never crosses namespaces: there is no
+    /// namespace field). The operator keeps `m.space.child` in the space and
+    /// a canonical `m.space.parent` here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_ref: Option<ParentRef>,
+
+    /// Who may join. `restricted` admits the members of the parent space
+    /// (needs `parentRef` and room version 8 or later).
     #[serde(default)]
     pub join_rule: JoinRule,
 
@@ -73,8 +94,9 @@ pub struct MatrixRoomSpec {
     pub guest_access: bool,
 
     /// End-to-end encryption. One way: it can be turned on, never off.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub encrypted: bool,
+    /// Unset, it is on for `Direct` rooms and off for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<bool>,
 
     /// Publish the room in the server's room directory.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -103,6 +125,50 @@ pub struct RoomSource {
     pub slug: String,
 }
 
+/// What kind of room this is, beyond an ordinary one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RoomType {
+    /// A Matrix space (`creation_content.type: m.space`).
+    Space,
+}
+
+/// The parent space of a room, and how the room is listed in it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentRef {
+    /// Name of a `MatrixRoom` of type `Space` in this namespace.
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+        length(min = 1, max = 253)
+    )]
+    pub name: String,
+    /// `order` of the room in the space (`m.space.child`): printable ASCII,
+    /// compared lexicographically by clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[\x{20}-\x{7E}]+$"), length(min = 1, max = 50))]
+    pub order: Option<String>,
+    /// Whether clients suggest the room to the space's members.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suggested: bool,
+}
+
+impl MatrixRoomSpec {
+    /// Whether this room is a space.
+    pub fn is_space(&self) -> bool {
+        self.room_type == Some(RoomType::Space)
+    }
+
+    /// Whether this is a direct conversation.
+    pub fn is_direct(&self) -> bool {
+        self.source.as_ref().map(|s| s.kind) == Some(SourceKind::Direct)
+    }
+
+    /// Encryption as it applies: the spec's, else on for direct rooms.
+    pub fn encryption(&self) -> bool {
+        self.encrypted.unwrap_or_else(|| self.is_direct())
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum SourceKind {
     Event,
@@ -118,6 +184,8 @@ pub enum JoinRule {
     Invite,
     Public,
     Knock,
+    /// Members of the parent space may join (`m.room_membership` allow rule).
+    Restricted,
 }
 
 /// `m.room.history_visibility`, as Matrix spells it.

@@ -582,6 +582,25 @@ mod tests {
     }
 
     #[test]
+    fn space_relations_and_join_rules_changed_by_others_count() {
+        let body = json!({"events": [
+            {"type": "m.space.child", "room_id": "!space:x", "sender": "@mod:x", "state_key": "!child:x", "event_id": "$1", "content": {}},
+            {"type": "m.space.parent", "room_id": "!child:x", "sender": "@mod:x", "state_key": "!space:x", "event_id": "$2", "content": {}},
+            {"type": "m.room.join_rules", "room_id": "!other:x", "sender": "@mod:x", "state_key": "", "event_id": "$3", "content": {"join_rule": "public"}},
+            {"type": "m.space.child", "room_id": "!own:x", "sender": OWN, "state_key": "!c:x", "event_id": "$4", "content": {"via": ["x"]}},
+        ]});
+        let rooms = parse(&serde_json::to_vec(&body).unwrap()).unwrap();
+        assert_eq!(
+            rooms,
+            HashMap::from([
+                ("!space:x".to_string(), "$1".to_string()),
+                ("!child:x".to_string(), "$2".to_string()),
+                ("!other:x".to_string(), "$3".to_string()),
+            ])
+        );
+    }
+
+    #[test]
     fn a_full_transaction_of_big_messages_is_read() {
         // What Synapse sends after a pause: 100 events of (nearly) 64 KiB.
         let body = big_transaction("!drift:x", 100, 63 * 1024);

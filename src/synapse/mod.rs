@@ -6,6 +6,7 @@
 //! own tolerant struct: Synapse returns `displayname: null` for erased
 //! accounts, which the crate's `UserDetails` cannot represent.
 
+pub mod account_data;
 pub mod rooms;
 mod stats;
 pub mod users;

@@ -39,6 +39,8 @@ pub enum RequestKind {
     FindUserByExternalId,
     ListDevices,
     DeleteDevices,
+    GetAccountData,
+    PutAccountData,
 }
 
 impl RequestKind {
@@ -53,6 +55,7 @@ impl RequestKind {
                 | RequestKind::FindUserByThreepid
                 | RequestKind::FindUserByExternalId
                 | RequestKind::ListDevices
+                | RequestKind::GetAccountData
         )
     }
 
@@ -84,6 +87,8 @@ impl RequestKind {
             RequestKind::FindUserByExternalId => "find_user_by_external_id",
             RequestKind::ListDevices => "list_devices",
             RequestKind::DeleteDevices => "delete_devices",
+            RequestKind::GetAccountData => "get_account_data",
+            RequestKind::PutAccountData => "put_account_data",
         }
     }
 }

@@ -183,6 +183,46 @@ async fn immutable_and_one_way_fields_are_enforced() {
     )
     .await;
 
+    // A room's type never changes, either way; a Direct room is encrypted
+    // by default, and that too is one way.
+    let space = create(
+        "MatrixRoom",
+        "space",
+        json!({"alias": "immutable-space", "type": "Space"}),
+    );
+    let direct = create(
+        "MatrixRoom",
+        "direct",
+        json!({"alias": "immutable-direct", "source": {"kind": "Direct", "slug": "d"}}),
+    );
+    for doc in [&space, &direct] {
+        api_for(&env, doc)
+            .create(&PostParams::default(), &object(&env, doc))
+            .await
+            .unwrap();
+    }
+    expect_rejected(
+        &api_for(&env, &space),
+        "space",
+        json!({"spec": {"type": null}}),
+        "type is immutable",
+    )
+    .await;
+    expect_rejected(
+        &api_for(&env, &room),
+        "r",
+        json!({"spec": {"type": "Space"}}),
+        "type is immutable",
+    )
+    .await;
+    expect_rejected(
+        &api_for(&env, &direct),
+        "direct",
+        json!({"spec": {"encrypted": false}}),
+        "encryption cannot be turned off",
+    )
+    .await;
+
     // Deactivation is permanent: neither `false` nor removing the field undoes it.
     let gone = create(
         "MatrixUser",

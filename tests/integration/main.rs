@@ -12,4 +12,5 @@ mod harness;
 mod proxy;
 mod rooms;
 mod sidecar;
+mod spaces;
 mod users;

@@ -289,7 +289,7 @@ wait_for "Synapse" 120 curl -fsS "$synapse_url/health"
 
 # The operator's admin account: a server admin made once, at bootstrap.
 "$venv/bin/register_new_matrix_user" -u "$ADMIN_LOCALPART" -a -k "$shared_secret" \
-  -p "$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')" "$synapse_url" >/dev/null
+  --password="$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')" "$synapse_url" >/dev/null
 
 # CRDs, and the as_token where the controller reads it.
 "$kubectl" apply --server-side --field-manager stack -f "$repo/crds/" >/dev/null

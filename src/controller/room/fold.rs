@@ -104,6 +104,24 @@ pub fn fold(
     (members, outcomes)
 }
 
+/// How many users the permissions declare as members (joined or invited):
+/// duplicates and bans do not count; users not ready yet do.
+pub fn declared_members(
+    permissions: &[&RoomPermission],
+    outcomes: &BTreeMap<String, PermissionOutcome>,
+) -> usize {
+    permissions
+        .iter()
+        .filter(|p| p.spec.membership != Membership::Ban)
+        .filter(|p| {
+            !matches!(
+                outcomes.get(&p.name_any()),
+                Some(PermissionOutcome::Duplicate(_))
+            )
+        })
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +199,22 @@ mod tests {
         assert!(
             matches!(&outcomes["newer"], PermissionOutcome::Duplicate(m) if m.contains("older"))
         );
+    }
+
+    #[test]
+    fn declared_members_skip_duplicates_and_bans() {
+        let a = perm("a", "alice", 1, serde_json::json!({}));
+        let a2 = perm("a2", "alice", 2, serde_json::json!({}));
+        let b = perm(
+            "b",
+            "pending",
+            1,
+            serde_json::json!({"membership": "Invite"}),
+        );
+        let c = perm("c", "carol", 1, serde_json::json!({"membership": "Ban"}));
+        let all = [&a, &a2, &b, &c];
+        let (_, outcomes) = fold(&all, users);
+        assert_eq!(declared_members(&all, &outcomes), 2);
     }
 
     fn user_with(ready: Option<(bool, &str)>, user_id: Option<&str>) -> MatrixUser {

@@ -3,6 +3,7 @@
 
 pub mod fold;
 pub mod plan;
+pub mod tree;
 
 use super::backoff::jitter;
 use super::finalizer::Cleanup;
@@ -10,7 +11,7 @@ use super::memo::fingerprint;
 use super::{claims, key};
 use super::{Error, OperatorConfig, ReconcileStats};
 use crate::api::conditions::{self, Condition, READY};
-use crate::api::room::RoomDeletionPolicy;
+use crate::api::room::{JoinRule, RoomDeletionPolicy};
 use crate::api::{MatrixRoom, MatrixRoomStatus, MatrixUser, RoomPermission, RoomPermissionStatus};
 use crate::synapse::rooms::{CreateOutcome, DeleteStatus, MembershipAction, RoomState};
 use crate::synapse::{SynapseClient, SynapseError};
@@ -23,7 +24,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use plan::{create_body, marker_matches, plan, plan_close, DesiredRoom, RoomAction, Thresholds};
 use ruma::{OwnedRoomAliasId, RoomAliasId, RoomId, UserId};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -100,6 +101,7 @@ pub async fn run<A, B, C, D>(
     });
     let perms_for_users = caches.permissions;
     let rooms_for_claims = caches.rooms.clone();
+    let spaces = std::sync::Mutex::new(tree::SpaceIndex::default());
     Controller::for_shared_stream(triggers.objects, caches.rooms)
         // A permission changed or went away: its room folds it in.
         .watches_shared_stream(triggers.permissions, |p: Arc<RoomPermission>| {
@@ -118,21 +120,32 @@ pub async fn run<A, B, C, D>(
                 .map(|p| ObjectRef::new(&p.spec.room_ref.name).within(&ns))
                 .collect::<Vec<_>>()
         })
-        // A room claiming an alias went away: the others claiming it decide again.
+        // A room changed: its parents (old and new) and children see it;
+        // when it went away, the others claiming its alias decide again.
         .watches_shared_stream(triggers.peers, move |r: Arc<MatrixRoom>| {
             let me = ObjectRef::from_obj(r.as_ref());
-            let leaving =
-                r.metadata.deletion_timestamp.is_some() || rooms_for_claims.get(&me).is_none();
-            if !leaving {
-                return Vec::new();
+            let gone = rooms_for_claims.get(&me).is_none();
+            let leaving = r.metadata.deletion_timestamp.is_some() || gone;
+            let ns = r.namespace().unwrap_or_default();
+            let parent = r.spec.parent_ref.as_ref().map(|p| p.name.as_str());
+            let mut related: Vec<ObjectRef<MatrixRoom>> = spaces
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .update(&ns, &r.name_any(), parent.filter(|_| !gone))
+                .into_iter()
+                .map(|name| ObjectRef::new(&name).within(&ns))
+                .collect();
+            if leaving {
+                related.extend(
+                    rooms_for_claims
+                        .state()
+                        .iter()
+                        .filter(|o| o.spec.alias == r.spec.alias)
+                        .map(|o| ObjectRef::from_obj(o.as_ref()))
+                        .filter(|o| *o != me),
+                );
             }
-            rooms_for_claims
-                .state()
-                .iter()
-                .filter(|o| o.spec.alias == r.spec.alias)
-                .map(|o| ObjectRef::from_obj(o.as_ref()))
-                .filter(|o| *o != me)
-                .collect::<Vec<_>>()
+            related
         })
         .with_config(super::controller_config(
             &ctx.config,
@@ -217,8 +230,21 @@ fn desired(
     room: &MatrixRoom,
     ctx: &RoomContext,
     members: BTreeMap<String, (crate::api::permission::Membership, i64)>,
+    parent: Option<String>,
 ) -> DesiredRoom {
     let spec = &room.spec;
+    // A space lists its children; an ordinary room's m.space.child events
+    // are not the operator's (and cost nothing to leave alone).
+    let children = spec.is_space().then(|| {
+        let ns = room.namespace();
+        let rooms: Vec<_> = ctx
+            .rooms
+            .state()
+            .into_iter()
+            .filter(|r| r.namespace() == ns)
+            .collect();
+        tree::children(room, &rooms)
+    });
     DesiredRoom {
         alias_localpart: format!("{}{}", ctx.config.alias_prefix, spec.alias),
         name: spec.name.clone(),
@@ -227,14 +253,26 @@ fn desired(
         join_rule: spec.join_rule,
         history_visibility: spec.history_visibility,
         guest_access: spec.guest_access,
-        encrypted: spec.encrypted,
+        encrypted: spec.encryption(),
         marker: marker(room),
         thresholds: Thresholds::from(spec.permissions.as_ref()),
         members,
         membership_policy: spec.membership_policy,
         admin: ctx.synapse.admin_user_id().to_string(),
         server_suffix: format!(":{}", ctx.synapse.server_name()),
+        space: spec.is_space(),
+        direct: spec.is_direct(),
+        parent,
+        children,
     }
+}
+
+/// The room's parent space, resolved from the cache.
+fn parent_of(room: &MatrixRoom, ctx: &RoomContext) -> tree::Parent {
+    let ns = room.namespace().unwrap_or_default();
+    tree::parent(room, |name| {
+        ctx.rooms.get(&ObjectRef::new(name).within(&ns))
+    })
 }
 
 /// How long to wait for referenced users that are still being created: not
@@ -339,13 +377,36 @@ async fn apply(
     let ns = room.namespace().unwrap_or_default();
 
     if let Err(message) = holds_alias(room, ctx) {
-        blocked(room, api, ctx, &perms, "AliasConflict", message).await?;
+        blocked(room, api, ctx, &perms, "AliasConflict", message, false).await?;
         return Ok(resync);
     }
+    let parent = match parent_of(room, ctx) {
+        tree::Parent::None => None,
+        tree::Parent::Ready(id) => Some(id),
+        tree::Parent::Waiting { reason, message } => {
+            // The parent's own changes trigger this room; the requeue is a fallback.
+            blocked(room, api, ctx, &perms, reason, message, true).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+        tree::Parent::Refused { reason, message } => {
+            blocked(room, api, ctx, &perms, reason, message, true).await?;
+            return Ok(resync);
+        }
+    };
     let alias = full_alias(room, ctx)?;
     let perm_refs: Vec<&RoomPermission> = perms.iter().map(|p| p.as_ref()).collect();
     let (members, outcomes) = fold(&perm_refs, |name| user_state(ctx, &ns, name));
-    let desired = desired(room, ctx, members);
+    if room.spec.is_direct() {
+        let declared = fold::declared_members(&perm_refs, &outcomes);
+        if declared != 2 {
+            let message = format!(
+                "a Direct room has exactly two members; RoomPermissions declare {declared}"
+            );
+            blocked(room, api, ctx, &perms, "DirectMemberCount", message, true).await?;
+            return Ok(resync);
+        }
+    }
+    let desired = desired(room, ctx, members, parent);
     tracing::debug!(room = %key(room), version = ?room.metadata.resource_version, members = desired.members.len(), "room reconcile");
     if let Some(wait) = users_in_flight(&perms, ctx, &ns) {
         tracing::debug!(room = %key(room), "waiting for users in flight");
@@ -378,12 +439,13 @@ async fn apply(
         .map(|c| c.reason.clone());
     let resolve = previous_reason.as_deref() == Some("AliasConflict");
 
-    let result: Result<Result<Converged, String>, Error> = async {
+    let result: Result<Result<Converged, (&'static str, String)>, Error> = async {
         let (room_id, state, created) = match locate(room, &alias, ctx, resolve).await? {
             Located::Ours(id, state) => (id, state, false),
             Located::Foreign(id) => {
-                return Ok(Err(format!(
-                    "alias {alias} points at room {id}, which is not this object's"
+                return Ok(Err((
+                    "AliasConflict",
+                    format!("alias {alias} points at room {id}, which is not this object's"),
                 )))
             }
             Located::Absent => match ctx.synapse.create_room(&create_body(&desired)).await? {
@@ -409,14 +471,36 @@ async fn apply(
                 CreateOutcome::AliasInUse => match locate_by_alias(room, &alias, ctx).await? {
                     Some((id, state)) => (id, state, false),
                     None => {
-                        return Ok(Err(format!(
-                            "alias {alias} is in use by a room that is not this object's"
+                        return Ok(Err((
+                            "AliasConflict",
+                            format!("alias {alias} is in use by a room that is not this object's"),
                         )))
                     }
                 },
             },
         };
-        let room_plan = plan(&desired, &state);
+        if let Some(refusal) = plan::refusal(&desired, &state) {
+            return Ok(Err((refusal.reason, refusal.message)));
+        }
+        let mut room_plan = plan(&desired, &state);
+        if plan::removes_members(&room_plan) && desired.join_rule == JoinRule::Restricted {
+            // Members of the parent space may be here through the join rule.
+            if let Some(parent) = &desired.parent {
+                let members: BTreeSet<String> = ctx
+                    .synapse
+                    .room_state(parent)
+                    .await?
+                    .map(|s| {
+                        s.memberships()
+                            .into_iter()
+                            .filter(|(_, m)| m == "join")
+                            .map(|(u, _)| u)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                room_plan = plan::plan_with(&desired, &state, Some(&members));
+            }
+        }
         tracing::debug!(room = %key(room), room_id = %room_id, actions = ?room_plan.actions.iter().map(RoomAction::describe).collect::<Vec<_>>(), "planned");
         let drift = !created
             && !room_plan.actions.is_empty()
@@ -447,6 +531,11 @@ async fn apply(
                 &truncate(summary.join("; ")),
             )
             .await;
+        }
+        if desired.direct && (created || !ctx.memo.same_desired(&key(room), fingerprint)) {
+            // Checked when the room or its members change, not on every
+            // resync: a user's own later edits to their DM list are theirs.
+            list_as_direct(room, &room_id, &desired, ctx).await?;
         }
         let published = publication(room, &room_id, ctx).await?;
         Ok(Ok(Converged {
@@ -484,8 +573,9 @@ async fn apply(
                 .record(&key(room), [own_version, version], fingerprint);
             Ok(resync)
         }
-        Ok(Err(message)) => {
-            blocked(room, api, ctx, &perms, "AliasConflict", message).await?;
+        Ok(Err((reason, message))) => {
+            let keep = reason != "AliasConflict";
+            blocked(room, api, ctx, &perms, reason, message, keep).await?;
             Ok(resync)
         }
         Err(error) => {
@@ -570,6 +660,11 @@ async fn apply_action(
             s.put_state(room_id, "m.room.power_levels", "", content)
                 .await?
         }
+        RoomAction::SetRelation {
+            kind,
+            state_key,
+            content,
+        } => s.put_state(room_id, kind, state_key, content).await?,
         RoomAction::Join(u) => s.admin_join(parsed, &user(u)?).await?,
         RoomAction::Invite(u) => {
             s.membership(
@@ -601,6 +696,40 @@ async fn apply_action(
         RoomAction::Unban(u) => {
             s.membership(room_id, MembershipAction::Unban, u, "no longer banned")
                 .await?
+        }
+    }
+    Ok(())
+}
+
+/// Lists a direct room in both members' `m.direct` (each under the other
+/// member), keeping every other entry. Only local members' account data is
+/// the operator's to write.
+async fn list_as_direct(
+    room: &MatrixRoom,
+    room_id: &str,
+    d: &DesiredRoom,
+    ctx: &RoomContext,
+) -> Result<(), Error> {
+    let members: Vec<&String> = d
+        .members
+        .iter()
+        .filter(|(_, (m, _))| *m != crate::api::permission::Membership::Ban)
+        .map(|(u, _)| u)
+        .collect();
+    let [a, b] = members.as_slice() else {
+        return Ok(());
+    };
+    for (user, other) in [(a, b), (b, a)] {
+        if !user.ends_with(&d.server_suffix) {
+            continue;
+        }
+        let user_id =
+            UserId::parse(user.as_str()).map_err(|e| Error::Invalid(format!("{user:?}: {e}")))?;
+        let current = ctx.synapse.direct_rooms(&user_id).await?;
+        if let Some(next) = crate::synapse::account_data::with_direct_room(&current, other, room_id)
+        {
+            ctx.synapse.set_direct_rooms(&user_id, &next).await?;
+            audit(room, room_id, &format!("list in m.direct of {user}"));
         }
     }
     Ok(())
@@ -699,7 +828,7 @@ async fn cleanup(
         match room.spec.deletion_policy {
             RoomDeletionPolicy::Retain => {}
             RoomDeletionPolicy::Close => {
-                let d = desired(room, ctx, BTreeMap::new());
+                let d = desired(room, ctx, BTreeMap::new(), None);
                 if state.memberships().get(&d.admin).map(String::as_str) != Some("join") {
                     // Left already: closed by an earlier, interrupted cleanup.
                     return Ok(Cleanup::Done);
@@ -783,7 +912,9 @@ async fn cleanup(
     }
 }
 
-/// Records a blocked room: condition, a Warning on transition, no Synapse write.
+/// Records a blocked room: condition, a Warning on transition, no Synapse
+/// write. `keep` keeps the room id and alias in the status (the room is
+/// still this object's); an alias conflict clears them.
 async fn blocked(
     room: &MatrixRoom,
     api: &Api<MatrixRoom>,
@@ -791,6 +922,7 @@ async fn blocked(
     perms: &[Arc<RoomPermission>],
     reason: &str,
     message: String,
+    keep: bool,
 ) -> Result<(), Error> {
     let previous = room
         .status
@@ -807,7 +939,16 @@ async fn blocked(
         message.clone(),
         room.metadata.generation,
     );
-    write_room_status(room, api, None, None, None, vec![ready]).await?;
+    let status = room.status.clone().filter(|_| keep).unwrap_or_default();
+    write_room_status(
+        room,
+        api,
+        status.room_id,
+        status.canonical_alias,
+        status.joined_members,
+        vec![ready],
+    )
+    .await?;
     write_permission_statuses(
         ctx,
         perms,

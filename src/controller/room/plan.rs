@@ -9,6 +9,12 @@ use std::collections::BTreeMap;
 
 /// State event type of the ownership marker.
 pub const MARKER_TYPE: &str = "net.openmeet.owner";
+/// A space's child (state key: the child's room id).
+pub const SPACE_CHILD: &str = "m.space.child";
+/// A room's parent space (state key: the space's room id).
+pub const SPACE_PARENT: &str = "m.space.parent";
+/// The first room version with the `restricted` join rule.
+const RESTRICTED_SINCE: u32 = 8;
 const ENCRYPTION_ALGORITHM: &str = "m.megolm.v1.aes-sha2";
 
 /// Power levels from the spec's thresholds (Matrix defaults where unset).
@@ -58,6 +64,23 @@ pub struct DesiredRoom {
     pub admin: String,
     /// `:<server_name>`, to tell local users from remote ones.
     pub server_suffix: String,
+    /// Created as a space (`m.space`).
+    pub space: bool,
+    /// A direct conversation: created with `is_direct` and its members invited.
+    pub direct: bool,
+    /// The parent space's room id (`m.space.parent` here; the allow rule of
+    /// a `restricted` join rule).
+    pub parent: Option<String>,
+    /// For a space: every child's room id and how it is listed. `None` for
+    /// an ordinary room, whose `m.space.child` events are not managed.
+    pub children: Option<BTreeMap<String, ChildLink>>,
+}
+
+/// How a child is listed in its space (`m.space.child` content).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ChildLink {
+    pub order: Option<String>,
+    pub suggested: bool,
 }
 
 /// One Synapse write.
@@ -70,6 +93,13 @@ pub enum RoomAction {
         content: Value,
     },
     SetPowerLevels(Value),
+    /// A keyed relation (`m.space.child`, `m.space.parent`); empty content
+    /// removes it.
+    SetRelation {
+        kind: &'static str,
+        state_key: String,
+        content: Value,
+    },
     Unban(String),
     Join(String),
     Invite(String),
@@ -83,6 +113,14 @@ impl RoomAction {
             RoomAction::MakeRoomAdmin => "restore operator power".into(),
             RoomAction::SetState { kind, .. } => format!("set {kind}"),
             RoomAction::SetPowerLevels(_) => "set m.room.power_levels".into(),
+            RoomAction::SetRelation {
+                kind,
+                state_key,
+                content,
+            } if is_empty(Some(content)) => format!("remove {kind} {state_key}"),
+            RoomAction::SetRelation {
+                kind, state_key, ..
+            } => format!("set {kind} {state_key}"),
             RoomAction::Unban(u) => format!("unban {u}"),
             RoomAction::Join(u) => format!("join {u}"),
             RoomAction::Invite(u) => format!("invite {u}"),
@@ -97,7 +135,134 @@ fn join_rule(r: JoinRule) -> &'static str {
         JoinRule::Invite => "invite",
         JoinRule::Public => "public",
         JoinRule::Knock => "knock",
+        JoinRule::Restricted => "restricted",
     }
+}
+
+/// `m.room.join_rules` content; a restricted room admits the parent's members.
+fn join_rules(d: &DesiredRoom) -> Value {
+    match (d.join_rule, &d.parent) {
+        (JoinRule::Restricted, Some(parent)) => json!({
+            "join_rule": "restricted",
+            "allow": [{"type": "m.room_membership", "room_id": parent}],
+        }),
+        (rule, _) => json!({"join_rule": join_rule(rule)}),
+    }
+}
+
+/// The server part of the operator's ids, for `via`.
+fn server(d: &DesiredRoom) -> &str {
+    d.server_suffix.trim_start_matches(':')
+}
+
+/// Whether relation content is empty (the relation is removed).
+fn is_empty(content: Option<&Value>) -> bool {
+    content.is_none_or(|c| c.as_object().is_none_or(Map::is_empty))
+}
+
+/// The keyed relations this room should hold: `m.space.parent` for its
+/// parent, `m.space.child` for each child of a space.
+fn desired_relations(d: &DesiredRoom) -> Vec<(&'static str, String, Value)> {
+    let via = json!([server(d)]);
+    let mut out = Vec::new();
+    if let Some(parent) = &d.parent {
+        out.push((
+            SPACE_PARENT,
+            parent.clone(),
+            json!({"via": via, "canonical": true}),
+        ));
+    }
+    for (child, link) in d.children.iter().flatten() {
+        let mut content = json!({"via": via});
+        if let Some(order) = &link.order {
+            content["order"] = json!(order);
+        }
+        if link.suggested {
+            content["suggested"] = json!(true);
+        }
+        out.push((SPACE_CHILD, child.clone(), content));
+    }
+    out
+}
+
+/// Writes for the relations: each desired one that differs, and an empty
+/// content for each present one that is no longer desired. A room's
+/// `m.space.parent` events are always managed (this room names at most one
+/// parent); `m.space.child` events only in a space.
+fn plan_relations(d: &DesiredRoom, state: &RoomState) -> Vec<RoomAction> {
+    let desired = desired_relations(d);
+    let mut actions = Vec::new();
+    for ((kind, key), content) in &state.events {
+        let managed = kind == SPACE_PARENT || (kind == SPACE_CHILD && d.children.is_some());
+        if !managed || is_empty(Some(content)) {
+            continue;
+        }
+        if !desired.iter().any(|(k, sk, _)| k == kind && sk == key) {
+            let kind = if kind == SPACE_PARENT {
+                SPACE_PARENT
+            } else {
+                SPACE_CHILD
+            };
+            actions.push(RoomAction::SetRelation {
+                kind,
+                state_key: key.clone(),
+                content: json!({}),
+            });
+        }
+    }
+    for (kind, state_key, content) in desired {
+        if state.get(kind, &state_key) != Some(&content) {
+            actions.push(RoomAction::SetRelation {
+                kind,
+                state_key,
+                content,
+            });
+        }
+    }
+    actions
+}
+
+/// Why an existing room cannot take the spec: each is refused before any
+/// write, so nothing is half-applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Checks an existing (possibly adopted) room against what no write can
+/// change: its type, and a room version too old for the join rule.
+pub fn refusal(d: &DesiredRoom, state: &RoomState) -> Option<Refusal> {
+    let create = state.get("m.room.create", "");
+    let is_space = create.and_then(|c| c.get("type")).and_then(Value::as_str) == Some("m.space");
+    if is_space != d.space {
+        return Some(Refusal {
+            reason: "RoomTypeMismatch",
+            message: if d.space {
+                "the room under this alias is not a space, and a room's type never changes".into()
+            } else {
+                "the room under this alias is a space, and a room's type never changes".into()
+            },
+        });
+    }
+    if d.join_rule == JoinRule::Restricted {
+        let version = create
+            .and_then(|c| c.get("room_version"))
+            .and_then(Value::as_str)
+            .unwrap_or("1");
+        if version
+            .parse::<u32>()
+            .map_or(true, |v| v < RESTRICTED_SINCE)
+        {
+            return Some(Refusal {
+                reason: "RoomVersionUnsupported",
+                message: format!(
+                    "room version {version} has no restricted join rule (needs {RESTRICTED_SINCE} or later); nothing was changed"
+                ),
+            });
+        }
+    }
+    None
 }
 
 fn history(h: HistoryVisibility) -> &'static str {
@@ -121,10 +286,7 @@ fn desired_state(d: &DesiredRoom) -> Vec<(&'static str, Value)> {
             "m.room.topic",
             json!({"topic": d.topic.clone().unwrap_or_default()}),
         ),
-        (
-            "m.room.join_rules",
-            json!({"join_rule": join_rule(d.join_rule)}),
-        ),
+        ("m.room.join_rules", join_rules(d)),
         (
             "m.room.history_visibility",
             json!({"history_visibility": history(d.history_visibility)}),
@@ -228,6 +390,12 @@ pub fn create_body(d: &DesiredRoom) -> Value {
         .filter(|(kind, _)| *kind != "m.room.name" && *kind != "m.room.topic")
         .map(|(kind, content)| json!({"type": kind, "state_key": "", "content": content}))
         .collect();
+    let initial_state: Vec<Value> = initial_state
+        .into_iter()
+        .chain(desired_relations(d).into_iter().map(
+            |(kind, key, content)| json!({"type": kind, "state_key": key, "content": content}),
+        ))
+        .collect();
     let mut body = json!({
         "room_alias_name": d.alias_localpart,
         "visibility": "private",
@@ -235,6 +403,21 @@ pub fn create_body(d: &DesiredRoom) -> Value {
         "initial_state": initial_state,
         "power_level_content_override": power_levels(d, None, true),
     });
+    if d.space {
+        body["creation_content"] = json!({"type": "m.space"});
+    }
+    if d.direct {
+        // The Matrix DM convention: the invites carry `is_direct`; the
+        // members are then joined like any other declared member.
+        let invite: Vec<&String> = d
+            .members
+            .iter()
+            .filter(|(_, (m, _))| *m != Membership::Ban)
+            .map(|(u, _)| u)
+            .collect();
+        body["is_direct"] = json!(true);
+        body["invite"] = json!(invite);
+    }
     if let Some(name) = &d.name {
         body["name"] = json!(name);
     }
@@ -288,6 +471,17 @@ pub struct RoomPlan {
 /// Plans the writes for an existing room: state, at most one power-levels
 /// event, then membership.
 pub fn plan(d: &DesiredRoom, state: &RoomState) -> RoomPlan {
+    plan_with(d, state, None)
+}
+
+/// [`plan`], keeping undeclared members who may be there through the parent
+/// space (`members_of_parent`: its joined members, read only for a
+/// restricted room with someone to remove).
+pub fn plan_with(
+    d: &DesiredRoom,
+    state: &RoomState,
+    members_of_parent: Option<&std::collections::BTreeSet<String>>,
+) -> RoomPlan {
     let mut actions = Vec::new();
     let admin_creator = admin_is_creator(Some(state), &d.admin);
     let observed_pl = state.get("m.room.power_levels", "");
@@ -307,6 +501,7 @@ pub fn plan(d: &DesiredRoom, state: &RoomState) -> RoomPlan {
             });
         }
     }
+    actions.extend(plan_relations(d, state));
     let wanted_pl = power_levels(d, observed_pl, admin_creator);
     if observed_pl != Some(&wanted_pl) {
         actions.push(RoomAction::SetPowerLevels(wanted_pl));
@@ -348,6 +543,12 @@ pub fn plan(d: &DesiredRoom, state: &RoomState) -> RoomPlan {
             let undeclared = !d.members.contains_key(user)
                 && *user != d.admin
                 && user.ends_with(&d.server_suffix);
+            let via_parent = membership == "join"
+                && d.join_rule == JoinRule::Restricted
+                && members_of_parent.is_some_and(|m| m.contains(user));
+            if via_parent {
+                continue;
+            }
             if undeclared && (membership == "join" || membership == "invite") {
                 actions.push(RoomAction::Kick(user.clone()));
                 joined.remove(user);
@@ -363,14 +564,34 @@ pub fn plan(d: &DesiredRoom, state: &RoomState) -> RoomPlan {
 /// The writes that close a room: every local member but the admin removed.
 /// Dropping the alias and leaving follow in the shell.
 pub fn plan_close(d: &DesiredRoom, state: &RoomState) -> Vec<RoomAction> {
-    state
-        .memberships()
+    // A closed room leaves its space: no parent (and, for a space, no children).
+    let unlinked = DesiredRoom {
+        parent: None,
+        children: d.children.as_ref().map(|_| BTreeMap::new()),
+        ..d.clone()
+    };
+    plan_relations(&unlinked, state)
         .into_iter()
-        .filter(|(user, m)| {
-            *user != d.admin && user.ends_with(&d.server_suffix) && (m == "join" || m == "invite")
-        })
-        .map(|(user, _)| RoomAction::Kick(user))
+        .chain(
+            state
+                .memberships()
+                .into_iter()
+                .filter(|(user, m)| {
+                    *user != d.admin
+                        && user.ends_with(&d.server_suffix)
+                        && (m == "join" || m == "invite")
+                })
+                .map(|(user, _)| RoomAction::Kick(user)),
+        )
         .collect()
+}
+
+/// Whether a plan removes anyone (then a restricted room checks who may be
+/// there through its parent space).
+pub fn removes_members(plan: &RoomPlan) -> bool {
+    plan.actions
+        .iter()
+        .any(|a| matches!(a, RoomAction::Kick(_)))
 }
 
 #[cfg(test)]
@@ -399,22 +620,38 @@ mod tests {
             membership_policy: MembershipPolicy::Exclusive,
             admin: ADMIN.into(),
             server_suffix: ":x".into(),
+            space: false,
+            direct: false,
+            parent: None,
+            children: None,
         }
     }
 
     /// The state Synapse would hold once `d` has fully converged (room v12,
     /// created by the admin).
     fn converged(d: &DesiredRoom) -> RoomState {
+        let mut create = json!({"room_version": "12"});
+        if d.space {
+            create["type"] = json!("m.space");
+        }
         let mut events = vec![StateEvent {
             kind: "m.room.create".into(),
             state_key: String::new(),
             sender: ADMIN.into(),
-            content: json!({"room_version": "12"}),
+            content: create,
         }];
         for (kind, content) in desired_state(d) {
             events.push(StateEvent {
                 kind: kind.into(),
                 state_key: String::new(),
+                sender: ADMIN.into(),
+                content,
+            });
+        }
+        for (kind, state_key, content) in desired_relations(d) {
+            events.push(StateEvent {
+                kind: kind.into(),
+                state_key,
                 sender: ADMIN.into(),
                 content,
             });
@@ -724,5 +961,234 @@ mod tests {
         assert!(!unfinished_by(&begun, ADMIN));
         let marked = converged(&d);
         assert!(!unfinished_by(&marked, ADMIN));
+    }
+
+    fn space() -> DesiredRoom {
+        DesiredRoom {
+            space: true,
+            children: Some(BTreeMap::from([
+                (
+                    "!e1:x".to_string(),
+                    ChildLink {
+                        order: Some("01".into()),
+                        suggested: true,
+                    },
+                ),
+                ("!e2:x".to_string(), ChildLink::default()),
+            ])),
+            ..desired()
+        }
+    }
+
+    fn child(parent: &str) -> DesiredRoom {
+        DesiredRoom {
+            parent: Some(parent.into()),
+            join_rule: JoinRule::Restricted,
+            ..desired()
+        }
+    }
+
+    fn relation(kind: &'static str, key: &str, content: Value) -> RoomAction {
+        RoomAction::SetRelation {
+            kind,
+            state_key: key.into(),
+            content,
+        }
+    }
+
+    #[test]
+    fn converged_spaces_and_children_plan_nothing() {
+        for d in [space(), child("!g:x")] {
+            assert_eq!(plan(&d, &converged(&d)).actions, vec![]);
+            assert_eq!(refusal(&d, &converged(&d)), None);
+        }
+    }
+
+    #[test]
+    fn create_bodies_carry_type_relations_and_dm_invites() {
+        let body = create_body(&space());
+        assert_eq!(body["creation_content"], json!({"type": "m.space"}));
+        let initial = body["initial_state"].as_array().unwrap();
+        assert!(
+            initial.contains(&json!({"type": SPACE_CHILD, "state_key": "!e1:x",
+            "content": {"via": ["x"], "order": "01", "suggested": true}}))
+        );
+
+        let body = create_body(&child("!g:x"));
+        assert!(body.get("creation_content").is_none() && body.get("is_direct").is_none());
+        let initial = body["initial_state"].as_array().unwrap();
+        assert!(
+            initial.contains(&json!({"type": SPACE_PARENT, "state_key": "!g:x",
+            "content": {"via": ["x"], "canonical": true}}))
+        );
+        assert!(
+            initial.contains(&json!({"type": "m.room.join_rules", "state_key": "",
+            "content": {"join_rule": "restricted",
+                        "allow": [{"type": "m.room_membership", "room_id": "!g:x"}]}}))
+        );
+
+        let mut dm = DesiredRoom {
+            direct: true,
+            encrypted: true,
+            ..desired()
+        };
+        dm.members.insert("@banned:x".into(), (Membership::Ban, 0));
+        let body = create_body(&dm);
+        assert_eq!(body["is_direct"], true);
+        assert_eq!(body["invite"], json!(["@alice:x", "@bob:x"]));
+        // An ordinary room's body is what it always was.
+        let plain = create_body(&desired());
+        assert!(["creation_content", "is_direct", "invite"]
+            .iter()
+            .all(|k| plain.get(*k).is_none()));
+    }
+
+    #[test]
+    fn space_children_drift_is_reverted_one_write_each() {
+        let d = space();
+        let mut state = converged(&d);
+        // Someone dropped a child and added a room of their own.
+        state
+            .events
+            .insert((SPACE_CHILD.into(), "!e2:x".into()), json!({}));
+        state.events.insert(
+            (SPACE_CHILD.into(), "!theirs:x".into()),
+            json!({"via": ["x"]}),
+        );
+        assert_eq!(
+            plan(&d, &state).actions,
+            vec![
+                relation(SPACE_CHILD, "!theirs:x", json!({})),
+                relation(SPACE_CHILD, "!e2:x", json!({"via": ["x"]})),
+            ]
+        );
+        // A child's listing changed in the spec: one write.
+        let mut reordered = d.clone();
+        reordered.children.as_mut().unwrap().insert(
+            "!e2:x".into(),
+            ChildLink {
+                order: Some("00".into()),
+                suggested: false,
+            },
+        );
+        assert_eq!(
+            plan(&reordered, &converged(&d)).actions,
+            vec![relation(
+                SPACE_CHILD,
+                "!e2:x",
+                json!({"via": ["x"], "order": "00"})
+            )]
+        );
+    }
+
+    #[test]
+    fn ordinary_rooms_leave_child_events_alone_but_not_stray_parents() {
+        let d = desired();
+        let mut state = converged(&d);
+        state
+            .events
+            .insert((SPACE_CHILD.into(), "!x:x".into()), json!({"via": ["x"]}));
+        assert_eq!(plan(&d, &state).actions, vec![]);
+        state.events.insert(
+            (SPACE_PARENT.into(), "!old:x".into()),
+            json!({"via": ["x"], "canonical": true}),
+        );
+        assert_eq!(
+            plan(&d, &state).actions,
+            vec![relation(SPACE_PARENT, "!old:x", json!({}))]
+        );
+    }
+
+    #[test]
+    fn reparenting_moves_the_parent_and_the_allow_rule() {
+        let before = child("!old:x");
+        let after = child("!new:x");
+        let actions = plan(&after, &converged(&before)).actions;
+        assert_eq!(
+            actions,
+            vec![
+                RoomAction::SetState {
+                    kind: "m.room.join_rules".into(),
+                    content: json!({"join_rule": "restricted",
+                        "allow": [{"type": "m.room_membership", "room_id": "!new:x"}]}),
+                },
+                relation(SPACE_PARENT, "!old:x", json!({})),
+                relation(
+                    SPACE_PARENT,
+                    "!new:x",
+                    json!({"via": ["x"], "canonical": true})
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn old_rooms_and_wrong_types_are_refused_before_any_write() {
+        let d = child("!g:x");
+        let mut state = converged(&d);
+        state.events.insert(
+            ("m.room.create".into(), String::new()),
+            json!({"room_version": "7"}),
+        );
+        assert_eq!(
+            refusal(&d, &state).map(|r| r.reason),
+            Some("RoomVersionUnsupported")
+        );
+        let invite_only = DesiredRoom {
+            join_rule: JoinRule::Invite,
+            ..d
+        };
+        assert_eq!(refusal(&invite_only, &state), None);
+        // A space spec on an ordinary room, and the other way round.
+        assert_eq!(
+            refusal(&space(), &converged(&desired())).map(|r| r.reason),
+            Some("RoomTypeMismatch")
+        );
+        assert_eq!(
+            refusal(&desired(), &converged(&space())).map(|r| r.reason),
+            Some("RoomTypeMismatch")
+        );
+    }
+
+    #[test]
+    fn restricted_rooms_keep_members_who_came_through_the_space() {
+        let d = child("!g:x");
+        let mut state = converged(&d);
+        set_member(&mut state, "@via-space:x", "join");
+        set_member(&mut state, "@intruder:x", "join");
+        let first = plan(&d, &state);
+        assert!(removes_members(&first));
+        let space_members = std::collections::BTreeSet::from(["@via-space:x".to_string()]);
+        assert_eq!(
+            plan_with(&d, &state, Some(&space_members)).actions,
+            vec![RoomAction::Kick("@intruder:x".into())]
+        );
+        // Not restricted: the parent's members are no reason to stay.
+        let invite_only = DesiredRoom {
+            join_rule: JoinRule::Invite,
+            ..d
+        };
+        let mut state = converged(&invite_only);
+        set_member(&mut state, "@via-space:x", "join");
+        assert_eq!(
+            plan_with(&invite_only, &state, Some(&space_members)).actions,
+            vec![RoomAction::Kick("@via-space:x".into())]
+        );
+    }
+
+    #[test]
+    fn closing_unlinks_the_room_from_its_space() {
+        let d = child("!g:x");
+        let close = plan_close(&d, &converged(&d));
+        assert_eq!(close[0], relation(SPACE_PARENT, "!g:x", json!({})));
+        let s = space();
+        let close = plan_close(&s, &converged(&s));
+        assert_eq!(
+            close[..2],
+            [
+                relation(SPACE_CHILD, "!e1:x", json!({})),
+                relation(SPACE_CHILD, "!e2:x", json!({}))
+            ]
+        );
     }
 }

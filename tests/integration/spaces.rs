@@ -1,0 +1,512 @@
+//! Spaces, restricted joins through the parent space, and direct rooms,
+//! asserted on Synapse.
+
+use crate::harness::{unique, wait_for, Stack, TestEnv};
+use crate::rooms::{as_user, login_as, membership, perm, urlencode, users};
+use kube::api::{Patch, PatchParams};
+use openmeet_matrix_operator::api::MatrixRoom;
+use openmeet_matrix_operator::synapse::rooms::RoomState;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn room_id(room: &MatrixRoom) -> String {
+    room.status.as_ref().unwrap().room_id.clone().unwrap()
+}
+
+async fn state_of(env: &TestEnv, room_id: &str) -> RoomState {
+    env.synapse
+        .room_state(room_id)
+        .await
+        .unwrap()
+        .expect("room readable")
+}
+
+fn server() -> String {
+    Stack::get().var("MATRIX_SERVER_NAME").to_string()
+}
+
+/// Whether the relation event holds content (an emptied one does not).
+fn linked(state: &RoomState, kind: &str, key: &str) -> bool {
+    state
+        .get(kind, key)
+        .and_then(Value::as_object)
+        .is_some_and(|o| !o.is_empty())
+}
+
+async fn patch_spec(env: &TestEnv, name: &str, spec: Value) {
+    env.api::<MatrixRoom>(0)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "spec": spec })),
+        )
+        .await
+        .expect("patch");
+}
+
+#[tokio::test]
+async fn a_space_lists_its_children_and_its_members_join_restricted_rooms() {
+    let env = TestEnv::new("space").await;
+    let ids = users(&env, &["member", "stranger"]).await;
+    // The member belongs to the group's space only, not to any event room.
+    perm(&env, 0, "member", "group", "member", json!({})).await;
+    env.create::<MatrixRoom>(
+        0,
+        "group",
+        json!({"alias": unique("group"), "name": "Group", "type": "Space"}),
+    )
+    .await;
+    env.create::<MatrixRoom>(
+        0,
+        "e1",
+        json!({"alias": unique("e1"), "joinRule": "restricted",
+               "parentRef": {"name": "group", "order": "01", "suggested": true}}),
+    )
+    .await;
+    for e in ["e2", "e3"] {
+        env.create::<MatrixRoom>(
+            0,
+            e,
+            json!({"alias": unique(e), "parentRef": {"name": "group"}}),
+        )
+        .await;
+    }
+    let group: MatrixRoom = env.wait_condition(0, "group", true, "Converged").await;
+    let space_id = room_id(&group);
+    let mut children = Vec::new();
+    for e in ["e1", "e2", "e3"] {
+        let child: MatrixRoom = env.wait_condition(0, e, true, "Converged").await;
+        children.push(room_id(&child));
+    }
+    let via = json!([server()]);
+
+    let space = state_of(&env, &space_id).await;
+    assert_eq!(space.get("m.room.create", "").unwrap()["type"], "m.space");
+    wait_for("the space lists its three children", || async {
+        let space = state_of(&env, &space_id).await;
+        children
+            .iter()
+            .all(|c| linked(&space, "m.space.child", c))
+            .then_some(space)
+    })
+    .await;
+    let space = state_of(&env, &space_id).await;
+    assert_eq!(
+        space.get("m.space.child", &children[0]).unwrap(),
+        &json!({"via": via, "order": "01", "suggested": true})
+    );
+    assert_eq!(
+        space.get("m.space.child", &children[1]).unwrap(),
+        &json!({"via": via})
+    );
+    for child in &children {
+        let s = state_of(&env, child).await;
+        assert_eq!(
+            s.get("m.space.parent", &space_id).unwrap(),
+            &json!({"via": via, "canonical": true})
+        );
+    }
+    let e1 = state_of(&env, &children[0]).await;
+    assert_eq!(
+        e1.get("m.room.join_rules", "").unwrap(),
+        &json!({"join_rule": "restricted",
+                "allow": [{"type": "m.room_membership", "room_id": space_id}]})
+    );
+
+    // The space's member joins the restricted room from a client; a stranger cannot.
+    let path = format!("/rooms/{}/join", urlencode(&children[0]));
+    let member = login_as(&ids[0]).await;
+    let stranger = login_as(&ids[1]).await;
+    assert_eq!(
+        as_user(&stranger, reqwest::Method::POST, &path, json!({})).await,
+        reqwest::StatusCode::FORBIDDEN
+    );
+    assert!(as_user(&member, reqwest::Method::POST, &path, json!({}))
+        .await
+        .is_success());
+    // The join reaches the operator through its feed; an Exclusive room
+    // still keeps a member who came in through the space.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let e1 = state_of(&env, &children[0]).await;
+    assert_eq!(membership(&e1, &ids[0]), "join");
+    assert_eq!(membership(&e1, &ids[1]), "none");
+}
+
+#[tokio::test]
+async fn reparenting_unparenting_and_child_drift() {
+    let env = TestEnv::new("reparent").await;
+    let ids = users(&env, &["owner"]).await;
+    perm(&env, 0, "owner", "s1", "owner", json!({"role": "Admin"})).await;
+    for s in ["s1", "s2"] {
+        env.create::<MatrixRoom>(0, s, json!({"alias": unique(s), "type": "Space"}))
+            .await;
+    }
+    env.create::<MatrixRoom>(
+        0,
+        "c",
+        json!({"alias": unique("c"), "parentRef": {"name": "s1"}}),
+    )
+    .await;
+    let s1 = room_id(
+        &env.wait_condition::<MatrixRoom>(0, "s1", true, "Converged")
+            .await,
+    );
+    let s2 = room_id(
+        &env.wait_condition::<MatrixRoom>(0, "s2", true, "Converged")
+            .await,
+    );
+    let c = room_id(
+        &env.wait_condition::<MatrixRoom>(0, "c", true, "Converged")
+            .await,
+    );
+    wait_for("s1 lists c", || async {
+        linked(&state_of(&env, &s1).await, "m.space.child", &c).then_some(())
+    })
+    .await;
+
+    // Someone with power in the space drops the child in a client: put back.
+    let owner = login_as(&ids[0]).await;
+    let path = format!(
+        "/rooms/{}/state/m.space.child/{}",
+        urlencode(&s1),
+        urlencode(&c)
+    );
+    assert!(as_user(&owner, reqwest::Method::PUT, &path, json!({}))
+        .await
+        .is_success());
+    wait_for("the child relation restored", || async {
+        linked(&state_of(&env, &s1).await, "m.space.child", &c).then_some(())
+    })
+    .await;
+
+    // Re-parented: the old space drops it, the new one lists it.
+    patch_spec(&env, "c", json!({"parentRef": {"name": "s2"}})).await;
+    wait_for("moved from s1 to s2", || async {
+        let (a, b, child) = (
+            state_of(&env, &s1).await,
+            state_of(&env, &s2).await,
+            state_of(&env, &c).await,
+        );
+        (!linked(&a, "m.space.child", &c)
+            && linked(&b, "m.space.child", &c)
+            && !linked(&child, "m.space.parent", &s1)
+            && linked(&child, "m.space.parent", &s2))
+        .then_some(())
+    })
+    .await;
+
+    // A child closed by deletion leaves its space on both sides.
+    env.create::<MatrixRoom>(
+        0,
+        "gone",
+        json!({"alias": unique("gone"), "parentRef": {"name": "s2"}}),
+    )
+    .await;
+    let gone = room_id(
+        &env.wait_condition::<MatrixRoom>(0, "gone", true, "Converged")
+            .await,
+    );
+    wait_for("s2 lists the second child", || async {
+        linked(&state_of(&env, &s2).await, "m.space.child", &gone).then_some(())
+    })
+    .await;
+    env.api::<MatrixRoom>(0)
+        .delete("gone", &Default::default())
+        .await
+        .unwrap();
+    env.wait_gone(&env.api::<MatrixRoom>(0), "gone").await;
+    wait_for("the closed child unlinked", || async {
+        let space = state_of(&env, &s2).await;
+        let closed = env.synapse.admin_room_state(&gone).await.ok()??;
+        (!linked(&space, "m.space.child", &gone) && !linked(&closed, "m.space.parent", &s2))
+            .then_some(())
+    })
+    .await;
+
+    // Un-parented: no relation left on either side.
+    patch_spec(&env, "c", json!({"parentRef": null})).await;
+    wait_for("no parent left", || async {
+        let (b, child) = (state_of(&env, &s2).await, state_of(&env, &c).await);
+        (!linked(&b, "m.space.child", &c) && !linked(&child, "m.space.parent", &s2)).then_some(())
+    })
+    .await;
+    env.wait_condition::<MatrixRoom>(0, "s2", true, "Converged")
+        .await;
+}
+
+#[tokio::test]
+async fn cycles_missing_and_plain_parents_are_refused() {
+    let env = TestEnv::new("cycle").await;
+    env.create::<MatrixRoom>(
+        0,
+        "a",
+        json!({"alias": unique("a"), "type": "Space", "parentRef": {"name": "b"}}),
+    )
+    .await;
+    env.create::<MatrixRoom>(
+        0,
+        "b",
+        json!({"alias": unique("b"), "type": "Space", "parentRef": {"name": "a"}}),
+    )
+    .await;
+    env.create::<MatrixRoom>(0, "plain", json!({"alias": unique("plain")}))
+        .await;
+    env.create::<MatrixRoom>(
+        0,
+        "under-plain",
+        json!({"alias": unique("under"), "parentRef": {"name": "plain"}}),
+    )
+    .await;
+    env.create::<MatrixRoom>(
+        0,
+        "orphan",
+        json!({"alias": unique("orphan"), "parentRef": {"name": "later"}}),
+    )
+    .await;
+    for name in ["a", "b"] {
+        let r: MatrixRoom = env.wait_condition(0, name, false, "ParentCycle").await;
+        assert!(r.status.unwrap().room_id.is_none(), "no room for a cycle");
+    }
+    env.wait_condition::<MatrixRoom>(0, "under-plain", false, "ParentNotSpace")
+        .await;
+    env.wait_condition::<MatrixRoom>(0, "orphan", false, "ParentNotFound")
+        .await;
+    // The missing parent arrives: the orphan converges under it by itself.
+    env.create::<MatrixRoom>(
+        0,
+        "later",
+        json!({"alias": unique("later"), "type": "Space"}),
+    )
+    .await;
+    env.wait_condition::<MatrixRoom>(0, "orphan", true, "Converged")
+        .await;
+    // Breaking the cycle lets both converge.
+    patch_spec(&env, "a", json!({"parentRef": null})).await;
+    env.wait_condition::<MatrixRoom>(0, "a", true, "Converged")
+        .await;
+    env.wait_condition::<MatrixRoom>(0, "b", true, "Converged")
+        .await;
+}
+
+/// A user's global account data, through the admin API.
+async fn account_data(user_id: &str) -> Value {
+    let stack = Stack::get();
+    let url = format!(
+        "{}/_synapse/admin/v1/users/{}/accountdata",
+        stack.var("SYNAPSE_URL"),
+        urlencode(user_id)
+    );
+    let v: Value = reqwest::Client::new()
+        .get(url)
+        .query(&[("user_id", stack.admin_user_id())])
+        .bearer_auth(&stack.as_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["account_data"]["global"].clone()
+}
+
+/// The room's events as the admin API lists them, oldest first.
+async fn room_events(room_id: &str) -> Vec<Value> {
+    let stack = Stack::get();
+    let url = format!(
+        "{}/_synapse/admin/v1/rooms/{}/messages",
+        stack.var("SYNAPSE_URL"),
+        urlencode(room_id)
+    );
+    let v: Value = reqwest::Client::new()
+        .get(url)
+        .query(&[
+            ("user_id", stack.admin_user_id().as_str()),
+            ("dir", "f"),
+            ("limit", "100"),
+        ])
+        .bearer_auth(&stack.as_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["chunk"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_direct_room_is_a_dm_for_both_and_needs_exactly_two_members() {
+    let env = TestEnv::new("direct").await;
+    let ids = users(&env, &["ann", "ben", "cat"]).await;
+    // Ann already has a DM elsewhere: it stays listed.
+    let ann = login_as(&ids[0]).await;
+    let earlier = json!({"@someone:elsewhere": ["!old:elsewhere"]});
+    let path = format!("/user/{}/account_data/m.direct", urlencode(&ids[0]));
+    assert!(as_user(&ann, reqwest::Method::PUT, &path, earlier)
+        .await
+        .is_success());
+
+    perm(&env, 0, "ann", "dm", "ann", json!({})).await;
+    perm(&env, 0, "ben", "dm", "ben", json!({})).await;
+    env.create::<MatrixRoom>(
+        0,
+        "dm",
+        json!({"alias": unique("dm"), "source": {"kind": "Direct", "slug": "ann-ben"}}),
+    )
+    .await;
+    let dm: MatrixRoom = env.wait_condition(0, "dm", true, "Converged").await;
+    let id = room_id(&dm);
+    let s = state_of(&env, &id).await;
+    let admin = Stack::get().admin_user_id();
+    let joined: Vec<String> = s
+        .memberships()
+        .into_iter()
+        .filter(|(u, m)| m == "join" && *u != admin)
+        .map(|(u, _)| u)
+        .collect();
+    assert_eq!(joined, {
+        let mut two = vec![ids[0].clone(), ids[1].clone()];
+        two.sort();
+        two
+    });
+    assert!(
+        s.get("m.room.encryption", "").is_some(),
+        "encrypted by default"
+    );
+    // Both were invited as to a DM.
+    let events = room_events(&id).await;
+    for user in &ids[..2] {
+        assert!(
+            events.iter().any(|e| e["type"] == "m.room.member"
+                && e["state_key"] == json!(user)
+                && e["content"]["membership"] == "invite"
+                && e["content"]["is_direct"] == true),
+            "{user} invited with is_direct"
+        );
+    }
+    wait_for("both users list the DM", || async {
+        let a = account_data(&ids[0]).await;
+        let b = account_data(&ids[1]).await;
+        (a["m.direct"][&ids[1]] == json!([id])
+            && a["m.direct"]["@someone:elsewhere"] == json!(["!old:elsewhere"])
+            && b["m.direct"][&ids[0]] == json!([id]))
+        .then_some(())
+    })
+    .await;
+
+    // A third member is refused, and no room is made for it.
+    for (p, u) in [("x-ann", "ann"), ("x-ben", "ben"), ("x-cat", "cat")] {
+        perm(&env, 0, p, "trio", u, json!({})).await;
+    }
+    env.create::<MatrixRoom>(
+        0,
+        "trio",
+        json!({"alias": unique("trio"), "source": {"kind": "Direct", "slug": "trio"}}),
+    )
+    .await;
+    let trio: MatrixRoom = env
+        .wait_condition(0, "trio", false, "DirectMemberCount")
+        .await;
+    assert!(trio.status.unwrap().room_id.is_none());
+}
+
+#[tokio::test]
+async fn resync_of_a_converged_space_and_child_reads_once_and_writes_nothing() {
+    let env = TestEnv::new("spacenoop").await;
+    users(&env, &["member"]).await;
+    perm(&env, 0, "member", "s", "member", json!({})).await;
+    env.create::<MatrixRoom>(0, "s", json!({"alias": unique("s"), "type": "Space"}))
+        .await;
+    env.create::<MatrixRoom>(
+        0,
+        "c",
+        json!({"alias": unique("c"), "joinRule": "restricted",
+               "parentRef": {"name": "s", "order": "1", "suggested": true}}),
+    )
+    .await;
+    let s = room_id(
+        &env.wait_condition::<MatrixRoom>(0, "s", true, "Converged")
+            .await,
+    );
+    let c = room_id(
+        &env.wait_condition::<MatrixRoom>(0, "c", true, "Converged")
+            .await,
+    );
+    wait_for("s lists c", || async {
+        linked(&state_of(&env, &s).await, "m.space.child", &c).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let stats = env.operator_synapse.stats();
+    let (writes, reads) = (stats.writes(), stats.reads());
+    for (i, name) in ["s", "c", "s", "c"].into_iter().enumerate() {
+        let before = env.stats.room_reconciles();
+        env.api::<MatrixRoom>(0)
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {"test/touch": i.to_string()}}})),
+            )
+            .await
+            .unwrap();
+        wait_for("a resync", || async {
+            (env.stats.room_reconciles() > before).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stats.writes(), writes, "a no-op resync writes nothing");
+    assert_eq!(
+        stats.reads(),
+        reads + 4,
+        "one state read per resync: the relations cost no extra read"
+    );
+}
+
+#[tokio::test]
+async fn an_adopted_room_too_old_for_restricted_joins_is_refused_untouched() {
+    let env = TestEnv::new("oldroom").await;
+    let alias = unique("old");
+    // The room object waits for its space, so nothing is created yet.
+    let child: MatrixRoom = env
+        .create(
+            0,
+            "old",
+            json!({"alias": alias, "joinRule": "restricted", "parentRef": {"name": "later"}}),
+        )
+        .await;
+    env.wait_condition::<MatrixRoom>(0, "old", false, "ParentNotFound")
+        .await;
+    // Meanwhile an older room of this object's appears under its alias
+    // (say, made by an earlier version of the platform): room version 7.
+    let marker = json!({"namespace": env.ns(0), "name": "old",
+                        "uid": child.metadata.uid.clone().unwrap()});
+    let created = env
+        .synapse
+        .create_room(&json!({
+            "room_alias_name": format!("openmeet-{alias}"),
+            "room_version": "7",
+            "preset": "private_chat",
+            "initial_state": [{"type": "net.openmeet.owner", "state_key": "", "content": marker}],
+        }))
+        .await
+        .unwrap();
+    let openmeet_matrix_operator::synapse::rooms::CreateOutcome::Created(old_id) = created else {
+        panic!("alias taken")
+    };
+    env.create::<MatrixRoom>(
+        0,
+        "later",
+        json!({"alias": unique("later"), "type": "Space"}),
+    )
+    .await;
+    env.wait_condition::<MatrixRoom>(0, "old", false, "RoomVersionUnsupported")
+        .await;
+    // Nothing was half-applied: the join rule and the parent link are as they were.
+    let s = state_of(&env, &old_id).await;
+    assert_eq!(
+        s.get("m.room.join_rules", "").unwrap()["join_rule"],
+        "invite"
+    );
+    assert!(s.events.keys().all(|(kind, _)| kind != "m.space.parent"));
+}
