@@ -1,7 +1,7 @@
 # openmeet-matrix-operator: the two commands are `make dev` and `make test`.
 SHELL := /bin/bash
 CARGO ?= cargo
-BIN := target/debug/openmeet-matrix-operator
+BIN := $(or $(CARGO_TARGET_DIR),target)/debug/openmeet-matrix-operator
 
 .PHONY: all build test lint fmt-check clippy crds crd-check unit integration dev stack-tools clean bench chart chaos \
 	ts-deps ts-types ts-types-check ts-unit
