@@ -1,23 +1,50 @@
 # openmeet-matrix-operator: the two commands are `make dev` and `make test`.
 SHELL := /bin/bash
 CARGO ?= cargo
-BIN := target/debug/openmeet-matrix-operator
+BIN := $(or $(CARGO_TARGET_DIR),target)/debug/openmeet-matrix-operator
 
-.PHONY: all build test lint fmt-check clippy crds crd-check unit integration integration-postgres dev stack-tools clean bench chart chaos
+.PHONY: all build test lint fmt-check clippy crds crd-check unit integration integration-postgres dev stack-tools clean bench chart chaos \
+	ts-deps ts-types ts-types-check ts-unit
 
 all: build
 
 build:
 	$(CARGO) build --bins
 
-## Regenerate crds/ from the Rust types.
+## Regenerate crds/ from the Rust types, and the TypeScript kit's types from them.
 crds:
 	$(CARGO) run --quiet -- crd > crds/crds.yaml
+	$(MAKE) --no-print-directory ts-types
 
 ## Fail when crds/ is stale.
 crd-check:
 	@$(CARGO) run --quiet -- crd | diff -u crds/crds.yaml - \
 	  || { echo "crds/ is stale: run 'make crds' and commit the result" >&2; exit 1; }
+
+TS := clients/typescript
+NPM ?= npm
+
+## The TypeScript kit's locked dependencies: `npm ci` (from npm's own cache
+## when it can), again only when package.json or package-lock.json change.
+ts-deps: $(TS)/node_modules/.package-lock.json
+
+$(TS)/node_modules/.package-lock.json: $(TS)/package.json $(TS)/package-lock.json
+	@command -v $(NPM) >/dev/null || { echo "npm not found: install Node.js >= 20 and npm (apt-get install nodejs npm)" >&2; exit 1; }
+	cd $(TS) && $(NPM) ci --prefer-offline --no-audit --no-fund --loglevel=error
+	@touch $@
+
+## Regenerate the kit's types (clients/typescript/src/generated/crds.ts) from crds/crds.yaml.
+ts-types: ts-deps
+	cd $(TS) && node scripts/generate-types.mjs ../../crds/crds.yaml src/generated/crds.ts
+
+## Fail when the kit's types are stale.
+ts-types-check: ts-deps
+	@cd $(TS) && node scripts/generate-types.mjs ../../crds/crds.yaml - | diff -u src/generated/crds.ts - \
+	  || { echo "clients/typescript/src/generated/crds.ts is stale: run 'make ts-types' and commit the result" >&2; exit 1; }
+
+## Type-check and build the kit, and run its unit tests (node --test).
+ts-unit: ts-deps
+	cd $(TS) && $(NPM) test --silent
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -25,18 +52,18 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
 
-lint: fmt-check clippy crd-check
+lint: fmt-check clippy crd-check ts-types-check
 
-unit:
+unit: ts-unit
 	$(CARGO) test --lib --bins
 
 ## Integration tests start the local stack themselves (tests/stack/up.sh).
-integration: stack-tools
+integration: stack-tools ts-deps
 	$(CARGO) test --test integration
 
 ## The same suite with Synapse on PostgreSQL (Debian's postgresql-15 server and
 ## libpq-dev; tests/stack/up.sh starts a throwaway cluster on loopback).
-integration-postgres: stack-tools
+integration-postgres: stack-tools ts-deps
 	@SYNAPSE_DATABASE=postgres tests/stack/install-synapse.sh >/dev/null
 	SYNAPSE_DATABASE=postgres $(CARGO) test --test integration
 
@@ -56,9 +83,8 @@ chart:
 	       -f $(CHART)/ci/test-values.yaml >/dev/null \
 	  && echo "chart: lint and template clean"
 
-## Everything CI runs: fmt, clippy, CRD drift, unit and integration tests
-## (the integration suite twice: Synapse on SQLite, then on PostgreSQL).
-test: lint unit integration integration-postgres
+.PHONY: all build test lint fmt-check clippy crds crd-check unit integration integration-postgres dev stack-tools clean bench chart chaos \
+	ts-deps ts-types ts-types-check ts-unit
 
 ## Run the operator against a local stack with the samples applied.
 dev: build stack-tools

@@ -140,6 +140,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    // The address bound (a `:0` port resolved): `make dev` prints it.
+    let addr = listener.local_addr()?;
     tracing::info!(%addr, "metrics listening");
     axum::serve(listener, router(sources))
         .with_graceful_shutdown(shutdown)

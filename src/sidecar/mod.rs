@@ -705,6 +705,8 @@ pub async fn run(
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(Error::Serve)?;
+            // The address bound (a `:0` port resolved): `make dev` prints it.
+            let addr = listener.local_addr().map_err(Error::Serve)?;
             tracing::info!(%addr, "sidecar metrics listening (HTTP)");
             let app = Router::new().route(
                 "/metrics",

@@ -237,8 +237,12 @@ async fn chart_lints_renders_and_applies_with_server_side_dry_run() {
             );
         }
         if overrides.get("watchNamespace").is_some() {
-            // Scoped to one namespace, the cluster-wide grant is namespaces only.
-            for cluster_role in of_kind(&docs, "ClusterRole") {
+            // Scoped to one namespace, the binaries' cluster-wide grant is
+            // namespaces only (the platform's roles are platform_roles_*).
+            for cluster_role in of_kind(&docs, "ClusterRole").into_iter().filter(|r| {
+                let component = &r["metadata"]["labels"]["app.kubernetes.io/component"];
+                component == "controller" || component == "sidecar"
+            }) {
                 assert_eq!(
                     cluster_role["rules"],
                     json!([{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}])
@@ -838,5 +842,220 @@ async fn controller_works_under_exactly_the_charts_rbac() {
     let (allowed, out) =
         kubectl(&kubeconfig, &["-n", state_namespace, "get", "leases"], None).await;
     assert!(!allowed && out.contains("Forbidden"), "{out}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `kubectl auth can-i <verb> <resource> -n <ns>` as `user` (impersonated by
+/// the stack's admin): the real API server's authorizer answers.
+/// A `/status` suffix asks about the subresource.
+async fn can_i(user: &str, verb: &str, resource: &str, ns: &str) -> bool {
+    let mut args = vec!["auth", "can-i", verb, "-n", ns, "--as", user];
+    match resource.strip_suffix("/status") {
+        Some(kind) => args.extend([kind, "--subresource", "status"]),
+        None => args.push(resource),
+    }
+    let (yes, out) = kubectl(Stack::get().var("KUBECONFIG"), &args, None).await;
+    assert!(
+        out.trim() == "yes" || out.trim().starts_with("no"),
+        "kubectl auth can-i: {out}"
+    );
+    yes
+}
+
+#[tokio::test]
+async fn platform_roles_grant_what_they_should() {
+    let stack = Stack::get();
+    let env = TestEnv::with(
+        "chart-platform",
+        Options {
+            namespaces: 2,
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (ns, other) = (env.ns(0).to_string(), env.ns(1).to_string());
+    let dir = scratch("chart-platform");
+    let release = unique("plat");
+    let manifest = template(
+        &dir,
+        &release,
+        &ns,
+        &json!({"rbac": {"platformWriter": {
+            "serviceAccount": {"create": true},
+            "subjects": [{"kind": "User", "name": format!("{release}-writer")}],
+            "namespaces": [ns],
+        }}}),
+    )
+    .expect("helm template");
+    let docs = documents(&manifest);
+    let platform: Vec<&Value> = docs
+        .iter()
+        .filter(|d| {
+            let component = &d["metadata"]["labels"]["app.kubernetes.io/component"];
+            component == "platform-writer" || component == "rbac-aggregate"
+        })
+        .collect();
+    let mut kinds: Vec<&str> = platform.iter().filter_map(|d| d["kind"].as_str()).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ClusterRole",
+            "ClusterRole",
+            "ClusterRole",
+            "RoleBinding",
+            "ServiceAccount"
+        ],
+        "writer role, view and edit roles, one binding, the ServiceAccount"
+    );
+    let _cleanup = ClusterScoped(
+        platform
+            .iter()
+            .filter(|d| d["kind"] == "ClusterRole")
+            .map(|d| {
+                (
+                    "clusterrole".to_string(),
+                    d["metadata"]["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect(),
+    );
+    let (ok, out) = kubectl(
+        stack.var("KUBECONFIG"),
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=chart-test",
+            "-f",
+            "-",
+        ],
+        Some(to_yaml_stream(&platform)),
+    )
+    .await;
+    assert!(ok, "applying the platform's RBAC: {out}");
+
+    // The writer (the chart's ServiceAccount and the listed user) writes the
+    // three kinds in its tenant namespace, and nothing else.
+    let account = platform
+        .iter()
+        .find(|d| d["kind"] == "ServiceAccount")
+        .unwrap()["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for writer in [
+        format!("system:serviceaccount:{ns}:{account}"),
+        format!("{release}-writer"),
+    ] {
+        for resource in [
+            "matrixusers.matrix.openmeet.net",
+            "matrixrooms.matrix.openmeet.net",
+            "roompermissions.matrix.openmeet.net",
+        ] {
+            for verb in [
+                "get", "list", "watch", "create", "update", "patch", "delete",
+            ] {
+                assert!(
+                    can_i(&writer, verb, resource, &ns).await,
+                    "{writer} may {verb} {resource}"
+                );
+            }
+            assert!(
+                !can_i(&writer, "create", resource, &other).await,
+                "{writer} may not write in another tenant's namespace"
+            );
+        }
+        for (verb, resource) in [
+            ("patch", "matrixrooms.matrix.openmeet.net/status"),
+            ("deletecollection", "matrixrooms.matrix.openmeet.net"),
+            ("get", "secrets"),
+            ("create", "namespaces"),
+            ("create", "rolebindings.rbac.authorization.k8s.io"),
+        ] {
+            assert!(
+                !can_i(&writer, verb, resource, &ns).await,
+                "{writer} may not {verb} {resource}"
+            );
+        }
+    }
+
+    // The aggregated roles carry the labels the real API server's built-in
+    // view, edit and admin ClusterRoles select: kube-controller-manager (not
+    // in the stack) folds them in.
+    let cluster_roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(env.client.clone());
+    let selects = |builtin: &k8s_openapi::api::rbac::v1::ClusterRole, role: &Value| {
+        let labels = &role["metadata"]["labels"];
+        builtin
+            .aggregation_rule
+            .as_ref()
+            .and_then(|a| a.cluster_role_selectors.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|s| {
+                s.match_labels
+                    .as_ref()
+                    .is_some_and(|m| m.iter().all(|(k, v)| labels[k] == json!(v)))
+            })
+    };
+    let role = |suffix: &str| {
+        *platform
+            .iter()
+            .find(|d| {
+                d["kind"] == "ClusterRole"
+                    && d["metadata"]["name"].as_str().unwrap().ends_with(suffix)
+            })
+            .unwrap()
+    };
+    let (view, edit) = (role("-view"), role("-edit"));
+    for (builtin, joins) in [
+        ("view", vec![true, false]),
+        ("edit", vec![true, true]),
+        ("admin", vec![true, true]),
+    ] {
+        let builtin_role = cluster_roles.get(builtin).await.expect("built-in role");
+        assert_eq!(
+            vec![selects(&builtin_role, view), selects(&builtin_role, edit)],
+            joins,
+            "which of ours the built-in {builtin} aggregates"
+        );
+    }
+    // And what they grant, bound in a namespace as the aggregation would.
+    for (role, user, writes) in [(view, "viewer", false), (edit, "editor", true)] {
+        let binding = json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": format!("{release}-{user}"), "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": role["metadata"]["name"]},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                          "name": format!("{release}-{user}")}],
+        });
+        let (ok, out) = kubectl(
+            stack.var("KUBECONFIG"),
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=chart-test",
+                "-f",
+                "-",
+            ],
+            Some(to_yaml_stream(&[&binding])),
+        )
+        .await;
+        assert!(ok, "{out}");
+        let subject = format!("{release}-{user}");
+        assert_eq!(
+            can_i(&subject, "list", "roompermissions.matrix.openmeet.net", &ns).await,
+            !writes,
+            "{user} reads (edit's reading comes from view through aggregation)"
+        );
+        assert_eq!(
+            can_i(&subject, "delete", "matrixrooms.matrix.openmeet.net", &ns).await,
+            writes,
+            "{user} deletes?"
+        );
+        assert!(!can_i(&subject, "get", "matrixusers.matrix.openmeet.net", &other).await);
+    }
     let _ = std::fs::remove_dir_all(dir);
 }

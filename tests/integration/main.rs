@@ -9,6 +9,7 @@ mod ha;
 mod hardening;
 mod harm;
 mod harness;
+mod platform_kit;
 mod proxy;
 mod rooms;
 mod sidecar;

@@ -36,6 +36,21 @@ pids+=($!)
 OPERATOR_BIN="$OPERATOR_BIN" SIDECAR_URL="$SIDECAR_URL" python3 "$here/dev-platform.py" "$platform_port" > "$dir/platform.log" 2>&1 &
 pids+=($!)
 
+# The address a process logged for `what` ("metrics listening"): it binds
+# port 0, so only its log knows the port. Waits up to 30 s.
+bound() {
+  local log="$1" what="$2" addr=""
+  for _ in $(seq 300); do
+    addr="$(sed 's/\x1b\[[0-9;]*m//g' "$log" 2>/dev/null \
+      | sed -n "s/.*${what}.*addr=\([0-9.:]*\).*/\1/p" | head -n1)"
+    [[ -n "$addr" ]] && { echo "$addr"; return; }
+    sleep 0.1
+  done
+  echo "(not bound: see $log)"
+}
+controller_metrics="$(bound "$dir/controller.log" "metrics listening")"
+sidecar_metrics="$(bound "$dir/sidecar.log" "sidecar metrics listening")"
+
 "$KUBECTL" apply --server-side --field-manager dev -f "$repo/config/samples/" >/dev/null
 for kind in matrixusers matrixrooms roompermissions; do
   "$KUBECTL" wait -n openmeet-demo --for=condition=Ready --timeout=120s "$kind" --all >/dev/null \
@@ -51,6 +66,8 @@ cat <<MSG
     Synapse: $SYNAPSE_URL  (server name $MATRIX_SERVER_NAME)
     Sidecar: $SIDECAR_URL  (OIDC issuer; CA: $STACK_CA)
     Platform login (dev stand-in): http://127.0.0.1:$platform_port/login
+    Metrics: controller http://$controller_metrics/metrics (also /healthz, /readyz)
+             sidecar    http://$sidecar_metrics/metrics
 
   Sign in with a Matrix client: homeserver $SYNAPSE_URL, "Continue with
   OpenMeet", accept the stack CA's certificate for $SIDECAR_URL (or import

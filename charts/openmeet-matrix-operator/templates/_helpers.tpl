@@ -73,6 +73,12 @@ only what it uses, and nothing of the controller's. */}}
 {{- end }}
 {{- end }}
 
+{{/* The ServiceAccount the chart makes for the platform's writer
+(rbac.platformWriter.serviceAccount.create). */}}
+{{- define "omo.platformServiceAccountName" -}}
+{{- default (printf "%s-platform" (include "omo.fullname" .)) .Values.rbac.platformWriter.serviceAccount.name }}
+{{- end }}
+
 {{/*
 The namespace of the sidecar's code-redemption records (one Lease per
 redeemed authorization code, names not known in advance). It is their own:

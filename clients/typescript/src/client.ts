@@ -1,0 +1,246 @@
+// Writes the operator's objects by server-side apply, with one field manager.
+//
+// Server-side apply sends the whole desired object every time: fields this
+// manager set before and leaves out now are removed, fields it does not send
+// are left to others, and an apply that changes nothing leaves the object
+// (and its resourceVersion) untouched. So the platform can apply on every
+// change of an event, group or membership without reading first.
+import {
+  ApiException,
+  KubeConfig,
+  KubernetesObjectApi,
+  PatchStrategy,
+  type KubernetesObject,
+} from "@kubernetes/client-node";
+import {
+  RESOURCES,
+  type MatrixKind,
+  type MatrixRoom,
+  type MatrixRoomSpec,
+  type MatrixUser,
+  type MatrixUserSpec,
+  type RoomPermission,
+  type RoomPermissionSpec,
+} from "./generated/crds.js";
+import { permissionObjectName, ROOM_LABEL, USER_LABEL } from "./naming.js";
+
+/** The field manager the platform's writes are recorded under by default. */
+export const DEFAULT_FIELD_MANAGER = "openmeet-platform";
+/** Label naming the writer, on every object the kit writes. */
+export const MANAGED_BY_LABEL = "app.kubernetes.io/managed-by";
+
+export interface PlatformClientOptions {
+  /** Field manager of every apply (default `openmeet-platform`). One writer, one name. */
+  fieldManager?: string;
+  /**
+   * Take over fields another manager set to another value (default true).
+   * The platform is the source of truth for these objects: with `force`, a
+   * hand edit (`kubectl edit`, another tool) of a field the platform sets is
+   * overwritten by its next apply. With `force: false` such an apply fails
+   * with 409 Conflict naming the other manager, and nothing is written: use
+   * it when another writer legitimately shares the objects and a human
+   * should decide.
+   */
+  force?: boolean;
+  /** Labels added to every object written (e.g. an environment or a selector the operator watches). */
+  labels?: Record<string, string>;
+}
+
+/** One member of a room: the `MatrixUser`'s object name and its place in the room. */
+export interface RoomMember {
+  user: string;
+  role?: RoomPermissionSpec["role"];
+  powerLevel?: RoomPermissionSpec["powerLevel"];
+  membership?: RoomPermissionSpec["membership"];
+}
+
+/** What `applyRoomWithMembers` did. */
+export interface RoomApplied {
+  room: MatrixRoom;
+  permissions: RoomPermission[];
+  /** Names of this writer's permissions of the room that were deleted (members no longer declared). */
+  removed: string[];
+}
+
+type KindSpec<K extends MatrixKind> = K extends "MatrixUser"
+  ? MatrixUserSpec
+  : K extends "MatrixRoom"
+    ? MatrixRoomSpec
+    : RoomPermissionSpec;
+type KindObject<K extends MatrixKind> = K extends "MatrixUser"
+  ? MatrixUser
+  : K extends "MatrixRoom"
+    ? MatrixRoom
+    : RoomPermission;
+
+/** The object to apply: only what the platform declares (no status, no server fields). */
+export function desiredObject<K extends MatrixKind>(
+  kind: K,
+  namespace: string,
+  name: string,
+  spec: KindSpec<K>,
+  labels: Record<string, string> = {},
+): KindObject<K> {
+  return {
+    apiVersion: RESOURCES[kind].apiVersion,
+    kind,
+    metadata: { name, namespace, labels: { ...labels } },
+    spec: dropUndefined(spec),
+  } as unknown as KindObject<K>;
+}
+
+/** `undefined` is "not declared": it must not reach the request as a field. */
+function dropUndefined<T>(value: T): T {
+  if (Array.isArray(value)) return value.map(dropUndefined) as T;
+  if (value === null || typeof value !== "object") return value;
+  return Object.fromEntries(
+    Object.entries(value)
+      .filter(([, v]) => v !== undefined)
+      .map(([k, v]) => [k, dropUndefined(v)]),
+  ) as T;
+}
+
+export function isNotFound(error: unknown): boolean {
+  return error instanceof ApiException && error.code === 404;
+}
+
+export class MatrixPlatformClient {
+  readonly fieldManager: string;
+  readonly force: boolean;
+  private readonly labels: Record<string, string>;
+
+  constructor(
+    private readonly api: KubernetesObjectApi,
+    options: PlatformClientOptions = {},
+  ) {
+    this.fieldManager = options.fieldManager ?? DEFAULT_FIELD_MANAGER;
+    this.force = options.force ?? true;
+    if (!/^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$/.test(this.fieldManager)) {
+      throw new Error(`fieldManager ${JSON.stringify(this.fieldManager)}: lower case, a label value`);
+    }
+    this.labels = { ...options.labels, [MANAGED_BY_LABEL]: this.fieldManager };
+  }
+
+  /** A client from a kubeconfig (in a pod: `kc.loadFromCluster()`; elsewhere `kc.loadFromDefault()`). */
+  static fromKubeConfig(kc: KubeConfig, options?: PlatformClientOptions): MatrixPlatformClient {
+    return new MatrixPlatformClient(KubernetesObjectApi.makeApiClient(kc), options);
+  }
+
+  /** Server-side-applies one object with this client's field manager and labels. */
+  async apply<K extends MatrixKind>(
+    kind: K,
+    namespace: string,
+    name: string,
+    spec: KindSpec<K>,
+    labels: Record<string, string> = {},
+  ): Promise<KindObject<K>> {
+    const object = desiredObject(kind, namespace, name, spec, { ...labels, ...this.labels });
+    return (await this.api.patch(
+      object as KubernetesObject,
+      undefined,
+      undefined,
+      this.fieldManager,
+      this.force,
+      PatchStrategy.ServerSideApply,
+    )) as KindObject<K>;
+  }
+
+  applyUser(namespace: string, name: string, spec: MatrixUserSpec): Promise<MatrixUser> {
+    return this.apply("MatrixUser", namespace, name, spec);
+  }
+
+  applyRoom(namespace: string, name: string, spec: MatrixRoomSpec): Promise<MatrixRoom> {
+    return this.apply("MatrixRoom", namespace, name, spec);
+  }
+
+  /** The permission `<room>.<user>`, labelled with its room and user. */
+  applyPermission(namespace: string, room: string, member: RoomMember): Promise<RoomPermission> {
+    const spec: RoomPermissionSpec = {
+      roomRef: { name: room },
+      userRef: { name: member.user },
+      role: member.role,
+      powerLevel: member.powerLevel,
+      membership: member.membership,
+    };
+    return this.apply("RoomPermission", namespace, permissionObjectName(room, member.user), spec, {
+      [ROOM_LABEL]: room,
+      [USER_LABEL]: member.user,
+    });
+  }
+
+  /**
+   * A room and exactly these members: applies the room and one permission
+   * per member, then deletes this writer's other permissions of the room
+   * (members who left). Users are applied separately (`applyUser`): a user
+   * belongs to many rooms.
+   */
+  async applyRoomWithMembers(
+    namespace: string,
+    room: string,
+    spec: MatrixRoomSpec,
+    members: RoomMember[],
+  ): Promise<RoomApplied> {
+    const applied = await this.applyRoom(namespace, room, spec);
+    const permissions = [];
+    for (const member of members) {
+      permissions.push(await this.applyPermission(namespace, room, member));
+    }
+    const keep = new Set(permissions.map((p) => p.metadata.name));
+    const removed = [];
+    for (const name of await this.permissionNames(namespace, ROOM_LABEL, room)) {
+      if (!keep.has(name) && (await this.delete("RoomPermission", namespace, name))) {
+        removed.push(name);
+      }
+    }
+    return { room: applied, permissions, removed };
+  }
+
+  /** Deletes one object; false when it was already gone. */
+  async delete(kind: MatrixKind, namespace: string, name: string): Promise<boolean> {
+    try {
+      await this.api.delete({ apiVersion: RESOURCES[kind].apiVersion, kind, metadata: { name, namespace } });
+      return true;
+    } catch (error) {
+      if (isNotFound(error)) return false;
+      throw error;
+    }
+  }
+
+  /**
+   * Deletes a room, then this writer's permissions of it. The room goes
+   * first so that its `deletionPolicy` decides what happens to the members
+   * (`Retain` keeps them; deleting the permissions first would remove them
+   * from an `Exclusive` room before that).
+   */
+  async deleteRoom(namespace: string, room: string): Promise<void> {
+    await this.delete("MatrixRoom", namespace, room);
+    for (const name of await this.permissionNames(namespace, ROOM_LABEL, room)) {
+      await this.delete("RoomPermission", namespace, name);
+    }
+  }
+
+  /** Deletes a user (its `deletionPolicy` applies), then this writer's permissions of it. */
+  async deleteUser(namespace: string, user: string): Promise<void> {
+    await this.delete("MatrixUser", namespace, user);
+    for (const name of await this.permissionNames(namespace, USER_LABEL, user)) {
+      await this.delete("RoomPermission", namespace, name);
+    }
+  }
+
+  /** Names of this writer's permissions carrying `label=value`. */
+  private async permissionNames(namespace: string, label: string, value: string): Promise<string[]> {
+    const { apiVersion } = RESOURCES.RoomPermission;
+    const selector = `${label}=${value},${MANAGED_BY_LABEL}=${this.fieldManager}`;
+    const list = await this.api.list<RoomPermission>(
+      apiVersion,
+      "RoomPermission",
+      namespace,
+      undefined,
+      undefined,
+      undefined,
+      undefined,
+      selector,
+    );
+    return list.items.map((p) => p.metadata.name as string).sort();
+  }
+}

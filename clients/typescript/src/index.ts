@@ -1,0 +1,6 @@
+// @openmeet/matrix-operator-client: types generated from the operator's CRDs,
+// naming and role rules, and a server-side-apply client (docs/platform.md).
+export * from "./generated/crds.js";
+export * from "./naming.js";
+export * from "./roles.js";
+export * from "./client.js";

@@ -1,0 +1,323 @@
+//! The platform's TypeScript kit (`clients/typescript`), run with Node as the
+//! platform would run it, against the real stack: what it applies converges
+//! in Synapse, applying again changes nothing, a changed event converges
+//! (roles, members who left), `force` decides who wins a field, and deleting
+//! the event's room closes it.
+
+use crate::harness::{unique, wait_for, Stack, TestEnv, LABEL};
+use crate::rooms::{membership, state};
+use kube::api::{Patch, PatchParams};
+use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+const KIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/typescript");
+
+/// Compiles the kit with its own TypeScript (once per test binary).
+fn built_kit() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let kit = PathBuf::from(KIT);
+            let tsc = kit.join("node_modules/typescript/bin/tsc");
+            assert!(
+                tsc.exists(),
+                "{} is missing: run `make ts-deps` (npm ci in clients/typescript)",
+                tsc.display()
+            );
+            let out = Command::new("node")
+                .arg(&tsc)
+                .args(["-p", "tsconfig.json"])
+                .current_dir(&kit)
+                .output()
+                .expect("running node (Node.js >= 20 is needed)");
+            assert!(
+                out.status.success(),
+                "tsc failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            kit
+        })
+        .clone()
+}
+
+/// What one run of `examples/apply-event.js` printed.
+struct Run {
+    ok: bool,
+    /// `(kind, name)` → `(resourceVersion, generation)`, in the order written.
+    written: Vec<((String, String), (String, i64))>,
+    removed: Vec<String>,
+    stderr: String,
+}
+
+/// Runs the example against the stack, labelled for this test's operator.
+fn apply_event(env: &TestEnv, args: &[String]) -> Run {
+    let kit = built_kit();
+    let out = Command::new("node")
+        .arg(kit.join("dist/examples/apply-event.js"))
+        .args(["--namespace", env.ns(0), "--tenant", env.ns(0)])
+        .args(["--label", &format!("{LABEL}={}", env.run_id)])
+        .args(args)
+        .env("KUBECONFIG", Stack::get().var("KUBECONFIG"))
+        .current_dir(&kit)
+        .output()
+        .expect("running node");
+    let mut written = Vec::new();
+    let mut removed = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        if let Some(name) = v["removed"].as_str() {
+            removed.push(name.to_string());
+        } else if v.get("kind").is_some() {
+            written.push((
+                (
+                    v["kind"].as_str().unwrap().into(),
+                    v["name"].as_str().unwrap().into(),
+                ),
+                (
+                    v["resourceVersion"].as_str().unwrap().into(),
+                    v["generation"].as_i64().unwrap(),
+                ),
+            ));
+        }
+    }
+    Run {
+        ok: out.status.success(),
+        written,
+        removed,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn names(run: &Run, kind: &str) -> Vec<String> {
+    run.written
+        .iter()
+        .filter(|((k, _), _)| k == kind)
+        .map(|((_, n), _)| n.clone())
+        .collect()
+}
+
+/// `(kind, name)` → `(resourceVersion, generation)` as the API server has them now.
+async fn versions(env: &TestEnv, run: &Run) -> BTreeMap<(String, String), (String, i64)> {
+    let mut now = BTreeMap::new();
+    for ((kind, name), _) in &run.written {
+        let meta = match kind.as_str() {
+            "MatrixUser" => env.api::<MatrixUser>(0).get(name).await.unwrap().metadata,
+            "MatrixRoom" => env.api::<MatrixRoom>(0).get(name).await.unwrap().metadata,
+            "RoomPermission" => {
+                env.api::<RoomPermission>(0)
+                    .get(name)
+                    .await
+                    .unwrap()
+                    .metadata
+            }
+            other => panic!("unexpected kind {other}"),
+        };
+        now.insert(
+            (kind.clone(), name.clone()),
+            (meta.resource_version.unwrap(), meta.generation.unwrap()),
+        );
+    }
+    now
+}
+
+fn power(state: &openmeet_matrix_operator::synapse::rooms::RoomState, user: &str) -> i64 {
+    state
+        .get("m.room.power_levels", "")
+        .and_then(|pl| pl["users"].get(user).and_then(Value::as_i64))
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn kit_applies_an_event_that_converges_and_reapplies_as_a_no_op() {
+    let env = TestEnv::new("kit").await;
+    let slug = unique("Rust Meetup");
+    let title = "Rust Meetup 2026";
+    let people: Vec<(String, String)> = ["host", "mod", "att"]
+        .iter()
+        .map(|p| (unique(&format!("subject-{p}")), unique(&format!("kit-{p}"))))
+        .collect();
+    let person = |i: usize, role: &str| {
+        vec![
+            "--person".to_string(),
+            format!("{}:{}:{role}", people[i].0, people[i].1),
+        ]
+    };
+    let mut args = vec![
+        "--event".to_string(),
+        slug.clone(),
+        "--title".into(),
+        title.into(),
+    ];
+    let first_args: Vec<String> = [
+        args.clone(),
+        person(0, "host"),
+        person(1, "moderator"),
+        person(2, "attendee"),
+    ]
+    .concat();
+
+    let first = apply_event(&env, &first_args);
+    assert!(first.ok, "the kit failed: {}", first.stderr);
+    let users = names(&first, "MatrixUser");
+    let rooms = names(&first, "MatrixRoom");
+    let perms = names(&first, "RoomPermission");
+    assert_eq!((users.len(), rooms.len(), perms.len()), (3, 1, 3));
+    let room_name = &rooms[0];
+    // The slug had a space and capitals: cleaned, with a hash of the original.
+    assert!(room_name.starts_with("event-rust-meetup-"), "{room_name}");
+
+    for user in &users {
+        env.wait_condition::<MatrixUser>(0, user, true, "Converged")
+            .await;
+    }
+    env.wait_condition::<MatrixRoom>(0, room_name, true, "Converged")
+        .await;
+    for perm in &perms {
+        env.wait_condition::<RoomPermission>(0, perm, true, "Converged")
+            .await;
+    }
+    // The room may have converged before its members' accounts existed
+    // (their permissions Pending): its status counts them once it folded them in.
+    let room = wait_for("the room's members counted", || async {
+        let room = env.api::<MatrixRoom>(0).get(room_name).await.ok()?;
+        (room.status.as_ref()?.joined_members == Some(4)).then_some(room)
+    })
+    .await;
+
+    // In Synapse: the room under the tenant's alias, everyone joined at the
+    // power their event role maps to.
+    let status = room.status.clone().unwrap();
+    let alias = room.spec.alias.clone();
+    assert!(
+        alias.starts_with(&format!("{}.event.rust-meetup-", env.ns(0))),
+        "{alias}"
+    );
+    assert_eq!(
+        status.canonical_alias.as_deref(),
+        Some(
+            format!(
+                "#openmeet-{alias}:{}",
+                Stack::get().var("MATRIX_SERVER_NAME")
+            )
+            .as_str()
+        )
+    );
+    let ids: Vec<String> = people
+        .iter()
+        .map(|(_, handle)| env.user_id(handle).to_string())
+        .collect();
+    let s = state(&env, &room).await;
+    assert_eq!(s.get("m.room.name", "").unwrap()["name"], title);
+    for id in &ids {
+        assert_eq!(membership(&s, id), "join", "{id}");
+    }
+    assert_eq!(power(&s, &ids[0]), 100, "host: Admin");
+    assert_eq!(power(&s, &ids[1]), 50, "moderator: Moderator");
+    assert_eq!(power(&s, &ids[2]), 0, "attendee: Member");
+
+    // Written under one field manager, by apply.
+    let managers: Vec<(String, String)> = room
+        .metadata
+        .managed_fields
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.subresource.is_none())
+        .map(|m| (m.manager.unwrap(), m.operation.unwrap()))
+        .collect();
+    assert!(
+        managers.contains(&("openmeet-platform".into(), "Apply".into())),
+        "{managers:?}"
+    );
+
+    // Applying the same event again changes nothing. (First wait for the
+    // controller's own status writes to settle.)
+    let before = wait_for("the objects to settle", || async {
+        let seen = versions(&env, &first).await;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        (versions(&env, &first).await == seen).then_some(seen)
+    })
+    .await;
+    let again = apply_event(&env, &first_args);
+    assert!(again.ok, "the kit failed: {}", again.stderr);
+    let answered: BTreeMap<_, _> = again.written.iter().cloned().collect();
+    assert_eq!(answered, before, "the second apply's answers");
+    assert_eq!(versions(&env, &first).await, before, "nothing written");
+    assert!(again.removed.is_empty());
+
+    // The event changes: the attendee becomes a moderator, the moderator leaves.
+    let changed_args: Vec<String> =
+        [args.clone(), person(0, "host"), person(2, "moderator")].concat();
+    let changed = apply_event(&env, &changed_args);
+    assert!(changed.ok, "the kit failed: {}", changed.stderr);
+    assert_eq!(
+        changed.removed,
+        vec![perms[1].clone()],
+        "the moderator's permission"
+    );
+    wait_for("the new roles in Synapse", || async {
+        let s = state(&env, &room).await;
+        (power(&s, &ids[2]) == 50 && membership(&s, &ids[1]) == "leave").then_some(())
+    })
+    .await;
+
+    // Someone else takes the room's name with another field manager: an
+    // apply without force is refused and writes nothing; with force (the
+    // default) the platform's name comes back.
+    env.api::<MatrixRoom>(0)
+        .patch(
+            room_name,
+            &PatchParams::apply("someone-else").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "matrix.openmeet.net/v1alpha1",
+                "kind": "MatrixRoom",
+                "spec": {"alias": alias, "name": "Taken over"},
+            })),
+        )
+        .await
+        .expect("another manager's apply");
+    args.push("--no-force".into());
+    let refused = apply_event(
+        &env,
+        &[args.clone(), person(0, "host"), person(2, "moderator")].concat(),
+    );
+    assert!(!refused.ok, "an apply without force wins a conflict");
+    assert!(
+        refused.stderr.contains("conflict") || refused.stderr.contains("Conflict"),
+        "{}",
+        refused.stderr
+    );
+    let name_now = |r: MatrixRoom| r.spec.name;
+    assert_eq!(
+        name_now(env.api::<MatrixRoom>(0).get(room_name).await.unwrap()).as_deref(),
+        Some("Taken over")
+    );
+    let forced = apply_event(&env, &changed_args);
+    assert!(forced.ok, "the kit failed: {}", forced.stderr);
+    assert_eq!(
+        name_now(env.api::<MatrixRoom>(0).get(room_name).await.unwrap()).as_deref(),
+        Some(title)
+    );
+
+    // Deleting the event's room: the room is closed (its default policy),
+    // its permissions go with it, the accounts stay.
+    let deleted = apply_event(&env, &["--event".into(), slug.clone(), "--delete".into()]);
+    assert!(deleted.ok, "the kit failed: {}", deleted.stderr);
+    env.wait_gone(&env.api::<MatrixRoom>(0), room_name).await;
+    for perm in [&perms[0], &perms[2]] {
+        env.wait_gone(&env.api::<RoomPermission>(0), perm).await;
+    }
+    let s = state(&env, &room).await;
+    for id in [&ids[0], &ids[2]] {
+        assert_eq!(membership(&s, id), "leave", "{id} removed by Close");
+    }
+    for user in &users {
+        env.wait_condition::<MatrixUser>(0, user, true, "Converged")
+            .await;
+    }
+}
