@@ -243,6 +243,15 @@ pub struct Context {
     pub memo: memo::ConvergedMemo,
 }
 
+impl Context {
+    /// Drops what was remembered of an object that is gone (its convergence
+    /// and its failures), so the maps shrink with the tenant.
+    pub fn forget(&self, key: &str) {
+        self.memo.forget(key);
+        self.backoff.reset(key);
+    }
+}
+
 /// The controller process: everything `run` needs.
 pub struct Operator {
     client: Client,

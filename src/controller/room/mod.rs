@@ -102,6 +102,7 @@ pub async fn run<A, B, C, D>(
     let perms_for_users = caches.permissions;
     let rooms_for_claims = caches.rooms.clone();
     let spaces = std::sync::Mutex::new(tree::SpaceIndex::default());
+    let evict = ctx.clone();
     Controller::for_shared_stream(triggers.objects, caches.rooms)
         // A permission changed or went away: its room folds it in.
         .watches_shared_stream(triggers.permissions, |p: Arc<RoomPermission>| {
@@ -125,6 +126,10 @@ pub async fn run<A, B, C, D>(
         .watches_shared_stream(triggers.peers, move |r: Arc<MatrixRoom>| {
             let me = ObjectRef::from_obj(r.as_ref());
             let gone = rooms_for_claims.get(&me).is_none();
+            if gone {
+                evict.memo.forget(&key(r.as_ref()));
+                evict.backoff.reset(&key(r.as_ref()));
+            }
             let leaving = r.metadata.deletion_timestamp.is_some() || gone;
             let ns = r.namespace().unwrap_or_default();
             let parent = r.spec.parent_ref.as_ref().map(|p| p.name.as_str());

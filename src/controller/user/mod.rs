@@ -70,8 +70,12 @@ pub async fn run<A, B>(
         stats,
         memo: Default::default(),
     });
+    let evict = ctx.clone();
     Controller::for_shared_stream(triggers.objects, caches.users)
         .watches_shared_stream(triggers.peers, move |changed: Arc<MatrixUser>| {
+            if peers.get(&ObjectRef::from_obj(changed.as_ref())).is_none() {
+                evict.forget(&key(changed.as_ref()));
+            }
             claim_peers(&peers.state(), &changed)
         })
         .with_config(super::controller_config(&ctx.config, Duration::ZERO))
