@@ -9,6 +9,7 @@ mod ha;
 mod hardening;
 mod harm;
 mod harness;
+mod health;
 mod proxy;
 mod rooms;
 mod sidecar;

@@ -256,7 +256,10 @@ fn users_in_flight(perms: &[Arc<RoomPermission>], ctx: &RoomContext, ns: &str) -
             .get(&ObjectRef::new(&p.spec.user_ref.name).within(ns))
         {
             None => younger(&p.metadata, 10),
-            Some(user) => user.status.is_none() && younger(&user.metadata, 120),
+            Some(user) => {
+                !conditions::observed(user.status.as_ref().and_then(|s| s.observed_generation))
+                    && younger(&user.metadata, 120)
+            }
         };
         in_flight.then_some(Duration::from_secs(5))
     })
@@ -826,6 +829,13 @@ async fn write_room_status(
     next: Vec<Condition>,
 ) -> Result<Option<String>, Error> {
     let existing = room.status.clone().unwrap_or_default();
+    let next = next
+        .into_iter()
+        .flat_map(|c| match c.type_.as_str() {
+            READY => conditions::with_kstatus(c),
+            _ => vec![c],
+        })
+        .collect();
     let status = MatrixRoomStatus {
         room_id,
         canonical_alias,
@@ -892,7 +902,7 @@ pub(crate) async fn write_permission_status(
     let existing = p.status.clone().unwrap_or_default();
     let status = RoomPermissionStatus {
         effective_power_level: level,
-        conditions: conditions::merge(&existing.conditions, vec![ready], now()),
+        conditions: conditions::merge(&existing.conditions, conditions::with_kstatus(ready), now()),
         observed_generation: p.metadata.generation,
     };
     if status == existing {

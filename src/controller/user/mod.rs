@@ -567,7 +567,7 @@ async fn write_status(
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
     let status = MatrixUserStatus {
         user_id,
-        conditions: conditions::merge(&existing.conditions, vec![ready], now),
+        conditions: conditions::merge(&existing.conditions, conditions::with_kstatus(ready), now),
         observed_generation: user.metadata.generation,
         pending_account,
     };
