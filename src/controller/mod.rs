@@ -4,6 +4,7 @@
 pub mod appservice;
 pub mod backoff;
 pub mod claims;
+pub mod events;
 pub mod finalizer;
 pub mod leader;
 pub mod memo;
@@ -16,12 +17,13 @@ use crate::api::{MatrixRoom, MatrixUser, RoomPermission};
 use crate::metrics::{HistogramFamily, Labels};
 use crate::synapse::{SynapseClient, SynapseError};
 use backoff::Backoff;
+use events::Recorder;
 use futures::future::{ready, FutureExt};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
@@ -280,6 +282,7 @@ impl Operator {
         };
         let recorder = Recorder::new(self.client.clone(), reporter);
         let user_recorder = recorder.clone();
+        let permission_recorder = recorder.clone();
         let shutdown: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(shutdown);
         let shutdown = shutdown.shared();
 
@@ -416,6 +419,7 @@ impl Operator {
                 permissions_store,
                 permission_triggers,
                 self.client.clone(),
+                permission_recorder,
                 self.stats.clone(),
                 shutdown
             ),

@@ -1,6 +1,7 @@
 //! `RoomPermission`s are converged by their room's reconcile. This controller
 //! only reports the one case no room reconcile sees: the room does not exist.
 
+use super::events::Recorder;
 use super::{Error, ReconcileStats};
 use crate::api::conditions::{Condition, READY};
 use crate::api::{MatrixRoom, RoomPermission};
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 struct Ctx {
     client: Client,
+    recorder: Recorder,
     stats: Arc<ReconcileStats>,
 }
 
@@ -30,6 +32,7 @@ pub async fn run<A, B>(
     permissions: Store<RoomPermission>,
     triggers: Triggers<A, B>,
     client: Client,
+    recorder: Recorder,
     stats: Arc<ReconcileStats>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) where
@@ -53,7 +56,11 @@ pub async fn run<A, B>(
         .run(
             reconcile,
             |_, _, _| Action::requeue(Duration::from_secs(5)),
-            Arc::new(Ctx { client, stats }),
+            Arc::new(Ctx {
+                client,
+                recorder,
+                stats,
+            }),
         )
         .for_each(|_| futures::future::ready(()))
         .await;
@@ -80,7 +87,7 @@ async fn mark_pending(p: &RoomPermission, ctx: &Ctx) -> Result<Action, Error> {
             p.spec.room_ref.name
         );
         let ready = Condition::new(READY, false, "Pending", message, p.metadata.generation);
-        super::room::write_permission_status(&ctx.client, p, None, ready).await?;
+        super::room::write_permission_status(&ctx.client, &ctx.recorder, p, None, ready).await?;
     }
     Ok(Action::await_change())
 }

@@ -278,3 +278,93 @@ async fn conflicts_and_refusals_fail() {
     .await;
     assert_health(&settled, "Failed", "Degraded");
 }
+
+/// Events about one object: (reason, note, series count), oldest first.
+async fn events_of(env: &TestEnv, name: &str) -> Vec<(String, String, i32)> {
+    let api: kube::Api<k8s_openapi::api::events::v1::Event> = env.api(0);
+    let mut events: Vec<_> = api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect();
+    events.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    events
+        .into_iter()
+        .map(|e| {
+            (
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+                e.series.map_or(1, |s| s.count),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_permission_records_its_transitions_as_events() {
+    let env = TestEnv::new("permevents").await;
+    env.create::<RoomPermission>(
+        0,
+        "p",
+        json!({"roomRef": {"name": "r"}, "userRef": {"name": "u"}, "role": "Admin"}),
+    )
+    .await;
+    env.wait_event(0, "p", "Pending", 1).await;
+    env.create::<MatrixUser>(0, "u", json!({"localpart": unique("permevents")}))
+        .await;
+    env.create::<MatrixRoom>(0, "r", json!({"alias": unique("permevents")}))
+        .await;
+    env.wait_condition::<RoomPermission>(0, "p", true, "Converged")
+        .await;
+    env.wait_event(0, "p", "Converged", 1).await;
+    env.create::<RoomPermission>(
+        0,
+        "again",
+        json!({"roomRef": {"name": "r"}, "userRef": {"name": "u"}}),
+    )
+    .await;
+    env.wait_condition::<RoomPermission>(0, "again", false, "Duplicate")
+        .await;
+    env.wait_event(0, "again", "Duplicate", 1).await;
+    let story = events_of(&env, "p").await;
+    let converged = story.iter().find(|(r, _, _)| r == "Converged").unwrap();
+    assert!(converged.1.ends_with("has power level 100"), "{story:?}");
+}
+
+#[tokio::test]
+async fn different_notes_are_different_events() {
+    let env = TestEnv::new("notes").await;
+    env.create::<MatrixRoom>(0, "r", json!({"alias": unique("notes"), "name": "One"}))
+        .await;
+    env.wait_condition::<MatrixRoom>(0, "r", true, "Converged")
+        .await;
+    for (field, value) in [("name", "Two"), ("topic", "Three")] {
+        env.api::<MatrixRoom>(0)
+            .patch(
+                "r",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {field: value}})),
+            )
+            .await
+            .unwrap();
+        env.wait_condition::<MatrixRoom>(0, "r", true, "Converged")
+            .await;
+    }
+    let updates = wait_for("two RoomUpdated events", || async {
+        let updates: Vec<_> = events_of(&env, "r")
+            .await
+            .into_iter()
+            .filter(|(reason, _, _)| reason == "RoomUpdated")
+            .collect();
+        (updates.len() >= 2).then_some(updates)
+    })
+    .await;
+    assert_ne!(updates[0].1, updates[1].1, "{updates:?}");
+    assert!(
+        updates.iter().all(|(_, _, count)| *count == 1),
+        "{updates:?}"
+    );
+}

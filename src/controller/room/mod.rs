@@ -5,6 +5,7 @@ pub mod fold;
 pub mod plan;
 
 use super::backoff::jitter;
+use super::events::Recorder;
 use super::finalizer::Cleanup;
 use super::memo::fingerprint;
 use super::{claims, key};
@@ -17,7 +18,7 @@ use crate::synapse::{SynapseClient, SynapseError};
 use fold::{fold, PermissionOutcome, UserRefState};
 use futures::{Stream, StreamExt};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use plan::{create_body, marker_matches, plan, plan_close, DesiredRoom, RoomAction, Thresholds};
@@ -888,18 +889,38 @@ async fn write_permission_statuses(
             ),
             (None, None) => continue,
         };
-        write_permission_status(&ctx.client, p, level, ready).await?;
+        write_permission_status(&ctx.client, &ctx.recorder, p, level, ready).await?;
     }
     Ok(())
 }
 
+/// Writes a permission's status, with an Event when its Ready reason changes
+/// (Pending, Duplicate, Converged…): `kubectl describe` tells its story.
 pub(crate) async fn write_permission_status(
     client: &Client,
+    recorder: &Recorder,
     p: &RoomPermission,
     level: Option<i64>,
     ready: Condition,
 ) -> Result<(), Error> {
     let existing = p.status.clone().unwrap_or_default();
+    if let Some(type_) =
+        super::events::on_transition(conditions::find(&existing.conditions, READY), &ready)
+    {
+        let event = KubeEvent {
+            type_,
+            reason: ready.reason.clone(),
+            note: Some(truncate(ready.message.clone())),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        let (recorder, reference, object) = (recorder.clone(), p.object_ref(&()), key(p));
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                tracing::warn!(permission = %object, error = %e, "could not publish event");
+            }
+        });
+    }
     let status = RoomPermissionStatus {
         effective_power_level: level,
         conditions: conditions::merge(&existing.conditions, conditions::with_kstatus(ready), now()),

@@ -4,6 +4,7 @@ pub mod handle;
 pub mod plan;
 
 use super::backoff::jitter;
+use super::events::Recorder;
 use super::finalizer::Cleanup;
 use super::memo::fingerprint;
 use super::{claims, key};
@@ -15,7 +16,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
