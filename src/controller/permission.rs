@@ -2,8 +2,9 @@
 //! only reports the one case no room reconcile sees: the room does not exist.
 
 use super::events::Recorder;
+use super::outcome::{self, Outcome};
 use super::{Error, ReconcileStats};
-use crate::api::conditions::{Condition, READY};
+use crate::api::conditions::{self, Condition, READY};
 use crate::api::{MatrixRoom, RoomPermission};
 use futures::{Stream, StreamExt};
 use kube::runtime::controller::{Action, Controller};
@@ -71,8 +72,12 @@ async fn reconcile(p: Arc<RoomPermission>, ctx: Arc<Ctx>) -> Result<Action, Erro
         .permission_reconciles
         .fetch_add(1, Ordering::Relaxed);
     let timer = ctx.stats.start("RoomPermission");
-    let result = mark_pending(&p, &ctx).await;
-    timer.finish(result.is_ok());
+    let (result, written) = outcome::noting(mark_pending(&p, &ctx)).await;
+    let before = p
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, READY));
+    timer.finish(Outcome::of(&result, written, before));
     result
 }
 

@@ -8,6 +8,7 @@ use super::backoff::jitter;
 use super::events::Recorder;
 use super::finalizer::Cleanup;
 use super::memo::fingerprint;
+use super::outcome::{self, Outcome};
 use super::{claims, key};
 use super::{Error, OperatorConfig, ReconcileStats};
 use crate::api::conditions::{self, Condition, READY};
@@ -148,15 +149,19 @@ pub async fn run<A, B, C, D>(
 pub async fn reconcile(room: Arc<MatrixRoom>, ctx: Arc<RoomContext>) -> Result<Action, Error> {
     let timer = ctx.stats.start("MatrixRoom");
     let api: Api<MatrixRoom> = super::own_namespace(&ctx.client, room.as_ref())?;
-    let result = super::finalizer::reconcile(
+    let (result, written) = outcome::noting(super::finalizer::reconcile(
         &api,
         room.as_ref(),
         |own_version| apply(&room, &api, &ctx, own_version),
         || cleanup(&room, &api, &ctx),
-    )
+    ))
     .await;
     ctx.stats.room_reconciles.fetch_add(1, Ordering::Relaxed);
-    timer.finish(result.is_ok());
+    let before = room
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, READY));
+    timer.finish(Outcome::of(&result, written, before));
     result
 }
 
@@ -829,6 +834,9 @@ async fn write_room_status(
     joined_members: Option<i64>,
     next: Vec<Condition>,
 ) -> Result<Option<String>, Error> {
+    if let Some(ready) = conditions::find(&next, READY) {
+        outcome::note(ready);
+    }
     let existing = room.status.clone().unwrap_or_default();
     let next = next
         .into_iter()
@@ -903,6 +911,7 @@ pub(crate) async fn write_permission_status(
     level: Option<i64>,
     ready: Condition,
 ) -> Result<(), Error> {
+    outcome::note(&ready);
     let existing = p.status.clone().unwrap_or_default();
     if let Some(type_) =
         super::events::on_transition(conditions::find(&existing.conditions, READY), &ready)

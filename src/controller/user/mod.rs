@@ -7,6 +7,7 @@ use super::backoff::jitter;
 use super::events::Recorder;
 use super::finalizer::Cleanup;
 use super::memo::fingerprint;
+use super::outcome::{self, Outcome};
 use super::{claims, key};
 use super::{Context, Error, OperatorConfig, ReconcileStats, OWNER_PROVIDER};
 use crate::api::conditions::{self, Condition, READY};
@@ -111,15 +112,19 @@ fn claim_peers(all: &[Arc<MatrixUser>], changed: &MatrixUser) -> Vec<ObjectRef<M
 pub async fn reconcile(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Action, Error> {
     let timer = ctx.stats.start("MatrixUser");
     let api: Api<MatrixUser> = super::own_namespace(&ctx.client, user.as_ref())?;
-    let result = super::finalizer::reconcile(
+    let (result, written) = outcome::noting(super::finalizer::reconcile(
         &api,
         user.as_ref(),
         |own_version| apply(&user, &api, &ctx, own_version),
         || cleanup(&user, &api, &ctx),
-    )
+    ))
     .await;
     ctx.stats.user_reconciles.fetch_add(1, Ordering::Relaxed);
-    timer.finish(result.is_ok());
+    let before = user
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, READY));
+    timer.finish(Outcome::of(&result, written, before));
     result
 }
 
@@ -563,6 +568,7 @@ async fn write_status(
     ready: Condition,
     pending_account: Option<String>,
 ) -> Result<Option<String>, Error> {
+    outcome::note(&ready);
     let existing = user.status.clone().unwrap_or_default();
     let now =
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
