@@ -161,6 +161,16 @@ pub fn render(sources: &Sources) -> String {
             "1 on the replica that holds the leader Lease and reconciles, else 0",
             leader,
         );
+        // From the readiness probe's last answer; no sample before the first.
+        let reachable = Family::<Labels, Gauge>::default();
+        if let Some((_, ok)) = *readiness.last_probe.lock().expect("probe lock") {
+            reachable.get_or_create(&Vec::new()).set(ok as i64);
+        }
+        registry.register(
+            "openmeet_synapse_reachable",
+            "1 when Synapse answered this replica's last readiness probe, 0 when it did not",
+            reachable,
+        );
     }
     sources.synapse.register(&mut registry);
     sources.reconciles.register(&mut registry);
