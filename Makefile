@@ -67,11 +67,13 @@ integration-postgres: stack-tools ts-deps
 	@SYNAPSE_DATABASE=postgres tests/stack/install-synapse.sh >/dev/null
 	SYNAPSE_DATABASE=postgres $(CARGO) test --test integration
 
-## Build (once, cached by version) kube-apiserver, etcd, kubectl, Synapse and helm.
+## Build (once, cached by version) kube-apiserver, etcd, kubectl, Synapse,
+## helm and the health tool (kstatus + Argo CD's Lua interpreter).
 stack-tools:
 	@tests/stack/build-tools.sh >/dev/null
 	@tests/stack/install-synapse.sh >/dev/null
 	@tests/stack/build-helm.sh >/dev/null
+	@tests/stack/build-health.sh >/dev/null
 
 CHART := charts/openmeet-matrix-operator
 

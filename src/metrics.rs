@@ -1,5 +1,6 @@
 //! Prometheus text exposition of the operator's own counters, and health.
 
+use crate::api::conditions::{self, Condition, Health};
 use crate::controller::ReconcileStats;
 use crate::synapse::RequestStats;
 use axum::extract::State;
@@ -8,8 +9,10 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -103,9 +106,72 @@ pub fn status_class(status: Option<u16>) -> String {
     }
 }
 
+/// Counts objects by (kind, Ready reason, health). Every label value comes
+/// from a closed set: reasons outside the known table count as `Other`, and
+/// objects without a Ready condition (not reached yet) as `Unobserved`.
+pub fn count_by_reason<'a>(
+    objects: impl IntoIterator<Item = (&'static str, Option<Condition>)>,
+) -> BTreeMap<(&'static str, &'a str, &'static str), i64> {
+    let mut counted = BTreeMap::new();
+    for (kind, ready) in objects {
+        let (reason, health) = match &ready {
+            None => ("Unobserved", Health::Reconciling),
+            Some(ready) => (
+                conditions::REASONS
+                    .iter()
+                    .map(|(r, _)| *r)
+                    .find(|r| *r == ready.reason)
+                    .unwrap_or("Other"),
+                conditions::health(ready),
+            ),
+        };
+        *counted
+            .entry((kind, reason, health_label(health)))
+            .or_insert(0) += 1;
+    }
+    counted
+}
+
+/// The `health` label of a [`Health`].
+pub fn health_label(health: Health) -> &'static str {
+    match health {
+        Health::Ready => "ready",
+        Health::Reconciling => "reconciling",
+        Health::Stalled => "stalled",
+    }
+}
+
 /// Renders every metric in the Prometheus text format.
 pub fn render(sources: &Sources) -> String {
     let mut registry = Registry::default();
+    let build = Family::<Labels, Gauge>::default();
+    build
+        .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
+        .set(1);
+    registry.register(
+        "openmeet_build_info",
+        "The running build: always 1, labelled with its version",
+        build,
+    );
+    if let Some(readiness) = &sources.readiness {
+        let leader = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        leader.set(readiness.leading.load(Ordering::Acquire) as i64);
+        registry.register(
+            "openmeet_leader",
+            "1 on the replica that holds the leader Lease and reconciles, else 0",
+            leader,
+        );
+        // From the readiness probe's last answer; no sample before the first.
+        let reachable = Family::<Labels, Gauge>::default();
+        if let Some((_, ok)) = *readiness.last_probe.lock().expect("probe lock") {
+            reachable.get_or_create(&Vec::new()).set(ok as i64);
+        }
+        registry.register(
+            "openmeet_synapse_reachable",
+            "1 when Synapse answered this replica's last readiness probe, 0 when it did not",
+            reachable,
+        );
+    }
     sources.synapse.register(&mut registry);
     sources.reconciles.register(&mut registry);
     let mut out = String::new();
@@ -159,9 +225,17 @@ mod tests {
             reconciles: Arc::default(),
             readiness: None,
         };
+        use crate::controller::outcome::Outcome;
         let timer = sources.reconciles.start("MatrixUser");
-        timer.finish(true);
-        sources.reconciles.start("MatrixRoom").finish(false);
+        timer.finish(Outcome::Ready);
+        sources
+            .reconciles
+            .start("MatrixRoom")
+            .finish(Outcome::Error);
+        sources
+            .reconciles
+            .start("MatrixRoom")
+            .finish(Outcome::Stalled);
         sources.synapse.record(
             crate::synapse::RequestKind::GetUser,
             Some(404),
@@ -169,8 +243,13 @@ mod tests {
         );
         let text = render(&sources);
         for expected in [
-            "openmeet_reconciles_total{kind=\"MatrixUser\",outcome=\"success\"} 1",
+            "openmeet_reconciles_total{kind=\"MatrixUser\",outcome=\"ready\"} 1",
             "openmeet_reconciles_total{kind=\"MatrixRoom\",outcome=\"error\"} 1",
+            "openmeet_reconciles_total{kind=\"MatrixRoom\",outcome=\"stalled\"} 1",
+            &format!(
+                "openmeet_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
             "openmeet_reconciles_in_flight{kind=\"MatrixUser\"} 0",
             "openmeet_reconcile_duration_seconds_count{kind=\"MatrixUser\"} 1",
             "openmeet_synapse_requests_total{endpoint=\"get_user\",status=\"4xx\",write=\"false\"} 1",
@@ -178,6 +257,30 @@ mod tests {
         ] {
             assert!(text.contains(expected), "{expected} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn objects_are_counted_by_a_closed_set_of_reasons() {
+        use crate::api::conditions::READY;
+        let c = |ok, reason: &str| Some(Condition::new(READY, ok, reason, "", Some(1)));
+        let counted = count_by_reason([
+            ("MatrixUser", c(true, "Converged")),
+            ("MatrixUser", c(true, "Converged")),
+            ("MatrixUser", c(false, "LocalpartConflict")),
+            ("MatrixUser", None),
+            ("MatrixRoom", c(false, "SomethingNobodyListed")),
+            ("RoomPermission", c(false, "Pending")),
+        ]);
+        let expected: BTreeMap<_, _> = [
+            (("MatrixUser", "Converged", "ready"), 2),
+            (("MatrixUser", "LocalpartConflict", "stalled"), 1),
+            (("MatrixUser", "Unobserved", "reconciling"), 1),
+            (("MatrixRoom", "Other", "reconciling"), 1),
+            (("RoomPermission", "Pending", "reconciling"), 1),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(counted, expected);
     }
 
     #[test]

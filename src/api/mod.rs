@@ -37,11 +37,37 @@ pub fn sso_subject(tenant: &str, subject: &str) -> String {
     format!("{tenant}/{subject}")
 }
 
+/// What the API server fills in for an object the operator has not written
+/// a status for yet: an observedGeneration (0) behind every generation (≥ 1),
+/// so kstatus reads a new object as InProgress from its first moment, even
+/// while the operator is down, instead of as Current.
+pub fn unobserved_status() -> serde_json::Value {
+    serde_json::json!({"observedGeneration": 0})
+}
+
 /// Every CRD the operator serves, in a stable order.
 pub fn crds(
 ) -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    vec![MatrixUser::crd(), MatrixRoom::crd(), RoomPermission::crd()]
+    let mut crds = vec![MatrixUser::crd(), MatrixRoom::crd(), RoomPermission::crd()];
+    for crd in &mut crds {
+        for version in &mut crd.spec.versions {
+            let status = version
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+                .and_then(|s| s.properties.as_mut())
+                .and_then(|p| p.get_mut("status"));
+            if let Some(status) = status {
+                status.default = Some(
+                    k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSON(
+                        unobserved_status(),
+                    ),
+                );
+            }
+        }
+    }
+    crds
 }
 
 /// All CRDs as one multi-document YAML stream.

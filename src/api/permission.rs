@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Membership","type":"string","jsonPath":".spec.membership"}"#,
     printcolumn = r#"{"name":"Power","type":"integer","jsonPath":".status.effectivePowerLevel"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Role","type":"string","priority":1,"jsonPath":".spec.role"}"#,
+    printcolumn = r#"{"name":"Level","type":"integer","priority":1,"description":"Explicit power level, when set instead of a role","jsonPath":".spec.powerLevel"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("!(has(self.role) && has(self.powerLevel))").message("set either role or powerLevel, not both"))]
@@ -34,14 +37,17 @@ pub struct RoomPermissionSpec {
     /// The `MatrixUser` in this namespace. Immutable.
     #[x_kube(validation = Rule::new("self == oldSelf").message("userRef is immutable"))]
     pub user_ref: LocalRef,
-    /// Named role: Member = 0, Moderator = 50, Admin = 100.
+    /// Named role, mapped to a power level: `Member` = 0, `Moderator` = 50,
+    /// `Admin` = 100. Set either this or `powerLevel`; with neither, 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<Role>,
-    /// Explicit power level, instead of a role.
+    /// Explicit power level (0–100), instead of a role.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub power_level: Option<i64>,
-    /// Join (default), Invite or Ban.
+    /// `Join` (default): the user is joined to the room. `Invite`: the user
+    /// is invited and joins when they accept. `Ban`: the user is banned and
+    /// kept out.
     #[serde(default)]
     pub membership: Membership,
 }
@@ -49,6 +55,7 @@ pub struct RoomPermissionSpec {
 /// A reference to an object of the same namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct LocalRef {
+    /// Name of the object, in the same namespace as the referring one.
     #[schemars(
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
         length(min = 1, max = 253)
@@ -94,11 +101,16 @@ pub enum Membership {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RoomPermissionStatus {
+    /// The power level the user holds in the room because of this permission.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective_power_level: Option<i64>,
+    /// Conditions keyed by type: `Ready` (applied to the room, or why not),
+    /// `Reconciling` (waiting for the room or the user) and `Stalled`
+    /// (refused until changed, e.g. `Duplicate`).
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// The `metadata.generation` last acted upon (0: not yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }

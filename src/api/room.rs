@@ -23,9 +23,15 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Alias","type":"string","jsonPath":".status.canonicalAlias"}"#,
     printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.joinedMembers"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"Type","type":"string","priority":1,"jsonPath":".spec.type"}"#,
-    printcolumn = r#"{"name":"Parent","type":"string","priority":1,"jsonPath":".spec.parentRef.name"}"#
+    printcolumn = r#"{"name":"Parent","type":"string","priority":1,"jsonPath":".spec.parentRef.name"}"#,
+    printcolumn = r#"{"name":"Source","type":"string","priority":1,"jsonPath":".spec.source.kind"}"#,
+    printcolumn = r#"{"name":"Slug","type":"string","priority":1,"jsonPath":".spec.source.slug"}"#,
+    printcolumn = r#"{"name":"Join","type":"string","priority":1,"jsonPath":".spec.joinRule"}"#,
+    printcolumn = r#"{"name":"Membership","type":"string","priority":1,"jsonPath":".spec.membershipPolicy"}"#,
+    printcolumn = r#"{"name":"Deletion","type":"string","priority":1,"jsonPath":".spec.deletionPolicy"}"#
 )]
 #[x_kube(validation = Rule::new("!(has(oldSelf.encrypted) ? oldSelf.encrypted : (has(oldSelf.source) && oldSelf.source.kind == 'Direct')) || (has(self.encrypted) ? self.encrypted : (has(self.source) && self.source.kind == 'Direct'))").message("encryption cannot be turned off once enabled"))]
 #[x_kube(validation = Rule::new("has(self.type) == has(oldSelf.type) && (!has(self.type) || self.type == oldSelf.type)").message("type is immutable"))]
@@ -80,16 +86,21 @@ pub struct MatrixRoomSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_ref: Option<ParentRef>,
 
-    /// Who may join. `restricted` admits the members of the parent space
-    /// (needs `parentRef` and room version 8 or later).
+    /// Who may join: `invite` (default; only invited users), `public`
+    /// (anyone who can find the room), `knock` (anyone may ask to join),
+    /// `restricted` (members of the parent space; needs `parentRef` and room
+    /// version 8 or later).
     #[serde(default)]
     pub join_rule: JoinRule,
 
-    /// Who may read history.
+    /// Who may read the room's history: `shared` (default; all members,
+    /// including messages from before they joined), `invited` (members,
+    /// from their invite on), `joined` (members, from their join on),
+    /// `world_readable` (anyone, members or not).
     #[serde(default)]
     pub history_visibility: HistoryVisibility,
 
-    /// Whether guests may join.
+    /// Whether guest accounts may join (default false).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub guest_access: bool,
 
@@ -98,19 +109,26 @@ pub struct MatrixRoomSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encrypted: Option<bool>,
 
-    /// Publish the room in the server's room directory.
+    /// Publish the room in the server's room directory (default false);
+    /// the `Published` condition says whether Synapse listed it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub publish_to_directory: bool,
 
-    /// Power-level thresholds for the room's actions.
+    /// Power levels needed for the room's actions. Unset thresholds keep
+    /// the operator's defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permissions: Option<RoomThresholds>,
 
-    /// Whether undeclared members are removed.
+    /// `Exclusive` (default): only users with a `RoomPermission` stay in the
+    /// room; anyone else is removed. `Additive`: undeclared members are never
+    /// removed.
     #[serde(default)]
     pub membership_policy: MembershipPolicy,
 
-    /// What happens to the room when this object is deleted.
+    /// What deleting this object does to the room: `Close` (default;
+    /// members are removed, the alias dropped and the operator leaves),
+    /// `Purge` (Synapse deletes the room and purges its history), `Retain`
+    /// (the room is left as it is).
     #[serde(default)]
     pub deletion_policy: RoomDeletionPolicy,
 }
@@ -119,8 +137,10 @@ pub struct MatrixRoomSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RoomSource {
+    /// What the room serves: `Event` (an OpenMeet event), `Group` (an
+    /// OpenMeet group) or `Direct` (a direct conversation).
     pub kind: SourceKind,
-    /// The platform's slug of the event or group.
+    /// The platform's slug of the event, group or conversation.
     #[schemars(length(min = 1, max = 255))]
     pub slug: String,
 }
@@ -203,21 +223,28 @@ pub enum HistoryVisibility {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RoomThresholds {
+    /// Power level needed to send messages (Matrix `events_default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub send_messages: Option<i64>,
+    /// Power level needed to invite users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub invite: Option<i64>,
+    /// Power level needed to remove (kick) members.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub kick: Option<i64>,
+    /// Power level needed to ban users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub ban: Option<i64>,
+    /// Power level needed to redact other users' messages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub redact: Option<i64>,
+    /// Power level needed to change the room's settings (name, topic,
+    /// avatar, join rules and other state; Matrix `state_default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub change_settings: Option<i64>,
@@ -247,15 +274,22 @@ pub enum RoomDeletionPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MatrixRoomStatus {
+    /// The Matrix room id (`!…:<server>`), once the room exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub room_id: Option<String>,
+    /// The room's full canonical alias (`#<prefix><alias>:<server>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canonical_alias: Option<String>,
+    /// Members joined after the last convergence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub joined_members: Option<i64>,
+    /// Conditions keyed by type: `Ready` (converged, or why not),
+    /// `Reconciling` (work in progress), `Stalled` (waits for a spec change,
+    /// e.g. `AliasConflict`) and `Published` (directory listing).
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// The `metadata.generation` last acted upon (0: not yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }

@@ -32,6 +32,9 @@ pub const MXC_PATTERN: &str = r"^mxc://[A-Za-z0-9.:_-]+/[A-Za-z0-9_-]+$";
     printcolumn = r#"{"name":"User ID","type":"string","jsonPath":".status.userId"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Localpart","type":"string","priority":1,"jsonPath":".spec.localpart"}"#,
+    printcolumn = r#"{"name":"Deletion","type":"string","priority":1,"jsonPath":".spec.deletionPolicy"}"#,
+    printcolumn = r#"{"name":"Deactivated","type":"boolean","priority":1,"jsonPath":".spec.deactivated"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("!has(oldSelf.deactivated) || !oldSelf.deactivated || (has(self.deactivated) && self.deactivated)").message("deactivation is permanent: deactivated cannot be set back to false"))]
@@ -71,11 +74,12 @@ pub struct MatrixUserSpec {
     #[schemars(length(min = 1, max = 255))]
     pub subject: Option<String>,
 
-    /// Server admin. Only honoured in namespaces the operator's configuration allows.
+    /// Server admin (default false). Only honoured in namespaces the
+    /// operator's configuration allows; elsewhere `AdminNotAllowed`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub admin: bool,
 
-    /// Locked accounts cannot log in or use existing tokens.
+    /// Locked accounts cannot log in or use existing tokens (default false).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub locked: bool,
 
@@ -86,7 +90,10 @@ pub struct MatrixUserSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deactivated: bool,
 
-    /// What happens to the account when this object is deleted.
+    /// What deleting this object does to the account: `Deactivate`
+    /// (default; logged out, removed from rooms, the id never reused),
+    /// `Erase` (deactivate, hide messages from new members, clear the
+    /// profile), `Retain` (the account is left as it is).
     #[serde(default)]
     pub deletion_policy: UserDeletionPolicy,
 }
@@ -112,11 +119,13 @@ pub struct MatrixUserStatus {
     /// Full Matrix user id, set once the account is the operator's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
-    /// Conditions keyed by type; `Ready` summarises convergence.
+    /// Conditions keyed by type: `Ready` (converged, or why not),
+    /// `Reconciling` (work in progress) and `Stalled` (waits for a spec
+    /// change or an older claimant to let go, e.g. `LocalpartConflict`).
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
-    /// The `metadata.generation` last acted upon.
+    /// The `metadata.generation` last acted upon (0: not yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// The account the operator asked Synapse to create and has not seen

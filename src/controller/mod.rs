@@ -4,9 +4,11 @@
 pub mod appservice;
 pub mod backoff;
 pub mod claims;
+pub mod events;
 pub mod finalizer;
 pub mod leader;
 pub mod memo;
+pub mod outcome;
 pub mod permission;
 pub mod room;
 pub mod shared;
@@ -16,12 +18,13 @@ use crate::api::{MatrixRoom, MatrixUser, RoomPermission};
 use crate::metrics::{HistogramFamily, Labels};
 use crate::synapse::{SynapseClient, SynapseError};
 use backoff::Backoff;
+use events::Recorder;
 use futures::future::{ready, FutureExt};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
@@ -137,6 +140,22 @@ pub struct ReconcileStats {
     outcomes: Family<Labels, Counter>,
     durations: HistogramFamily,
     in_flight: Family<Labels, Gauge>,
+    /// The watch caches, once the controllers run: the objects gauge reads them.
+    objects: std::sync::OnceLock<ObjectStores>,
+}
+
+/// The controllers' watch caches of the three kinds.
+#[derive(Clone)]
+struct ObjectStores {
+    users: Store<MatrixUser>,
+    rooms: Store<MatrixRoom>,
+    permissions: Store<RoomPermission>,
+}
+
+impl std::fmt::Debug for ObjectStores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ObjectStores")
+    }
 }
 
 impl Default for ReconcileStats {
@@ -150,6 +169,7 @@ impl Default for ReconcileStats {
             outcomes: Default::default(),
             durations: crate::metrics::latency_family(),
             in_flight: Default::default(),
+            objects: Default::default(),
         }
     }
 }
@@ -163,8 +183,8 @@ pub struct ReconcileTimer<'a> {
 
 impl ReconcileTimer<'_> {
     /// Records the outcome and the duration.
-    pub fn finish(self, ok: bool) {
-        let outcome = if ok { "success" } else { "error" };
+    pub fn finish(self, outcome: outcome::Outcome) {
+        let outcome = outcome.label();
         self.stats
             .outcomes
             .get_or_create(&vec![
@@ -209,8 +229,63 @@ impl ReconcileStats {
         }
     }
 
+    /// Lets the objects gauge count what these caches hold.
+    fn count_objects(&self, stores: ObjectStores) {
+        let _ = self.objects.set(stores);
+    }
+
+    /// Objects by kind, Ready reason and health, from the watch caches.
+    fn objects_gauge(&self) -> Family<Labels, Gauge> {
+        let family = Family::<Labels, Gauge>::default();
+        let Some(stores) = self.objects.get() else {
+            return family;
+        };
+        let ready = |c: &[crate::api::Condition]| {
+            crate::api::conditions::find(c, crate::api::conditions::READY).cloned()
+        };
+        let counted = crate::metrics::count_by_reason(
+            stores
+                .users
+                .state()
+                .iter()
+                .map(|u| {
+                    (
+                        "MatrixUser",
+                        u.status.as_ref().and_then(|s| ready(&s.conditions)),
+                    )
+                })
+                .chain(stores.rooms.state().iter().map(|r| {
+                    (
+                        "MatrixRoom",
+                        r.status.as_ref().and_then(|s| ready(&s.conditions)),
+                    )
+                }))
+                .chain(stores.permissions.state().iter().map(|p| {
+                    (
+                        "RoomPermission",
+                        p.status.as_ref().and_then(|s| ready(&s.conditions)),
+                    )
+                })),
+        );
+        for ((kind, reason, health), count) in counted {
+            family
+                .get_or_create(&vec![
+                    ("kind", kind.to_string()),
+                    ("reason", reason.to_string()),
+                    ("health", health.to_string()),
+                ])
+                .set(count);
+        }
+        family
+    }
+
     /// Adds the Prometheus families to a registry.
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "openmeet_objects",
+            "Objects in the controller's caches, by kind, Ready reason (Unobserved: no status yet; Other: a reason outside the known set) and health (ready, reconciling, stalled)",
+            self.objects_gauge(),
+        );
         registry.register(
             "openmeet_reconciles",
             "Reconciles run, by kind and outcome",
@@ -289,6 +364,7 @@ impl Operator {
         };
         let recorder = Recorder::new(self.client.clone(), reporter);
         let user_recorder = recorder.clone();
+        let permission_recorder = recorder.clone();
         let shutdown: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(shutdown);
         let shutdown = shutdown.shared();
 
@@ -313,6 +389,11 @@ impl Operator {
         };
         let (users_store, rooms_store, permissions_store) =
             (users.store(), rooms.store(), permissions.store());
+        self.stats.count_objects(ObjectStores {
+            users: users_store.clone(),
+            rooms: rooms_store.clone(),
+            permissions: permissions_store.clone(),
+        });
         let (namespaces, namespaces_writer) = reflector::store();
         // Metadata only: labels are all the tenant lookup needs.
         let namespaces_api: Api<PartialObjectMeta<Namespace>> = Api::all(self.client.clone());
@@ -425,6 +506,7 @@ impl Operator {
                 permissions_store,
                 permission_triggers,
                 self.client.clone(),
+                permission_recorder,
                 self.stats.clone(),
                 shutdown
             ),

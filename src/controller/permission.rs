@@ -1,8 +1,10 @@
 //! `RoomPermission`s are converged by their room's reconcile. This controller
 //! only reports the one case no room reconcile sees: the room does not exist.
 
+use super::events::Recorder;
+use super::outcome::{self, Outcome};
 use super::{Error, ReconcileStats};
-use crate::api::conditions::{Condition, READY};
+use crate::api::conditions::{self, Condition, READY};
 use crate::api::{MatrixRoom, RoomPermission};
 use futures::{Stream, StreamExt};
 use kube::runtime::controller::{Action, Controller};
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 struct Ctx {
     client: Client,
+    recorder: Recorder,
     stats: Arc<ReconcileStats>,
 }
 
@@ -30,6 +33,7 @@ pub async fn run<A, B>(
     permissions: Store<RoomPermission>,
     triggers: Triggers<A, B>,
     client: Client,
+    recorder: Recorder,
     stats: Arc<ReconcileStats>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) where
@@ -53,7 +57,11 @@ pub async fn run<A, B>(
         .run(
             reconcile,
             |_, _, _| Action::requeue(Duration::from_secs(5)),
-            Arc::new(Ctx { client, stats }),
+            Arc::new(Ctx {
+                client,
+                recorder,
+                stats,
+            }),
         )
         .for_each(|_| futures::future::ready(()))
         .await;
@@ -64,8 +72,12 @@ async fn reconcile(p: Arc<RoomPermission>, ctx: Arc<Ctx>) -> Result<Action, Erro
         .permission_reconciles
         .fetch_add(1, Ordering::Relaxed);
     let timer = ctx.stats.start("RoomPermission");
-    let result = mark_pending(&p, &ctx).await;
-    timer.finish(result.is_ok());
+    let (result, written) = outcome::noting(mark_pending(&p, &ctx)).await;
+    let before = p
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, READY));
+    timer.finish(Outcome::of(&result, written, before));
     result
 }
 
@@ -80,7 +92,7 @@ async fn mark_pending(p: &RoomPermission, ctx: &Ctx) -> Result<Action, Error> {
             p.spec.room_ref.name
         );
         let ready = Condition::new(READY, false, "Pending", message, p.metadata.generation);
-        super::room::write_permission_status(&ctx.client, p, None, ready).await?;
+        super::room::write_permission_status(&ctx.client, &ctx.recorder, p, None, ready).await?;
     }
     Ok(Action::await_change())
 }

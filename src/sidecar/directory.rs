@@ -116,7 +116,10 @@ pub fn withdrawn(user: &MatrixUser) -> bool {
     matches!(
         usable(user),
         Err(LookupError::Deleted | LookupError::Deactivated | LookupError::Locked)
-    ) || user.status.as_ref().is_some_and(|s| s.user_id.is_none())
+    ) || user
+        .status
+        .as_ref()
+        .is_some_and(|s| conditions::observed(s.observed_generation) && s.user_id.is_none())
 }
 
 /// Maps `(tenant, subject)` to exactly one usable account, or says why not.

@@ -116,10 +116,38 @@ async fn readiness_means_synapse_reachable_and_caches_synced() {
     )
     .await;
     env.wait_ready(0, "measured", true, "Converged").await;
-    let (_, metrics) = get(good, "/metrics").await.unwrap();
+    // A refused object: its reconciles succeed as calls, yet count as stalled.
+    env.create_user(0, "refused", json!({"localpart": "admin"}))
+        .await;
+    env.wait_ready(0, "refused", false, "ReservedLocalpart")
+        .await;
+    let metrics = crate::harness::wait_for("the objects gauge to count both", || async {
+        let (_, metrics) = get(good, "/metrics").await?;
+        let counted = |line: &str| metrics.lines().any(|l| l == line);
+        (counted(r#"openmeet_objects{kind="MatrixUser",reason="Converged",health="ready"} 1"#)
+            && counted(
+                r#"openmeet_objects{kind="MatrixUser",reason="ReservedLocalpart",health="stalled"} 1"#,
+            ))
+        .then_some(metrics)
+    })
+    .await;
+    for series in [
+        r#"openmeet_reconciles_total{kind="MatrixUser",outcome="ready"}"#,
+        r#"openmeet_reconciles_total{kind="MatrixUser",outcome="stalled"}"#,
+        &format!(
+            r#"openmeet_build_info{{version="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION")
+        ),
+        "openmeet_leader 1",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "{series} missing from:\n{metrics}"
+        );
+    }
     assert!(
-        metrics.contains("openmeet_reconciles_total{kind=\"MatrixUser\",outcome=\"success\"}"),
-        "{metrics}"
+        !metrics.contains(r#"outcome="success""#),
+        "a refusal is no success: {metrics}"
     );
     assert!(
         metrics.contains("# TYPE openmeet_reconcile_duration_seconds histogram"),

@@ -1059,3 +1059,100 @@ async fn platform_roles_grant_what_they_should() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Off by default; when enabled, the PrometheusRule alerts on stalled and
+/// not-Ready objects, Synapse unreachable and no leader, and every series
+/// its expressions read is one the controller exports. The Argo CD health
+/// ConfigMap holds exactly the Lua files the health tests run.
+#[tokio::test]
+async fn chart_renders_the_prometheus_rule_and_argocd_health_checks() {
+    use openmeet_matrix_operator::metrics::{render, Readiness, Sources};
+    let dir = scratch("chart-rule");
+    let defaults = documents(&template(&dir, "plain", "ops", &json!({})).unwrap());
+    assert!(of_kind(&defaults, "PrometheusRule").is_empty());
+    assert!(!defaults
+        .iter()
+        .any(|d| d["metadata"]["name"] == "plain-openmeet-matrix-operator-argocd-health"));
+
+    let docs = documents(
+        &template(
+            &dir,
+            "obs",
+            "ops",
+            &json!({"metrics": {"prometheusRule": {"enabled": true, "labels": {"release": "kube-prometheus"}, "stalledFor": "20m"}},
+                    "argocd": {"healthChecks": true}}),
+        )
+        .unwrap(),
+    );
+    let rules = of_kind(&docs, "PrometheusRule");
+    assert_eq!(rules.len(), 1);
+    let rule = rules[0];
+    assert_eq!(rule["metadata"]["labels"]["release"], "kube-prometheus");
+    let alerts: Vec<&Value> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    let names: Vec<&str> = alerts
+        .iter()
+        .map(|a| a["alert"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "OpenMeetMatrixObjectsStalled",
+            "OpenMeetMatrixObjectsNotReady",
+            "OpenMeetSynapseUnreachable",
+            "OpenMeetNoLeader"
+        ]
+    );
+    assert_eq!(alerts[0]["for"], "20m");
+
+    // What a controller replica exports once it holds an object, after one
+    // readiness probe (families without samples are not exported at all).
+    let env = TestEnv::new("chart-rule").await;
+    env.create_user(0, "u", json!({"localpart": unique("rule")}))
+        .await;
+    env.wait_ready(0, "u", true, "Converged").await;
+    let readiness = std::sync::Arc::new(Readiness::new(
+        Stack::get().synapse(),
+        std::sync::Arc::default(),
+    ));
+    let _ = readiness.check().await;
+    let exported = render(&Sources {
+        synapse: std::sync::Arc::default(),
+        reconciles: env.stats.clone(),
+        readiness: Some(readiness),
+    });
+    let series = regex::Regex::new(r"openmeet_[a-z_]+").unwrap();
+    for alert in &alerts {
+        let expr = alert["expr"].as_str().unwrap();
+        assert!(expr.contains(r#"namespace="ops""#), "{expr}");
+        for name in series.find_iter(expr).map(|m| m.as_str()) {
+            assert!(
+                exported.contains(&format!("# TYPE {name} ")),
+                "{name} (in {expr}) is not exported:\n{exported}"
+            );
+        }
+    }
+    assert!(
+        exported.contains("openmeet_synapse_reachable 1"),
+        "{exported}"
+    );
+
+    let health = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "obs-openmeet-matrix-operator-argocd-health")
+        .expect("the Argo CD health ConfigMap");
+    for kind in ["MatrixUser", "MatrixRoom", "RoomPermission"] {
+        let lua = std::fs::read_to_string(format!("{CHART}/argocd/{kind}.lua")).unwrap();
+        assert_eq!(
+            health["data"][format!("resource.customizations.health.matrix.openmeet.net_{kind}")]
+                .as_str()
+                .map(str::trim_end),
+            Some(lua.trim_end()),
+            "{kind}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -347,3 +347,139 @@ async fn text_fields_refuse_control_and_bidi_characters_only() {
         }
     }
 }
+
+/// Property paths under `schema` that carry no description.
+fn undescribed(schema: &Value, path: &str, missing: &mut Vec<String>) {
+    if let Some(properties) = schema["properties"].as_object() {
+        for (name, property) in properties {
+            let here = format!("{path}.{name}");
+            // apiVersion, kind and metadata are the API server's own.
+            let own =
+                path.is_empty() && ["apiVersion", "kind", "metadata"].contains(&name.as_str());
+            let described = property["description"]
+                .as_str()
+                .is_some_and(|d| !d.trim().is_empty());
+            if !described && !own {
+                missing.push(here.clone());
+            }
+            undescribed(property, &here, missing);
+        }
+    }
+    if schema["items"].is_object() {
+        undescribed(&schema["items"], &format!("{path}[]"), missing);
+    }
+}
+
+/// `kubectl explain` has something to say about every field: each property
+/// of each served CRD's schema has a description, enums and defaults are
+/// explained in words, and `get` shows the REASON and `-o wide` columns.
+#[tokio::test]
+async fn every_field_is_described_and_columns_explain() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let env = TestEnv::with(
+        "explain",
+        crate::harness::Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    for plural in ["matrixusers", "matrixrooms", "roompermissions"] {
+        let crd = crds
+            .get(&format!("{plural}.matrix.openmeet.net"))
+            .await
+            .unwrap();
+        let version = &serde_json::to_value(&crd.spec.versions[0]).unwrap();
+        let schema = &version["schema"]["openAPIV3Schema"];
+        let mut missing = Vec::new();
+        undescribed(schema, "", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "{plural}: no description for {missing:?}"
+        );
+        // Every enum with more than one value says what each value means,
+        // and every default is named in the description.
+        let mut vague = Vec::new();
+        fn words(schema: &Value, path: &str, vague: &mut Vec<String>) {
+            let description = schema["description"].as_str().unwrap_or_default();
+            for value in schema["enum"].as_array().into_iter().flatten() {
+                let value = value.as_str().unwrap_or_default();
+                if !description.contains(value) {
+                    vague.push(format!("{path}: enum value {value}"));
+                }
+            }
+            if let Some(default) = schema["default"].as_str() {
+                if !description.contains("default") || !description.contains(default) {
+                    vague.push(format!("{path}: default {default}"));
+                }
+            }
+            for (name, property) in schema["properties"].as_object().into_iter().flatten() {
+                words(property, &format!("{path}.{name}"), vague);
+            }
+            if schema["items"].is_object() {
+                words(&schema["items"], &format!("{path}[]"), vague);
+            }
+        }
+        words(&schema["properties"]["spec"], "spec", &mut vague);
+        assert!(vague.is_empty(), "{plural}: {vague:?}");
+
+        let columns = version["additionalPrinterColumns"].as_array().unwrap();
+        assert!(
+            columns.iter().any(|c| c["name"] == "Reason"
+                && c["jsonPath"] == r#".status.conditions[?(@.type=="Ready")].reason"#),
+            "{plural}: no Reason column"
+        );
+        assert!(
+            columns.iter().any(|c| c["priority"] == 1),
+            "{plural}: -o wide adds nothing"
+        );
+    }
+
+    // What a person sees.
+    let stack = crate::harness::Stack::get();
+    let kubectl = |args: Vec<String>| {
+        let out = std::process::Command::new(stack.var("KUBECTL"))
+            .args(&args)
+            .env("KUBECONFIG", stack.var("KUBECONFIG"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kubectl {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for field in [
+        "roompermission.spec.membership",
+        "roompermission.status.effectivePowerLevel",
+        "matrixroom.spec.source.kind",
+        "matrixroom.spec.permissions.kick",
+        "matrixroom.status.joinedMembers",
+    ] {
+        let explained = kubectl(vec!["explain".into(), field.into()]);
+        assert!(
+            !explained.contains("<no description>"),
+            "kubectl explain {field}:\n{explained}"
+        );
+    }
+    let room = json!({"apiVersion": "matrix.openmeet.net/v1alpha1", "kind": "MatrixRoom",
+        "metadata": {"name": "wide"}, "spec": {"alias": "wide-room", "source": {"kind": "Group", "slug": "hikers"}}});
+    api_for(&env, &room)
+        .create(&PostParams::default(), &object(&env, &room))
+        .await
+        .unwrap();
+    let wide = kubectl(vec![
+        "-n".into(),
+        env.ns(0).into(),
+        "get".into(),
+        "mxroom".into(),
+        "-o".into(),
+        "wide".into(),
+    ]);
+    let header: Vec<&str> = wide.lines().next().unwrap().split_whitespace().collect();
+    for column in ["REASON", "SOURCE", "SLUG", "MEMBERSHIP", "DELETION"] {
+        assert!(header.contains(&column), "{column} missing in:\n{wide}");
+    }
+    assert!(
+        wide.contains("Group") && wide.contains("hikers") && wide.contains("Close"),
+        "{wide}"
+    );
+}

@@ -36,14 +36,26 @@ async fn holder(env: &TestEnv, lease: &str) -> Option<String> {
     leases.get_opt(lease).await.ok()??.spec?.holder_identity
 }
 
-/// The replica's count of MatrixUser reconciles, from its /metrics.
-async fn user_reconciles(r: &Replica) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", r.metrics))
+async fn scrape(r: &Replica) -> String {
+    reqwest::get(format!("{}/metrics", r.metrics))
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The replica's `openmeet_leader` gauge.
+async fn leader_gauge(r: &Replica) -> Option<u64> {
+    scrape(r)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("openmeet_leader ")?.parse().ok())
+}
+
+/// The replica's count of MatrixUser reconciles, from its /metrics.
+async fn user_reconciles(r: &Replica) -> u64 {
+    let text = scrape(r).await;
     text.lines()
         .filter(|l| l.starts_with("openmeet_reconciles_total{kind=\"MatrixUser\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
@@ -85,6 +97,8 @@ async fn one_leader_reconciles_and_a_standby_takes_over() {
     assert!(user_reconciles(&a).await > 0);
     assert_eq!(user_reconciles(&b).await, 0, "only the leader reconciles");
     assert_eq!(holder(&env, &lease).await.as_deref(), Some("replica-a"));
+    assert_eq!(leader_gauge(&a).await, Some(1), "the leader says so");
+    assert_eq!(leader_gauge(&b).await, Some(0), "the standby says so");
 
     // The leader dies without a word; the standby takes over once the lease lapses.
     a.child.start_kill().unwrap();
@@ -95,6 +109,7 @@ async fn one_leader_reconciles_and_a_standby_takes_over() {
     env.wait_ready(0, "second", true, "Converged").await;
     assert_eq!(holder(&env, &lease).await.as_deref(), Some("replica-b"));
     assert!(user_reconciles(&b).await > 0);
+    assert_eq!(leader_gauge(&b).await, Some(1), "the new leader says so");
     assert!(
         killed.elapsed() < Duration::from_secs(30),
         "hand-over took {:?}",

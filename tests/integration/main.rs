@@ -9,6 +9,7 @@ mod ha;
 mod hardening;
 mod harm;
 mod harness;
+mod health;
 mod platform_kit;
 mod proxy;
 mod rooms;

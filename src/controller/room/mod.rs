@@ -6,8 +6,10 @@ pub mod plan;
 pub mod tree;
 
 use super::backoff::jitter;
+use super::events::Recorder;
 use super::finalizer::Cleanup;
 use super::memo::fingerprint;
+use super::outcome::{self, Outcome};
 use super::{claims, key};
 use super::{Error, OperatorConfig, ReconcileStats};
 use crate::api::conditions::{self, Condition, READY};
@@ -18,7 +20,7 @@ use crate::synapse::{SynapseClient, SynapseError};
 use fold::{fold, PermissionOutcome, UserRefState};
 use futures::{Stream, StreamExt};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use plan::{create_body, marker_matches, plan, plan_close, DesiredRoom, RoomAction, Thresholds};
@@ -165,15 +167,19 @@ pub async fn run<A, B, C, D>(
 pub async fn reconcile(room: Arc<MatrixRoom>, ctx: Arc<RoomContext>) -> Result<Action, Error> {
     let timer = ctx.stats.start("MatrixRoom");
     let api: Api<MatrixRoom> = super::own_namespace(&ctx.client, room.as_ref())?;
-    let result = super::finalizer::reconcile(
+    let (result, written) = outcome::noting(super::finalizer::reconcile(
         &api,
         room.as_ref(),
         |own_version| apply(&room, &api, &ctx, own_version),
         || cleanup(&room, &api, &ctx),
-    )
+    ))
     .await;
     ctx.stats.room_reconciles.fetch_add(1, Ordering::Relaxed);
-    timer.finish(result.is_ok());
+    let before = room
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, READY));
+    timer.finish(Outcome::of(&result, written, before));
     result
 }
 
@@ -299,7 +305,10 @@ fn users_in_flight(perms: &[Arc<RoomPermission>], ctx: &RoomContext, ns: &str) -
             .get(&ObjectRef::new(&p.spec.user_ref.name).within(ns))
         {
             None => younger(&p.metadata, 10),
-            Some(user) => user.status.is_none() && younger(&user.metadata, 120),
+            Some(user) => {
+                !conditions::observed(user.status.as_ref().and_then(|s| s.observed_generation))
+                    && younger(&user.metadata, 120)
+            }
         };
         in_flight.then_some(Duration::from_secs(5))
     })
@@ -971,7 +980,17 @@ async fn write_room_status(
     joined_members: Option<i64>,
     next: Vec<Condition>,
 ) -> Result<Option<String>, Error> {
+    if let Some(ready) = conditions::find(&next, READY) {
+        outcome::note(ready);
+    }
     let existing = room.status.clone().unwrap_or_default();
+    let next = next
+        .into_iter()
+        .flat_map(|c| match c.type_.as_str() {
+            READY => conditions::with_kstatus(c),
+            _ => vec![c],
+        })
+        .collect();
     let status = MatrixRoomStatus {
         room_id,
         canonical_alias,
@@ -1024,21 +1043,42 @@ async fn write_permission_statuses(
             ),
             (None, None) => continue,
         };
-        write_permission_status(&ctx.client, p, level, ready).await?;
+        write_permission_status(&ctx.client, &ctx.recorder, p, level, ready).await?;
     }
     Ok(())
 }
 
+/// Writes a permission's status, with an Event when its Ready reason changes
+/// (Pending, Duplicate, Converged…): `kubectl describe` tells its story.
 pub(crate) async fn write_permission_status(
     client: &Client,
+    recorder: &Recorder,
     p: &RoomPermission,
     level: Option<i64>,
     ready: Condition,
 ) -> Result<(), Error> {
+    outcome::note(&ready);
     let existing = p.status.clone().unwrap_or_default();
+    if let Some(type_) =
+        super::events::on_transition(conditions::find(&existing.conditions, READY), &ready)
+    {
+        let event = KubeEvent {
+            type_,
+            reason: ready.reason.clone(),
+            note: Some(truncate(ready.message.clone())),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        let (recorder, reference, object) = (recorder.clone(), p.object_ref(&()), key(p));
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                tracing::warn!(permission = %object, error = %e, "could not publish event");
+            }
+        });
+    }
     let status = RoomPermissionStatus {
         effective_power_level: level,
-        conditions: conditions::merge(&existing.conditions, vec![ready], now()),
+        conditions: conditions::merge(&existing.conditions, conditions::with_kstatus(ready), now()),
         observed_generation: p.metadata.generation,
     };
     if status == existing {

@@ -4,8 +4,10 @@ pub mod handle;
 pub mod plan;
 
 use super::backoff::jitter;
+use super::events::Recorder;
 use super::finalizer::Cleanup;
 use super::memo::fingerprint;
+use super::outcome::{self, Outcome};
 use super::{claims, key};
 use super::{Context, Error, OperatorConfig, ReconcileStats, OWNER_PROVIDER};
 use crate::api::conditions::{self, Condition, READY};
@@ -15,7 +17,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -114,15 +116,19 @@ fn claim_peers(all: &[Arc<MatrixUser>], changed: &MatrixUser) -> Vec<ObjectRef<M
 pub async fn reconcile(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Action, Error> {
     let timer = ctx.stats.start("MatrixUser");
     let api: Api<MatrixUser> = super::own_namespace(&ctx.client, user.as_ref())?;
-    let result = super::finalizer::reconcile(
+    let (result, written) = outcome::noting(super::finalizer::reconcile(
         &api,
         user.as_ref(),
         |own_version| apply(&user, &api, &ctx, own_version),
         || cleanup(&user, &api, &ctx),
-    )
+    ))
     .await;
     ctx.stats.user_reconciles.fetch_add(1, Ordering::Relaxed);
-    timer.finish(result.is_ok());
+    let before = user
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, READY));
+    timer.finish(Outcome::of(&result, written, before));
     result
 }
 
@@ -566,12 +572,13 @@ async fn write_status(
     ready: Condition,
     pending_account: Option<String>,
 ) -> Result<Option<String>, Error> {
+    outcome::note(&ready);
     let existing = user.status.clone().unwrap_or_default();
     let now =
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
     let status = MatrixUserStatus {
         user_id,
-        conditions: conditions::merge(&existing.conditions, vec![ready], now),
+        conditions: conditions::merge(&existing.conditions, conditions::with_kstatus(ready), now),
         observed_generation: user.metadata.generation,
         pending_account,
     };

@@ -9,29 +9,51 @@ import type {V1ObjectMeta} from "@kubernetes/client-node";
 export type MatrixResource = MatrixRoom | MatrixUser | RoomPermission;
 /**
  * Observed state of a `MatrixRoom`.
+ *
+ * Default: `{"observedGeneration":0}`.
  */
 export type MatrixRoomStatus = {
+  /**
+   * The room's full canonical alias (`#<prefix><alias>:<server>`).
+   */
   canonicalAlias?: string | null;
   /**
-   * Default: `[]`.
-   */
-  conditions?: Condition[];
-  joinedMembers?: number | null;
-  observedGeneration?: number | null;
-  roomId?: string | null;
-} | null;
-/**
- * Observed state of a `MatrixUser`.
- */
-export type MatrixUserStatus = {
-  /**
-   * Conditions keyed by type; `Ready` summarises convergence.
+   * Conditions keyed by type: `Ready` (converged, or why not),
+   * `Reconciling` (work in progress), `Stalled` (waits for a spec change,
+   * e.g. `AliasConflict`) and `Published` (directory listing).
    *
    * Default: `[]`.
    */
   conditions?: Condition[];
   /**
-   * The `metadata.generation` last acted upon.
+   * Members joined after the last convergence.
+   */
+  joinedMembers?: number | null;
+  /**
+   * The `metadata.generation` last acted upon (0: not yet).
+   */
+  observedGeneration?: number | null;
+  /**
+   * The Matrix room id (`!…:<server>`), once the room exists.
+   */
+  roomId?: string | null;
+} | null;
+/**
+ * Observed state of a `MatrixUser`.
+ *
+ * Default: `{"observedGeneration":0}`.
+ */
+export type MatrixUserStatus = {
+  /**
+   * Conditions keyed by type: `Ready` (converged, or why not),
+   * `Reconciling` (work in progress) and `Stalled` (waits for a spec
+   * change or an older claimant to let go, e.g. `LocalpartConflict`).
+   *
+   * Default: `[]`.
+   */
+  conditions?: Condition[];
+  /**
+   * The `metadata.generation` last acted upon (0: not yet).
    */
   observedGeneration?: number | null;
   /**
@@ -48,13 +70,25 @@ export type MatrixUserStatus = {
 } | null;
 /**
  * Observed state of a `RoomPermission`.
+ *
+ * Default: `{"observedGeneration":0}`.
  */
 export type RoomPermissionStatus = {
   /**
+   * Conditions keyed by type: `Ready` (applied to the room, or why not),
+   * `Reconciling` (waiting for the room or the user) and `Stalled`
+   * (refused until changed, e.g. `Duplicate`).
+   *
    * Default: `[]`.
    */
   conditions?: Condition[];
+  /**
+   * The power level the user holds in the room because of this permission.
+   */
   effectivePowerLevel?: number | null;
+  /**
+   * The `metadata.generation` last acted upon (0: not yet).
+   */
   observedGeneration?: number | null;
 } | null;
 
@@ -103,7 +137,10 @@ export interface MatrixRoomSpec {
    */
   avatarUrl?: string | null;
   /**
-   * What happens to the room when this object is deleted.
+   * What deleting this object does to the room: `Close` (default;
+   * members are removed, the alias dropped and the operator leaves),
+   * `Purge` (Synapse deletes the room and purges its history), `Retain`
+   * (the room is left as it is).
    *
    * Default: `"Close"`.
    */
@@ -114,24 +151,31 @@ export interface MatrixRoomSpec {
    */
   encrypted?: boolean | null;
   /**
-   * Whether guests may join.
+   * Whether guest accounts may join (default false).
    */
   guestAccess?: boolean;
   /**
-   * Who may read history.
+   * Who may read the room's history: `shared` (default; all members,
+   * including messages from before they joined), `invited` (members,
+   * from their invite on), `joined` (members, from their join on),
+   * `world_readable` (anyone, members or not).
    *
    * Default: `"shared"`.
    */
   historyVisibility?: "shared" | "invited" | "joined" | "world_readable";
   /**
-   * Who may join. `restricted` admits the members of the parent space
-   * (needs `parentRef` and room version 8 or later).
+   * Who may join: `invite` (default; only invited users), `public`
+   * (anyone who can find the room), `knock` (anyone may ask to join),
+   * `restricted` (members of the parent space; needs `parentRef` and room
+   * version 8 or later).
    *
    * Default: `"invite"`.
    */
   joinRule?: "invite" | "public" | "knock" | "restricted";
   /**
-   * Whether undeclared members are removed.
+   * `Exclusive` (default): only users with a `RoomPermission` stay in the
+   * room; anyone else is removed. `Additive`: undeclared members are never
+   * removed.
    *
    * Default: `"Exclusive"`.
    */
@@ -171,36 +215,51 @@ export interface MatrixRoomSpec {
     suggested?: boolean;
   } | null;
   /**
-   * Power-level thresholds for the room's actions.
+   * Power levels needed for the room's actions. Unset thresholds keep
+   * the operator's defaults.
    */
   permissions?: {
     /**
+     * Power level needed to ban users.
+     *
      * Range: 0 to 100.
      */
     ban?: number | null;
     /**
+     * Power level needed to change the room's settings (name, topic,
+     * avatar, join rules and other state; Matrix `state_default`).
+     *
      * Range: 0 to 100.
      */
     changeSettings?: number | null;
     /**
+     * Power level needed to invite users.
+     *
      * Range: 0 to 100.
      */
     invite?: number | null;
     /**
+     * Power level needed to remove (kick) members.
+     *
      * Range: 0 to 100.
      */
     kick?: number | null;
     /**
+     * Power level needed to redact other users' messages.
+     *
      * Range: 0 to 100.
      */
     redact?: number | null;
     /**
+     * Power level needed to send messages (Matrix `events_default`).
+     *
      * Range: 0 to 100.
      */
     sendMessages?: number | null;
   } | null;
   /**
-   * Publish the room in the server's room directory.
+   * Publish the room in the server's room directory (default false);
+   * the `Published` condition says whether Synapse listed it.
    */
   publishToDirectory?: boolean;
   /**
@@ -210,9 +269,13 @@ export interface MatrixRoomSpec {
    * unless `encrypted` says otherwise.
    */
   source?: {
+    /**
+     * What the room serves: `Event` (an OpenMeet event), `Group` (an
+     * OpenMeet group) or `Direct` (a direct conversation).
+     */
     kind: "Event" | "Group" | "Direct";
     /**
-     * The platform's slug of the event or group.
+     * The platform's slug of the event, group or conversation.
      *
      * Length: 1 to 255.
      */
@@ -288,7 +351,8 @@ export interface MatrixUser {
  */
 export interface MatrixUserSpec {
   /**
-   * Server admin. Only honoured in namespaces the operator's configuration allows.
+   * Server admin (default false). Only honoured in namespaces the
+   * operator's configuration allows; elsewhere `AdminNotAllowed`.
    */
   admin?: boolean;
   /**
@@ -306,7 +370,10 @@ export interface MatrixUserSpec {
    */
   deactivated?: boolean;
   /**
-   * What happens to the account when this object is deleted.
+   * What deleting this object does to the account: `Deactivate`
+   * (default; logged out, removed from rooms, the id never reused),
+   * `Erase` (deactivate, hide messages from new members, clear the
+   * profile), `Retain` (the account is left as it is).
    *
    * Default: `"Deactivate"`.
    */
@@ -337,7 +404,7 @@ export interface MatrixUserSpec {
    */
   localpart: string;
   /**
-   * Locked accounts cannot log in or use existing tokens.
+   * Locked accounts cannot log in or use existing tokens (default false).
    */
   locked?: boolean;
   /**
@@ -374,19 +441,22 @@ export interface RoomPermission {
  */
 export interface RoomPermissionSpec {
   /**
-   * Join (default), Invite or Ban.
+   * `Join` (default): the user is joined to the room. `Invite`: the user
+   * is invited and joins when they accept. `Ban`: the user is banned and
+   * kept out.
    *
    * Default: `"Join"`.
    */
   membership?: "Join" | "Invite" | "Ban";
   /**
-   * Explicit power level, instead of a role.
+   * Explicit power level (0–100), instead of a role.
    *
    * Range: 0 to 100.
    */
   powerLevel?: number | null;
   /**
-   * Named role: Member = 0, Moderator = 50, Admin = 100.
+   * Named role, mapped to a power level: `Member` = 0, `Moderator` = 50,
+   * `Admin` = 100. Set either this or `powerLevel`; with neither, 0.
    */
   role?: "Member" | "Moderator" | "Admin" | null;
   /**
@@ -396,6 +466,8 @@ export interface RoomPermissionSpec {
    */
   roomRef: {
     /**
+     * Name of the object, in the same namespace as the referring one.
+     *
      * Length: 1 to 253.
      * Pattern: `^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`.
      */
@@ -408,6 +480,8 @@ export interface RoomPermissionSpec {
    */
   userRef: {
     /**
+     * Name of the object, in the same namespace as the referring one.
+     *
      * Length: 1 to 253.
      * Pattern: `^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`.
      */
