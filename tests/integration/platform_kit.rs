@@ -2,10 +2,12 @@
 //! platform would run it, against the real stack: what it applies converges
 //! in Synapse, applying again changes nothing, a changed event converges
 //! (roles, members who left), `force` decides who wins a field, and deleting
-//! the event's room closes it.
+//! the event's room closes it. A group is applied as a space with its chat
+//! room and an event as children, and two members' direct conversation as a
+//! Direct room.
 
 use crate::harness::{unique, wait_for, Stack, TestEnv, LABEL};
-use crate::rooms::{membership, state};
+use crate::rooms::{as_user, login_as, membership, state, urlencode};
 use kube::api::{Patch, PatchParams};
 use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
 use serde_json::{json, Value};
@@ -45,7 +47,7 @@ fn built_kit() -> PathBuf {
         .clone()
 }
 
-/// What one run of `examples/apply-event.js` printed.
+/// What one run of one of the kit's examples printed.
 struct Run {
     ok: bool,
     /// `(kind, name)` → `(resourceVersion, generation)`, in the order written.
@@ -54,11 +56,17 @@ struct Run {
     stderr: String,
 }
 
-/// Runs the example against the stack, labelled for this test's operator.
+/// Runs `examples/apply-event.js` against the stack.
 fn apply_event(env: &TestEnv, args: &[String]) -> Run {
+    run_example(env, "apply-event", args)
+}
+
+/// Runs the example `examples/<name>.js` against the stack, labelled for
+/// this test's operator.
+fn run_example(env: &TestEnv, name: &str, args: &[String]) -> Run {
     let kit = built_kit();
     let out = Command::new("node")
-        .arg(kit.join("dist/examples/apply-event.js"))
+        .arg(kit.join(format!("dist/examples/{name}.js")))
         .args(["--namespace", env.ns(0), "--tenant", env.ns(0)])
         .args(["--label", &format!("{LABEL}={}", env.run_id)])
         .args(args)
@@ -237,12 +245,7 @@ async fn kit_applies_an_event_that_converges_and_reapplies_as_a_no_op() {
 
     // Applying the same event again changes nothing. (First wait for the
     // controller's own status writes to settle.)
-    let before = wait_for("the objects to settle", || async {
-        let seen = versions(&env, &first).await;
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        (versions(&env, &first).await == seen).then_some(seen)
-    })
-    .await;
+    let before = settled(&env, &first).await;
     let again = apply_event(&env, &first_args);
     assert!(again.ok, "the kit failed: {}", again.stderr);
     let answered: BTreeMap<_, _> = again.written.iter().cloned().collect();
@@ -320,4 +323,202 @@ async fn kit_applies_an_event_that_converges_and_reapplies_as_a_no_op() {
         env.wait_condition::<MatrixUser>(0, user, true, "Converged")
             .await;
     }
+}
+
+/// Waits until the controller's own status writes to the objects `run`
+/// wrote have settled, and returns their versions.
+async fn settled(env: &TestEnv, run: &Run) -> BTreeMap<(String, String), (String, i64)> {
+    wait_for("the objects to settle", || async {
+        let seen = versions(env, run).await;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        (versions(env, run).await == seen).then_some(seen)
+    })
+    .await
+}
+
+async fn room_named(env: &TestEnv, name: &str) -> MatrixRoom {
+    env.api::<MatrixRoom>(0).get(name).await.unwrap()
+}
+
+fn room_id(room: &MatrixRoom) -> String {
+    room.status.as_ref().unwrap().room_id.clone().unwrap()
+}
+
+async fn state_by_id(
+    env: &TestEnv,
+    id: &str,
+) -> openmeet_matrix_operator::synapse::rooms::RoomState {
+    env.synapse
+        .room_state(id)
+        .await
+        .unwrap()
+        .expect("room readable")
+}
+
+#[tokio::test]
+async fn kit_applies_a_group_space_an_event_child_and_a_direct_room() {
+    let env = TestEnv::new("kitspace").await;
+    let group = unique("rust-berlin");
+    let event = unique("rust-berlin-march");
+    // The group's owner, a member who is not at the event, and an attendee.
+    let people: Vec<(String, String)> = ["owner", "member", "att"]
+        .iter()
+        .map(|p| (unique(&format!("subject-{p}")), unique(&format!("kit-{p}"))))
+        .collect();
+    let mut args: Vec<String> = ["--group", &group, "--title", "Rust Berlin"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for ((subject, handle), role) in people.iter().zip(["owner", "member", "member"]) {
+        args.push("--member".into());
+        args.push(format!("{subject}:{handle}:{role}"));
+    }
+    args.extend(
+        [
+            "--event",
+            &event,
+            "--event-title",
+            "March meetup",
+            "--order",
+            "2026-03-14",
+            "--suggested",
+            "--event-person",
+            &format!("{}:host", people[0].0),
+            "--event-person",
+            &format!("{}:attendee", people[2].0),
+            "--direct",
+            &format!("{}:{}", people[1].0, people[2].0),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+
+    let first = run_example(&env, "apply-group", &args);
+    assert!(first.ok, "the kit failed: {}", first.stderr);
+    let users = names(&first, "MatrixUser");
+    let rooms = names(&first, "MatrixRoom");
+    let perms = names(&first, "RoomPermission");
+    let space_name = format!("space-{group}");
+    let chat_name = format!("group-{group}");
+    let event_name = format!("event-{event}");
+    assert_eq!(users.len(), 3);
+    assert_eq!(rooms.len(), 4, "{rooms:?}");
+    assert_eq!(
+        &rooms[..3],
+        &[space_name.clone(), chat_name.clone(), event_name.clone()]
+    );
+    let dm_name = rooms[3].clone();
+    assert!(dm_name.starts_with("dm-"), "{dm_name}");
+    // Three group members on the space and on the chat, two people at the
+    // event, the two users of the direct conversation.
+    assert_eq!(perms.len(), 3 + 3 + 2 + 2, "{perms:?}");
+
+    for user in &users {
+        env.wait_condition::<MatrixUser>(0, user, true, "Converged")
+            .await;
+    }
+    for room in &rooms {
+        env.wait_condition::<MatrixRoom>(0, room, true, "Converged")
+            .await;
+    }
+    for perm in &perms {
+        env.wait_condition::<RoomPermission>(0, perm, true, "Converged")
+            .await;
+    }
+    let space = room_named(&env, &space_name).await;
+    let chat = room_named(&env, &chat_name).await;
+    let ev = room_named(&env, &event_name).await;
+    let dm = room_named(&env, &dm_name).await;
+    let (space_id, chat_id, event_id, dm_id) =
+        (room_id(&space), room_id(&chat), room_id(&ev), room_id(&dm));
+    let ids: Vec<String> = people
+        .iter()
+        .map(|(_, handle)| env.user_id(handle).to_string())
+        .collect();
+    let via = json!([Stack::get().var("MATRIX_SERVER_NAME")]);
+
+    // In Synapse: a space listing the chat first and the event by its date,
+    // both suggested; each child names the space as its canonical parent.
+    let s = state_by_id(&env, &space_id).await;
+    assert_eq!(s.get("m.room.create", "").unwrap()["type"], "m.space");
+    let s = wait_for("the space lists the chat and the event", || async {
+        let s = state_by_id(&env, &space_id).await;
+        let linked = |id: &str| {
+            s.get("m.space.child", id)
+                .and_then(Value::as_object)
+                .is_some_and(|o| !o.is_empty())
+        };
+        (linked(&chat_id) && linked(&event_id)).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        s.get("m.space.child", &chat_id).unwrap(),
+        &json!({"via": via, "order": "0", "suggested": true})
+    );
+    assert_eq!(
+        s.get("m.space.child", &event_id).unwrap(),
+        &json!({"via": via, "order": "2026-03-14", "suggested": true})
+    );
+    assert!(s.get("m.space.child", &dm_id).is_none(), "a DM is no child");
+    for id in &ids {
+        assert_eq!(membership(&s, id), "join", "{id} in the group's space");
+    }
+    for child in [&chat_id, &event_id] {
+        let c = state_by_id(&env, child).await;
+        assert_eq!(
+            c.get("m.space.parent", &space_id).unwrap(),
+            &json!({"via": via, "canonical": true})
+        );
+        assert_eq!(
+            c.get("m.room.join_rules", "").unwrap(),
+            &json!({"join_rule": "restricted",
+                    "allow": [{"type": "m.room_membership", "room_id": space_id}]})
+        );
+    }
+    // The event room holds its host (Admin) and attendee, not the whole group.
+    let e = state_by_id(&env, &event_id).await;
+    assert_eq!(membership(&e, &ids[0]), "join");
+    assert_eq!(power(&e, &ids[0]), 100, "host: Admin");
+    assert_eq!(membership(&e, &ids[2]), "join");
+    assert_eq!(membership(&e, &ids[1]), "none", "a member not at the event");
+
+    // The direct conversation: exactly its two users, encrypted.
+    let d = state_by_id(&env, &dm_id).await;
+    let admin = Stack::get().admin_user_id();
+    let mut joined: Vec<String> = d
+        .memberships()
+        .into_iter()
+        .filter(|(u, m)| m == "join" && *u != admin)
+        .map(|(u, _)| u)
+        .collect();
+    joined.sort();
+    let mut pair = vec![ids[1].clone(), ids[2].clone()];
+    pair.sort();
+    assert_eq!(joined, pair);
+    assert!(d.get("m.room.encryption", "").is_some(), "encrypted");
+    assert_eq!(dm.spec.source.as_ref().map(|s| s.slug.len()), Some(16));
+
+    // Applying the same again changes nothing.
+    let before = settled(&env, &first).await;
+    let again = run_example(&env, "apply-group", &args);
+    assert!(again.ok, "the kit failed: {}", again.stderr);
+    let answered: BTreeMap<_, _> = again.written.iter().cloned().collect();
+    assert_eq!(answered, before, "the second apply's answers");
+    assert_eq!(versions(&env, &first).await, before, "nothing written");
+    assert!(again.removed.is_empty());
+
+    // The member not at the event joins it from a client, through the space,
+    // and the (Exclusive) event room keeps them.
+    let token = login_as(&ids[1]).await;
+    let path = format!("/rooms/{}/join", urlencode(&event_id));
+    assert!(as_user(&token, reqwest::Method::POST, &path, json!({}))
+        .await
+        .is_success());
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let e = state_by_id(&env, &event_id).await;
+    assert_eq!(
+        membership(&e, &ids[1]),
+        "join",
+        "kept: a member of the space"
+    );
 }

@@ -22,7 +22,16 @@ import {
   type RoomPermission,
   type RoomPermissionSpec,
 } from "./generated/crds.js";
-import { permissionObjectName, ROOM_LABEL, USER_LABEL } from "./naming.js";
+import { permissionObjectName, roomObjectName, ROOM_LABEL, USER_LABEL } from "./naming.js";
+import {
+  directRoom,
+  eventRoomSpec,
+  groupChatSpec,
+  groupRoomNames,
+  groupSpaceSpec,
+  type Described,
+  type EventPlacement,
+} from "./structure.js";
 
 /** The field manager the platform's writes are recorded under by default. */
 export const DEFAULT_FIELD_MANAGER = "openmeet-platform";
@@ -52,6 +61,12 @@ export interface RoomMember {
   role?: RoomPermissionSpec["role"];
   powerLevel?: RoomPermissionSpec["powerLevel"];
   membership?: RoomPermissionSpec["membership"];
+}
+
+/** What `applyGroup` did: the space and, unless left out, the group's chat room. */
+export interface GroupApplied {
+  space: RoomApplied;
+  chat?: RoomApplied;
 }
 
 /** What `applyRoomWithMembers` did. */
@@ -193,6 +208,64 @@ export class MatrixPlatformClient {
       }
     }
     return { room: applied, permissions, removed };
+  }
+
+  /**
+   * A group: its space (`space-<slug>`, `type: Space`) with the group's
+   * members, and (unless `chat: false`) its chat room `group-<slug>` as the
+   * space's first child, with the same members. Membership in the space is
+   * what lets members join the group's `restricted` event rooms.
+   */
+  async applyGroup(
+    namespace: string,
+    tenant: string,
+    group: Described,
+    members: RoomMember[],
+    options: { chat?: boolean } = {},
+  ): Promise<GroupApplied> {
+    const names = groupRoomNames(group.slug);
+    const space = await this.applyRoomWithMembers(namespace, names.space, groupSpaceSpec(tenant, group), members);
+    if (options.chat === false) return { space };
+    const chat = await this.applyRoomWithMembers(namespace, names.chat, groupChatSpec(tenant, group), members);
+    return { space, chat };
+  }
+
+  /**
+   * An event's room `event-<slug>` with exactly these members (hosts,
+   * moderators, and the attendees who should be joined rather than merely
+   * allowed). With `placement`, a child of the group's space that the
+   * group's members may join themselves (`restricted`).
+   */
+  applyEvent(
+    namespace: string,
+    tenant: string,
+    event: Described,
+    members: RoomMember[],
+    placement?: EventPlacement,
+  ): Promise<RoomApplied> {
+    return this.applyRoomWithMembers(
+      namespace,
+      roomObjectName("Event", event.slug),
+      eventRoomSpec(tenant, event, placement),
+      members,
+    );
+  }
+
+  /** The direct conversation of two users (`MatrixUser` object names): a `Direct` room, both joined. */
+  applyDirect(namespace: string, tenant: string, userA: string, userB: string): Promise<RoomApplied> {
+    const room = directRoom(tenant, userA, userB);
+    return this.applyRoomWithMembers(namespace, room.name, room.spec, room.members);
+  }
+
+  /**
+   * Deletes a group's chat room and its space (with their permissions). Its
+   * event rooms wait with `ParentNotFound` until they are deleted or
+   * un-parented: do that first.
+   */
+  async deleteGroup(namespace: string, slug: string): Promise<void> {
+    const names = groupRoomNames(slug);
+    await this.deleteRoom(namespace, names.chat);
+    await this.deleteRoom(namespace, names.space);
   }
 
   /** Deletes one object; false when it was already gone. */

@@ -3,4 +3,5 @@
 export * from "./generated/crds.js";
 export * from "./naming.js";
 export * from "./roles.js";
+export * from "./structure.js";
 export * from "./client.js";

@@ -69,13 +69,22 @@ export function roomObjectName(kind: "Event" | "Group", slug: string): string {
   return fit(`${kind.toLowerCase()}-`, required("slug", slug), MAX_OBJECT_NAME);
 }
 
+/**
+ * `space-<slug>`: the group's space (`type: Space`). The group's chat room
+ * keeps `group-<slug>` (`roomObjectName("Group", slug)`) and becomes a child
+ * of this space, so a group room made before spaces needs no new name.
+ */
+export function groupSpaceObjectName(slug: string): string {
+  return fit("space-", required("slug", slug), MAX_OBJECT_NAME);
+}
+
 /** `user-<subject>`: the `MatrixUser` of a platform user (its stable id). */
 export function userObjectName(subject: string): string {
   return fit("user-", required("subject", subject), MAX_OBJECT_NAME);
 }
 
 /** The pair's key: the same whichever way round the users are given. */
-function pairKey(userA: string, userB: string): string {
+export function directPairKey(userA: string, userB: string): string {
   required("userA", userA);
   required("userB", userB);
   if (userA === userB) throw new Error("a direct conversation needs two different users");
@@ -85,7 +94,7 @@ function pairKey(userA: string, userB: string): string {
 
 /** `dm-<hash>`: the `MatrixRoom` of the direct conversation of two users. */
 export function directRoomObjectName(userA: string, userB: string): string {
-  return `dm-${pairKey(userA, userB)}`;
+  return `dm-${directPairKey(userA, userB)}`;
 }
 
 /** `<room>.<user>`: one user's `RoomPermission` in one room. */
@@ -113,10 +122,16 @@ export function roomAlias(tenant: string, kind: "Event" | "Group", slug: string)
   return fit(`${t}.${kind.toLowerCase()}.`, required("slug", slug), MAX_ALIAS);
 }
 
+/** The alias of a group's space: `<tenant>.space.<slug>`. */
+export function groupSpaceAlias(tenant: string, slug: string): string {
+  const t = fit("", required("tenant", tenant), 40);
+  return fit(`${t}.space.`, required("slug", slug), MAX_ALIAS);
+}
+
 /** The alias of two users' direct conversation: `<tenant>.dm.<hash>`. */
 export function directRoomAlias(tenant: string, userA: string, userB: string): string {
   const t = fit("", required("tenant", tenant), 40);
-  return `${t}.dm.${pairKey(userA, userB)}`;
+  return `${t}.dm.${directPairKey(userA, userB)}`;
 }
 
 /** Why a handle cannot be a localpart, as the sidecar's handle API says it. */
