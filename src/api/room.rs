@@ -145,7 +145,8 @@ pub struct RoomSource {
     pub slug: String,
 }
 
-/// What kind of room this is, beyond an ordinary one.
+/// What kind of room this is: `Space`, a Matrix space (`m.space`) other
+/// rooms name as their parent; absent, an ordinary room. Immutable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum RoomType {
     /// A Matrix space (`creation_content.type: m.space`).

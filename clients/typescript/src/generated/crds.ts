@@ -290,7 +290,8 @@ export interface MatrixRoomSpec {
    */
   topic?: string | null;
   /**
-   * What kind of room this is, beyond an ordinary one.
+   * What kind of room this is: `Space`, a Matrix space (`m.space`) other
+   * rooms name as their parent; absent, an ordinary room. Immutable.
    */
   type?: "Space" | null;
 }
