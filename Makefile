@@ -85,8 +85,9 @@ chart:
 	       -f $(CHART)/ci/test-values.yaml >/dev/null \
 	  && echo "chart: lint and template clean"
 
-.PHONY: all build test lint fmt-check clippy crds crd-check unit integration integration-postgres dev stack-tools clean bench chart chaos \
-	ts-deps ts-types ts-types-check ts-unit
+## Everything CI runs: fmt, clippy, CRD and TypeScript-type drift, unit tests, and
+## the integration suite twice (Synapse on SQLite, then on PostgreSQL).
+test: lint unit integration integration-postgres
 
 ## Run the operator against a local stack with the samples applied.
 dev: build stack-tools
