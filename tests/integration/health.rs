@@ -61,10 +61,10 @@ pub fn kstatus(object: &Value) -> String {
     ask(&["kstatus"], object).0
 }
 
-/// The chart's Argo CD health check for the object's kind: (status, message).
+/// The chart's Argo CD health check (one script for every kind, as each
+/// kind's argocd-cm key holds it): (status, message).
 pub fn argocd(object: &Value) -> (String, String) {
-    let kind = object["kind"].as_str().expect("kind");
-    let script = format!("{REPO}/charts/openmeet-matrix-operator/argocd/{kind}.lua");
+    let script = format!("{REPO}/charts/openmeet-matrix-operator/argocd/health.lua");
     ask(&["lua", &script], object)
 }
 

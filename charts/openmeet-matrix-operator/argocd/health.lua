@@ -1,9 +1,10 @@
--- Argo CD health check for matrix.openmeet.net/MatrixRoom
--- (argocd-cm key: resource.customizations.health.matrix.openmeet.net_MatrixRoom).
+-- Argo CD health check for matrix.openmeet.net's three kinds, one script
+-- under each argocd-cm key: resource.customizations.health.
+-- matrix.openmeet.net_MatrixUser, _MatrixRoom and _RoomPermission.
 -- Reads the kstatus conditions the operator writes, as kstatus does:
 -- a status about an older generation is Progressing, Stalled=True is
 -- Degraded, Ready=True is Healthy, anything else is Progressing.
-local health = { status = "Progressing", message = "Waiting for the operator to observe this MatrixRoom" }
+local health = { status = "Progressing", message = "Waiting for the operator to observe this " .. obj.kind }
 local status = obj.status
 if status == nil or status.observedGeneration == nil or obj.metadata.generation == nil
     or status.observedGeneration ~= obj.metadata.generation then
