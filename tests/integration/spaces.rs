@@ -4,7 +4,7 @@
 use crate::harness::{unique, wait_for, Stack, TestEnv};
 use crate::rooms::{as_user, login_as, membership, perm, urlencode, users};
 use kube::api::{Patch, PatchParams};
-use openmeet_matrix_operator::api::MatrixRoom;
+use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser};
 use openmeet_matrix_operator::synapse::rooms::RoomState;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -509,4 +509,55 @@ async fn an_adopted_room_too_old_for_restricted_joins_is_refused_untouched() {
         "invite"
     );
     assert!(s.events.keys().all(|(kind, _)| kind != "m.space.parent"));
+}
+
+/// A locked member cannot be logged in as, so its `m.direct` cannot be
+/// written: the DM still converges (the other member's list names it), and
+/// the locked member's list names it once the account is unlocked.
+#[tokio::test]
+async fn a_direct_room_with_a_locked_member_converges_and_lists_it_on_unlock() {
+    let env = TestEnv::new("direct-locked").await;
+    let ids = users(&env, &["eve"]).await;
+    let localpart = unique("fay");
+    env.create::<MatrixUser>(
+        0,
+        "fay",
+        json!({"localpart": localpart, "displayName": "fay", "locked": true}),
+    )
+    .await;
+    let fay = env.user_id(&localpart).to_string();
+    env.wait_condition::<MatrixUser>(0, "fay", true, "Converged")
+        .await;
+
+    perm(&env, 0, "eve", "dm", "eve", json!({})).await;
+    perm(&env, 0, "fay", "dm", "fay", json!({})).await;
+    env.create::<MatrixRoom>(
+        0,
+        "dm",
+        json!({"alias": unique("dm"), "source": {"kind": "Direct", "slug": "eve-fay"}}),
+    )
+    .await;
+    let dm: MatrixRoom = env.wait_condition(0, "dm", true, "Converged").await;
+    let id = room_id(&dm);
+    wait_for("eve lists the DM", || async {
+        (account_data(&ids[0]).await["m.direct"][&fay] == json!([id])).then_some(())
+    })
+    .await;
+    assert!(
+        account_data(&fay).await["m.direct"].is_null(),
+        "nothing written for the locked account"
+    );
+
+    env.api::<MatrixUser>(0)
+        .patch(
+            "fay",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"locked": false}})),
+        )
+        .await
+        .expect("unlock");
+    wait_for("fay lists the DM once unlocked", || async {
+        (account_data(&fay).await["m.direct"][&ids[0]] == json!([id])).then_some(())
+    })
+    .await;
 }

@@ -429,11 +429,13 @@ async fn apply(
     }
     // Permission outcomes are part of it: a new Pending or Duplicate
     // permission changes no member, but its status must still be written.
+    let unlistable = unlistable_members(&desired, &perms, ctx, &ns);
     let fingerprint = fingerprint(&(
         &desired,
         &outcomes,
         room.spec.publish_to_directory,
         room.metadata.generation,
+        &unlistable,
     ));
     let version = room.metadata.resource_version.as_deref();
     if ctx.memo.is_fresh(
@@ -549,7 +551,7 @@ async fn apply(
         if desired.direct && (created || !ctx.memo.same_desired(&key(room), fingerprint)) {
             // Checked when the room or its members change, not on every
             // resync: a user's own later edits to their DM list are theirs.
-            list_as_direct(room, &room_id, &desired, ctx).await?;
+            list_as_direct(room, &room_id, &desired, &unlistable, ctx).await?;
         }
         let published = publication(room, &room_id, ctx).await?;
         Ok(Ok(Converged {
@@ -715,13 +717,38 @@ async fn apply_action(
     Ok(())
 }
 
+/// Members of a direct room whose `m.direct` cannot be written now: a
+/// locked account cannot be logged in as. Part of the room's fingerprint, so
+/// that unlocking one lists the room in its `m.direct` at once.
+fn unlistable_members(
+    d: &DesiredRoom,
+    perms: &[Arc<RoomPermission>],
+    ctx: &RoomContext,
+    ns: &str,
+) -> BTreeSet<String> {
+    if !d.direct {
+        return BTreeSet::new();
+    }
+    perms
+        .iter()
+        .filter_map(|p| {
+            ctx.users
+                .get(&ObjectRef::new(&p.spec.user_ref.name).within(ns))
+        })
+        .filter(|u| u.spec.locked)
+        .filter_map(|u| u.status.as_ref()?.user_id.clone())
+        .collect()
+}
+
 /// Lists a direct room in both members' `m.direct` (each under the other
 /// member), keeping every other entry. Only local members' account data is
-/// the operator's to write.
+/// the operator's to write, and only while they can be logged in as: a
+/// locked member's list waits for the unlock (the room converges meanwhile).
 async fn list_as_direct(
     room: &MatrixRoom,
     room_id: &str,
     d: &DesiredRoom,
+    unlistable: &BTreeSet<String>,
     ctx: &RoomContext,
 ) -> Result<(), Error> {
     let members: Vec<&String> = d
@@ -734,7 +761,7 @@ async fn list_as_direct(
         return Ok(());
     };
     for (user, other) in [(a, b), (b, a)] {
-        if !user.ends_with(&d.server_suffix) {
+        if !user.ends_with(&d.server_suffix) || unlistable.contains(user.as_str()) {
             continue;
         }
         let user_id =
@@ -742,7 +769,14 @@ async fn list_as_direct(
         let current = ctx.synapse.direct_rooms(&user_id).await?;
         if let Some(next) = crate::synapse::account_data::with_direct_room(&current, other, room_id)
         {
-            ctx.synapse.set_direct_rooms(&user_id, &next).await?;
+            match ctx.synapse.set_direct_rooms(&user_id, &next).await {
+                // Locked in Synapse before the cache shows it: as above.
+                Err(e) if e.errcode() == Some("M_USER_LOCKED") => {
+                    tracing::info!(room = %key(room), user = %user, "m.direct waits: the account is locked");
+                    continue;
+                }
+                other => other?,
+            }
             audit(room, room_id, &format!("list in m.direct of {user}"));
         }
     }
