@@ -13,6 +13,14 @@ fn room_id(room: &MatrixRoom) -> String {
     room.status.as_ref().unwrap().room_id.clone().unwrap()
 }
 
+/// The room id of a room once it has converged.
+async fn converged_id(env: &TestEnv, name: &str) -> String {
+    room_id(
+        &env.wait_condition::<MatrixRoom>(0, name, true, "Converged")
+            .await,
+    )
+}
+
 async fn state_of(env: &TestEnv, room_id: &str) -> RoomState {
     env.synapse
         .room_state(room_id)
@@ -147,18 +155,9 @@ async fn reparenting_unparenting_and_child_drift() {
         json!({"alias": unique("c"), "parentRef": {"name": "s1"}}),
     )
     .await;
-    let s1 = room_id(
-        &env.wait_condition::<MatrixRoom>(0, "s1", true, "Converged")
-            .await,
-    );
-    let s2 = room_id(
-        &env.wait_condition::<MatrixRoom>(0, "s2", true, "Converged")
-            .await,
-    );
-    let c = room_id(
-        &env.wait_condition::<MatrixRoom>(0, "c", true, "Converged")
-            .await,
-    );
+    let s1 = converged_id(&env, "s1").await;
+    let s2 = converged_id(&env, "s2").await;
+    let c = converged_id(&env, "c").await;
     wait_for("s1 lists c", || async {
         linked(&state_of(&env, &s1).await, "m.space.child", &c).then_some(())
     })
@@ -202,10 +201,7 @@ async fn reparenting_unparenting_and_child_drift() {
         json!({"alias": unique("gone"), "parentRef": {"name": "s2"}}),
     )
     .await;
-    let gone = room_id(
-        &env.wait_condition::<MatrixRoom>(0, "gone", true, "Converged")
-            .await,
-    );
+    let gone = converged_id(&env, "gone").await;
     wait_for("s2 lists the second child", || async {
         linked(&state_of(&env, &s2).await, "m.space.child", &gone).then_some(())
     })
@@ -424,14 +420,8 @@ async fn resync_of_a_converged_space_and_child_reads_once_and_writes_nothing() {
                "parentRef": {"name": "s", "order": "1", "suggested": true}}),
     )
     .await;
-    let s = room_id(
-        &env.wait_condition::<MatrixRoom>(0, "s", true, "Converged")
-            .await,
-    );
-    let c = room_id(
-        &env.wait_condition::<MatrixRoom>(0, "c", true, "Converged")
-            .await,
-    );
+    let s = converged_id(&env, "s").await;
+    let c = converged_id(&env, "c").await;
     wait_for("s lists c", || async {
         linked(&state_of(&env, &s).await, "m.space.child", &c).then_some(())
     })
