@@ -320,15 +320,17 @@ async fn a_permission_records_its_transitions_as_events() {
     env.wait_condition::<RoomPermission>(0, "p", true, "Converged")
         .await;
     env.wait_event(0, "p", "Converged", 1).await;
+    // Named to sort after "p": creation timestamps have one-second
+    // resolution and a same-second tie goes to the first name.
     env.create::<RoomPermission>(
         0,
-        "again",
+        "p-again",
         json!({"roomRef": {"name": "r"}, "userRef": {"name": "u"}}),
     )
     .await;
-    env.wait_condition::<RoomPermission>(0, "again", false, "Duplicate")
+    env.wait_condition::<RoomPermission>(0, "p-again", false, "Duplicate")
         .await;
-    env.wait_event(0, "again", "Duplicate", 1).await;
+    env.wait_event(0, "p-again", "Duplicate", 1).await;
     let story = events_of(&env, "p").await;
     let converged = story.iter().find(|(r, _, _)| r == "Converged").unwrap();
     assert!(converged.1.ends_with("has power level 100"), "{story:?}");
