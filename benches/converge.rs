@@ -253,8 +253,9 @@ fn ranges(seconds: &[usize]) -> String {
 }
 
 /// Requests the API server has served for the operator's kinds and events
-/// (its own `apiserver_request_total`), less those the bench made.
-async fn operator_api_requests() -> u64 {
+/// (its own `apiserver_request_total`), by resource, subresource and verb.
+/// Includes the bench's own creates and Ready lists (counted apart).
+async fn api_requests_by_kind() -> BTreeMap<String, u64> {
     let stack = Stack::get();
     let output = tokio::process::Command::new(stack.var("KUBECTL"))
         .args(["get", "--raw", "/metrics"])
@@ -263,15 +264,47 @@ async fn operator_api_requests() -> u64 {
         .await
         .expect("kubectl");
     let text = String::from_utf8_lossy(&output.stdout);
-    let served: f64 = text
+    let label = |line: &str, name: &str| -> String {
+        let start = format!("{name}=\"");
+        line.split(&start)
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut by_kind = BTreeMap::new();
+    for line in text
         .lines()
         .filter(|l| l.starts_with("apiserver_request_total{"))
-        .filter(|l| {
-            l.contains("group=\"matrix.openmeet.net\"") || l.contains("resource=\"events\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    (served as u64).saturating_sub(BENCH_API_REQUESTS.load(Ordering::Relaxed))
+    {
+        if !(line.contains("group=\"matrix.openmeet.net\"") || line.contains("resource=\"events\""))
+        {
+            continue;
+        }
+        let Some(count) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        let subresource = label(line, "subresource");
+        let kind = format!(
+            "{}{}{} {}",
+            label(line, "resource"),
+            if subresource.is_empty() { "" } else { "/" },
+            subresource,
+            label(line, "verb")
+        );
+        *by_kind.entry(kind).or_insert(0) += count as u64;
+    }
+    by_kind
+}
+
+/// The operator's share: everything but the bench's own requests.
+async fn operator_api_requests() -> (u64, BTreeMap<String, u64>) {
+    let by_kind = api_requests_by_kind().await;
+    let total: u64 = by_kind.values().sum();
+    (
+        total.saturating_sub(BENCH_API_REQUESTS.load(Ordering::Relaxed)),
+        by_kind,
+    )
 }
 
 fn ready(v: &Value) -> bool {
@@ -362,7 +395,7 @@ async fn main() {
     )
     .await;
     let run = env.run_id.clone();
-    let api_before = operator_api_requests().await;
+    let (api_before, kinds_before) = operator_api_requests().await;
     let controller = Arc::new(start_controller(&env).await);
     let timeline_done = Arc::new(tokio::sync::Notify::new());
     let timeline = tokio::spawn(sample_timeline(controller.clone(), timeline_done.clone()));
@@ -428,7 +461,17 @@ async fn main() {
     timeline_done.notify_one();
     let timeline = timeline.await.unwrap();
     let cpu_seconds = controller.cpu_seconds();
-    let api_requests = operator_api_requests().await.saturating_sub(api_before);
+    let (api_after, kinds_after) = operator_api_requests().await;
+    let api_requests = api_after.saturating_sub(api_before);
+    let mut api_by_kind: Vec<(String, u64)> = kinds_after
+        .into_iter()
+        .map(|(k, n)| {
+            let before = kinds_before.get(&k).copied().unwrap_or(0);
+            (k, n.saturating_sub(before))
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    api_by_kind.sort_by_key(|k| std::cmp::Reverse(k.1));
 
     // --- the minimal sequence, issued directly ------------------------------
     let minimal = minimal_sequence(&run, users, rooms).await;
@@ -516,6 +559,13 @@ async fn main() {
         "API-server requests for the operator's kinds and events while converging: {api_requests} ({:.2} per object)",
         api_requests as f64 / objects
     );
+    // The bench's own creates and Ready lists are in these lines.
+    for (kind, n) in api_by_kind.iter().take(12) {
+        println!(
+            "  {kind:<40} {n:>7}  ({:.2} per object)",
+            *n as f64 / objects
+        );
+    }
 }
 
 fn percentile(samples: &[f64], q: f64) -> f64 {

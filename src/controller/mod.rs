@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod claims;
 pub mod events;
 pub mod finalizer;
+pub mod index;
 pub mod leader;
 pub mod memo;
 pub mod outcome;
@@ -311,6 +312,8 @@ pub struct Context {
     pub config: OperatorConfig,
     pub recorder: Recorder,
     pub users: Store<crate::api::MatrixUser>,
+    /// Users by localpart, email, subject and refusal: claims read only rivals.
+    pub user_index: Arc<index::Index<crate::api::MatrixUser>>,
     /// Namespaces carrying a tenant label (metadata only), for tenant lookups.
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     pub backoff: Backoff,
@@ -383,6 +386,8 @@ impl Operator {
             users: users.subscribe_with_deletions(),
             peers: rooms.subscribe_with_deletions(),
         };
+        let user_index = users.index(index::keys::user);
+        let permission_index = permissions.index(index::keys::permission);
         let permission_triggers = permission::Triggers {
             objects: permissions.subscribe(),
             rooms: rooms.subscribe_with_deletions(),
@@ -428,9 +433,10 @@ impl Operator {
                 self.config.clone(),
                 self.stats.clone(),
             );
-            let (users, permissions, shutdown) = (
+            let (users, permissions, rooms, shutdown) = (
                 users_store.clone(),
                 permissions_store.clone(),
+                rooms_store.clone(),
                 shutdown.clone(),
             );
             let synced = self.synced.clone();
@@ -449,7 +455,7 @@ impl Operator {
                 synced.store(true, Ordering::Release);
                 room::run(
                     room::Caches {
-                        rooms: rooms_store,
+                        rooms,
                         users,
                         permissions,
                     },
@@ -486,6 +492,7 @@ impl Operator {
                 user::run(
                     user::Caches {
                         users: users_store,
+                        index: user_index,
                         namespaces,
                     },
                     user_triggers,
@@ -499,18 +506,35 @@ impl Operator {
                 .await
             }
         };
-        futures::join!(
-            user_controller,
-            room_controller,
-            permission::run(
-                permissions_store,
-                permission_triggers,
-                self.client.clone(),
-                permission_recorder,
-                self.stats.clone(),
-                shutdown
-            ),
-        );
+        let permission_controller = {
+            let caches = permission::Caches {
+                permissions: permissions_store,
+                index: permission_index.clone(),
+                rooms: rooms_store.clone(),
+            };
+            let (client, stats) = (self.client.clone(), self.stats.clone());
+            async move {
+                // A store's readiness wakes one waiter: the room cache's is this one.
+                if let futures::future::Either::Right(_) = futures::future::select(
+                    Box::pin(caches.rooms.wait_until_ready()),
+                    shutdown.clone(),
+                )
+                .await
+                {
+                    return;
+                }
+                permission::run(
+                    caches,
+                    permission_triggers,
+                    client,
+                    permission_recorder,
+                    stats,
+                    shutdown,
+                )
+                .await
+            }
+        };
+        futures::join!(user_controller, room_controller, permission_controller,);
         watches.abort();
     }
 }

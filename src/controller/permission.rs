@@ -2,6 +2,7 @@
 //! only reports the one case no room reconcile sees: the room does not exist.
 
 use super::events::Recorder;
+use super::index::{keys, Index};
 use super::outcome::{self, Outcome};
 use super::{Error, ReconcileStats};
 use crate::api::conditions::{self, Condition, READY};
@@ -9,7 +10,7 @@ use crate::api::{MatrixRoom, RoomPermission};
 use futures::{Stream, StreamExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 struct Ctx {
     client: Client,
+    rooms: Store<MatrixRoom>,
     recorder: Recorder,
     stats: Arc<ReconcileStats>,
 }
@@ -29,8 +31,17 @@ pub struct Triggers<A, B> {
     pub rooms: B,
 }
 
+/// The shared caches the permission controller reads.
+pub struct Caches {
+    pub permissions: Store<RoomPermission>,
+    pub index: Arc<Index<RoomPermission>>,
+    pub rooms: Store<MatrixRoom>,
+}
+
+/// Runs until `shutdown` resolves. The room cache must be complete first:
+/// an incomplete one would call every permission's room missing.
 pub async fn run<A, B>(
-    permissions: Store<RoomPermission>,
+    caches: Caches,
     triggers: Triggers<A, B>,
     client: Client,
     recorder: Recorder,
@@ -40,18 +51,16 @@ pub async fn run<A, B>(
     A: Stream<Item = Arc<RoomPermission>> + Send + 'static,
     B: Stream<Item = Arc<MatrixRoom>> + Send + 'static,
 {
-    let cache = permissions.clone();
+    let Caches {
+        permissions,
+        index,
+        rooms,
+    } = caches;
     Controller::for_shared_stream(triggers.objects, permissions)
         // A room appeared or went away: the permissions naming it.
         .watches_shared_stream(triggers.rooms, move |room: Arc<MatrixRoom>| {
-            let ns = room.namespace();
-            let name = room.name_any();
-            cache
-                .state()
-                .iter()
-                .filter(|p| p.namespace() == ns && p.spec.room_ref.name == name)
-                .map(|p| ObjectRef::from_obj(p.as_ref()))
-                .collect::<Vec<_>>()
+            let ns = room.namespace().unwrap_or_default();
+            index.refs(&keys::permissions_of_room(&ns, &room.name_any()))
         })
         .graceful_shutdown_on(shutdown)
         .run(
@@ -59,6 +68,7 @@ pub async fn run<A, B>(
             |_, _, _| Action::requeue(Duration::from_secs(5)),
             Arc::new(Ctx {
                 client,
+                rooms,
                 recorder,
                 stats,
             }),
@@ -82,11 +92,13 @@ async fn reconcile(p: Arc<RoomPermission>, ctx: Arc<Ctx>) -> Result<Action, Erro
 }
 
 /// A permission whose room does not exist is `Pending`; the room's
-/// reconcile writes every other outcome.
+/// reconcile writes every other outcome. Read from the cache: a room the
+/// cache has not seen yet is about to trigger this permission again, and
+/// its own reconcile writes the outcome.
 async fn mark_pending(p: &RoomPermission, ctx: &Ctx) -> Result<Action, Error> {
     let ns = p.namespace().unwrap_or_default();
-    let rooms: Api<MatrixRoom> = Api::namespaced(ctx.client.clone(), &ns);
-    if rooms.get_opt(&p.spec.room_ref.name).await?.is_none() {
+    let room = ObjectRef::<MatrixRoom>::new(&p.spec.room_ref.name).within(&ns);
+    if ctx.rooms.get(&room).is_none() {
         let message = format!(
             "MatrixRoom {} does not exist in this namespace",
             p.spec.room_ref.name

@@ -5,8 +5,9 @@
 //! other, and a reconcile would fold stale data with nothing to re-trigger it
 //! until the periodic resync.
 
+use super::index::{Index, KeysOf};
 use futures::channel::mpsc;
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Resource};
@@ -28,6 +29,8 @@ where
     /// Deletions are not broadcast by the reflector (the object is gone from
     /// the store by then); these subscribers get them here.
     deletions: Vec<mpsc::UnboundedSender<Arc<K>>>,
+    /// Fed each event before the store: never behind it.
+    indexes: Vec<Arc<Index<K>>>,
 }
 
 impl<K> SharedWatch<K>
@@ -40,6 +43,7 @@ where
             store,
             writer,
             deletions: Vec::new(),
+            indexes: Vec::new(),
         }
     }
 
@@ -63,6 +67,13 @@ where
         futures::stream::select(self.subscribe(), rx)
     }
 
+    /// A secondary index of this kind, kept from the same events as the cache.
+    pub fn index(&mut self, keys_of: KeysOf<K>) -> Arc<Index<K>> {
+        let index = Index::new(keys_of);
+        self.indexes.push(index.clone());
+        index
+    }
+
     /// Drives the watch; runs until the process stops. `strip` drops what the
     /// operator never reads before the object is cached.
     pub fn run(
@@ -72,11 +83,20 @@ where
         strip: fn(&mut K),
     ) -> impl Future<Output = ()> + Send + 'static {
         let SharedWatch {
-            writer, deletions, ..
+            writer,
+            deletions,
+            indexes,
+            ..
         } = self;
         watcher(api, config)
             .default_backoff()
             .modify(strip)
+            .map_ok(move |event| {
+                for index in &indexes {
+                    index.observe(&event);
+                }
+                event
+            })
             .reflect_shared(writer)
             .for_each(move |event| {
                 if let Ok(watcher::Event::Delete(obj)) = event {

@@ -3,7 +3,8 @@
 //! `spec.subject` matches. Read from watch caches, never a request per call.
 
 use crate::api::{conditions, MatrixUser, TENANT_LABEL};
-use futures::StreamExt;
+use crate::controller::index::{keys, Index};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -198,6 +199,8 @@ pub struct UserChange {
 #[derive(Clone)]
 pub struct Directory {
     users: Store<MatrixUser>,
+    /// Users by subject and localpart: a lookup reads its candidates only.
+    index: Arc<Index<MatrixUser>>,
     namespaces: Store<Namespace>,
     ready: Arc<AtomicBool>,
     changes: tokio::sync::broadcast::Sender<UserChange>,
@@ -227,11 +230,14 @@ impl Directory {
         // Only namespaces that belong to a tenant matter.
         let ns_watch = watcher::Config::default().labels(TENANT_LABEL);
         let (users, users_writer) = reflector::store();
+        let index = Index::new(keys::user);
+        let indexed = index.clone();
         let (namespaces, ns_writer) = reflector::store();
         let ready = Arc::new(AtomicBool::new(false));
         let (changes, _) = tokio::sync::broadcast::channel(1024);
         let directory = Directory {
             users: users.clone(),
+            index,
             namespaces: namespaces.clone(),
             ready: ready.clone(),
             changes: changes.clone(),
@@ -241,7 +247,12 @@ impl Directory {
                 users_writer,
                 watcher(users_api, user_watch)
                     .default_backoff()
-                    .modify(|u: &mut MatrixUser| u.managed_fields_mut().clear()),
+                    .modify(|u: &mut MatrixUser| u.managed_fields_mut().clear())
+                    // Indexed before stored: a lookup never misses what the cache has.
+                    .map_ok(move |event| {
+                        indexed.observe(&event);
+                        event
+                    }),
             )
             .for_each(move |event| {
                 let change = |u: &MatrixUser, usable: bool| UserChange {
@@ -290,9 +301,9 @@ impl Directory {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Every `MatrixUser` in the cache (all tenants in scope), for claims.
-    pub fn users(&self) -> Vec<Arc<MatrixUser>> {
-        self.users.state()
+    /// The `MatrixUser`s claiming `localpart` (all tenants in scope).
+    pub fn claimants(&self, localpart: &str) -> Vec<Arc<MatrixUser>> {
+        self.index.get(&self.users, &keys::localpart(localpart))
     }
 
     /// The usable account for a platform identity.
@@ -301,7 +312,7 @@ impl Directory {
             return Err(LookupError::Loading);
         }
         let namespaces = self.namespaces.state();
-        let users = self.users.state();
+        let users = self.index.get(&self.users, &keys::subject(subject));
         resolve(
             namespaces.iter().map(|n| n.as_ref()),
             users.iter().map(|u| u.as_ref()),

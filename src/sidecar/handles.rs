@@ -129,7 +129,7 @@ impl HandleService {
                 "the account directory is still loading",
             ));
         }
-        let users = self.directory.users();
+        let users = self.directory.claimants(localpart);
         if let Some(answer) =
             handle::precheck(localpart, &self.reserved, users.iter().map(|u| u.as_ref()))
         {

@@ -6,6 +6,7 @@ pub mod plan;
 use super::backoff::jitter;
 use super::events::Recorder;
 use super::finalizer::Cleanup;
+use super::index::{keys, Index};
 use super::memo::fingerprint;
 use super::outcome::{self, Outcome};
 use super::{claims, key};
@@ -33,6 +34,7 @@ use std::time::Duration;
 /// The shared caches the user controller reads.
 pub struct Caches {
     pub users: Store<MatrixUser>,
+    pub index: Arc<Index<MatrixUser>>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
 }
 
@@ -60,13 +62,14 @@ pub async fn run<A, B>(
     A: Stream<Item = Arc<MatrixUser>> + Send + 'static,
     B: Stream<Item = Arc<MatrixUser>> + Send + 'static,
 {
-    let peers = caches.users.clone();
+    let (peers, index) = (caches.users.clone(), caches.index.clone());
     let ctx = Arc::new(Context {
         client,
         synapse,
         config,
         recorder,
         users: caches.users.clone(),
+        user_index: caches.index,
         namespaces: caches.namespaces,
         backoff: super::default_backoff(),
         stats,
@@ -75,10 +78,12 @@ pub async fn run<A, B>(
     let evict = ctx.clone();
     Controller::for_shared_stream(triggers.objects, caches.users)
         .watches_shared_stream(triggers.peers, move |changed: Arc<MatrixUser>| {
-            if peers.get(&ObjectRef::from_obj(changed.as_ref())).is_none() {
+            let gone = peers.get(&ObjectRef::from_obj(changed.as_ref())).is_none();
+            if gone {
                 evict.forget(&key(changed.as_ref()));
             }
-            claim_peers(&peers.state(), &changed)
+            let rivals = |key: &str| index.get(&peers, key);
+            claim_peers(rivals, &changed, gone)
         })
         .with_config(super::controller_config(&ctx.config, Duration::ZERO))
         .graceful_shutdown_on(shutdown)
@@ -91,25 +96,28 @@ pub async fn run<A, B>(
 /// localpart goes away, the others claiming it; when one changes in any way,
 /// those currently refused its email or subject (the holder may have let go).
 /// Other changes cannot move a localpart claim: newcomers are younger.
-fn claim_peers(all: &[Arc<MatrixUser>], changed: &MatrixUser) -> Vec<ObjectRef<MatrixUser>> {
+fn claim_peers(
+    rivals: impl Fn(&str) -> Vec<Arc<MatrixUser>>,
+    changed: &MatrixUser,
+    gone: bool,
+) -> Vec<ObjectRef<MatrixUser>> {
     let me = ObjectRef::from_obj(changed);
-    let leaving = changed.metadata.deletion_timestamp.is_some()
-        || !all.iter().any(|u| ObjectRef::from_obj(u.as_ref()) == me);
-    let refused = |u: &MatrixUser, reason: &str| {
-        u.status
-            .as_ref()
-            .and_then(|s| conditions::find(&s.conditions, READY))
-            .is_some_and(|c| c.reason == reason)
-    };
-    all.iter()
-        .filter(|u| {
-            (leaving && u.spec.localpart == changed.spec.localpart)
-                || (refused(u, "EmailConflict") && u.spec.email.is_some())
-                || (refused(u, "SubjectConflict") && u.spec.subject == changed.spec.subject)
-        })
+    let leaving = changed.metadata.deletion_timestamp.is_some() || gone;
+    let mut peers = rivals(keys::REFUSED_EMAIL);
+    peers.extend(rivals(&keys::refused_subject(
+        changed.spec.subject.as_deref(),
+    )));
+    if leaving {
+        peers.extend(rivals(&keys::localpart(&changed.spec.localpart)));
+    }
+    let mut refs: Vec<_> = peers
+        .iter()
         .map(|u| ObjectRef::from_obj(u.as_ref()))
         .filter(|r| *r != me)
-        .collect()
+        .collect();
+    refs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    refs.dedup();
+    refs
 }
 
 /// The finalizer is the only top-level branch: apply, or clean up.
@@ -159,7 +167,10 @@ fn legacy_marker(user: &MatrixUser, user_id: &str) -> Option<ExternalId> {
 /// Whether this object holds its localpart (oldest claim wins, homeserver-wide).
 /// `Err` names the holder, for the operator's log only.
 fn holds_localpart(user: &MatrixUser, ctx: &Context) -> Result<(), String> {
-    claims::holds_localpart(&ctx.users.state(), user)
+    let rivals = ctx
+        .user_index
+        .get(&ctx.users, &keys::localpart(&user.spec.localpart));
+    claims::holds_localpart(&rivals, user)
 }
 
 /// The tenant the object's namespace belongs to, from its label.
@@ -174,7 +185,8 @@ fn holds_subject(user: &MatrixUser, ctx: &Context, tenant: &str) -> Result<(), S
     let Some(subject) = user.spec.subject.as_deref() else {
         return Ok(());
     };
-    claims::check(&ctx.users.state(), user, |u| {
+    let rivals = ctx.user_index.get(&ctx.users, &keys::subject(subject));
+    claims::check(&rivals, user, |u| {
         u.spec.subject.as_deref() == Some(subject)
             && u.metadata.deletion_timestamp.is_none()
             && tenant_of(ctx, &u.namespace().unwrap_or_default()).as_deref() == Some(tenant)
@@ -188,7 +200,8 @@ fn holds_email(user: &MatrixUser, ctx: &Context) -> Result<(), String> {
     let Some(email) = user.spec.email.as_deref().map(str::to_lowercase) else {
         return Ok(());
     };
-    claims::check(&ctx.users.state(), user, |u| {
+    let rivals = ctx.user_index.get(&ctx.users, &keys::email(&email));
+    claims::check(&rivals, user, |u| {
         !u.spec.deactivated
             && u.metadata.deletion_timestamp.is_none()
             && u.spec.email.as_deref().map(str::to_lowercase).as_deref() == Some(email.as_str())
@@ -711,15 +724,35 @@ mod tests {
             ),
             user("bystander", serde_json::json!({"localpart": "d"}), None),
         ];
+        // The cache and its index, fed the same watch events.
+        let (store, mut writer) = kube::runtime::reflector::store::<MatrixUser>();
+        let index = Index::new(keys::user);
+        let feed =
+            |event: kube::runtime::watcher::Event<MatrixUser>,
+             writer: &mut kube::runtime::reflector::store::Writer<MatrixUser>| {
+                index.observe(&event);
+                writer.apply_watcher_event(&event);
+            };
+        for u in &all {
+            feed(
+                kube::runtime::watcher::Event::Apply(u.as_ref().clone()),
+                &mut writer,
+            );
+        }
+        let rivals = |key: &str| index.get(&store, key);
         // A change in place: email and subject losers look again.
         assert_eq!(
-            names(claim_peers(&all, &holder)),
+            names(claim_peers(rivals, &holder, false)),
             ["email-loser", "subject-loser"]
         );
         // Gone from the cache: the localpart is free too.
-        let remaining: Vec<_> = all[1..].to_vec();
+        feed(
+            kube::runtime::watcher::Event::Delete(holder.as_ref().clone()),
+            &mut writer,
+        );
+        let rivals = |key: &str| index.get(&store, key);
         assert_eq!(
-            names(claim_peers(&remaining, &holder)),
+            names(claim_peers(rivals, &holder, true)),
             ["email-loser", "same-localpart", "subject-loser"]
         );
     }
