@@ -5,6 +5,7 @@ pub mod fold;
 pub mod plan;
 pub mod tree;
 
+use super::audit::Subject;
 use super::backoff::jitter;
 use super::events::Recorder;
 use super::finalizer::Cleanup;
@@ -20,9 +21,9 @@ use crate::synapse::{SynapseClient, SynapseError};
 use fold::{fold, PermissionOutcome, UserRefState};
 use futures::{Stream, StreamExt};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use plan::{create_body, marker_matches, plan, plan_close, DesiredRoom, RoomAction, Thresholds};
 use ruma::{OwnedRoomAliasId, RoomAliasId, RoomId, UserId};
 use serde_json::{json, Value};
@@ -544,7 +545,7 @@ async fn apply(
                 ctx,
                 EventType::Normal,
                 "RoomUpdated",
-                &truncate(summary.join("; ")),
+                &summary.join("; "),
             )
             .await;
         }
@@ -1096,19 +1097,14 @@ pub(crate) async fn write_permission_status(
     if let Some(type_) =
         super::events::on_transition(conditions::find(&existing.conditions, READY), &ready)
     {
-        let event = KubeEvent {
+        super::audit::publish(
+            recorder,
+            p,
             type_,
-            reason: ready.reason.clone(),
-            note: Some(truncate(ready.message.clone())),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        let (recorder, reference, object) = (recorder.clone(), p.object_ref(&()), key(p));
-        tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&event, &reference).await {
-                tracing::warn!(permission = %object, error = %e, "could not publish event");
-            }
-        });
+            &ready.reason,
+            "Reconcile",
+            ready.message.clone(),
+        );
     }
     let status = RoomPermissionStatus {
         effective_power_level: level,
@@ -1132,44 +1128,19 @@ fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
     k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
 }
 
-fn truncate(mut s: String) -> String {
-    if s.len() > 900 {
-        let mut cut = 900;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push('…');
-    }
-    s
-}
-
+/// One audit line per Synapse mutation of this room.
 fn audit(room: &MatrixRoom, room_id: &str, action: &str) {
-    tracing::info!(
-        target: "audit",
-        kind = "MatrixRoom",
-        namespace = %room.namespace().unwrap_or_default(),
-        name = %room.name_any(),
-        room_id,
-        action,
-        "synapse mutation"
-    );
+    super::audit::mutation(room, action, Subject::Room { room_id });
 }
 
+/// An Event on the room object.
 async fn record(room: &MatrixRoom, ctx: &RoomContext, type_: EventType, reason: &str, note: &str) {
-    let event = KubeEvent {
+    super::audit::publish(
+        &ctx.recorder,
+        room,
         type_,
-        reason: reason.into(),
-        note: Some(truncate(note.to_string())),
-        action: "Converge".into(),
-        secondary: None,
-    };
-    // Published off the reconcile's path: an Event is a record, not a step
-    // the next Synapse call should wait for.
-    let (recorder, reference, object) = (ctx.recorder.clone(), room.object_ref(&()), key(room));
-    tokio::spawn(async move {
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::warn!(room = %object, error = %e, "could not publish event");
-        }
-    });
+        reason,
+        "Converge",
+        note.to_string(),
+    );
 }
