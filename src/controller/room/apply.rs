@@ -3,7 +3,7 @@
 //! only place an [`Applied`] is made.
 
 use super::desired::Wanted;
-use super::observe::{locate_by_alias, Found};
+use super::observe::{joined_count, locate_by_alias, Found};
 use super::plan::{create_body, RoomAction, RoomPlan};
 use super::status::Blocked;
 use super::{audit, direct, publish, record, RoomContext};
@@ -20,7 +20,7 @@ use ruma::{RoomId, UserId};
 pub(super) struct Applied {
     room_id: String,
     canonical_alias: String,
-    joined_members: usize,
+    joined_members: u64,
     published: Option<Condition>,
 }
 
@@ -34,7 +34,7 @@ impl Applied {
     }
 
     /// Joined members, as Synapse counts them.
-    pub fn joined_members(&self) -> usize {
+    pub fn joined_members(&self) -> u64 {
         self.joined_members
     }
 
@@ -104,7 +104,7 @@ pub(super) async fn apply(
 ) -> Result<Applied, Error> {
     let Found {
         room_id,
-        state: _,
+        state,
         created,
     } = found;
     tracing::debug!(room = %key(room), room_id = %room_id, actions = ?room_plan.actions.iter().map(RoomAction::describe).collect::<Vec<_>>(), "planned");
@@ -118,6 +118,13 @@ pub(super) async fn apply(
         apply_action(&room_id, &room_id_parsed, action, ctx).await?;
         audit(room, &room_id, &action.describe());
     }
+    // Synapse's count, not the plan's prediction: read back after writes;
+    // with nothing written, the state read for the plan already says it.
+    let joined_members = if room_plan.actions.is_empty() {
+        joined_count(&state)
+    } else {
+        ctx.synapse.joined_member_count(&room_id_parsed).await?
+    };
     if !room_plan.actions.is_empty() && !created {
         let summary: Vec<String> = room_plan.actions.iter().map(RoomAction::describe).collect();
         let reason = if drift {
@@ -136,7 +143,7 @@ pub(super) async fn apply(
     Ok(Applied {
         room_id,
         canonical_alias: wanted.alias.to_string(),
-        joined_members: room_plan.joined_after,
+        joined_members,
         published,
     })
 }

@@ -117,3 +117,12 @@ pub(super) async fn joined_members_of(
         })
         .unwrap_or_default())
 }
+
+/// Joined members in a room's state, the admin account included.
+pub(super) fn joined_count(state: &RoomState) -> u64 {
+    state
+        .memberships()
+        .values()
+        .filter(|m| m.as_str() == "join")
+        .count() as u64
+}
