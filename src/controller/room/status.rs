@@ -9,10 +9,14 @@ use crate::api::conditions::{self, Condition, READY};
 use crate::api::{MatrixRoom, MatrixRoomStatus, RoomPermission, RoomPermissionStatus};
 use crate::controller::events::{self, Recorder};
 use crate::controller::{self, audit, key, outcome, Error};
+use futures::StreamExt;
 use kube::runtime::events::EventType;
 use kube::{Api, Client, ResourceExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// Permission status writes in flight at once for one room.
+const PERMISSION_WRITES: usize = 8;
 
 /// The Ready reason of a room whose alias another object (or a foreign room) holds.
 pub(super) const ALIAS_CONFLICT: &str = "AliasConflict";
@@ -212,54 +216,75 @@ enum RoomReadiness {
     NotReady(String),
 }
 
-/// Writes each permission's status from the room's outcome (only when it changed).
+/// Writes each permission's status from the room's outcome (only when it
+/// changed), a few at once: a room with many permissions is not written one
+/// round trip after another. Every write is tried; the first error is returned.
 async fn write_permission_statuses(
     ctx: &RoomContext,
     perms: &[Arc<RoomPermission>],
     outcomes: &BTreeMap<String, PermissionOutcome>,
     room: &RoomReadiness,
 ) -> Result<(), Error> {
-    for p in perms {
-        let (ready, level) = match (room, outcomes.get(&p.name_any())) {
-            (_, Some(PermissionOutcome::Duplicate(m))) => (
-                Condition::new(READY, false, "Duplicate", m.clone(), p.metadata.generation),
-                None,
+    // Collected first: a lazy iterator's closure in the stream trips the
+    // compiler's proof that the reconcile's future is Send.
+    let writes: Vec<_> = perms
+        .iter()
+        .filter_map(|p| {
+            let (ready, level) = permission_ready(p, outcomes.get(&p.name_any()), room)?;
+            Some(write_permission_status(
+                &ctx.client,
+                &ctx.recorder,
+                p,
+                level,
+                ready,
+            ))
+        })
+        .collect();
+    futures::stream::iter(writes)
+        .buffer_unordered(PERMISSION_WRITES)
+        .fold(Ok(()), |first, result| async move { first.and(result) })
+        .await
+}
+
+/// A permission's Ready condition and effective power level, from its own
+/// outcome and the room's; `None` when there is nothing to say.
+fn permission_ready(
+    p: &RoomPermission,
+    outcome: Option<&PermissionOutcome>,
+    room: &RoomReadiness,
+) -> Option<(Condition, Option<i64>)> {
+    let generation = p.metadata.generation;
+    Some(match (room, outcome) {
+        (_, Some(PermissionOutcome::Duplicate(m))) => (
+            Condition::new(READY, false, "Duplicate", m.clone(), generation),
+            None,
+        ),
+        (_, Some(PermissionOutcome::Pending(m))) => (
+            Condition::new(READY, false, "Pending", m.clone(), generation),
+            None,
+        ),
+        (RoomReadiness::NotReady(m), _) => (
+            Condition::new(READY, false, "RoomNotReady", m.clone(), generation),
+            None,
+        ),
+        (
+            RoomReadiness::Converged,
+            Some(PermissionOutcome::Applied {
+                user_id,
+                power_level,
+            }),
+        ) => (
+            Condition::new(
+                READY,
+                true,
+                "Converged",
+                format!("{user_id} has power level {power_level}"),
+                generation,
             ),
-            (_, Some(PermissionOutcome::Pending(m))) => (
-                Condition::new(READY, false, "Pending", m.clone(), p.metadata.generation),
-                None,
-            ),
-            (RoomReadiness::NotReady(m), _) => (
-                Condition::new(
-                    READY,
-                    false,
-                    "RoomNotReady",
-                    m.clone(),
-                    p.metadata.generation,
-                ),
-                None,
-            ),
-            (
-                RoomReadiness::Converged,
-                Some(PermissionOutcome::Applied {
-                    user_id,
-                    power_level,
-                }),
-            ) => (
-                Condition::new(
-                    READY,
-                    true,
-                    "Converged",
-                    format!("{user_id} has power level {power_level}"),
-                    p.metadata.generation,
-                ),
-                Some(*power_level),
-            ),
-            (RoomReadiness::Converged, None) => continue,
-        };
-        write_permission_status(&ctx.client, &ctx.recorder, p, level, ready).await?;
-    }
-    Ok(())
+            Some(*power_level),
+        ),
+        (RoomReadiness::Converged, None) => return None,
+    })
 }
 
 /// Writes a permission's status, with an Event when its Ready reason changes
@@ -305,4 +330,50 @@ pub(crate) async fn write_permission_status(
 
 fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
     k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn permission() -> RoomPermission {
+        serde_yaml::from_str(
+            r#"
+apiVersion: matrix.openmeet.net/v1alpha1
+kind: RoomPermission
+metadata: {name: alice, namespace: t, generation: 4}
+spec: {roomRef: {name: r}, userRef: {name: alice}}
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_permission_follows_its_own_outcome_first_then_the_room() {
+        let p = permission();
+        let applied = PermissionOutcome::Applied {
+            user_id: "@alice:x".into(),
+            power_level: 50,
+        };
+        let (ready, level) =
+            permission_ready(&p, Some(&applied), &RoomReadiness::Converged).unwrap();
+        assert_eq!(
+            (ready.reason.as_str(), ready.is_true(), level),
+            ("Converged", true, Some(50))
+        );
+        assert_eq!(ready.observed_generation, Some(4));
+
+        let not_ready = RoomReadiness::NotReady("room: blocked".into());
+        let (ready, level) = permission_ready(&p, Some(&applied), &not_ready).unwrap();
+        assert_eq!((ready.reason.as_str(), level), ("RoomNotReady", None));
+
+        let duplicate = PermissionOutcome::Duplicate("older one".into());
+        let (ready, _) = permission_ready(&p, Some(&duplicate), &not_ready).unwrap();
+        assert_eq!(
+            ready.reason, "Duplicate",
+            "its own refusal says more than the room's"
+        );
+
+        assert!(permission_ready(&p, None, &RoomReadiness::Converged).is_none());
+    }
 }
