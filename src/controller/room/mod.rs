@@ -1,11 +1,11 @@
 //! `MatrixRoom` controller, with every `RoomPermission` naming a room folded
 //! into that room's reconcile: one state read, at most one power-levels write.
 //!
-//! A reconcile reads top to bottom in [`apply`]: fold the desired room from
-//! the caches ([`desired`]), find the room in Synapse ([`observe`]), plan
-//! ([`plan`]), apply ([`apply`](self::apply), with [`direct`] and
-//! [`publish`]), write the status ([`status`]). Deletion is [`cleanup`];
-//! [`triggers`] maps watch events to the rooms they concern.
+//! The reconcile below reads top to bottom: fold the desired room from the
+//! caches (`desired`), find the room in Synapse (`observe`), plan (`plan`),
+//! apply (`apply`, with `direct` and `publish`), write the status (`status`).
+//! Deletion is `cleanup`; `triggers` maps watch events to the rooms they
+//! concern.
 
 mod apply;
 mod cleanup;
