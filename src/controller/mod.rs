@@ -2,6 +2,7 @@
 //! Each kind has a module shaped `observe → plan (pure) → apply → status`.
 
 pub mod appservice;
+pub mod audit;
 pub mod backoff;
 pub mod claims;
 pub mod events;

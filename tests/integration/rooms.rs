@@ -155,6 +155,10 @@ async fn room_is_created_once_with_its_state_members_and_power() {
         Some(format!("#openmeet-{alias}:openmeet.test").as_str())
     );
     assert_eq!(status.joined_members, Some(3), "operator, alice, bob");
+    assert_eq!(
+        status.joined_members,
+        Some(joined_in_synapse(&env, &room).await)
+    );
 
     let s = state(&env, &room).await;
     assert_eq!(s.get("m.room.name", "").unwrap()["name"], "Meetup");
@@ -194,6 +198,28 @@ async fn room_is_created_once_with_its_state_members_and_power() {
             .unwrap_or(0)
             <= 1
     );
+
+    // Carol accepts her invite in a client: nothing for the operator to
+    // write, yet the status counts her, as Synapse does.
+    let room_id = status.room_id.clone().unwrap();
+    let token = login_as(&ids[2]).await;
+    let path = format!("/rooms/{}/join", urlencode(&room_id));
+    assert!(as_user(&token, reqwest::Method::POST, &path, json!({}))
+        .await
+        .is_success());
+    let room: MatrixRoom = wait_for("joinedMembers counts carol", || async {
+        let room = env.api::<MatrixRoom>(0).get("meetup").await.ok()?;
+        (room.status.as_ref()?.joined_members == Some(4)).then_some(room)
+    })
+    .await;
+    let joined = joined_in_synapse(&env, &room).await;
+    assert_eq!(room.status.unwrap().joined_members, Some(joined));
+}
+
+/// How many members Synapse has joined to the room, from its current state.
+async fn joined_in_synapse(env: &TestEnv, room: &MatrixRoom) -> i64 {
+    let s = state(env, room).await;
+    s.memberships().values().filter(|m| *m == "join").count() as i64
 }
 
 #[tokio::test]
@@ -300,6 +326,16 @@ async fn exclusive_removes_strangers_and_additive_keeps_them() {
         "join",
         "Additive never removes"
     );
+    // Nothing to write for the stranger there, yet the status counts what Synapse does.
+    wait_for(
+        "the Additive room's joinedMembers counts the stranger",
+        || async {
+            let room = env.api::<MatrixRoom>(0).get("additive").await.ok()?;
+            let joined = joined_in_synapse(&env, &room).await;
+            (joined == 3 && room.status?.joined_members == Some(joined)).then_some(())
+        },
+    )
+    .await;
 
     // Deleting a permission: Exclusive removes the member, Additive only drops power.
     env.api::<RoomPermission>(0)

@@ -3,6 +3,7 @@
 pub mod handle;
 pub mod plan;
 
+use super::audit::{self, Subject};
 use super::backoff::jitter;
 use super::events::Recorder;
 use super::finalizer::Cleanup;
@@ -18,10 +19,10 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::Store;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use plan::{
     global_writes, plan, plan_cleanup, precheck, Blocked, CleanupAction, Desired, UserAction,
     UserPlan,
@@ -311,7 +312,7 @@ async fn apply(
             };
             let conflict = !ready.is_true();
             if conflict {
-                warn_on_transition(user, ctx, &ready).await;
+                warn_on_transition(user, ctx, &ready);
             }
             // Converged: no create is pending any more.
             let version = write_status(user, api, Some(user_id.to_string()), ready, None).await?;
@@ -395,7 +396,7 @@ async fn converge(
                     }
                 };
                 ctx.synapse.upsert_user(user_id, change).await?;
-                record_mutation(user, ctx, verb, user_id.as_str(), change).await;
+                record_mutation(user, ctx, verb, user_id.as_str(), change);
             }
             Ok(Ok(pending_version))
         }
@@ -414,15 +415,13 @@ async fn end_sessions(
         return Ok(());
     }
     ctx.synapse.delete_devices(user_id, &devices).await?;
-    tracing::info!(
-        target: "audit",
-        kind = "MatrixUser",
-        namespace = %user.namespace().unwrap_or_default(),
-        name = %user.name_any(),
-        action = "SessionsEnded",
-        matrix_user = user_id.as_str(),
-        sessions = devices.len(),
-        "synapse mutation"
+    audit::mutation(
+        user,
+        "SessionsEnded",
+        Subject::Sessions {
+            user_id: user_id.as_str(),
+            count: devices.len(),
+        },
     );
     publish(
         user,
@@ -431,8 +430,7 @@ async fn end_sessions(
         "SessionsEnded",
         "Converge",
         format!("{user_id}: ended {} session(s)", devices.len()),
-    )
-    .await;
+    );
     Ok(())
 }
 
@@ -463,7 +461,7 @@ async fn cleanup(
             deactivated: Some(true),
             ..Default::default()
         };
-        record_mutation(user, ctx, verb, user_id.as_str(), &change).await;
+        record_mutation(user, ctx, verb, user_id.as_str(), &change);
         Ok(())
     }
     .await;
@@ -510,7 +508,7 @@ async fn block(
         blocked_message(blocked, user),
         user.metadata.generation,
     );
-    warn_on_transition(user, ctx, &ready).await;
+    warn_on_transition(user, ctx, &ready);
     // An object that owns no account must not advertise one; one refused a
     // change keeps its account, and so its rooms.
     let user_id = blocked
@@ -523,7 +521,7 @@ async fn block(
 }
 
 /// A Warning Event when the Ready reason changes to `ready`'s.
-async fn warn_on_transition(user: &MatrixUser, ctx: &Context, ready: &Condition) {
+fn warn_on_transition(user: &MatrixUser, ctx: &Context, ready: &Condition) {
     let previous = user
         .status
         .as_ref()
@@ -537,8 +535,7 @@ async fn warn_on_transition(user: &MatrixUser, ctx: &Context, ready: &Condition)
             &ready.reason,
             "Reconcile",
             ready.message.clone(),
-        )
-        .await;
+        );
     }
 }
 
@@ -572,8 +569,7 @@ async fn fail(
         error.reason(),
         "Reconcile",
         error.to_string(),
-    )
-    .await;
+    );
     Ok(Action::requeue(jitter(ctx.config.resync_interval)))
 }
 
@@ -623,7 +619,7 @@ async fn record_pending_create(
 }
 
 /// Every Synapse mutation leaves an Event on the object and an audit log line.
-async fn record_mutation(
+fn record_mutation(
     user: &MatrixUser,
     ctx: &Context,
     reason: &str,
@@ -631,15 +627,13 @@ async fn record_mutation(
     change: &UserUpsert,
 ) {
     let fields = change.field_names();
-    tracing::info!(
-        target: "audit",
-        kind = "MatrixUser",
-        namespace = %user.namespace().unwrap_or_default(),
-        name = %user.name_any(),
-        action = reason,
-        matrix_user = user_id,
-        fields = ?fields,
-        "synapse mutation"
+    audit::mutation(
+        user,
+        reason,
+        Subject::Account {
+            user_id,
+            fields: &fields,
+        },
     );
     publish(
         user,
@@ -648,11 +642,10 @@ async fn record_mutation(
         reason,
         "Converge",
         format!("{user_id}: set {}", fields.join(", ")),
-    )
-    .await;
+    );
 }
 
-async fn publish(
+fn publish(
     user: &MatrixUser,
     ctx: &Context,
     type_: EventType,
@@ -660,21 +653,7 @@ async fn publish(
     action: &str,
     note: String,
 ) {
-    let event = KubeEvent {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: action.into(),
-        secondary: None,
-    };
-    // Published off the reconcile's path: an Event is a record, not a step
-    // the next Synapse call should wait for.
-    let (recorder, reference, object) = (ctx.recorder.clone(), user.object_ref(&()), key(user));
-    tokio::spawn(async move {
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::warn!(user = %object, error = %e, "could not publish event");
-        }
-    });
+    audit::publish(&ctx.recorder, user, type_, reason, action, note);
 }
 
 #[cfg(test)]

@@ -1,0 +1,278 @@
+//! What deleting a `MatrixRoom` does in Synapse, by its deletion policy:
+//! planned from what Synapse holds by pure functions ([`close`], [`purge`]),
+//! executed by [`cleanup`].
+
+use super::apply::apply_action;
+use super::desired::{desired, full_alias, holds_alias};
+use super::observe::{locate, Located};
+use super::plan::{plan_close, DesiredRoom, RoomAction};
+use super::{audit, record, status, RoomContext};
+use crate::api::room::RoomDeletionPolicy;
+use crate::api::MatrixRoom;
+use crate::controller::finalizer::Cleanup;
+use crate::controller::{key, Error};
+use crate::synapse::rooms::{DeleteStatus, RoomState};
+use kube::runtime::events::EventType;
+use kube::Api;
+use ruma::RoomId;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// How soon a running deletion is looked at again.
+const PURGE_POLL: Duration = Duration::from_millis(500);
+
+/// One write of a cleanup.
+#[derive(Clone, Debug, PartialEq)]
+enum Step {
+    /// Unlink the room from its spaces, or remove a member.
+    Room(RoomAction),
+    /// Drop the alias, if it still points at this room.
+    DropAlias,
+    /// The admin account leaves: the room is no longer the operator's.
+    Leave,
+    /// Start deleting and purging the room; `retrying` says why the
+    /// previous deletion failed.
+    Purge { retrying: Option<String> },
+}
+
+/// The writes of one cleanup pass and where they leave the finalizer.
+#[derive(Clone, Debug, PartialEq)]
+struct CleanupPlan {
+    steps: Vec<Step>,
+    /// Once the steps are done: release the finalizer, or look again later.
+    then: Cleanup,
+    /// The Event a finished cleanup leaves: reason and note.
+    finished: Option<(&'static str, String)>,
+}
+
+impl CleanupPlan {
+    fn done() -> Self {
+        CleanupPlan {
+            steps: Vec::new(),
+            then: Cleanup::Done,
+            finished: None,
+        }
+    }
+}
+
+/// Closing: unlinked from its spaces, every local member but the admin
+/// removed, the alias dropped, the admin gone. A room the admin has left
+/// already was closed by an earlier, interrupted cleanup.
+fn close(d: &DesiredRoom, state: &RoomState, room_id: &str) -> CleanupPlan {
+    if state.memberships().get(&d.admin).map(String::as_str) != Some("join") {
+        return CleanupPlan::done();
+    }
+    let steps = plan_close(d, state)
+        .into_iter()
+        .map(Step::Room)
+        .chain([Step::DropAlias, Step::Leave])
+        .collect();
+    CleanupPlan {
+        steps,
+        then: Cleanup::Done,
+        finished: Some(("RoomClosed", format!("closed {room_id}"))),
+    }
+}
+
+/// Purging, one step per reconcile from the deletion Synapse reports: a
+/// running deletion is a requeue, never a wait inside the reconcile (a
+/// replica that loses its lease must not keep polling, let alone retrying).
+fn purge(deletion: Option<DeleteStatus>, room_id: &str) -> CleanupPlan {
+    let start = |retrying| CleanupPlan {
+        steps: vec![Step::Purge { retrying }],
+        then: Cleanup::Pending(PURGE_POLL),
+        finished: None,
+    };
+    match deletion {
+        None => start(None),
+        Some(DeleteStatus::Failed(why)) => start(Some(why)),
+        Some(DeleteStatus::InProgress) => CleanupPlan {
+            then: Cleanup::Pending(PURGE_POLL),
+            ..CleanupPlan::done()
+        },
+        Some(DeleteStatus::Complete) => CleanupPlan {
+            finished: Some(("RoomPurged", format!("deleted and purged {room_id}"))),
+            ..CleanupPlan::done()
+        },
+    }
+}
+
+pub(super) async fn cleanup(
+    room: &MatrixRoom,
+    api: &Api<MatrixRoom>,
+    ctx: &RoomContext,
+) -> Result<Cleanup, Error> {
+    if holds_alias(room, ctx).is_err() || room.spec.deletion_policy == RoomDeletionPolicy::Retain {
+        return Ok(Cleanup::Done);
+    }
+    let result = clean(room, ctx).await;
+    if let Err(error) = &result {
+        status::cleanup_failed(room, api, error).await;
+    }
+    result
+}
+
+/// Observes the room, plans its cleanup by policy, and applies the plan.
+async fn clean(room: &MatrixRoom, ctx: &RoomContext) -> Result<Cleanup, Error> {
+    let alias = full_alias(room, ctx)?;
+    let Located::Ours(room_id, state) = locate(room, &alias, ctx, true).await? else {
+        // Gone already, or never ours: nothing to clean.
+        return Ok(Cleanup::Done);
+    };
+    let plan = match room.spec.deletion_policy {
+        RoomDeletionPolicy::Retain => CleanupPlan::done(),
+        RoomDeletionPolicy::Close => {
+            close(&desired(room, ctx, BTreeMap::new(), None), &state, &room_id)
+        }
+        RoomDeletionPolicy::Purge => {
+            let deletion = ctx.synapse.room_delete_status(&room_id).await?;
+            purge(deletion, &room_id)
+        }
+    };
+    for step in &plan.steps {
+        match step {
+            Step::Room(action) => {
+                let parsed = RoomId::parse(&room_id).map_err(|e| Error::Invalid(e.to_string()))?;
+                apply_action(&room_id, &parsed, action, ctx).await?;
+                audit(room, &room_id, &action.describe());
+            }
+            Step::DropAlias => {
+                if ctx.synapse.resolve_alias(&alias).await?.as_deref() == Some(room_id.as_str()) {
+                    ctx.synapse.delete_alias(&alias).await?;
+                    audit(room, &room_id, "drop alias");
+                }
+            }
+            Step::Leave => {
+                ctx.synapse.leave(&room_id).await?;
+                audit(room, &room_id, "leave");
+            }
+            Step::Purge { retrying } => {
+                if let Some(why) = retrying {
+                    tracing::warn!(room = %key(room), room_id, why, "room deletion failed; retrying");
+                }
+                ctx.synapse.delete_room(&room_id, true).await?;
+                let action = match retrying {
+                    Some(_) => "delete and purge (retry)",
+                    None => "delete and purge",
+                };
+                audit(room, &room_id, action);
+            }
+        }
+    }
+    if let Some((reason, note)) = &plan.finished {
+        record(room, ctx, EventType::Normal, reason, note);
+    }
+    Ok(plan.then)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::room::{HistoryVisibility, JoinRule, MembershipPolicy};
+    use crate::controller::room::plan::Thresholds;
+    use crate::synapse::rooms::StateEvent;
+    use serde_json::json;
+
+    const ADMIN: &str = "@admin:x";
+
+    fn desired_room() -> DesiredRoom {
+        DesiredRoom {
+            alias_localpart: "openmeet-r".into(),
+            name: None,
+            topic: None,
+            avatar_url: None,
+            join_rule: JoinRule::Invite,
+            history_visibility: HistoryVisibility::Shared,
+            guest_access: false,
+            encrypted: false,
+            marker: json!({"namespace": "t", "name": "r", "uid": "u"}),
+            thresholds: Thresholds::from(None),
+            members: BTreeMap::new(),
+            membership_policy: MembershipPolicy::Exclusive,
+            admin: ADMIN.into(),
+            server_suffix: ":x".into(),
+            space: false,
+            direct: false,
+            parent: None,
+            children: None,
+        }
+    }
+
+    /// A room with these members, as `GET /state` returns it.
+    fn state(members: &[(&str, &str)]) -> RoomState {
+        let events = members
+            .iter()
+            .map(|(user, membership)| StateEvent {
+                kind: "m.room.member".into(),
+                state_key: user.to_string(),
+                sender: user.to_string(),
+                content: json!({"membership": membership}),
+            })
+            .collect();
+        RoomState::from_events(events)
+    }
+
+    #[test]
+    fn closing_removes_local_members_then_drops_the_alias_and_leaves() {
+        let s = state(&[
+            (ADMIN, "join"),
+            ("@alice:x", "join"),
+            ("@bob:x", "invite"),
+            ("@gone:x", "leave"),
+            ("@remote:y", "join"),
+        ]);
+        let plan = close(&desired_room(), &s, "!r:x");
+        assert_eq!(
+            plan.steps,
+            [
+                Step::Room(RoomAction::Kick("@alice:x".into())),
+                Step::Room(RoomAction::Kick("@bob:x".into())),
+                Step::DropAlias,
+                Step::Leave,
+            ]
+        );
+        assert_eq!(plan.then, Cleanup::Done);
+        assert_eq!(plan.finished, Some(("RoomClosed", "closed !r:x".into())));
+    }
+
+    #[test]
+    fn a_room_the_admin_left_is_closed_already() {
+        let s = state(&[(ADMIN, "leave"), ("@alice:x", "join")]);
+        assert_eq!(close(&desired_room(), &s, "!r:x"), CleanupPlan::done());
+    }
+
+    #[test]
+    fn purging_starts_once_then_waits_as_a_requeue() {
+        let started = purge(None, "!r:x");
+        assert_eq!(started.steps, [Step::Purge { retrying: None }]);
+        assert_eq!(started.then, Cleanup::Pending(PURGE_POLL));
+        assert_eq!(started.finished, None);
+
+        let running = purge(Some(DeleteStatus::InProgress), "!r:x");
+        assert!(
+            running.steps.is_empty(),
+            "a running deletion is not started again"
+        );
+        assert_eq!(running.then, Cleanup::Pending(PURGE_POLL));
+    }
+
+    #[test]
+    fn a_failed_purge_is_retried_and_a_complete_one_releases() {
+        let retried = purge(Some(DeleteStatus::Failed("boom".into())), "!r:x");
+        assert_eq!(
+            retried.steps,
+            [Step::Purge {
+                retrying: Some("boom".into())
+            }]
+        );
+        assert_eq!(retried.then, Cleanup::Pending(PURGE_POLL));
+
+        let complete = purge(Some(DeleteStatus::Complete), "!r:x");
+        assert!(complete.steps.is_empty());
+        assert_eq!(complete.then, Cleanup::Done);
+        assert_eq!(
+            complete.finished,
+            Some(("RoomPurged", "deleted and purged !r:x".into()))
+        );
+    }
+}

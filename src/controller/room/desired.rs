@@ -1,0 +1,227 @@
+//! The desired room, folded from the object, the permissions naming it and
+//! the caches: nothing here reads Synapse.
+
+use super::fold::{self, fold, PermissionOutcome, UserRefState};
+use super::plan::{DesiredRoom, Thresholds};
+use super::status::Blocked;
+use super::{direct, tree, RoomContext};
+use crate::api::conditions;
+use crate::api::{MatrixRoom, RoomPermission};
+use crate::controller::memo::fingerprint;
+use crate::controller::{claims, key, Error};
+use kube::runtime::reflector::ObjectRef;
+use kube::ResourceExt;
+use ruma::{OwnedRoomAliasId, RoomAliasId};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What the room should be, with what its permissions came to.
+pub(super) struct Wanted {
+    pub desired: DesiredRoom,
+    /// Each permission's outcome, by name: written to its status.
+    pub outcomes: BTreeMap<String, PermissionOutcome>,
+    pub alias: OwnedRoomAliasId,
+    /// Members whose `m.direct` cannot be written now (see [`direct`]).
+    pub unlistable: BTreeSet<String>,
+}
+
+impl Wanted {
+    /// Everything a convergence depends on. Permission outcomes are part of
+    /// it: a new Pending or Duplicate permission changes no member, but its
+    /// status must still be written.
+    pub fn fingerprint(&self, room: &MatrixRoom) -> u64 {
+        fingerprint(&(
+            &self.desired,
+            &self.outcomes,
+            room.spec.publish_to_directory,
+            room.metadata.generation,
+            &self.unlistable,
+        ))
+    }
+}
+
+/// Why the room cannot be converged yet, found before any Synapse read.
+pub(super) struct Held {
+    pub blocked: Blocked,
+    /// Resolves by itself: look again after this long instead of at the resync.
+    pub retry: Option<Duration>,
+}
+
+/// Folds the desired room, or says why it is held back: an older object
+/// holds the alias, the parent space is not there (or refused), or a Direct
+/// room does not have two members.
+pub(super) fn fold_desired(
+    room: &MatrixRoom,
+    ctx: &RoomContext,
+    perms: &[Arc<RoomPermission>],
+) -> Result<Result<Wanted, Held>, Error> {
+    let held = |blocked, retry| Ok(Err(Held { blocked, retry }));
+    if let Err(message) = holds_alias(room, ctx) {
+        return held(Blocked::alias_conflict(message), None);
+    }
+    let parent = match parent_of(room, ctx) {
+        tree::Parent::None => None,
+        tree::Parent::Ready(id) => Some(id),
+        // The parent's own changes trigger this room; the requeue is a fallback.
+        tree::Parent::Waiting { reason, message } => {
+            return held(Blocked::new(reason, message), Some(Duration::from_secs(30)))
+        }
+        tree::Parent::Refused { reason, message } => {
+            return held(Blocked::new(reason, message), None)
+        }
+    };
+    let alias = full_alias(room, ctx)?;
+    let ns = room.namespace().unwrap_or_default();
+    let perm_refs: Vec<&RoomPermission> = perms.iter().map(|p| p.as_ref()).collect();
+    let (members, outcomes) = fold(&perm_refs, |name| user_state(ctx, &ns, name));
+    if room.spec.is_direct() {
+        let declared = fold::declared_members(&perm_refs, &outcomes);
+        if declared != 2 {
+            let message = format!(
+                "a Direct room has exactly two members; RoomPermissions declare {declared}"
+            );
+            return held(Blocked::new("DirectMemberCount", message), None);
+        }
+    }
+    let desired = desired(room, ctx, members, parent);
+    let unlistable = direct::unlistable_members(&desired, perms, ctx, &ns);
+    Ok(Ok(Wanted {
+        desired,
+        outcomes,
+        alias,
+        unlistable,
+    }))
+}
+
+/// The ownership marker state content for this object.
+pub(super) fn marker(room: &MatrixRoom) -> Value {
+    json!({
+        "namespace": room.namespace().unwrap_or_default(),
+        "name": room.name_any(),
+        "uid": room.metadata.uid.clone().unwrap_or_default(),
+    })
+}
+
+pub(super) fn full_alias(room: &MatrixRoom, ctx: &RoomContext) -> Result<OwnedRoomAliasId, Error> {
+    let alias = format!(
+        "#{}{}:{}",
+        ctx.config.alias_prefix,
+        room.spec.alias,
+        ctx.synapse.server_name()
+    );
+    RoomAliasId::parse(&alias).map_err(|e| Error::Invalid(format!("alias {alias:?}: {e}")))
+}
+
+/// Whether this object holds its alias (oldest claim wins, homeserver-wide).
+/// The message never names the holder, which may be another tenant's; the
+/// operator's log does.
+pub(super) fn holds_alias(room: &MatrixRoom, ctx: &RoomContext) -> Result<(), String> {
+    claims::check(&ctx.rooms.state(), room, |r| {
+        r.spec.alias == room.spec.alias
+    })
+    .map_err(|holder| {
+        tracing::info!(room = %key(room), %holder, "alias claimed by an older object");
+        format!(
+            "alias {:?} is already claimed by another, older MatrixRoom",
+            room.spec.alias
+        )
+    })
+}
+
+/// The permissions naming this room, from the cache.
+pub(super) fn permissions_of(room: &MatrixRoom, ctx: &RoomContext) -> Vec<Arc<RoomPermission>> {
+    let ns = room.namespace();
+    let name = room.name_any();
+    ctx.permissions
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace() == ns && p.spec.room_ref.name == name)
+        .collect()
+}
+
+fn user_state(ctx: &RoomContext, ns: &str, name: &str) -> UserRefState {
+    fold::user_ref_state(ctx.users.get(&ObjectRef::new(name).within(ns)).as_deref())
+}
+
+pub(super) fn desired(
+    room: &MatrixRoom,
+    ctx: &RoomContext,
+    members: BTreeMap<String, (crate::api::permission::Membership, i64)>,
+    parent: Option<String>,
+) -> DesiredRoom {
+    let spec = &room.spec;
+    // A space lists its children; an ordinary room's m.space.child events
+    // are not the operator's (and cost nothing to leave alone).
+    let children = spec.is_space().then(|| {
+        let ns = room.namespace();
+        let rooms: Vec<_> = ctx
+            .rooms
+            .state()
+            .into_iter()
+            .filter(|r| r.namespace() == ns)
+            .collect();
+        tree::children(room, &rooms)
+    });
+    DesiredRoom {
+        alias_localpart: format!("{}{}", ctx.config.alias_prefix, spec.alias),
+        name: spec.name.clone(),
+        topic: spec.topic.clone(),
+        avatar_url: spec.avatar_url.clone(),
+        join_rule: spec.join_rule,
+        history_visibility: spec.history_visibility,
+        guest_access: spec.guest_access,
+        encrypted: spec.encryption(),
+        marker: marker(room),
+        thresholds: Thresholds::from(spec.permissions.as_ref()),
+        members,
+        membership_policy: spec.membership_policy,
+        admin: ctx.synapse.admin_user_id().to_string(),
+        server_suffix: format!(":{}", ctx.synapse.server_name()),
+        space: spec.is_space(),
+        direct: spec.is_direct(),
+        parent,
+        children,
+    }
+}
+
+/// The room's parent space, resolved from the cache.
+fn parent_of(room: &MatrixRoom, ctx: &RoomContext) -> tree::Parent {
+    let ns = room.namespace().unwrap_or_default();
+    tree::parent(room, |name| {
+        ctx.rooms.get(&ObjectRef::new(name).within(&ns))
+    })
+}
+
+/// How long to wait for referenced users that are still being created: not
+/// yet in the cache (the platform writes a user and its permissions
+/// together), or not yet reconciled once. Bounded by age, so a permission
+/// naming a user that never comes holds a room back for ten seconds, and a
+/// user the operator has not reached yet for two minutes, at most. Each user
+/// turning Ready triggers the room anyway; the requeue is only the fallback.
+pub(super) fn users_in_flight(
+    perms: &[Arc<RoomPermission>],
+    ctx: &RoomContext,
+    ns: &str,
+) -> Option<Duration> {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let younger = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, secs: i64| {
+        meta.creation_timestamp
+            .as_ref()
+            .is_some_and(|t| now.duration_since(t.0).as_secs() < secs)
+    };
+    perms.iter().find_map(|p| {
+        let in_flight = match ctx
+            .users
+            .get(&ObjectRef::new(&p.spec.user_ref.name).within(ns))
+        {
+            None => younger(&p.metadata, 10),
+            Some(user) => {
+                !conditions::observed(user.status.as_ref().and_then(|s| s.observed_generation))
+                    && younger(&user.metadata, 120)
+            }
+        };
+        in_flight.then_some(Duration::from_secs(5))
+    })
+}

@@ -1,0 +1,128 @@
+//! Finding the room in Synapse and reading what it holds; whether it is
+//! this object's is the marker's say.
+
+use super::desired::marker;
+use super::plan::{self, marker_matches};
+use super::RoomContext;
+use crate::api::MatrixRoom;
+use crate::controller::{key, Error};
+use crate::synapse::rooms::RoomState;
+use ruma::RoomAliasId;
+use std::collections::BTreeSet;
+
+/// The room this object converges, as read before any write.
+pub(super) struct Found {
+    pub room_id: String,
+    pub state: RoomState,
+    /// Made by this reconcile (its creation is not drift).
+    pub created: bool,
+}
+
+/// A room's state as the admin account sees it. A `createRoom` cut short
+/// right after the create event leaves a room the admin account is not even
+/// joined to: read it through the admin API and, when it is such an
+/// unfinished room of the operator's, join it (its creator may) so that it
+/// can be completed. Any other room the admin cannot read stays unreadable.
+async fn readable_state(room_id: &str, ctx: &RoomContext) -> Result<Option<RoomState>, Error> {
+    if let Some(state) = ctx.synapse.room_state(room_id).await? {
+        return Ok(Some(state));
+    }
+    let admin = ctx.synapse.admin_user_id().as_str();
+    match ctx.synapse.admin_room_state(room_id).await? {
+        Some(state) if plan::unfinished_by(&state, admin) => {
+            tracing::info!(room_id, "joining a room whose creation was cut short");
+            ctx.synapse.join_self(room_id).await?;
+            Ok(ctx.synapse.room_state(room_id).await?)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Whether the room is this object's: its marker says so, or it is one the
+/// operator began and a Synapse stop cut short (then the plan completes it).
+fn is_ours(room: &MatrixRoom, state: &RoomState, ctx: &RoomContext) -> bool {
+    if marker_matches(state, &marker(room)) {
+        return true;
+    }
+    let unfinished = plan::unfinished_by(state, ctx.synapse.admin_user_id().as_str());
+    if unfinished {
+        tracing::info!(room = %key(room), "completing a room whose creation was cut short");
+    }
+    unfinished
+}
+
+/// Where the room is, if it exists and is this object's.
+pub(super) enum Located {
+    Ours(String, RoomState),
+    Absent,
+    Foreign(String),
+}
+
+/// Finds the room: by status, else (when `resolve` is set) by alias; the
+/// marker decides ownership. Without `resolve`, an unknown room is reported
+/// absent: the create that follows takes the alias as its lock, and
+/// `M_ROOM_IN_USE` sends it back here by alias.
+pub(super) async fn locate(
+    room: &MatrixRoom,
+    alias: &RoomAliasId,
+    ctx: &RoomContext,
+    resolve: bool,
+) -> Result<Located, Error> {
+    let known = room.status.as_ref().and_then(|s| s.room_id.clone());
+    let candidate = match known {
+        Some(id) => Some(id),
+        None if resolve => ctx.synapse.resolve_alias(alias).await?,
+        None => None,
+    };
+    let Some(room_id) = candidate else {
+        return Ok(Located::Absent);
+    };
+    match readable_state(&room_id, ctx).await? {
+        Some(state) if is_ours(room, &state, ctx) => Ok(Located::Ours(room_id, state)),
+        Some(_) => Ok(Located::Foreign(room_id)),
+        None => Ok(Located::Foreign(room_id)),
+    }
+}
+
+/// After `M_ROOM_IN_USE`: the room under the alias, if it carries our marker.
+pub(super) async fn locate_by_alias(
+    room: &MatrixRoom,
+    alias: &RoomAliasId,
+    ctx: &RoomContext,
+) -> Result<Option<(String, RoomState)>, Error> {
+    let Some(id) = ctx.synapse.resolve_alias(alias).await? else {
+        return Ok(None);
+    };
+    match readable_state(&id, ctx).await? {
+        Some(state) if is_ours(room, &state, ctx) => Ok(Some((id, state))),
+        _ => Ok(None),
+    }
+}
+
+/// The joined members of a room (a parent space), or none when unreadable.
+pub(super) async fn joined_members_of(
+    room_id: &str,
+    ctx: &RoomContext,
+) -> Result<BTreeSet<String>, Error> {
+    Ok(ctx
+        .synapse
+        .room_state(room_id)
+        .await?
+        .map(|s| {
+            s.memberships()
+                .into_iter()
+                .filter(|(_, m)| m == "join")
+                .map(|(u, _)| u)
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Joined members in a room's state, the admin account included.
+pub(super) fn joined_count(state: &RoomState) -> u64 {
+    state
+        .memberships()
+        .values()
+        .filter(|m| m.as_str() == "join")
+        .count() as u64
+}

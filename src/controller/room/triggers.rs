@@ -1,0 +1,126 @@
+//! What wakes a room: its own changes, and the permissions, users and other
+//! rooms that fold into it.
+
+use super::{tree, RoomContext};
+use crate::api::{MatrixRoom, MatrixUser, RoomPermission};
+use crate::controller::{self, key, ReconcileStats};
+use crate::controller::{events::Recorder, OperatorConfig};
+use crate::synapse::SynapseClient;
+use futures::{Stream, StreamExt};
+use kube::runtime::controller::Controller;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The shared caches the room controller reads.
+pub struct Caches {
+    pub rooms: Store<MatrixRoom>,
+    pub users: Store<MatrixUser>,
+    pub permissions: Store<RoomPermission>,
+}
+
+/// The shared watch subscriptions that trigger room reconciles.
+pub struct Triggers<A, B, C, D> {
+    /// Every applied `MatrixRoom`.
+    pub objects: A,
+    /// Permissions, deletions included: each folds into its room.
+    pub permissions: B,
+    /// Users, deletions included: the rooms their permissions name.
+    pub users: C,
+    /// Rooms, deletions included: alias claimants decide again.
+    pub peers: D,
+}
+
+/// Runs the `MatrixRoom` controller until `shutdown` resolves.
+#[allow(clippy::too_many_arguments)]
+pub async fn run<A, B, C, D>(
+    caches: Caches,
+    triggers: Triggers<A, B, C, D>,
+    client: Client,
+    synapse: SynapseClient,
+    config: OperatorConfig,
+    recorder: Recorder,
+    stats: Arc<ReconcileStats>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) where
+    A: Stream<Item = Arc<MatrixRoom>> + Send + 'static,
+    B: Stream<Item = Arc<RoomPermission>> + Send + 'static,
+    C: Stream<Item = Arc<MatrixUser>> + Send + 'static,
+    D: Stream<Item = Arc<MatrixRoom>> + Send + 'static,
+{
+    let ctx = Arc::new(RoomContext {
+        client,
+        synapse,
+        config,
+        recorder,
+        rooms: caches.rooms.clone(),
+        users: caches.users,
+        permissions: caches.permissions.clone(),
+        backoff: controller::default_backoff(),
+        stats,
+        memo: Default::default(),
+    });
+    let perms_for_users = caches.permissions;
+    let rooms_for_claims = caches.rooms.clone();
+    let spaces = std::sync::Mutex::new(tree::SpaceIndex::default());
+    let evict = ctx.clone();
+    Controller::for_shared_stream(triggers.objects, caches.rooms)
+        // A permission changed or went away: its room folds it in.
+        .watches_shared_stream(triggers.permissions, |p: Arc<RoomPermission>| {
+            Some(ObjectRef::new(&p.spec.room_ref.name).within(&p.namespace().unwrap_or_default()))
+        })
+        // A user changed (or went away): the rooms that reference it.
+        .watches_shared_stream(triggers.users, move |u: Arc<MatrixUser>| {
+            let ns = u.namespace().unwrap_or_default();
+            let name = u.name_any();
+            perms_for_users
+                .state()
+                .iter()
+                .filter(|p| {
+                    p.namespace().as_deref() == Some(ns.as_str()) && p.spec.user_ref.name == name
+                })
+                .map(|p| ObjectRef::new(&p.spec.room_ref.name).within(&ns))
+                .collect::<Vec<_>>()
+        })
+        // A room changed: its parents (old and new) and children see it;
+        // when it went away, the others claiming its alias decide again.
+        .watches_shared_stream(triggers.peers, move |r: Arc<MatrixRoom>| {
+            let me = ObjectRef::from_obj(r.as_ref());
+            let gone = rooms_for_claims.get(&me).is_none();
+            if gone {
+                evict.memo.forget(&key(r.as_ref()));
+                evict.backoff.reset(&key(r.as_ref()));
+            }
+            let leaving = r.metadata.deletion_timestamp.is_some() || gone;
+            let ns = r.namespace().unwrap_or_default();
+            let parent = r.spec.parent_ref.as_ref().map(|p| p.name.as_str());
+            let mut related: Vec<ObjectRef<MatrixRoom>> = spaces
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .update(&ns, &r.name_any(), parent.filter(|_| !gone))
+                .into_iter()
+                .map(|name| ObjectRef::new(&name).within(&ns))
+                .collect();
+            if leaving {
+                related.extend(
+                    rooms_for_claims
+                        .state()
+                        .iter()
+                        .filter(|o| o.spec.alias == r.spec.alias)
+                        .map(|o| ObjectRef::from_obj(o.as_ref()))
+                        .filter(|o| *o != me),
+                );
+            }
+            related
+        })
+        .with_config(controller::controller_config(
+            &ctx.config,
+            Duration::from_millis(100),
+        ))
+        .graceful_shutdown_on(shutdown)
+        .run(super::reconcile, super::error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
