@@ -212,9 +212,6 @@ pub mod keys {
         if let Some(parent) = &r.spec.parent_ref {
             keys.push(children_of(&ns, &parent.name));
         }
-        if let Some(id) = r.status.as_ref().and_then(|s| s.room_id.as_deref()) {
-            keys.push(room_id(id));
-        }
         keys
     }
 
@@ -224,10 +221,6 @@ pub mod keys {
 
     pub fn children_of(namespace: &str, parent: &str) -> String {
         format!("parent/{namespace}/{parent}")
-    }
-
-    pub fn room_id(room_id: &str) -> String {
-        format!("roomid/{room_id}")
     }
 }
 

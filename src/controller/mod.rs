@@ -389,6 +389,7 @@ impl Operator {
         };
         let user_index = users.index(index::keys::user);
         let permission_index = permissions.index(index::keys::permission);
+        let room_index = rooms.index(index::keys::room);
         let permission_triggers = permission::Triggers {
             objects: permissions.subscribe(),
             rooms: rooms.subscribe_with_deletions(),
@@ -440,6 +441,7 @@ impl Operator {
                 rooms_store.clone(),
                 shutdown.clone(),
             );
+            let permission_index = permission_index.clone();
             let synced = self.synced.clone();
             async move {
                 // Folding permissions needs complete caches: an empty one would
@@ -459,6 +461,8 @@ impl Operator {
                         rooms,
                         users,
                         permissions,
+                        permission_index,
+                        room_index,
                     },
                     room_triggers,
                     client,

@@ -7,6 +7,7 @@ use super::status::Blocked;
 use super::{direct, tree, RoomContext};
 use crate::api::conditions;
 use crate::api::{MatrixRoom, RoomPermission};
+use crate::controller::index::keys;
 use crate::controller::memo::fingerprint;
 use crate::controller::{claims, key, Error};
 use kube::runtime::reflector::ObjectRef;
@@ -118,10 +119,10 @@ pub(super) fn full_alias(room: &MatrixRoom, ctx: &RoomContext) -> Result<OwnedRo
 /// The message never names the holder, which may be another tenant's; the
 /// operator's log does.
 pub(super) fn holds_alias(room: &MatrixRoom, ctx: &RoomContext) -> Result<(), String> {
-    claims::check(&ctx.rooms.state(), room, |r| {
-        r.spec.alias == room.spec.alias
-    })
-    .map_err(|holder| {
+    let rivals = ctx
+        .room_index
+        .get(&ctx.rooms, &keys::alias(&room.spec.alias));
+    claims::check(&rivals, room, |r| r.spec.alias == room.spec.alias).map_err(|holder| {
         tracing::info!(room = %key(room), %holder, "alias claimed by an older object");
         format!(
             "alias {:?} is already claimed by another, older MatrixRoom",
@@ -132,13 +133,9 @@ pub(super) fn holds_alias(room: &MatrixRoom, ctx: &RoomContext) -> Result<(), St
 
 /// The permissions naming this room, from the cache.
 pub(super) fn permissions_of(room: &MatrixRoom, ctx: &RoomContext) -> Vec<Arc<RoomPermission>> {
-    let ns = room.namespace();
-    let name = room.name_any();
-    ctx.permissions
-        .state()
-        .into_iter()
-        .filter(|p| p.namespace() == ns && p.spec.room_ref.name == name)
-        .collect()
+    let ns = room.namespace().unwrap_or_default();
+    let key = keys::permissions_of_room(&ns, &room.name_any());
+    ctx.permission_index.get(&ctx.permissions, &key)
 }
 
 fn user_state(ctx: &RoomContext, ns: &str, name: &str) -> UserRefState {
@@ -155,14 +152,9 @@ pub(super) fn desired(
     // A space lists its children; an ordinary room's m.space.child events
     // are not the operator's (and cost nothing to leave alone).
     let children = spec.is_space().then(|| {
-        let ns = room.namespace();
-        let rooms: Vec<_> = ctx
-            .rooms
-            .state()
-            .into_iter()
-            .filter(|r| r.namespace() == ns)
-            .collect();
-        tree::children(room, &rooms)
+        let ns = room.namespace().unwrap_or_default();
+        let key = keys::children_of(&ns, &room.name_any());
+        tree::children(room, &ctx.room_index.get(&ctx.rooms, &key))
     });
     DesiredRoom {
         alias_localpart: format!("{}{}", ctx.config.alias_prefix, spec.alias),

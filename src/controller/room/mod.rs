@@ -25,6 +25,7 @@ pub use triggers::{run, Caches, Triggers};
 use super::audit::Subject;
 use super::backoff::jitter;
 use super::events::Recorder;
+use super::index::Index;
 use super::outcome::{self, Outcome};
 use super::{key, Error, OperatorConfig, ReconcileStats};
 use crate::api::conditions::{self, READY};
@@ -55,6 +56,10 @@ pub struct RoomContext {
     pub rooms: Store<MatrixRoom>,
     pub users: Store<MatrixUser>,
     pub permissions: Store<RoomPermission>,
+    /// Permissions by room and by user.
+    pub permission_index: Arc<Index<RoomPermission>>,
+    /// Rooms by alias and parent.
+    pub room_index: Arc<Index<MatrixRoom>>,
     pub backoff: super::backoff::Backoff,
     pub stats: Arc<ReconcileStats>,
     /// What each room was last converged to: skips reconciles our own status

@@ -3,6 +3,7 @@
 
 use super::{tree, RoomContext};
 use crate::api::{MatrixRoom, MatrixUser, RoomPermission};
+use crate::controller::index::{keys, Index};
 use crate::controller::{self, key, ReconcileStats};
 use crate::controller::{events::Recorder, OperatorConfig};
 use crate::synapse::SynapseClient;
@@ -19,6 +20,8 @@ pub struct Caches {
     pub rooms: Store<MatrixRoom>,
     pub users: Store<MatrixUser>,
     pub permissions: Store<RoomPermission>,
+    pub permission_index: Arc<Index<RoomPermission>>,
+    pub room_index: Arc<Index<MatrixRoom>>,
 }
 
 /// The shared watch subscriptions that trigger room reconciles.
@@ -58,12 +61,14 @@ pub async fn run<A, B, C, D>(
         rooms: caches.rooms.clone(),
         users: caches.users,
         permissions: caches.permissions.clone(),
+        permission_index: caches.permission_index.clone(),
+        room_index: caches.room_index.clone(),
         backoff: controller::default_backoff(),
         stats,
         memo: Default::default(),
     });
-    let perms_for_users = caches.permissions;
-    let rooms_for_claims = caches.rooms.clone();
+    let (perms_for_users, perms_by_user) = (caches.permissions, caches.permission_index);
+    let (rooms_for_claims, rooms_by_alias) = (caches.rooms.clone(), caches.room_index);
     let spaces = std::sync::Mutex::new(tree::SpaceIndex::default());
     let evict = ctx.clone();
     Controller::for_shared_stream(triggers.objects, caches.rooms)
@@ -75,14 +80,14 @@ pub async fn run<A, B, C, D>(
         .watches_shared_stream(triggers.users, move |u: Arc<MatrixUser>| {
             let ns = u.namespace().unwrap_or_default();
             let name = u.name_any();
-            perms_for_users
-                .state()
+            let mut rooms: Vec<ObjectRef<MatrixRoom>> = perms_by_user
+                .get(&perms_for_users, &keys::permissions_of_user(&ns, &name))
                 .iter()
-                .filter(|p| {
-                    p.namespace().as_deref() == Some(ns.as_str()) && p.spec.user_ref.name == name
-                })
                 .map(|p| ObjectRef::new(&p.spec.room_ref.name).within(&ns))
-                .collect::<Vec<_>>()
+                .collect();
+            rooms.sort_by(|a, b| a.name.cmp(&b.name));
+            rooms.dedup();
+            rooms
         })
         // A room changed: its parents (old and new) and children see it;
         // when it went away, the others claiming its alias decide again.
@@ -105,10 +110,9 @@ pub async fn run<A, B, C, D>(
                 .collect();
             if leaving {
                 related.extend(
-                    rooms_for_claims
-                        .state()
+                    rooms_by_alias
+                        .get(&rooms_for_claims, &keys::alias(&r.spec.alias))
                         .iter()
-                        .filter(|o| o.spec.alias == r.spec.alias)
                         .map(|o| ObjectRef::from_obj(o.as_ref()))
                         .filter(|o| *o != me),
                 );
