@@ -6,6 +6,8 @@
 //! `BENCH_SCALE=10` multiplies the tenant (10,000 users, 1,000 rooms,
 //! 20,000 permissions); `BENCH_USERS` / `BENCH_ROOMS` set it directly.
 //! `SYNAPSE_DATABASE=postgres` runs it against Synapse on PostgreSQL.
+//! `BENCH_MINIMAL=0` skips replaying the minimal sequence (it doubles a
+//! large run; the ratio is then taken from the smaller size).
 
 #[allow(dead_code)]
 #[path = "../tests/integration/harness.rs"]
@@ -474,7 +476,13 @@ async fn main() {
     api_by_kind.sort_by_key(|k| std::cmp::Reverse(k.1));
 
     // --- the minimal sequence, issued directly ------------------------------
-    let minimal = minimal_sequence(&run, users, rooms).await;
+    // Skippable at large sizes, where it doubles the run: the ratio is then
+    // the smaller size's.
+    let minimal = if env_usize("BENCH_MINIMAL", 1) == 0 {
+        None
+    } else {
+        Some(minimal_sequence(&run, users, rooms).await)
+    };
 
     // --- a full no-op resync: a fresh controller reconciles everything once ---
     let rss_kib = controller.peak_rss_kib();
@@ -523,20 +531,23 @@ async fn main() {
             if *write { "  (write)" } else { "" }
         );
     }
-    println!(
-        "minimal sequence replayed directly: {} requests in {:.2}s",
-        minimal.1,
-        minimal.0.as_secs_f64()
-    );
-    println!(
-        "ratio operator / minimal time: {:.2}",
-        converge_time.as_secs_f64() / minimal.0.as_secs_f64()
-    );
-    println!(
-        "Synapse requests operator / minimal: {total} / {} ({:+.1} %)",
-        minimal.1,
-        (total as f64 / minimal.1 as f64 - 1.0) * 100.0
-    );
+    match minimal {
+        Some((minimal_time, minimal_requests)) => {
+            println!(
+                "minimal sequence replayed directly: {minimal_requests} requests in {:.2}s",
+                minimal_time.as_secs_f64()
+            );
+            println!(
+                "ratio operator / minimal time: {:.2}",
+                converge_time.as_secs_f64() / minimal_time.as_secs_f64()
+            );
+            println!(
+                "Synapse requests operator / minimal: {total} / {minimal_requests} ({:+.1} %)",
+                (total as f64 / minimal_requests as f64 - 1.0) * 100.0
+            );
+        }
+        None => println!("minimal sequence: not replayed (BENCH_MINIMAL=0)"),
+    }
     print_timeline(&timeline);
     println!("full no-op resync: {resync_writes} writes, {resync_reads} reads ({users} users + {rooms} rooms) in {:.1}s", resync_time.as_secs_f64());
     println!(
