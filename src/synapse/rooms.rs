@@ -8,7 +8,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use synapse_admin_api::room_membership::join_room;
-use synapse_admin_api::rooms::room_members;
 
 /// One state event as `GET /rooms/<id>/state` returns it.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -229,22 +228,6 @@ impl SynapseClient {
         let target: OwnedRoomOrAliasId = room_id.to_owned().into();
         let request = join_room::v1::Request::new(target, user_id.to_owned());
         self.send(request, RequestKind::AdminJoin).await.map(|_| ())
-    }
-
-    /// How many members are joined to the room, counted by Synapse from
-    /// its current state (the admin API's member list; the stats behind the
-    /// room-details endpoint are updated in the background and may lag).
-    pub async fn joined_member_count(&self, room_id: &RoomId) -> Result<u64, SynapseError> {
-        use ruma::api::IncomingResponseExt;
-        let request = room_members::v1::Request::new(room_id.to_owned());
-        let (status, body) = self.send(request, RequestKind::GetRoomMembers).await?;
-        let answer = http::Response::builder()
-            .status(status)
-            .body(body.as_ref())
-            .map_err(|e| SynapseError::Decode(e.to_string()))?;
-        let members = room_members::v1::Response::try_from_http_response(answer)
-            .map_err(|e| SynapseError::Decode(format!("room members: {e}")))?;
-        Ok(members.total.into())
     }
 
     /// invite / kick / ban / unban as the admin account.

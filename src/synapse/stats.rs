@@ -19,7 +19,6 @@ pub enum RequestKind {
     CreateRoom,
     ResolveAlias,
     GetRoomState,
-    GetRoomMembers,
     PutState,
     PutPowerLevels,
     AdminJoin,
@@ -51,7 +50,6 @@ impl RequestKind {
             RequestKind::GetUser
                 | RequestKind::ResolveAlias
                 | RequestKind::GetRoomState
-                | RequestKind::GetRoomMembers
                 | RequestKind::GetDirectory
                 | RequestKind::DeleteStatus
                 | RequestKind::FindUserByThreepid
@@ -69,7 +67,6 @@ impl RequestKind {
             RequestKind::CreateRoom => "create_room",
             RequestKind::ResolveAlias => "resolve_alias",
             RequestKind::GetRoomState => "get_room_state",
-            RequestKind::GetRoomMembers => "get_room_members",
             RequestKind::PutState => "put_state",
             RequestKind::PutPowerLevels => "put_power_levels",
             RequestKind::AdminJoin => "admin_join",

@@ -114,17 +114,13 @@ pub(super) async fn apply(
         !created && !room_plan.actions.is_empty() && ctx.memo.same_desired(&key(room), fingerprint);
     let room_id_parsed =
         RoomId::parse(&room_id).map_err(|e| Error::Invalid(format!("room id {room_id:?}: {e}")))?;
+    let mut confirmed = Vec::with_capacity(room_plan.actions.len());
     for action in &room_plan.actions {
         apply_action(&room_id, &room_id_parsed, action, ctx).await?;
         audit(room, &room_id, &action.describe());
+        confirmed.push(action);
     }
-    // Synapse's count, not the plan's prediction: read back after writes;
-    // with nothing written, the state read for the plan already says it.
-    let joined_members = if room_plan.actions.is_empty() {
-        joined_count(&state)
-    } else {
-        ctx.synapse.joined_member_count(&room_id_parsed).await?
-    };
+    let joined_members = joined_count(&state, &confirmed);
     if !room_plan.actions.is_empty() && !created {
         let summary: Vec<String> = room_plan.actions.iter().map(RoomAction::describe).collect();
         let reason = if drift {

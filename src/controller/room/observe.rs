@@ -2,7 +2,7 @@
 //! this object's is the marker's say.
 
 use super::desired::marker;
-use super::plan::{self, marker_matches};
+use super::plan::{self, marker_matches, RoomAction};
 use super::RoomContext;
 use crate::api::MatrixRoom;
 use crate::controller::{key, Error};
@@ -118,11 +118,57 @@ pub(super) async fn joined_members_of(
         .unwrap_or_default())
 }
 
-/// Joined members in a room's state, the admin account included.
-pub(super) fn joined_count(state: &RoomState) -> u64 {
-    state
+/// Joined members, the admin account included: those the state read shows
+/// joined, changed by the membership writes Synapse has since confirmed (a
+/// join answered 200 is a joined member, a kick or ban answered 200 is not).
+/// Synapse's own answers, not the plan's prediction, and no read-back.
+pub(super) fn joined_count(state: &RoomState, confirmed: &[&RoomAction]) -> u64 {
+    let mut joined: BTreeSet<String> = state
         .memberships()
-        .values()
-        .filter(|m| m.as_str() == "join")
-        .count() as u64
+        .into_iter()
+        .filter(|(_, m)| m == "join")
+        .map(|(u, _)| u)
+        .collect();
+    for action in confirmed {
+        match action {
+            RoomAction::Join(u) => {
+                joined.insert(u.clone());
+            }
+            RoomAction::Kick(u) | RoomAction::Ban(u) => {
+                joined.remove(u);
+            }
+            _ => {}
+        }
+    }
+    joined.len() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synapse::rooms::StateEvent;
+    use serde_json::json;
+
+    #[test]
+    fn joined_members_are_the_state_read_plus_confirmed_writes() {
+        let events: Vec<StateEvent> = serde_json::from_value(json!([
+            {"type": "m.room.member", "state_key": "@op:x", "sender": "@op:x", "content": {"membership": "join"}},
+            {"type": "m.room.member", "state_key": "@a:x", "sender": "@a:x", "content": {"membership": "join"}},
+            {"type": "m.room.member", "state_key": "@b:x", "sender": "@b:x", "content": {"membership": "invite"}},
+            {"type": "m.room.member", "state_key": "@c:x", "sender": "@c:x", "content": {"membership": "leave"}},
+        ]))
+        .unwrap();
+        let state = RoomState::from_events(events);
+        assert_eq!(joined_count(&state, &[]), 2);
+        let (join_b, join_a, kick_a, invite_c, ban_gone) = (
+            RoomAction::Join("@b:x".into()),
+            RoomAction::Join("@a:x".into()),
+            RoomAction::Kick("@a:x".into()),
+            RoomAction::Invite("@c:x".into()),
+            RoomAction::Ban("@d:x".into()),
+        );
+        // An invite is not a member yet; joining a joined user counts once.
+        assert_eq!(joined_count(&state, &[&join_b, &invite_c, &join_a]), 3);
+        assert_eq!(joined_count(&state, &[&join_b, &kick_a, &ban_gone]), 2);
+    }
 }
