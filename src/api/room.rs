@@ -281,7 +281,9 @@ pub struct MatrixRoomStatus {
     /// The room's full canonical alias (`#<prefix><alias>:<server>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canonical_alias: Option<String>,
-    /// Members joined after the last convergence.
+    /// Members joined in Synapse at the last convergence, the operator's
+    /// account included: the room state read then, changed by the
+    /// joins, kicks and bans Synapse confirmed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub joined_members: Option<i64>,
     /// Conditions keyed by type: `Ready` (converged, or why not),

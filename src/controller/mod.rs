@@ -408,14 +408,18 @@ impl Operator {
             users.run(
                 scoped(&self.client, &self.config),
                 watch.clone(),
-                strip_user,
+                strip_unread::<MatrixUser>,
             ),
             rooms.run(
                 scoped(&self.client, &self.config),
                 watch.clone(),
-                strip_room,
+                strip_unread::<MatrixRoom>,
             ),
-            permissions.run(scoped(&self.client, &self.config), watch, strip_permission),
+            permissions.run(
+                scoped(&self.client, &self.config),
+                watch,
+                strip_unread::<RoomPermission>,
+            ),
             reflector(
                 namespaces_writer,
                 watcher(
@@ -555,17 +559,13 @@ where
     }
 }
 
-// What the caches never need: managed fields are most of an object's bytes.
-fn strip_user(u: &mut MatrixUser) {
-    u.managed_fields_mut().clear();
-}
-
-fn strip_room(r: &mut MatrixRoom) {
-    r.managed_fields_mut().clear();
-}
-
-fn strip_permission(p: &mut RoomPermission) {
-    p.managed_fields_mut().clear();
+/// What the caches never need: managed fields are most of an object's
+/// bytes, and annotations (kubectl's last-applied configuration, GitOps
+/// tracking, the drift marker) are never read from the cache: a changed
+/// annotation still triggers a reconcile through the new resourceVersion.
+fn strip_unread<K: kube::Resource>(k: &mut K) {
+    k.managed_fields_mut().clear();
+    k.annotations_mut().clear();
 }
 
 /// The watch every controller uses: the configured label selector, if any.

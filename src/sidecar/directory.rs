@@ -247,7 +247,10 @@ impl Directory {
                 users_writer,
                 watcher(users_api, user_watch)
                     .default_backoff()
-                    .modify(|u: &mut MatrixUser| u.managed_fields_mut().clear())
+                    .modify(|u: &mut MatrixUser| {
+                        u.managed_fields_mut().clear();
+                        u.annotations_mut().clear();
+                    })
                     // Indexed before stored: a lookup never misses what the cache has.
                     .map_ok(move |event| {
                         indexed.observe(&event);

@@ -26,7 +26,9 @@ export type MatrixRoomStatus = {
    */
   conditions?: Condition[];
   /**
-   * Members joined after the last convergence.
+   * Members joined in Synapse at the last convergence, the operator's
+   * account included: the room state read then, changed by the
+   * joins, kicks and bans Synapse confirmed.
    */
   joinedMembers?: number | null;
   /**
