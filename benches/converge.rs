@@ -441,6 +441,9 @@ async fn main() {
         env.api::<MatrixRoom>(0),
         env.api::<RoomPermission>(0),
     );
+    // At the limit the run still reports what it measured, for that partial
+    // convergence, and fails at the end.
+    let mut shortfall = None;
     loop {
         let (u, r, p) = tokio::join!(
             count_ready(&users_api),
@@ -450,10 +453,10 @@ async fn main() {
         if u == users && r == rooms && p == permission_count {
             break;
         }
-        assert!(
-            started.elapsed() < converge_limit,
-            "not converged: users {u}, rooms {r}, permissions {p}"
-        );
+        if started.elapsed() >= converge_limit {
+            shortfall = Some((u, r, p));
+            break;
+        }
         // Listing 3,000 objects is work for the API server, which shares
         // the machine with Synapse: once a second, from its watch cache.
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -478,41 +481,22 @@ async fn main() {
     // --- the minimal sequence, issued directly ------------------------------
     // Skippable at large sizes, where it doubles the run: the ratio is then
     // the smaller size's.
-    let minimal = if env_usize("BENCH_MINIMAL", 1) == 0 {
+    let minimal = if env_usize("BENCH_MINIMAL", 1) == 0 || shortfall.is_some() {
         None
     } else {
         Some(minimal_sequence(&run, users, rooms).await)
     };
 
-    // --- a full no-op resync: a fresh controller reconciles everything once ---
+    // --- a full no-op resync, then drift (a fresh controller) ---------------
     let rss_kib = controller.peak_rss_kib();
     drop(Arc::into_inner(controller).expect("the sampler has stopped"));
-    let resync = start_controller(&env).await;
-    let resync_started = Instant::now();
-    let expected_reads = (users + rooms) as u64;
-    let resync_requests = loop {
-        let r = resync.requests().await;
-        let reads: u64 = r.values().filter(|(_, w)| !w).map(|(c, _)| c).sum();
-        if reads >= expected_reads || resync_started.elapsed() > Duration::from_secs(300) {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            break resync.requests().await;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // Both need a converged tenant: a fresh controller would otherwise
+    // carry on converging, and drift would be measured against that.
+    let resync_and_drift = if shortfall.is_none() {
+        Some(resync_and_drift(&env, &run, users, rooms).await)
+    } else {
+        None
     };
-    let resync_writes: u64 = resync_requests
-        .values()
-        .filter(|(_, w)| *w)
-        .map(|(c, _)| c)
-        .sum();
-    let resync_reads: u64 = resync_requests
-        .values()
-        .filter(|(_, w)| !w)
-        .map(|(c, _)| c)
-        .sum();
-    let resync_time = resync_started.elapsed();
-
-    // --- drift: out-of-band power-level changes, reverted via the feed -------
-    let drift = drift_samples(&env, &run, DRIFT_SAMPLES.min(users / 10)).await;
 
     let total: u64 = requests.values().map(|(c, _)| c).sum();
     println!("\n=== make bench: {users} users, {rooms} rooms, {permission_count} permissions, concurrency {CONCURRENCY} ===");
@@ -520,10 +504,16 @@ async fn main() {
         "objects created in the API server in {:.2}s",
         created.as_secs_f64()
     );
-    println!(
-        "operator: all Ready after {:.2}s",
-        converge_time.as_secs_f64()
-    );
+    match shortfall {
+        None => println!(
+            "operator: all Ready after {:.2}s",
+            converge_time.as_secs_f64()
+        ),
+        Some((u, r, p)) => println!(
+            "operator: NOT all Ready at the {:.0}s limit: users {u}/{users}, rooms {r}/{rooms}, permissions {p}/{permission_count}; the figures below are for that partial convergence",
+            converge_time.as_secs_f64()
+        ),
+    }
     println!("Synapse requests by kind (operator, {total} in all):");
     for (kind, (count, write)) in &requests {
         println!(
@@ -549,13 +539,18 @@ async fn main() {
         None => println!("minimal sequence: not replayed (BENCH_MINIMAL=0)"),
     }
     print_timeline(&timeline);
-    println!("full no-op resync: {resync_writes} writes, {resync_reads} reads ({users} users + {rooms} rooms) in {:.1}s", resync_time.as_secs_f64());
-    println!(
-        "drift reverted after out-of-band power-level change ({} samples): p50 {:.0} ms, p99 {:.0} ms",
-        drift.len(),
-        percentile(&drift, 0.50),
-        percentile(&drift, 0.99)
-    );
+    match &resync_and_drift {
+        Some(((resync_writes, resync_reads, resync_time), drift)) => {
+            println!("full no-op resync: {resync_writes} writes, {resync_reads} reads ({users} users + {rooms} rooms) in {:.1}s", resync_time.as_secs_f64());
+            println!(
+                "drift reverted after out-of-band power-level change ({} samples): p50 {:.0} ms, p99 {:.0} ms",
+                drift.len(),
+                percentile(drift, 0.50),
+                percentile(drift, 0.99)
+            );
+        }
+        None => println!("full no-op resync and drift: not measured (not converged)"),
+    }
     let objects = (users + rooms + permission_count) as f64;
     println!(
         "controller peak resident memory: {:.1} MiB ({:.1} KiB per object)",
@@ -577,6 +572,49 @@ async fn main() {
             *n as f64 / objects
         );
     }
+    assert!(
+        shortfall.is_none(),
+        "not converged within BENCH_TIMEOUT_SECS"
+    );
+}
+
+/// A full no-op resync (a fresh controller reconciles everything once:
+/// writes, reads, time), then drift samples (revert times in ms).
+async fn resync_and_drift(
+    env: &TestEnv,
+    run: &str,
+    users: usize,
+    rooms: usize,
+) -> ((u64, u64, Duration), Vec<f64>) {
+    let resync = start_controller(env).await;
+    let resync_started = Instant::now();
+    let expected_reads = (users + rooms) as u64;
+    let resync_requests = loop {
+        let r = resync.requests().await;
+        let reads: u64 = r.values().filter(|(_, w)| !w).map(|(c, _)| c).sum();
+        if reads >= expected_reads || resync_started.elapsed() > Duration::from_secs(300) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            break resync.requests().await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let resync_writes: u64 = resync_requests
+        .values()
+        .filter(|(_, w)| *w)
+        .map(|(c, _)| c)
+        .sum();
+    let resync_reads: u64 = resync_requests
+        .values()
+        .filter(|(_, w)| !w)
+        .map(|(c, _)| c)
+        .sum();
+    let resync_time = resync_started.elapsed();
+
+    // Drift: out-of-band power-level changes, reverted via the feed.
+    let drift = drift_samples(env, run, DRIFT_SAMPLES.min(users / 10)).await;
+
+    drop(resync);
+    ((resync_writes, resync_reads, resync_time), drift)
 }
 
 fn percentile(samples: &[f64], q: f64) -> f64 {
