@@ -99,8 +99,11 @@ struct ControllerArgs {
     #[arg(long, env = "MATRIX_ALIAS_PREFIX", default_value = "openmeet-")]
     alias_prefix: String,
     /// Reconciles of one kind running at once.
-    #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
+    #[arg(long, env = "CONCURRENCY", default_value_t = 32)]
     concurrency: u16,
+    /// Requests to Synapse in flight at once, across all controllers.
+    #[arg(long, env = "SYNAPSE_CONCURRENCY", default_value_t = 16)]
+    synapse_concurrency: u16,
     /// Where `/metrics` and `/healthz` are served ("off" to disable).
     #[arg(long, env = "METRICS_LISTEN", default_value = "0.0.0.0:8081")]
     metrics_listen: String,
@@ -419,7 +422,8 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
         admin_localpart: args.server.admin_localpart.clone(),
         as_token,
         timeout: Duration::from_secs(args.synapse_timeout_seconds),
-    })?;
+    })?
+    .with_request_limit(args.synapse_concurrency.into());
     let mut reserved = OperatorConfig::builtin_reserved(
         &args.server.admin_localpart,
         &args.server.sender_localpart,

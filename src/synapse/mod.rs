@@ -111,6 +111,8 @@ pub struct SynapseClient {
     stats: Arc<RequestStats>,
     /// Closed when this replica may no longer write (leadership lost).
     write_gate: Option<WriteGate>,
+    /// Bounds the requests this client and its clones have in flight.
+    in_flight: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Whether writes may leave this process: the controller's client holds one
@@ -192,12 +194,22 @@ impl SynapseClient {
             as_token: config.as_token.into(),
             stats: Arc::default(),
             write_gate: None,
+            in_flight: None,
         })
     }
 
     /// The same client with its writes going through `gate`.
     pub fn with_write_gate(mut self, gate: WriteGate) -> Self {
         self.write_gate = Some(gate);
+        self
+    }
+
+    /// The same client with at most `limit` requests in flight, shared by
+    /// every clone: Synapse's capacity is one budget for all controllers,
+    /// whatever their reconcile concurrency (a reconcile also waits on the
+    /// API server, where it holds no slot).
+    pub fn with_request_limit(mut self, limit: usize) -> Self {
+        self.in_flight = Some(Arc::new(tokio::sync::Semaphore::new(limit.max(1))));
         self
     }
 
@@ -292,6 +304,15 @@ impl SynapseClient {
         request: reqwest::Request,
         kind: RequestKind,
     ) -> Result<(u16, bytes::Bytes), SynapseError> {
+        // The semaphore is never closed: acquiring only waits.
+        let _slot = match &self.in_flight {
+            Some(slots) => {
+                let _waiting = self.stats.waiting();
+                slots.acquire().await.ok()
+            }
+            None => None,
+        };
+        // Checked after the wait for a slot: leadership may have gone meanwhile.
         if kind.is_write() && self.write_gate.as_ref().is_some_and(|g| !g.is_open()) {
             return Err(SynapseError::NotLeader);
         }
@@ -380,5 +401,60 @@ mod tests {
         let e = classify(403, br#"{"errcode":"M_FORBIDDEN","error":"no"}"#);
         assert_eq!(e.errcode(), Some("M_FORBIDDEN"));
         assert!(!e.is_transient());
+    }
+
+    /// A loopback endpoint that answers 404 after a pause and records the
+    /// most requests it ever held at once.
+    async fn slow_endpoint() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let now = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (now2, peak2) = (now.clone(), peak.clone());
+        let app = axum::Router::new().fallback(move || {
+            let (now, peak) = (now2.clone(), peak2.clone());
+            async move {
+                let held = now.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(held, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                (
+                    axum::http::StatusCode::NOT_FOUND,
+                    r#"{"errcode":"M_NOT_FOUND","error":"no"}"#,
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, peak)
+    }
+
+    #[tokio::test]
+    async fn the_request_limit_bounds_requests_in_flight_across_clones() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (url, peak) = slow_endpoint().await;
+        let client = SynapseClient::new(SynapseConfig {
+            url,
+            server_name: "example.org".into(),
+            admin_localpart: "admin".into(),
+            as_token: "token".into(),
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap()
+        .with_request_limit(3);
+        let requests = (0..12).map(|i| {
+            // Clones (one per controller) share the one budget.
+            let client = client.clone().with_write_gate(WriteGate::open());
+            async move {
+                let id = client.user_id(&format!("u{i}")).unwrap();
+                assert!(client.get_user(&id).await.unwrap().is_none());
+            }
+        });
+        futures::future::join_all(requests).await;
+        let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            peak, 3,
+            "12 requests, at most 3 in flight, and the limit reached"
+        );
     }
 }

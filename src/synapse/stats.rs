@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::metrics::{latency_family, status_class, HistogramFamily, Labels};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// What a request does to Synapse, for counting.
@@ -102,6 +103,8 @@ pub struct RequestStats {
     by_kind: Mutex<BTreeMap<RequestKind, u64>>,
     requests: Family<Labels, Counter>,
     latency: HistogramFamily,
+    /// Requests held back by the client's request limit.
+    waiting: Gauge,
 }
 
 impl Default for RequestStats {
@@ -113,6 +116,7 @@ impl Default for RequestStats {
             by_kind: Default::default(),
             requests: Default::default(),
             latency: latency_family(),
+            waiting: Gauge::default(),
         }
     }
 }
@@ -145,6 +149,12 @@ impl RequestStats {
             .or_default() += 1;
     }
 
+    /// Counts a request from when it starts waiting for a slot until it has one.
+    pub fn waiting(&self) -> WaitingGuard<'_> {
+        self.waiting.inc();
+        WaitingGuard(&self.waiting)
+    }
+
     pub fn reads(&self) -> u64 {
         self.reads.load(Ordering::Relaxed)
     }
@@ -169,10 +179,24 @@ impl RequestStats {
             "Latency of requests to Synapse, by endpoint",
             self.latency.clone(),
         );
+        registry.register(
+            "openmeet_synapse_requests_waiting",
+            "Requests waiting for a slot under the limit on requests in flight (--synapse-concurrency)",
+            self.waiting.clone(),
+        );
     }
 
     /// Requests issued so far, by kind.
     pub fn by_kind(&self) -> BTreeMap<RequestKind, u64> {
         self.by_kind.lock().expect("stats lock").clone()
+    }
+}
+
+/// Leaves the waiting count when dropped (a slot was found, or the request was cancelled).
+pub struct WaitingGuard<'a>(&'a Gauge);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -311,13 +311,18 @@ impl TestEnv {
             label_selector: Some(format!("{LABEL}={run_id}")),
             instance: Some(run_id.clone()),
             alias_prefix: "openmeet-".into(),
-            concurrency: 16,
+            // The product's defaults (see `--concurrency`, `--synapse-concurrency`).
+            concurrency: 32,
         };
         let operator_synapse = match &options.synapse_url {
             Some(url) => stack.synapse_at(url),
             None => stack.synapse(),
         };
-        let operator = Operator::new(client.clone(), operator_synapse.clone(), config);
+        let operator = Operator::new(
+            client.clone(),
+            operator_synapse.clone().with_request_limit(16),
+            config,
+        );
         let stats = operator.stats();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         if !options.no_operator {
