@@ -16,6 +16,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Reporter};
 use kube::{Api, Client};
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 /// How long a published Event can still be counted up, as kube's recorder.
@@ -58,25 +59,58 @@ fn series_key(ev: &Event, reference: &ObjectReference) -> SeriesKey {
     }
 }
 
-/// The Event to write: the previous one of its series counted up, or a new one.
+/// What is kept of a published Event to count it up later: where it is,
+/// its count and when it was last seen, not the Event itself (a tenant's
+/// worth of Events in six minutes is thousands of them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Published {
+    namespace: String,
+    name: String,
+    count: i32,
+    last_seen: Timestamp,
+}
+
+/// The write an Event publication makes.
+#[derive(Debug)]
+enum Write {
+    /// A new Event.
+    Create(Box<K8sEvent>),
+    /// One more of an Event's series: only the series changes.
+    CountUp { series: EventSeries },
+}
+
+/// The write for this publication (counting up the previous Event of its
+/// series, or a new one), and what to remember of it.
 fn next_event(
-    previous: Option<&K8sEvent>,
+    previous: Option<&Published>,
     ev: &Event,
     reference: &ObjectReference,
     reporter: &Reporter,
     now: Timestamp,
-) -> K8sEvent {
+) -> (Write, Published) {
     if let Some(previous) = previous {
-        let count = previous.series.as_ref().map_or(2, |s| s.count + 1);
-        return K8sEvent {
-            series: Some(EventSeries {
-                count,
-                last_observed_time: MicroTime(now),
-            }),
+        let count = previous.count + 1;
+        let series = EventSeries {
+            count,
+            last_observed_time: MicroTime(now),
+        };
+        let published = Published {
+            count,
+            last_seen: now,
             ..previous.clone()
         };
+        return (Write::CountUp { series }, published);
     }
-    K8sEvent {
+    let namespace = reference
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = format!(
+        "{}.{:x}",
+        reference.name.as_ref().unwrap_or(&reporter.controller),
+        now.as_nanosecond()
+    );
+    let event = K8sEvent {
         action: Some(ev.action.clone()),
         reason: Some(ev.reason.clone()),
         note: ev.note.clone(),
@@ -84,12 +118,8 @@ fn next_event(
         regarding: Some(reference.clone()),
         related: ev.secondary.clone(),
         metadata: ObjectMeta {
-            namespace: reference.namespace.clone(),
-            name: Some(format!(
-                "{}.{:x}",
-                reference.name.as_ref().unwrap_or(&reporter.controller),
-                now.as_nanosecond()
-            )),
+            namespace: Some(namespace.clone()),
+            name: Some(name.clone()),
             ..Default::default()
         },
         reporting_controller: Some(reporter.controller.clone()),
@@ -101,7 +131,15 @@ fn next_event(
         ),
         type_: Some(type_name(ev.type_).into()),
         ..Default::default()
-    }
+    };
+    let published = Published {
+        namespace,
+        name,
+        // The first repeat makes a series of two.
+        count: 1,
+        last_seen: now,
+    };
+    (Write::Create(Box::new(event)), published)
 }
 
 /// The Event a change of an object's Ready condition calls for, if any: a
@@ -114,13 +152,38 @@ pub fn on_transition(previous: Option<&Condition>, next: &Condition) -> Option<E
     })
 }
 
-/// When an Event was last seen.
-fn last_seen(event: &K8sEvent) -> Option<Timestamp> {
-    event
-        .series
-        .as_ref()
-        .map(|s| s.last_observed_time.0)
-        .or_else(|| event.event_time.as_ref().map(|t| t.0))
+/// Published Events by a digest of their series key. Expired entries are
+/// dropped at most once a minute, not scanned for on every publication (a
+/// scan per Event is quadratic in a tenant's first convergence).
+#[derive(Default)]
+struct SeriesCache {
+    by_key: HashMap<u64, Published>,
+    pruned: Option<Timestamp>,
+}
+
+const PRUNE_EVERY: SignedDuration = SignedDuration::from_mins(1);
+
+impl SeriesCache {
+    fn digest(key: &SeriesKey) -> u64 {
+        let mut h = DefaultHasher::new();
+        key.hash(&mut h);
+        h.finish()
+    }
+
+    /// The series' last Event, if it can still be counted up.
+    fn live(&mut self, key: &SeriesKey, now: Timestamp) -> Option<&Published> {
+        if self.pruned.is_none_or(|t| t + PRUNE_EVERY <= now) {
+            self.by_key.retain(|_, p| p.last_seen + SERIES_TTL > now);
+            self.pruned = Some(now);
+        }
+        self.by_key
+            .get(&Self::digest(key))
+            .filter(|p| p.last_seen + SERIES_TTL > now)
+    }
+
+    fn remember(&mut self, key: &SeriesKey, published: Published) {
+        self.by_key.insert(Self::digest(key), published);
+    }
 }
 
 /// Publishes Events; cheap to clone (one series cache per process).
@@ -128,7 +191,7 @@ fn last_seen(event: &K8sEvent) -> Option<Timestamp> {
 pub struct Recorder {
     client: Client,
     reporter: Reporter,
-    series: Arc<Mutex<HashMap<SeriesKey, K8sEvent>>>,
+    series: Arc<Mutex<SeriesCache>>,
 }
 
 impl Recorder {
@@ -148,25 +211,31 @@ impl Recorder {
     ) -> Result<(), kube::Error> {
         let now = Timestamp::now();
         let key = series_key(ev, reference);
-        let event = {
+        let (write, published) = {
             let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
-            series.retain(|_, e| last_seen(e).is_some_and(|t| t + SERIES_TTL > now));
-            next_event(series.get(&key), ev, reference, &self.reporter, now)
+            let previous = series.live(&key, now);
+            next_event(previous, ev, reference, &self.reporter, now)
         };
-        let namespace = reference.namespace.as_deref().unwrap_or("default");
-        let events: Api<K8sEvent> = Api::namespaced(self.client.clone(), namespace);
-        if event.series.is_some() {
-            let name = event.metadata.name.clone().unwrap_or_default();
-            events
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&event))
-                .await?;
-        } else {
-            events.create(&PostParams::default(), &event).await?;
+        let events: Api<K8sEvent> = Api::namespaced(self.client.clone(), &published.namespace);
+        match write {
+            Write::CountUp { series } => {
+                let patch = serde_json::json!({ "series": series });
+                events
+                    .patch(
+                        &published.name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await?;
+            }
+            Write::Create(event) => {
+                events.create(&PostParams::default(), &event).await?;
+            }
         }
         self.series
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key, event);
+            .remember(&key, published);
         Ok(())
     }
 }
@@ -239,16 +308,50 @@ mod tests {
     #[test]
     fn the_same_note_counts_up_one_event() {
         let t0 = Timestamp::from_second(100).unwrap();
-        let first = next_event(None, &event("x"), &reference(), &reporter(), t0);
-        assert!(first.series.is_none());
-        assert_eq!(first.note.as_deref(), Some("x"));
-        assert_eq!(first.type_.as_deref(), Some("Warning"));
+        let (write, first) = next_event(None, &event("x"), &reference(), &reporter(), t0);
+        let Write::Create(created) = write else {
+            panic!("a first publication creates: {write:?}")
+        };
+        assert_eq!(created.note.as_deref(), Some("x"));
+        assert_eq!(created.type_.as_deref(), Some("Warning"));
+        assert_eq!(created.metadata.name.as_deref(), Some(first.name.as_str()));
+        assert_eq!(created.metadata.namespace.as_deref(), Some("t"));
         let t1 = Timestamp::from_second(160).unwrap();
-        let second = next_event(Some(&first), &event("x"), &reference(), &reporter(), t1);
-        assert_eq!(second.metadata.name, first.metadata.name);
-        assert_eq!(second.series.as_ref().map(|s| s.count), Some(2));
-        let third = next_event(Some(&second), &event("x"), &reference(), &reporter(), t1);
-        assert_eq!(third.series.as_ref().map(|s| s.count), Some(3));
-        assert_eq!(last_seen(&third), Some(t1));
+        let (write, second) = next_event(Some(&first), &event("x"), &reference(), &reporter(), t1);
+        assert!(matches!(write, Write::CountUp { series } if series.count == 2));
+        assert_eq!(second.name, first.name);
+        let (write, third) = next_event(Some(&second), &event("x"), &reference(), &reporter(), t1);
+        assert!(matches!(write, Write::CountUp { series } if series.count == 3));
+        assert_eq!(third.last_seen, t1);
+    }
+
+    #[test]
+    fn the_series_cache_forgets_what_can_no_longer_be_counted_up() {
+        let mut cache = SeriesCache::default();
+        let (a, b) = (
+            series_key(&event("a"), &reference()),
+            series_key(&event("b"), &reference()),
+        );
+        let t0 = Timestamp::from_second(1_000).unwrap();
+        let seen = |at: Timestamp| Published {
+            namespace: "t".into(),
+            name: "e".into(),
+            count: 1,
+            last_seen: at,
+        };
+        assert!(cache.live(&a, t0).is_none());
+        cache.remember(&a, seen(t0));
+        let t1 = t0 + SignedDuration::from_mins(5);
+        cache.remember(&b, seen(t1));
+        assert!(cache.live(&a, t1).is_some(), "within six minutes");
+        let t2 = t0 + SERIES_TTL;
+        assert!(
+            cache.live(&a, t2).is_none(),
+            "expired after six minutes"
+        );
+        assert!(cache.live(&b, t2).is_some());
+        let t3 = t1 + SERIES_TTL;
+        assert!(cache.live(&b, t3).is_none());
+        assert!(cache.by_key.is_empty(), "pruned");
     }
 }

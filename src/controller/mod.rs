@@ -306,6 +306,17 @@ impl ReconcileStats {
     }
 }
 
+/// What every controller of a process runs with: the clients, the settings,
+/// the Event recorder and the counters.
+#[derive(Clone)]
+pub struct Deps {
+    pub client: Client,
+    pub synapse: SynapseClient,
+    pub config: OperatorConfig,
+    pub recorder: Recorder,
+    pub stats: Arc<ReconcileStats>,
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
@@ -366,9 +377,13 @@ impl Operator {
             controller: crate::api::FIELD_MANAGER.into(),
             instance: self.config.instance.clone(),
         };
-        let recorder = Recorder::new(self.client.clone(), reporter);
-        let user_recorder = recorder.clone();
-        let permission_recorder = recorder.clone();
+        let deps = Deps {
+            client: self.client.clone(),
+            synapse: self.synapse.clone(),
+            config: self.config.clone(),
+            recorder: Recorder::new(self.client.clone(), reporter),
+            stats: self.stats.clone(),
+        };
         let shutdown: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(shutdown);
         let shutdown = shutdown.shared();
 
@@ -433,12 +448,7 @@ impl Operator {
         ));
 
         let room_controller = {
-            let (client, synapse, config, stats) = (
-                self.client.clone(),
-                self.synapse.clone(),
-                self.config.clone(),
-                self.stats.clone(),
-            );
+            let deps = deps.clone();
             let (users, permissions, rooms, shutdown) = (
                 users_store.clone(),
                 permissions_store.clone(),
@@ -469,24 +479,14 @@ impl Operator {
                         room_index,
                     },
                     room_triggers,
-                    client,
-                    synapse,
-                    config,
-                    recorder.clone(),
-                    stats,
+                    deps,
                     shutdown,
                 )
                 .await
             }
         };
         let user_controller = {
-            let (client, config, stats, shutdown) = (
-                self.client.clone(),
-                self.config.clone(),
-                self.stats.clone(),
-                shutdown.clone(),
-            );
-            let synapse = self.synapse.clone();
+            let (deps, shutdown) = (deps.clone(), shutdown.clone());
             async move {
                 // Tenants come from namespace labels: before that cache is
                 // complete an SSO link would look unwanted and be removed.
@@ -505,11 +505,7 @@ impl Operator {
                         namespaces,
                     },
                     user_triggers,
-                    client,
-                    synapse,
-                    config,
-                    user_recorder,
-                    stats,
+                    deps,
                     shutdown,
                 )
                 .await
@@ -521,7 +517,6 @@ impl Operator {
                 index: permission_index.clone(),
                 rooms: rooms_store.clone(),
             };
-            let (client, stats) = (self.client.clone(), self.stats.clone());
             async move {
                 // A store's readiness wakes one waiter: the room cache's is this one.
                 if let futures::future::Either::Right(_) = futures::future::select(
@@ -532,15 +527,7 @@ impl Operator {
                 {
                     return;
                 }
-                permission::run(
-                    caches,
-                    permission_triggers,
-                    client,
-                    permission_recorder,
-                    stats,
-                    shutdown,
-                )
-                .await
+                permission::run(caches, permission_triggers, deps, shutdown).await
             }
         };
         futures::join!(user_controller, room_controller, permission_controller,);

@@ -4,7 +4,7 @@
 use super::events::Recorder;
 use super::index::{keys, Index};
 use super::outcome::{self, Outcome};
-use super::{Error, ReconcileStats};
+use super::{Deps, Error, ReconcileStats};
 use crate::api::conditions::{self, Condition, READY};
 use crate::api::{MatrixRoom, RoomPermission};
 use futures::{Stream, StreamExt};
@@ -43,9 +43,7 @@ pub struct Caches {
 pub async fn run<A, B>(
     caches: Caches,
     triggers: Triggers<A, B>,
-    client: Client,
-    recorder: Recorder,
-    stats: Arc<ReconcileStats>,
+    deps: Deps,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) where
     A: Stream<Item = Arc<RoomPermission>> + Send + 'static,
@@ -67,10 +65,10 @@ pub async fn run<A, B>(
             reconcile,
             |_, _, _| Action::requeue(Duration::from_secs(5)),
             Arc::new(Ctx {
-                client,
+                client: deps.client,
                 rooms,
-                recorder,
-                stats,
+                recorder: deps.recorder,
+                stats: deps.stats,
             }),
         )
         .for_each(|_| futures::future::ready(()))

@@ -369,4 +369,32 @@ async fn different_notes_are_different_events() {
         updates.iter().all(|(_, _, count)| *count == 1),
         "{updates:?}"
     );
+
+    // The same message again counts up its Event's series.
+    env.api::<MatrixRoom>(0)
+        .patch(
+            "r",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"name": "Four"}})),
+        )
+        .await
+        .unwrap();
+    let counted = wait_for("the name change counted up", || async {
+        let updates: Vec<_> = events_of(&env, "r")
+            .await
+            .into_iter()
+            .filter(|(reason, _, _)| reason == "RoomUpdated")
+            .collect();
+        updates
+            .iter()
+            .any(|(_, _, count)| *count == 2)
+            .then_some(updates)
+    })
+    .await;
+    assert_eq!(counted.len(), 2, "one Event per message: {counted:?}");
+    let (_, note, _) = counted.iter().find(|(_, _, c)| *c == 2).unwrap();
+    assert_eq!(
+        note, &updates[0].1,
+        "the name's Event counted up: {counted:?}"
+    );
 }

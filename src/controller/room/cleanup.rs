@@ -168,33 +168,15 @@ async fn clean(room: &MatrixRoom, ctx: &RoomContext) -> Result<Cleanup, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::room::{HistoryVisibility, JoinRule, MembershipPolicy};
-    use crate::controller::room::plan::Thresholds;
+    use crate::controller::room::plan::tests::{desired, ADMIN};
     use crate::synapse::rooms::StateEvent;
     use serde_json::json;
 
-    const ADMIN: &str = "@admin:x";
-
+    /// The plan module's fixture room, with no members of its own.
     fn desired_room() -> DesiredRoom {
         DesiredRoom {
-            alias_localpart: "openmeet-r".into(),
-            name: None,
-            topic: None,
-            avatar_url: None,
-            join_rule: JoinRule::Invite,
-            history_visibility: HistoryVisibility::Shared,
-            guest_access: false,
-            encrypted: false,
-            marker: json!({"namespace": "t", "name": "r", "uid": "u"}),
-            thresholds: Thresholds::from(None),
             members: BTreeMap::new(),
-            membership_policy: MembershipPolicy::Exclusive,
-            admin: ADMIN.into(),
-            server_suffix: ":x".into(),
-            space: false,
-            direct: false,
-            parent: None,
-            children: None,
+            ..desired()
         }
     }
 

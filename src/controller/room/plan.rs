@@ -582,13 +582,15 @@ pub fn removes_members(plan: &RoomPlan) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::synapse::rooms::StateEvent;
 
-    const ADMIN: &str = "@openmeet-admin:x";
+    pub(in crate::controller::room) const ADMIN: &str = "@openmeet-admin:x";
 
-    fn desired() -> DesiredRoom {
+    /// A meetup room with two joined members (Alice an admin), the fixture
+    /// other planners' tests start from too.
+    pub(in crate::controller::room) fn desired() -> DesiredRoom {
         DesiredRoom {
             alias_localpart: "openmeet-meetup".into(),
             name: Some("Meetup".into()),

@@ -4,13 +4,11 @@
 use super::{tree, RoomContext};
 use crate::api::{MatrixRoom, MatrixUser, RoomPermission};
 use crate::controller::index::{keys, Index};
-use crate::controller::{self, key, ReconcileStats};
-use crate::controller::{events::Recorder, OperatorConfig};
-use crate::synapse::SynapseClient;
+use crate::controller::{self, key, Deps};
 use futures::{Stream, StreamExt};
 use kube::runtime::controller::Controller;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,15 +35,10 @@ pub struct Triggers<A, B, C, D> {
 }
 
 /// Runs the `MatrixRoom` controller until `shutdown` resolves.
-#[allow(clippy::too_many_arguments)]
 pub async fn run<A, B, C, D>(
     caches: Caches,
     triggers: Triggers<A, B, C, D>,
-    client: Client,
-    synapse: SynapseClient,
-    config: OperatorConfig,
-    recorder: Recorder,
-    stats: Arc<ReconcileStats>,
+    deps: Deps,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) where
     A: Stream<Item = Arc<MatrixRoom>> + Send + 'static,
@@ -53,6 +46,13 @@ pub async fn run<A, B, C, D>(
     C: Stream<Item = Arc<MatrixUser>> + Send + 'static,
     D: Stream<Item = Arc<MatrixRoom>> + Send + 'static,
 {
+    let Deps {
+        client,
+        synapse,
+        config,
+        recorder,
+        stats,
+    } = deps;
     let ctx = Arc::new(RoomContext {
         client,
         synapse,

@@ -5,16 +5,15 @@ pub mod plan;
 
 use super::audit::{self, Subject};
 use super::backoff::jitter;
-use super::events::Recorder;
 use super::finalizer::Cleanup;
 use super::index::{keys, Index};
 use super::memo::fingerprint;
 use super::outcome::{self, Outcome};
 use super::{claims, key};
-use super::{Context, Error, OperatorConfig, ReconcileStats, OWNER_PROVIDER};
+use super::{Context, Deps, Error, OWNER_PROVIDER};
 use crate::api::conditions::{self, Condition, READY};
 use crate::api::{MatrixUser, MatrixUserStatus};
-use crate::synapse::{ExternalId, SynapseClient, UserUpsert};
+use crate::synapse::{ExternalId, UserUpsert};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
@@ -22,7 +21,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::Store;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use plan::{
     global_writes, plan, plan_cleanup, precheck, Blocked, CleanupAction, Desired, UserAction,
     UserPlan,
@@ -49,21 +48,23 @@ pub struct Triggers<A, B> {
 }
 
 /// Runs the `MatrixUser` controller until `shutdown` resolves.
-#[allow(clippy::too_many_arguments)]
 pub async fn run<A, B>(
     caches: Caches,
     triggers: Triggers<A, B>,
-    client: Client,
-    synapse: SynapseClient,
-    config: OperatorConfig,
-    recorder: Recorder,
-    stats: Arc<ReconcileStats>,
+    deps: Deps,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) where
     A: Stream<Item = Arc<MatrixUser>> + Send + 'static,
     B: Stream<Item = Arc<MatrixUser>> + Send + 'static,
 {
     let (peers, index) = (caches.users.clone(), caches.index.clone());
+    let Deps {
+        client,
+        synapse,
+        config,
+        recorder,
+        stats,
+    } = deps;
     let ctx = Arc::new(Context {
         client,
         synapse,
