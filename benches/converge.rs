@@ -142,6 +142,66 @@ impl Controller {
     }
 }
 
+/// CPU-seconds used so far by the stack's processes, by part: Synapse,
+/// PostgreSQL, and the API server with etcd. They share the machine's cores
+/// with the operator: what the API server spends, Synapse may lack.
+#[derive(Clone, Copy, Debug, Default)]
+struct StackCpu {
+    synapse: f64,
+    postgres: f64,
+    api_server: f64,
+}
+
+impl StackCpu {
+    fn now() -> Self {
+        let mut cpu = StackCpu::default();
+        let ticks = clock_ticks_per_second();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return cpu;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let part = if cmdline.contains("synapse.app.homeserver") {
+                &mut cpu.synapse
+            } else if cmdline.starts_with("postgres") || cmdline.contains("/bin/postgres ") {
+                &mut cpu.postgres
+            } else if cmdline.contains("/kube-apiserver ") || cmdline.contains("/etcd ") {
+                &mut cpu.api_server
+            } else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            *part += [11, 12]
+                .iter()
+                .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+                .sum::<f64>()
+                / ticks;
+        }
+        cpu
+    }
+
+    fn since(self, earlier: StackCpu) -> StackCpu {
+        StackCpu {
+            synapse: self.synapse - earlier.synapse,
+            postgres: self.postgres - earlier.postgres,
+            api_server: self.api_server - earlier.api_server,
+        }
+    }
+
+    fn line(&self, what: &str, seconds: f64) -> String {
+        format!(
+            "  {what:<26} Synapse {:>6.1} s   API server + etcd {:>6.1} s   PostgreSQL {:>6.1} s   (of {:.0} s x 2 cores)",
+            self.synapse, self.api_server, self.postgres, seconds
+        )
+    }
+}
+
 fn clock_ticks_per_second() -> f64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
@@ -405,6 +465,7 @@ async fn main() {
     let timeline = tokio::spawn(sample_timeline(controller.clone(), timeline_done.clone()));
 
     // --- converge from empty -------------------------------------------------
+    let stack_cpu_before = StackCpu::now();
     let started = Instant::now();
     let user_objects: Vec<MatrixUser> = (0..users)
         .map(|u| {
@@ -470,6 +531,7 @@ async fn main() {
     timeline_done.notify_one();
     let timeline = timeline.await.unwrap();
     let cpu_seconds = controller.cpu_seconds();
+    let stack_cpu = StackCpu::now().since(stack_cpu_before);
     let (api_after, kinds_after) = operator_api_requests().await;
     let api_requests = api_after.saturating_sub(api_before);
     let mut api_by_kind: Vec<(String, u64)> = kinds_after
@@ -488,7 +550,9 @@ async fn main() {
     let minimal = if env_usize("BENCH_MINIMAL", 1) == 0 || shortfall.is_some() {
         None
     } else {
-        Some(minimal_sequence(&run, users, rooms).await)
+        let before = StackCpu::now();
+        let (time, requests) = minimal_sequence(&run, users, rooms).await;
+        Some((time, requests, StackCpu::now().since(before)))
     };
 
     // --- a full no-op resync, then drift (a fresh controller) ---------------
@@ -525,8 +589,17 @@ async fn main() {
             if *write { "  (write)" } else { "" }
         );
     }
+    println!("CPU used by the stack (the operator's own is below):");
+    println!(
+        "{}",
+        stack_cpu.line("operator converging:", converge_time.as_secs_f64())
+    );
     match minimal {
-        Some((minimal_time, minimal_requests)) => {
+        Some((minimal_time, minimal_requests, minimal_cpu)) => {
+            println!(
+                "{}",
+                minimal_cpu.line("minimal sequence:", minimal_time.as_secs_f64())
+            );
             println!(
                 "minimal sequence replayed directly: {minimal_requests} requests in {:.2}s",
                 minimal_time.as_secs_f64()

@@ -99,7 +99,7 @@ struct ControllerArgs {
     #[arg(long, env = "MATRIX_ALIAS_PREFIX", default_value = "openmeet-")]
     alias_prefix: String,
     /// Reconciles of one kind running at once.
-    #[arg(long, env = "CONCURRENCY", default_value_t = 32)]
+    #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
     /// Requests to Synapse in flight at once, across all controllers.
     #[arg(long, env = "SYNAPSE_CONCURRENCY", default_value_t = 16)]

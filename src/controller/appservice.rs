@@ -517,10 +517,9 @@ pub async fn run(
                 // Only the room id and the object's name are read here: keep
                 // no more of each object than that needs.
                 .modify(|r: &mut MatrixRoom| {
-                    r.managed_fields_mut().clear();
-                    r.annotations_mut().clear();
+                    super::strip_unread(r);
                     if let Some(status) = r.status.as_mut() {
-                        status.conditions.clear();
+                        status.conditions = Vec::new();
                     }
                 }),
         )

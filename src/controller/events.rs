@@ -345,10 +345,7 @@ mod tests {
         cache.remember(&b, seen(t1));
         assert!(cache.live(&a, t1).is_some(), "within six minutes");
         let t2 = t0 + SERIES_TTL;
-        assert!(
-            cache.live(&a, t2).is_none(),
-            "expired after six minutes"
-        );
+        assert!(cache.live(&a, t2).is_none(), "expired after six minutes");
         assert!(cache.live(&b, t2).is_some());
         let t3 = t1 + SERIES_TTL;
         assert!(cache.live(&b, t3).is_none());

@@ -442,7 +442,7 @@ impl Operator {
                     watcher::Config::default().labels(crate::api::TENANT_LABEL),
                 )
                 .default_backoff()
-                .modify(|n| n.managed_fields_mut().clear()),
+                .modify(strip_managed_fields),
             )
             .for_each(|_| ready(())),
         ));
@@ -548,11 +548,21 @@ where
 
 /// What the caches never need: managed fields are most of an object's
 /// bytes, and annotations (kubectl's last-applied configuration, GitOps
-/// tracking, the drift marker) are never read from the cache: a changed
-/// annotation still triggers a reconcile through the new resourceVersion.
-fn strip_unread<K: kube::Resource>(k: &mut K) {
-    k.managed_fields_mut().clear();
-    k.annotations_mut().clear();
+/// tracking, the drift marker), labels and owner references are never read
+/// from the cache of the operator's kinds: a changed annotation still
+/// triggers a reconcile through the new resourceVersion. Dropped, not
+/// emptied: an emptied list keeps its allocation, for every cached object.
+pub fn strip_unread<K: kube::Resource>(k: &mut K) {
+    let meta = k.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.labels = None;
+    meta.owner_references = None;
+}
+
+/// For caches that read labels (tenant namespaces): managed fields only.
+pub fn strip_managed_fields<K: kube::Resource>(k: &mut K) {
+    k.meta_mut().managed_fields = None;
 }
 
 /// The watch every controller uses: the configured label selector, if any.

@@ -247,10 +247,7 @@ impl Directory {
                 users_writer,
                 watcher(users_api, user_watch)
                     .default_backoff()
-                    .modify(|u: &mut MatrixUser| {
-                        u.managed_fields_mut().clear();
-                        u.annotations_mut().clear();
-                    })
+                    .modify(crate::controller::strip_unread::<MatrixUser>)
                     // Indexed before stored: a lookup never misses what the cache has.
                     .map_ok(move |event| {
                         indexed.observe(&event);
@@ -279,7 +276,7 @@ impl Directory {
                 ns_writer,
                 watcher(Api::<Namespace>::all(client), ns_watch)
                     .default_backoff()
-                    .modify(|n: &mut Namespace| n.managed_fields_mut().clear()),
+                    .modify(crate::controller::strip_managed_fields::<Namespace>),
             )
             .for_each(|_| futures::future::ready(()));
             // A store's readiness wakes one waiter only: record it once here.

@@ -312,7 +312,7 @@ impl TestEnv {
             instance: Some(run_id.clone()),
             alias_prefix: "openmeet-".into(),
             // The product's defaults (see `--concurrency`, `--synapse-concurrency`).
-            concurrency: 32,
+            concurrency: 16,
         };
         let operator_synapse = match &options.synapse_url {
             Some(url) => stack.synapse_at(url),
