@@ -112,21 +112,46 @@ pub(super) async fn cleanup(
     result
 }
 
+/// The deletion Synapse has on record for the room this object's status
+/// names, when its policy is Purge: only the operator deletes its rooms,
+/// so one on record was begun by an earlier pass of this cleanup.
+async fn purge_begun(
+    room: &MatrixRoom,
+    ctx: &RoomContext,
+) -> Result<Option<(String, DeleteStatus)>, Error> {
+    if room.spec.deletion_policy != RoomDeletionPolicy::Purge {
+        return Ok(None);
+    }
+    let Some(room_id) = room.status.as_ref().and_then(|s| s.room_id.clone()) else {
+        return Ok(None);
+    };
+    let deletion = ctx.synapse.room_delete_status(&room_id).await?;
+    Ok(deletion.map(|d| (room_id, d)))
+}
+
 /// Observes the room, plans its cleanup by policy, and applies the plan.
 async fn clean(room: &MatrixRoom, ctx: &RoomContext) -> Result<Cleanup, Error> {
     let alias = full_alias(room, ctx)?;
-    let Located::Ours(room_id, state) = locate(room, &alias, ctx, true).await? else {
-        // Gone already, or never ours: nothing to clean.
-        return Ok(Cleanup::Done);
-    };
-    let plan = match room.spec.deletion_policy {
-        RoomDeletionPolicy::Retain => CleanupPlan::done(),
-        RoomDeletionPolicy::Close => {
-            close(&desired(room, ctx, BTreeMap::new(), None), &state, &room_id)
+    let (room_id, plan) = match purge_begun(room, ctx).await? {
+        // Mid-purge the room no longer reads as ours (Synapse has made the
+        // admin account leave): the deletion's own status says when it ends.
+        Some((room_id, deletion)) => {
+            let plan = purge(Some(deletion), &room_id);
+            (room_id, plan)
         }
-        RoomDeletionPolicy::Purge => {
-            let deletion = ctx.synapse.room_delete_status(&room_id).await?;
-            purge(deletion, &room_id)
+        None => {
+            let Located::Ours(room_id, state) = locate(room, &alias, ctx, true).await? else {
+                // Gone already, or never ours: nothing to clean.
+                return Ok(Cleanup::Done);
+            };
+            let plan = match room.spec.deletion_policy {
+                RoomDeletionPolicy::Retain => CleanupPlan::done(),
+                RoomDeletionPolicy::Close => {
+                    close(&desired(room, ctx, BTreeMap::new(), None), &state, &room_id)
+                }
+                RoomDeletionPolicy::Purge => purge(None, &room_id),
+            };
+            (room_id, plan)
         }
     };
     for step in &plan.steps {
