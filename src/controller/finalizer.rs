@@ -130,3 +130,165 @@ pub enum Cleanup {
     /// Work Synapse is still doing (a room purge): check again after this long.
     Pending(std::time::Duration),
 }
+
+#[cfg(test)]
+mod tests {
+    //! The finalizer's exchange with the API server, request by request.
+    use super::*;
+    use crate::api::MatrixRoom;
+    use crate::controller::scripted::{self, not_found, refuse, stored};
+    use http::Method;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    fn room(extra_meta: &str) -> MatrixRoom {
+        serde_yaml::from_str(&format!(
+            r#"
+apiVersion: matrix.openmeet.net/v1alpha1
+kind: MatrixRoom
+metadata: {{name: r, namespace: t, generation: 1, resourceVersion: "7"{extra_meta}}}
+spec: {{name: R, alias: r}}
+"#
+        ))
+        .unwrap()
+    }
+
+    /// Runs one reconcile; says what it returned and which branch ran.
+    async fn run(
+        api: &Api<MatrixRoom>,
+        obj: &MatrixRoom,
+        cleanup: Result<Cleanup, Error>,
+    ) -> (Result<Action, Error>, Option<Option<String>>, bool) {
+        let applied = std::sync::Mutex::new(None);
+        let cleaned = AtomicBool::new(false);
+        let result = reconcile(
+            api,
+            obj,
+            |version| {
+                *applied.lock().unwrap() = Some(version);
+                async { Ok(Action::requeue(Duration::from_secs(300))) }
+            },
+            || {
+                cleaned.store(true, Ordering::SeqCst);
+                async { cleanup }
+            },
+        )
+        .await;
+        (result, applied.into_inner().unwrap(), cleaned.into_inner())
+    }
+
+    #[tokio::test]
+    async fn a_new_object_gets_the_finalizer_by_forced_apply_and_converges_in_the_same_pass() {
+        let obj = room("");
+        let answer = obj.clone();
+        let (client, recorded) = scripted::client(move |_| stored(&answer, "8"));
+        let api = Api::namespaced(client, "t");
+        let (result, applied, cleaned) = run(&api, &obj, Ok(Cleanup::Done)).await;
+        assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+        // The apply goes on with the version our own write produced.
+        assert_eq!(applied, Some(Some("8".into())));
+        assert!(!cleaned);
+        let sent = recorded.expect(1).await;
+        sent[0].assert_forced_apply();
+        assert_eq!(
+            sent[0].path,
+            "/apis/matrix.openmeet.net/v1alpha1/namespaces/t/matrixrooms/r"
+        );
+        // Only the finalizer: an apply of more would take ownership of the spec.
+        assert_eq!(
+            sent[0].body,
+            json!({"apiVersion": "matrix.openmeet.net/v1alpha1", "kind": "MatrixRoom",
+                   "metadata": {"name": "r", "finalizers": [FINALIZER]}})
+        );
+    }
+
+    #[tokio::test]
+    async fn an_object_carrying_the_finalizer_costs_no_request() {
+        let (client, recorded) = scripted::client(refuse);
+        let api = Api::namespaced(client, "t");
+        let obj = room(&format!(", finalizers: [{FINALIZER}]"));
+        let (result, applied, _) = run(&api, &obj, Ok(Cleanup::Done)).await;
+        assert!(result.is_ok());
+        assert_eq!(applied, Some(None));
+        recorded.expect(0).await;
+    }
+
+    #[tokio::test]
+    async fn a_finished_cleanup_removes_only_our_entry_guarded_by_a_test() {
+        let obj = room(&format!(
+            ", deletionTimestamp: '2026-11-27T00:00:00Z', finalizers: [example.com/other, {FINALIZER}]"
+        ));
+        let answer = obj.clone();
+        let (client, recorded) = scripted::client(move |_| stored(&answer, "9"));
+        let api = Api::namespaced(client, "t");
+        let (result, applied, cleaned) = run(&api, &obj, Ok(Cleanup::Done)).await;
+        assert_eq!(result.unwrap(), Action::await_change());
+        assert!(cleaned);
+        assert_eq!(applied, None);
+        let sent = recorded.expect(1).await;
+        assert_eq!(sent[0].method, Method::PATCH);
+        assert_eq!(
+            sent[0].content_type.as_deref(),
+            Some("application/json-patch+json")
+        );
+        assert_eq!(
+            sent[0].body,
+            json!([
+                {"op": "test", "path": "/metadata/finalizers/1", "value": FINALIZER},
+                {"op": "remove", "path": "/metadata/finalizers/1"},
+            ])
+        );
+    }
+
+    #[tokio::test]
+    async fn an_object_gone_before_its_finalizer_is_released_is_done() {
+        let (client, recorded) = scripted::client(|_| not_found());
+        let api = Api::namespaced(client, "t");
+        let obj = room(&format!(
+            ", deletionTimestamp: '2026-11-27T00:00:00Z', finalizers: [{FINALIZER}]"
+        ));
+        let (result, _, _) = run(&api, &obj, Ok(Cleanup::Done)).await;
+        assert_eq!(result.unwrap(), Action::await_change());
+        recorded.expect(1).await;
+    }
+
+    #[tokio::test]
+    async fn work_still_running_in_synapse_keeps_the_finalizer() {
+        let (client, recorded) = scripted::client(refuse);
+        let api = Api::namespaced(client, "t");
+        let obj = room(&format!(
+            ", deletionTimestamp: '2026-11-27T00:00:00Z', finalizers: [{FINALIZER}]"
+        ));
+        let wait = Duration::from_secs(2);
+        let (result, _, cleaned) = run(&api, &obj, Ok(Cleanup::Pending(wait))).await;
+        assert_eq!(result.unwrap(), Action::requeue(wait));
+        assert!(cleaned);
+        recorded.expect(0).await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_cleanup_keeps_the_finalizer_and_reports_the_error() {
+        let (client, recorded) = scripted::client(refuse);
+        let api = Api::namespaced(client, "t");
+        let obj = room(&format!(
+            ", deletionTimestamp: '2026-11-27T00:00:00Z', finalizers: [{FINALIZER}]"
+        ));
+        let failure = Err(Error::Invalid("synapse said no".into()));
+        let (result, _, _) = run(&api, &obj, failure).await;
+        assert!(matches!(result, Err(Error::Invalid(_))));
+        recorded.expect(0).await;
+    }
+
+    #[tokio::test]
+    async fn an_object_deleted_without_our_finalizer_is_left_alone() {
+        let (client, recorded) = scripted::client(refuse);
+        let api = Api::namespaced(client, "t");
+        let obj =
+            room(", deletionTimestamp: '2026-11-27T00:00:00Z', finalizers: [example.com/other]");
+        let (result, applied, cleaned) = run(&api, &obj, Ok(Cleanup::Done)).await;
+        assert_eq!(result.unwrap(), Action::await_change());
+        assert_eq!(applied, None);
+        assert!(!cleaned);
+        recorded.expect(0).await;
+    }
+}

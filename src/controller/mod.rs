@@ -13,6 +13,8 @@ pub mod memo;
 pub mod outcome;
 pub mod permission;
 pub mod room;
+#[cfg(test)]
+pub(crate) mod scripted;
 pub mod shared;
 pub mod user;
 

@@ -106,3 +106,144 @@ async fn mark_pending(p: &RoomPermission, ctx: &Ctx) -> Result<Action, Error> {
     }
     Ok(Action::await_change())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The permission reconcile's exchange with the API server.
+    use super::*;
+    use crate::controller::scripted::{self, echo, not_found, refuse, stored, Exchange};
+    use http::{Method, StatusCode};
+    use kube::runtime::events::Reporter;
+    use kube::runtime::{reflector, watcher};
+    use serde_json::Value;
+
+    fn permission(status: Option<Value>) -> RoomPermission {
+        let mut p: RoomPermission = serde_yaml::from_str(
+            r#"
+apiVersion: matrix.openmeet.net/v1alpha1
+kind: RoomPermission
+metadata: {name: alice-r, namespace: t, generation: 4, uid: u-1, resourceVersion: "5"}
+spec: {roomRef: {name: r}, userRef: {name: alice}}
+"#,
+        )
+        .unwrap();
+        p.status = status.map(|s| serde_json::from_value(s).unwrap());
+        p
+    }
+
+    fn ctx(client: Client, rooms: &[&str]) -> Arc<Ctx> {
+        let (store, mut writer) = reflector::store();
+        for name in rooms {
+            let room: MatrixRoom = serde_yaml::from_str(&format!(
+                "{{apiVersion: matrix.openmeet.net/v1alpha1, kind: MatrixRoom, \
+                  metadata: {{name: {name}, namespace: t}}, spec: {{name: R, alias: {name}}}}}"
+            ))
+            .unwrap();
+            writer.apply_watcher_event(&watcher::Event::Apply(room));
+        }
+        let reporter = Reporter {
+            controller: "test".into(),
+            instance: None,
+        };
+        Arc::new(Ctx {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            rooms: store,
+            stats: Default::default(),
+        })
+    }
+
+    /// Answers the status apply with the permission, and echoes Events.
+    fn api_server(p: &RoomPermission) -> impl Fn(&Exchange) -> (StatusCode, Value) {
+        let p = p.clone();
+        move |x| {
+            if x.path.contains("/events") {
+                echo(x)
+            } else {
+                stored(&p, "6")
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_permission_whose_room_exists_is_the_rooms_to_report() {
+        let (client, recorded) = scripted::client(refuse);
+        let action = reconcile(Arc::new(permission(None)), ctx(client, &["r"]))
+            .await
+            .unwrap();
+        assert_eq!(action, Action::await_change());
+        recorded.expect(0).await;
+    }
+
+    #[tokio::test]
+    async fn a_missing_room_is_reported_once_then_costs_nothing() {
+        let p = permission(None);
+        let (client, recorded) = scripted::client(api_server(&p));
+        reconcile(Arc::new(p), ctx(client, &["other"]))
+            .await
+            .unwrap();
+        let sent = recorded.expect(2).await;
+        let status = sent
+            .iter()
+            .find(|x| x.path.ends_with("/status"))
+            .expect("a status write");
+        status.assert_forced_apply();
+        assert_eq!(
+            status.path,
+            "/apis/matrix.openmeet.net/v1alpha1/namespaces/t/roompermissions/alice-r/status"
+        );
+        let written = &status.body["status"];
+        assert_eq!(written["observedGeneration"], 4);
+        let ready = written["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == READY)
+            .unwrap();
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "Pending");
+        assert_eq!(ready["observedGeneration"], 4);
+        assert_eq!(
+            ready["message"],
+            "MatrixRoom r does not exist in this namespace"
+        );
+        // The transition is an Event on the permission.
+        let event = sent.iter().find(|x| x.path.contains("/events")).unwrap();
+        assert_eq!(event.method, Method::POST);
+        assert_eq!(event.path, "/apis/events.k8s.io/v1/namespaces/t/events");
+        assert_eq!(event.body["reason"], "Pending");
+        assert_eq!(event.body["regarding"]["name"], "alice-r");
+        assert_eq!(event.body["regarding"]["uid"], "u-1");
+
+        // The next pass finds the same status: no write, no Event.
+        let (client, recorded) = scripted::client(refuse);
+        let again = permission(Some(written.clone()));
+        reconcile(Arc::new(again), ctx(client, &["other"]))
+            .await
+            .unwrap();
+        recorded.expect(0).await;
+    }
+
+    #[tokio::test]
+    async fn a_permission_deleted_meanwhile_is_not_an_error() {
+        let (client, recorded) = scripted::client(|x| {
+            if x.path.contains("/events") {
+                echo(x)
+            } else {
+                not_found()
+            }
+        });
+        let action = reconcile(Arc::new(permission(None)), ctx(client, &[]))
+            .await
+            .unwrap();
+        assert_eq!(action, Action::await_change());
+        recorded.expect(2).await;
+    }
+
+    #[tokio::test]
+    async fn an_api_server_failure_is_returned_for_a_retry() {
+        let (client, _) = scripted::client(refuse);
+        let result = reconcile(Arc::new(permission(None)), ctx(client, &[])).await;
+        assert!(matches!(result, Err(Error::Kube(_))), "{result:?}");
+    }
+}

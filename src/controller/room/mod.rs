@@ -209,3 +209,185 @@ fn record(room: &MatrixRoom, ctx: &RoomContext, type_: EventType, reason: &str, 
         note.to_string(),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    //! Reconcile-level: the exchange with the API server of a room held
+    //! back before Synapse (its parent space is missing). Everything that
+    //! reaches Synapse is on the real stack, in the integration suite.
+    use super::*;
+    use crate::controller::index::keys;
+    use crate::controller::scripted::{self, echo, refuse, stored, Exchange};
+    use crate::controller::FINALIZER;
+    use crate::synapse::SynapseConfig;
+    use http::StatusCode;
+    use kube::runtime::events::Reporter;
+    use kube::runtime::{reflector, watcher};
+    use serde_json::Value;
+    use std::time::Duration;
+
+    fn room(status: Option<Value>) -> MatrixRoom {
+        let mut room: MatrixRoom = serde_yaml::from_str(&format!(
+            r#"
+apiVersion: matrix.openmeet.net/v1alpha1
+kind: MatrixRoom
+metadata: {{name: r, namespace: t, generation: 2, uid: u-r, resourceVersion: "10", finalizers: [{FINALIZER}]}}
+spec: {{name: R, alias: r, parentRef: {{name: group-space}}}}
+"#
+        ))
+        .unwrap();
+        room.status = status.map(|s| serde_json::from_value(s).unwrap());
+        room
+    }
+
+    fn permission(user: &str, status: Option<Value>) -> RoomPermission {
+        let mut p: RoomPermission = serde_yaml::from_str(&format!(
+            r#"
+apiVersion: matrix.openmeet.net/v1alpha1
+kind: RoomPermission
+metadata: {{name: {user}-r, namespace: t, generation: 1, uid: u-{user}}}
+spec: {{roomRef: {{name: r}}, userRef: {{name: {user}}}}}
+"#
+        ))
+        .unwrap();
+        p.status = status.map(|s| serde_json::from_value(s).unwrap());
+        p
+    }
+
+    fn context(client: Client, room: &MatrixRoom, perms: &[RoomPermission]) -> Arc<RoomContext> {
+        let (rooms, mut room_writer) = reflector::store();
+        let room_index = Index::new(keys::room);
+        let event = watcher::Event::Apply(room.clone());
+        room_writer.apply_watcher_event(&event);
+        room_index.observe(&event);
+        let (permissions, mut perm_writer) = reflector::store();
+        let permission_index = Index::new(keys::permission);
+        for p in perms {
+            let event = watcher::Event::Apply(p.clone());
+            perm_writer.apply_watcher_event(&event);
+            permission_index.observe(&event);
+        }
+        let (users, _) = reflector::store();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // Nothing listens here: a request to Synapse would fail the reconcile.
+        let synapse = SynapseClient::new(SynapseConfig {
+            url: "http://127.0.0.1:9".into(),
+            server_name: "example.test".into(),
+            admin_localpart: "operator".into(),
+            as_token: "token".into(),
+            timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        let reporter = Reporter {
+            controller: "test".into(),
+            instance: None,
+        };
+        Arc::new(RoomContext {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            synapse,
+            config: OperatorConfig {
+                sso_idp_id: "openmeet".into(),
+                reserved_localparts: Default::default(),
+                adopt_namespaces: Default::default(),
+                admin_namespaces: Default::default(),
+                resync_interval: Duration::from_secs(300),
+                namespace: None,
+                label_selector: None,
+                instance: None,
+                alias_prefix: "om_".into(),
+                concurrency: 1,
+            },
+            rooms,
+            users,
+            permissions,
+            permission_index,
+            room_index,
+            backoff: crate::controller::default_backoff(),
+            stats: Default::default(),
+            memo: Default::default(),
+        })
+    }
+
+    /// Answers status applies with the object named, and echoes Events.
+    fn api_server(
+        room: &MatrixRoom,
+        perms: &[RoomPermission],
+    ) -> impl Fn(&Exchange) -> (StatusCode, Value) {
+        let (room, perms) = (room.clone(), perms.to_vec());
+        move |x| match x.path.rsplit('/').nth(1) {
+            _ if x.path.contains("/events") => echo(x),
+            Some("r") => stored(&room, "11"),
+            Some(name) => stored(perms.iter().find(|p| p.name_any() == name).unwrap(), "12"),
+            None => refuse(x),
+        }
+    }
+
+    fn ready_of(status: &Value) -> &Value {
+        status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == READY)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_room_held_back_before_synapse_says_why_once_on_itself_and_its_permissions() {
+        let (obj, perms) = (
+            room(None),
+            [permission("alice", None), permission("bob", None)],
+        );
+        let (client, recorded) = scripted::client(api_server(&obj, &perms));
+        let ctx = context(client, &obj, &perms);
+        let action = reconcile(Arc::new(obj), ctx.clone()).await.unwrap();
+        // The parent's own changes trigger the room; the requeue is a fallback.
+        assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+        assert_eq!(
+            ctx.synapse.stats().reads() + ctx.synapse.stats().writes(),
+            0
+        );
+
+        // One status apply each, and one Event each for the transition.
+        let sent = recorded.expect(6).await;
+        let status_of = |name: &str| {
+            let write = sent
+                .iter()
+                .find(|x| x.path.ends_with(&format!("/{name}/status")))
+                .unwrap_or_else(|| panic!("no status write for {name}: {sent:#?}"));
+            write.assert_forced_apply();
+            write.body["status"].clone()
+        };
+        let room_status = status_of("r");
+        let ready = ready_of(&room_status);
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "ParentNotFound");
+        assert_eq!(ready["observedGeneration"], 2);
+        assert!(room_status.get("roomId").is_none(), "{room_status}");
+        let (alice, bob) = (status_of("alice-r"), status_of("bob-r"));
+        for status in [&alice, &bob] {
+            let ready = ready_of(status);
+            assert_eq!(ready["reason"], "RoomNotReady");
+            assert_eq!(
+                ready["message"],
+                "room: parent MatrixRoom group-space does not exist"
+            );
+        }
+        let events: Vec<_> = sent.iter().filter(|x| x.path.contains("/events")).collect();
+        assert_eq!(events.len(), 3);
+        assert!(events
+            .iter()
+            .any(|e| e.body["reason"] == "ParentNotFound" && e.body["type"] == "Warning"));
+
+        // The next pass finds every status as it would write it: nothing sent.
+        let obj = room(Some(room_status));
+        let perms = [
+            permission("alice", Some(alice)),
+            permission("bob", Some(bob)),
+        ];
+        let (client, recorded) = scripted::client(refuse);
+        let ctx = context(client, &obj, &perms);
+        reconcile(Arc::new(obj), ctx).await.unwrap();
+        recorded.expect(0).await;
+    }
+}
