@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use kube::Client;
+use openmeet_matrix_operator::controller::own_joins::OwnJoins;
 use openmeet_matrix_operator::controller::{appservice, leader, Operator, OperatorConfig};
 use openmeet_matrix_operator::registration::{Registration, RegistrationParams};
 use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig, WriteGate};
@@ -452,6 +453,8 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
     };
     tracing::info!(synapse = ?synapse, "controller starting");
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
+    // The operator's admin joins, which this process's endpoint is not to mark as drift.
+    let own_joins = Arc::new(OwnJoins::default());
     let appservice = async {
         if args.appservice_listen == "off" {
             return Ok(());
@@ -470,9 +473,17 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
             ),
         ];
         let scope = config.namespace.clone();
-        appservice::run(client.clone(), scope, hs_token, own, addr, shutdown.clone())
-            .await
-            .map_err(|e| MainError::Config(e.to_string()))
+        appservice::run(
+            client.clone(),
+            scope,
+            hs_token,
+            own,
+            own_joins.clone(),
+            addr,
+            shutdown.clone(),
+        )
+        .await
+        .map_err(|e| MainError::Config(e.to_string()))
     };
     // Writes to Synapse leave only while this replica leads.
     let write_gate = if args.leader_elect {
@@ -484,7 +495,8 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
         client.clone(),
         synapse.clone().with_write_gate(write_gate.clone()),
         config.clone(),
-    );
+    )
+    .with_own_joins(own_joins.clone());
     let readiness = Arc::new(metrics::Readiness::new(synapse.clone(), operator.synced()));
     let sources = metrics::Sources {
         synapse: synapse.stats_handle(),

@@ -7,6 +7,7 @@
 //! cache is complete. The body is streamed through the parser and all but
 //! the ids of state events skipped, so a full transaction costs little.
 
+use super::own_joins::OwnJoins;
 use super::room::DRIFT_ANNOTATION;
 use crate::api::MatrixRoom;
 use axum::body::Body;
@@ -101,12 +102,20 @@ impl AppserviceError {
 /// past, so a transaction of a hundred big messages costs only its ids.
 fn drifted_rooms(
     body: impl std::io::Read,
-    own_senders: &[String],
+    own: &Own,
 ) -> Result<HashMap<String, String>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_reader(body);
-    let rooms = TransactionSeed(own_senders).deserialize(&mut de)?;
+    let rooms = TransactionSeed(own).deserialize(&mut de)?;
     de.end()?;
     Ok(rooms)
+}
+
+/// What the operator does itself, as the feed shows it.
+struct Own<'a> {
+    /// Its accounts: whatever they send is its own.
+    senders: &'a [String],
+    /// The admin joins it made in this process, sent as the joining user.
+    joins: &'a OwnJoins,
 }
 
 /// The parts of a pushed event we look at; content is skipped.
@@ -122,20 +131,98 @@ struct PushedEvent {
     state_key: Option<String>,
     #[serde(default)]
     event_id: Option<String>,
+    /// Only `membership` is read, and only when it is a string.
+    #[serde(default)]
+    content: MembershipField,
 }
 
 impl PushedEvent {
-    /// `(room id, event id)` of a state change not made by `own_senders`;
-    /// messages (no `state_key`) are not.
-    fn foreign_state_change(self, own_senders: &[String]) -> Option<(String, String)> {
-        if self.state_key.is_none() || self.kind.is_empty() {
+    /// `(room id, event id)` of a state change the operator did not make;
+    /// messages (no `state_key`) are not state changes.
+    fn foreign_state_change(self, own: &Own) -> Option<(String, String)> {
+        let state_key = self.state_key.as_deref()?;
+        if self.kind.is_empty() {
             return None;
         }
         let sender = self.sender.as_deref().unwrap_or_default();
-        if own_senders.iter().any(|s| s == sender) {
+        if own.senders.iter().any(|s| s == sender) {
             return None;
         }
-        Some((self.room_id?, self.event_id?))
+        let room_id = self.room_id?;
+        let own_join = self.kind == "m.room.member"
+            && self.content.0.as_deref() == Some("join")
+            && sender == state_key
+            && own.joins.take(&room_id, sender);
+        if own_join {
+            return None;
+        }
+        Some((room_id, self.event_id?))
+    }
+}
+
+/// The `membership` of an event's content, read leniently: any other key,
+/// any other shape of content, is skipped as it streams past. A malformed
+/// event must never make the whole transaction unreadable.
+#[derive(Debug, Default)]
+struct MembershipField(Option<String>);
+
+impl<'de> Deserialize<'de> for MembershipField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(MembershipVisitor)
+    }
+}
+
+struct MembershipVisitor;
+
+impl<'de> Visitor<'de> for MembershipVisitor {
+    type Value = MembershipField;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("event content")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut membership = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "membership" {
+                membership = map
+                    .next_value::<serde_json::Value>()?
+                    .as_str()
+                    .map(str::to_string);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(MembershipField(membership))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(MembershipField(None))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(MembershipField(None))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(MembershipField(None))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(MembershipField(None))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(MembershipField(None))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(MembershipField(None))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(MembershipField(None))
     }
 }
 
@@ -148,7 +235,7 @@ enum TransactionField {
     Other,
 }
 
-struct TransactionSeed<'a>(&'a [String]);
+struct TransactionSeed<'a>(&'a Own<'a>);
 
 impl<'de> DeserializeSeed<'de> for TransactionSeed<'_> {
     type Value = HashMap<String, String>;
@@ -170,7 +257,7 @@ impl<'de> Visitor<'de> for TransactionSeed<'_> {
         while let Some(field) = map.next_key()? {
             match field {
                 TransactionField::Events => map.next_value_seed(EventsSeed {
-                    own_senders: self.0,
+                    own: self.0,
                     rooms: &mut rooms,
                 })?,
                 TransactionField::Other => {
@@ -185,7 +272,7 @@ impl<'de> Visitor<'de> for TransactionSeed<'_> {
 /// Folds `events` into the drifted rooms one event at a time, so nothing but
 /// the current event's ids is held.
 struct EventsSeed<'a> {
-    own_senders: &'a [String],
+    own: &'a Own<'a>,
     rooms: &'a mut HashMap<String, String>,
 }
 
@@ -206,7 +293,7 @@ impl<'de> Visitor<'de> for EventsSeed<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while let Some(event) = seq.next_element::<PushedEvent>()? {
-            if let Some((room, id)) = event.foreign_state_change(self.own_senders) {
+            if let Some((room, id)) = event.foreign_state_change(self.own) {
                 self.rooms.insert(room, id);
             }
         }
@@ -247,6 +334,8 @@ pub struct Appservice {
     hs_token: String,
     /// Senders whose events are the operator's own.
     own_senders: Vec<String>,
+    /// Joins the operator of this process made (sent as the joining user).
+    own_joins: Arc<OwnJoins>,
     client: Client,
     rooms: Store<MatrixRoom>,
     /// True once `rooms` holds its first complete list.
@@ -259,6 +348,7 @@ impl Appservice {
     pub fn new(
         hs_token: String,
         own_senders: Vec<String>,
+        own_joins: Arc<OwnJoins>,
         client: Client,
         rooms: Store<MatrixRoom>,
         rooms_ready: watch::Receiver<bool>,
@@ -266,6 +356,7 @@ impl Appservice {
         Arc::new(Appservice {
             hs_token,
             own_senders,
+            own_joins,
             client,
             rooms,
             rooms_ready,
@@ -295,10 +386,16 @@ impl Appservice {
     ) -> Result<HashMap<String, String>, AppserviceError> {
         let reader = body_reader(body, MAX_TRANSACTION_BYTES);
         let service = self.clone();
-        tokio::task::spawn_blocking(move || drifted_rooms(reader, &service.own_senders))
-            .await
-            .map_err(AppserviceError::Parser)?
-            .map_err(AppserviceError::from_parse)
+        tokio::task::spawn_blocking(move || {
+            let own = Own {
+                senders: &service.own_senders,
+                joins: &service.own_joins,
+            };
+            drifted_rooms(reader, &own)
+        })
+        .await
+        .map_err(AppserviceError::Parser)?
+        .map_err(AppserviceError::from_parse)
     }
 
     fn seen(&self, txn: &str) -> bool {
@@ -484,12 +581,14 @@ pub async fn serve(
 }
 
 /// Watches the rooms (to map room ids to objects) and serves the endpoint
-/// until `shutdown` resolves.
+/// until `shutdown` resolves. `own_joins` is the record of the operator
+/// running in the same process (an empty one when there is none).
 pub async fn run(
     client: Client,
     namespace: Option<String>,
     hs_token: String,
     own_senders: Vec<String>,
+    own_joins: Arc<OwnJoins>,
     addr: SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppserviceError> {
@@ -527,7 +626,7 @@ pub async fn run(
     );
     let result = serve(
         addr,
-        Appservice::new(hs_token, own_senders, client, rooms, rooms_ready),
+        Appservice::new(hs_token, own_senders, own_joins, client, rooms, rooms_ready),
         shutdown,
     )
     .await;
@@ -540,12 +639,24 @@ pub async fn run(
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use serde_json::Value;
     use std::sync::atomic::AtomicBool;
 
     const OWN: &str = "@openmeet-admin:x";
 
     fn parse(body: &[u8]) -> Result<HashMap<String, String>, AppserviceError> {
-        drifted_rooms(body, &[OWN.to_string()]).map_err(AppserviceError::from_parse)
+        parse_with(body, &OwnJoins::default())
+    }
+
+    fn parse_with(
+        body: &[u8],
+        joins: &OwnJoins,
+    ) -> Result<HashMap<String, String>, AppserviceError> {
+        let own = Own {
+            senders: &[OWN.to_string()],
+            joins,
+        };
+        drifted_rooms(body, &own).map_err(AppserviceError::from_parse)
     }
 
     /// A transaction of `n` messages with `size` bytes of content each, then
@@ -578,6 +689,64 @@ mod tests {
         let rooms = parse(&serde_json::to_vec(&body).unwrap()).unwrap();
         assert_eq!(rooms.len(), 1);
         assert_eq!(rooms["!c:x"], "$4", "the last event of a room is kept");
+    }
+
+    #[test]
+    fn the_operators_own_joins_are_not_drift_once() {
+        let joins = OwnJoins::default();
+        joins.expect("!r:x", "@a:x");
+        joins.expect("!r:x", "@b:x");
+        let member = |id: &str, user: &str, sender: &str, content: Value| {
+            json!({"type": "m.room.member", "room_id": "!r:x", "sender": sender,
+                   "state_key": user, "event_id": id, "content": content})
+        };
+        let body = json!({"events": [
+            member("$1", "@a:x", "@a:x", json!({"membership": "join", "displayname": "A"})),
+            // Not a join, or not the one the operator made: drift.
+            member("$2", "@b:x", "@b:x", json!({"membership": "leave"})),
+        ]});
+        let rooms = parse_with(&serde_json::to_vec(&body).unwrap(), &joins).unwrap();
+        assert_eq!(rooms["!r:x"], "$2");
+        // @b's join is still expected; @a's was recognised once only.
+        let body = json!({"events": [
+            member("$3", "@b:x", "@b:x", json!({"membership": "join"})),
+        ]});
+        assert!(parse_with(&serde_json::to_vec(&body).unwrap(), &joins)
+            .unwrap()
+            .is_empty());
+        let body = json!({"events": [
+            member("$4", "@a:x", "@a:x", json!({"membership": "join"})),
+        ]});
+        assert_eq!(
+            parse_with(&serde_json::to_vec(&body).unwrap(), &joins).unwrap()["!r:x"],
+            "$4"
+        );
+        // Someone else joining a user is not the operator's join either.
+        joins.expect("!r:x", "@c:x");
+        let body = json!({"events": [
+            member("$5", "@c:x", "@mod:x", json!({"membership": "join"})),
+        ]});
+        assert_eq!(
+            parse_with(&serde_json::to_vec(&body).unwrap(), &joins).unwrap()["!r:x"],
+            "$5"
+        );
+    }
+
+    #[test]
+    fn content_of_any_shape_is_read_past() {
+        let joins = OwnJoins::default();
+        joins.expect("!r:x", "@a:x");
+        let body = json!({"events": [
+            {"type": "m.room.member", "room_id": "!r:x", "sender": "@a:x", "state_key": "@a:x", "event_id": "$1", "content": "join"},
+            {"type": "m.room.member", "room_id": "!s:x", "sender": "@a:x", "state_key": "@a:x", "event_id": "$2", "content": [1, {"membership": "join"}]},
+            {"type": "m.room.member", "room_id": "!t:x", "sender": "@a:x", "state_key": "@a:x", "event_id": "$3", "content": {"membership": 5, "nested": {"membership": "join"}}},
+            {"type": "m.room.member", "room_id": "!u:x", "sender": "@a:x", "state_key": "@a:x", "event_id": "$4", "content": null},
+            {"type": "m.room.topic", "room_id": "!v:x", "sender": "@a:x", "state_key": "", "event_id": "$5", "content": {"topic": 1.5}},
+        ]});
+        let rooms = parse_with(&serde_json::to_vec(&body).unwrap(), &joins).unwrap();
+        assert_eq!(rooms.len(), 5, "{rooms:?}");
+        // None of them was the join: it is still expected.
+        assert!(joins.take("!r:x", "@a:x"));
     }
 
     #[test]
@@ -659,7 +828,14 @@ mod tests {
         let client = Client::try_from(config).unwrap();
         let (rooms, _writer) = kube::runtime::reflector::store();
         let (ready_tx, ready_rx) = watch::channel(ready);
-        let service = Appservice::new("hs".into(), vec![OWN.into()], client, rooms, ready_rx);
+        let service = Appservice::new(
+            "hs".into(),
+            vec![OWN.into()],
+            Arc::default(),
+            client,
+            rooms,
+            ready_rx,
+        );
         (service, ready_tx)
     }
 
@@ -752,11 +928,17 @@ mod tests {
                 Ok::<_, std::io::Error>(filler.clone())
             }));
         let reader = body_reader(Body::from_stream(endless), 1024 * 1024);
-        let e = tokio::task::spawn_blocking(move || drifted_rooms(reader, &[]))
-            .await
-            .unwrap()
-            .map_err(AppserviceError::from_parse)
-            .unwrap_err();
+        let e = tokio::task::spawn_blocking(move || {
+            let own = Own {
+                senders: &[],
+                joins: &OwnJoins::default(),
+            };
+            drifted_rooms(reader, &own)
+        })
+        .await
+        .unwrap()
+        .map_err(AppserviceError::from_parse)
+        .unwrap_err();
         assert!(matches!(e, AppserviceError::TooLarge), "{e:?}");
         assert_eq!(e.response().status(), StatusCode::PAYLOAD_TOO_LARGE);
     }

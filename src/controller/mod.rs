@@ -11,6 +11,7 @@ pub mod index;
 pub mod leader;
 pub mod memo;
 pub mod outcome;
+pub mod own_joins;
 pub mod permission;
 pub mod room;
 #[cfg(test)]
@@ -317,6 +318,8 @@ pub struct Deps {
     pub config: OperatorConfig,
     pub recorder: Recorder,
     pub stats: Arc<ReconcileStats>,
+    /// Admin joins in flight, for this process's application-service endpoint.
+    pub own_joins: Arc<own_joins::OwnJoins>,
 }
 
 /// Shared by every reconcile.
@@ -351,6 +354,7 @@ pub struct Operator {
     config: OperatorConfig,
     stats: Arc<ReconcileStats>,
     synced: Arc<std::sync::atomic::AtomicBool>,
+    own_joins: Arc<own_joins::OwnJoins>,
 }
 
 impl Operator {
@@ -361,7 +365,21 @@ impl Operator {
             config,
             stats: Arc::default(),
             synced: Arc::default(),
+            own_joins: Arc::default(),
         }
+    }
+
+    /// The joins this operator makes, for the application-service endpoint
+    /// of the same process (see [`own_joins`]).
+    pub fn own_joins(&self) -> Arc<own_joins::OwnJoins> {
+        self.own_joins.clone()
+    }
+
+    /// Shares an endpoint's record of own joins (one endpoint serving
+    /// several operators in a process, as the integration tests do).
+    pub fn with_own_joins(mut self, own_joins: Arc<own_joins::OwnJoins>) -> Self {
+        self.own_joins = own_joins;
+        self
     }
 
     pub fn stats(&self) -> Arc<ReconcileStats> {
@@ -385,6 +403,7 @@ impl Operator {
             config: self.config.clone(),
             recorder: Recorder::new(self.client.clone(), reporter),
             stats: self.stats.clone(),
+            own_joins: self.own_joins.clone(),
         };
         let shutdown: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(shutdown);
         let shutdown = shutdown.shared();

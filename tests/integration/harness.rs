@@ -12,6 +12,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, Resource};
 use openmeet_matrix_operator::api::conditions::{find, READY};
 use openmeet_matrix_operator::api::MatrixUser;
+use openmeet_matrix_operator::controller::own_joins::OwnJoins;
 use openmeet_matrix_operator::controller::{appservice, Operator, OperatorConfig, ReconcileStats};
 use openmeet_matrix_operator::sidecar;
 use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig};
@@ -30,6 +31,9 @@ pub const WAIT: Duration = Duration::from_secs(60);
 pub struct Stack {
     pub env: HashMap<String, String>,
     pub as_token: String,
+    /// Admin joins of the in-process operators, which the test process's
+    /// endpoint does not mark as drift (as one controller process would not).
+    pub own_joins: Arc<OwnJoins>,
     _child: Option<Mutex<Child>>,
 }
 
@@ -70,6 +74,7 @@ impl Stack {
             let stack = Stack {
                 as_token: secrets["AS_TOKEN"].clone(),
                 env,
+                own_joins: Arc::default(),
                 _child: child.map(Mutex::new),
             };
             stack.serve_appservice(secrets["HS_TOKEN"].clone());
@@ -94,6 +99,7 @@ impl Stack {
             format!("@openmeet-operator:{server}"),
         ];
         let paused = FEED_PAUSED.subscribe();
+        let own_joins = self.own_joins.clone();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().expect("runtime");
             runtime.block_on(async move {
@@ -115,6 +121,7 @@ impl Stack {
                         None,
                         hs_token,
                         own,
+                        own_joins,
                         backend,
                         std::future::pending(),
                     );
@@ -322,7 +329,9 @@ impl TestEnv {
             client.clone(),
             operator_synapse.clone().with_request_limit(16),
             config,
-        );
+        )
+        // The test process's endpoint serves every in-process operator.
+        .with_own_joins(stack.own_joins.clone());
         let stats = operator.stats();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         if !options.no_operator {

@@ -460,6 +460,96 @@ async fn out_of_band_changes_are_reverted_at_once() {
 }
 
 #[tokio::test]
+async fn the_operators_own_joins_are_not_drift() {
+    use futures::StreamExt;
+    use kube::runtime::{watcher, WatchStreamExt};
+    let env = TestEnv::new("ownjoins").await;
+    let ids = users(&env, &["alice", "bob", "carol"]).await;
+    env.create::<MatrixRoom>(
+        0,
+        "r",
+        json!({"alias": unique("ownjoins"), "name": "Joined"}),
+    )
+    .await;
+    let room: MatrixRoom = env.wait_condition(0, "r", true, "Converged").await;
+    let room_id = room.status.as_ref().unwrap().room_id.clone().unwrap();
+
+    // Every drift mark the room's object receives from here on.
+    let marks = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let watch = {
+        let marks = marks.clone();
+        let config = watcher::Config::default().fields("metadata.name=r");
+        tokio::spawn(
+            watcher(env.api::<MatrixRoom>(0), config)
+                .applied_objects()
+                .for_each(move |r| {
+                    let mark = r.ok().and_then(|r| {
+                        r.metadata
+                            .annotations?
+                            .get("matrix.openmeet.net/drift-event")
+                            .cloned()
+                    });
+                    if let Some(mark) = mark {
+                        let mut marks = marks.lock().unwrap();
+                        if marks.last() != Some(&mark) {
+                            marks.push(mark);
+                        }
+                    }
+                    futures::future::ready(())
+                }),
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(marks.lock().unwrap().is_empty(), "{marks:?}");
+
+    // The operator joins three members: their membership events come back
+    // through the feed, sent as the members themselves.
+    perm(&env, 0, "alice", "r", "alice", json!({"role": "Moderator"})).await;
+    perm(&env, 0, "bob", "r", "bob", json!({})).await;
+    perm(&env, 0, "carol", "r", "carol", json!({})).await;
+    wait_for("three members joined", || async {
+        let s = state(&env, &room).await;
+        ids.iter()
+            .all(|id| {
+                s.get("m.room.member", id)
+                    .is_some_and(|m| m["membership"] == "join")
+            })
+            .then_some(())
+    })
+    .await;
+    // Synapse pushes within moments; events of a room arrive in order.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // A member's own change is drift, and the mark names it.
+    let token = login_as(&ids[0]).await;
+    let topic: Value = reqwest::Client::new()
+        .put(format!(
+            "{}/_matrix/client/v3/rooms/{}/state/m.room.topic/",
+            Stack::get().var("SYNAPSE_URL"),
+            urlencode(&room_id)
+        ))
+        .bearer_auth(&token)
+        .json(&json!({"topic": "changed in a client"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let topic_event = topic["event_id"].as_str().unwrap().to_string();
+    wait_for("the topic change marked", || async {
+        marks.lock().unwrap().contains(&topic_event).then_some(())
+    })
+    .await;
+    watch.abort();
+    assert_eq!(
+        *marks.lock().unwrap(),
+        vec![topic_event],
+        "only the member's change is drift, not the operator's joins"
+    );
+}
+
+#[tokio::test]
 async fn alias_conflicts_across_namespaces_and_with_foreign_rooms() {
     let env = TestEnv::with(
         "alias",

@@ -165,7 +165,12 @@ pub(super) async fn apply_action(
             state_key,
             content,
         } => s.put_state(room_id, kind, state_key, content).await?,
-        RoomAction::Join(u) => s.admin_join(parsed, &user(u)?).await?,
+        RoomAction::Join(u) => {
+            let user_id = user(u)?;
+            // Its membership event comes back through the feed: not drift.
+            ctx.own_joins.expect(room_id, user_id.as_str());
+            s.admin_join(parsed, &user_id).await?
+        }
         RoomAction::Invite(u) => {
             s.membership(
                 room_id,

@@ -62,6 +62,8 @@ pub struct RoomContext {
     pub room_index: Arc<Index<MatrixRoom>>,
     pub backoff: super::backoff::Backoff,
     pub stats: Arc<ReconcileStats>,
+    /// Admin joins in flight: their membership events are not drift.
+    pub own_joins: Arc<super::own_joins::OwnJoins>,
     /// What each room was last converged to: skips reconciles our own status
     /// writes cause, and tells drift from spec changes.
     memo: super::memo::ConvergedMemo,
@@ -305,6 +307,7 @@ spec: {{roomRef: {{name: r}}, userRef: {{name: {user}}}}}
             room_index,
             backoff: crate::controller::default_backoff(),
             stats: Default::default(),
+            own_joins: Default::default(),
             memo: Default::default(),
         })
     }

@@ -52,6 +52,7 @@ pub async fn run<A, B, C, D>(
         config,
         recorder,
         stats,
+        own_joins,
     } = deps;
     let ctx = Arc::new(RoomContext {
         client,
@@ -65,6 +66,7 @@ pub async fn run<A, B, C, D>(
         room_index: caches.room_index.clone(),
         backoff: controller::default_backoff(),
         stats,
+        own_joins,
         memo: Default::default(),
     });
     let (perms_for_users, perms_by_user) = (caches.permissions, caches.permission_index);

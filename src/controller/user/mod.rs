@@ -64,6 +64,8 @@ pub async fn run<A, B>(
         config,
         recorder,
         stats,
+        // Joins are the room controller's.
+        own_joins: _,
     } = deps;
     let ctx = Arc::new(Context {
         client,
