@@ -52,13 +52,30 @@ struct Controller {
     metrics: String,
 }
 
+/// The endpoint every controller of the run serves the feed on, one at a
+/// time: as in production, the process that joins members also receives
+/// their membership events.
+fn feed_endpoint() -> std::net::SocketAddr {
+    static FEED: std::sync::OnceLock<std::net::SocketAddr> = std::sync::OnceLock::new();
+    *FEED.get_or_init(|| {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], harness::free_port()));
+        harness::route_feed(Some(addr));
+        addr
+    })
+}
+
 async fn start_controller(env: &TestEnv) -> Controller {
+    // The previous controller, killed, may hold the feed's port a moment longer.
+    while std::net::TcpListener::bind(feed_endpoint()).is_err() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let child = harness::controller_command(env)
+        .env("APPSERVICE_LISTEN", feed_endpoint().to_string())
         .env("SYNAPSE_CONCURRENCY", CONCURRENCY.to_string())
         // The periodic resync (every 240 to 360 s) is not part of converging
         // and would fall inside a slow run; it is measured on its own below.
@@ -102,6 +119,25 @@ impl Controller {
             entry.0 += count;
         }
         by_kind
+    }
+
+    /// The feed's counters: drift marks, and joins recognised as its own.
+    async fn feed(&self) -> (u64, u64) {
+        let text = reqwest::get(&self.metrics)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let counter = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (
+            counter("openmeet_feed_drift_marks_total"),
+            counter("openmeet_feed_own_joins_total"),
+        )
     }
 
     /// Totals the timeline samples: Synapse requests completed, the sum of
@@ -573,6 +609,7 @@ async fn main() {
     drop((ready_users, ready_rooms, ready_perms));
     let converge_time = started.elapsed();
     let requests = controller.requests().await;
+    let (drift_marks, own_joins) = controller.feed().await;
     timeline_done.notify_one();
     let timeline = timeline.await.unwrap();
     let cpu_seconds = controller.cpu_seconds();
@@ -686,6 +723,9 @@ async fn main() {
     println!(
         "API-server requests for the operator's kinds and events while converging: {api_requests} ({:.2} per object)",
         api_requests as f64 / objects
+    );
+    println!(
+        "feed while converging: {drift_marks} rooms marked as drifted, {own_joins} membership events recognised as the operator's own joins"
     );
     // The bench's own creates and Ready lists are in these lines.
     for (kind, n) in api_by_kind.iter().take(12) {

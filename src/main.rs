@@ -455,6 +455,7 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
     // The operator's admin joins, which this process's endpoint is not to mark as drift.
     let own_joins = Arc::new(OwnJoins::default());
+    let feed_stats = Arc::new(appservice::AppserviceStats::default());
     let appservice = async {
         if args.appservice_listen == "off" {
             return Ok(());
@@ -473,12 +474,16 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
             ),
         ];
         let scope = config.namespace.clone();
+        let feed = appservice::Feed {
+            own_senders: own,
+            own_joins: own_joins.clone(),
+            stats: feed_stats.clone(),
+        };
         appservice::run(
             client.clone(),
             scope,
             hs_token,
-            own,
-            own_joins.clone(),
+            feed,
             addr,
             shutdown.clone(),
         )
@@ -502,6 +507,7 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
         synapse: synapse.stats_handle(),
         reconciles: operator.stats(),
         readiness: Some(readiness.clone()),
+        feed: (args.appservice_listen != "off").then(|| feed_stats.clone()),
     };
     let metrics_server = async {
         if args.metrics_listen == "off" {

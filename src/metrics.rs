@@ -24,6 +24,8 @@ pub struct Sources {
     pub synapse: Arc<RequestStats>,
     pub reconciles: Arc<ReconcileStats>,
     pub readiness: Option<Arc<Readiness>>,
+    /// The application-service endpoint's counters, where it is served.
+    pub feed: Option<Arc<crate::controller::appservice::AppserviceStats>>,
 }
 
 /// What `/readyz` means: Synapse answers, and — on the replica that
@@ -174,6 +176,9 @@ pub fn render(sources: &Sources) -> String {
     }
     sources.synapse.register(&mut registry);
     sources.reconciles.register(&mut registry);
+    if let Some(feed) = &sources.feed {
+        feed.register(&mut registry);
+    }
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
         tracing::warn!(error = %e, "metrics: encoding failed");
@@ -224,6 +229,7 @@ mod tests {
             synapse: Arc::default(),
             reconciles: Arc::default(),
             readiness: None,
+            feed: Some(Arc::default()),
         };
         use crate::controller::outcome::Outcome;
         let timer = sources.reconciles.start("MatrixUser");
@@ -241,8 +247,14 @@ mod tests {
             Some(404),
             std::time::Duration::from_millis(3),
         );
+        let feed = sources.feed.as_ref().unwrap();
+        feed.marks.fetch_add(2, Ordering::Relaxed);
+        feed.own_joins.fetch_add(3, Ordering::Relaxed);
         let text = render(&sources);
         for expected in [
+            "openmeet_feed_drift_marks_total 2",
+            "openmeet_feed_own_joins_total 3",
+            "openmeet_feed_transactions_total 0",
             "openmeet_reconciles_total{kind=\"MatrixUser\",outcome=\"ready\"} 1",
             "openmeet_reconciles_total{kind=\"MatrixRoom\",outcome=\"error\"} 1",
             "openmeet_reconciles_total{kind=\"MatrixRoom\",outcome=\"stalled\"} 1",

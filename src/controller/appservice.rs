@@ -116,6 +116,8 @@ struct Own<'a> {
     senders: &'a [String],
     /// The admin joins it made in this process, sent as the joining user.
     joins: &'a OwnJoins,
+    /// Counts the joins recognised.
+    recognised: &'a AtomicU64,
 }
 
 /// The parts of a pushed event we look at; content is skipped.
@@ -154,6 +156,7 @@ impl PushedEvent {
             && sender == state_key
             && own.joins.take(&room_id, sender);
         if own_join {
+            own.recognised.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         Some((room_id, self.event_id?))
@@ -328,40 +331,74 @@ pub struct AppserviceStats {
     pub transactions: AtomicU64,
     pub duplicates: AtomicU64,
     pub marks: AtomicU64,
+    /// Membership events recognised as the operator's own admin joins.
+    pub own_joins: AtomicU64,
+}
+
+impl AppserviceStats {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        use prometheus_client::metrics::counter::Counter;
+        let counter = |value: &AtomicU64| {
+            let counter = Counter::<u64>::default();
+            counter.inc_by(value.load(Ordering::Relaxed));
+            counter
+        };
+        registry.register(
+            "openmeet_feed_transactions",
+            "Transactions Synapse pushed to the application-service endpoint, retries included",
+            counter(&self.transactions),
+        );
+        registry.register(
+            "openmeet_feed_drift_marks",
+            "Rooms marked for a reconcile because someone other than the operator changed their state",
+            counter(&self.marks),
+        );
+        registry.register(
+            "openmeet_feed_own_joins",
+            "Membership events recognised as the operator's own admin joins, not marked as drift",
+            counter(&self.own_joins),
+        );
+    }
+}
+
+/// What the endpoint knows of the operator beside it: its accounts, the
+/// joins it makes, and where to count.
+#[derive(Clone, Debug, Default)]
+pub struct Feed {
+    /// Senders whose events are the operator's own.
+    pub own_senders: Vec<String>,
+    /// Joins the operator of this process makes (sent as the joining user).
+    pub own_joins: Arc<OwnJoins>,
+    pub stats: Arc<AppserviceStats>,
 }
 
 pub struct Appservice {
     hs_token: String,
-    /// Senders whose events are the operator's own.
-    own_senders: Vec<String>,
-    /// Joins the operator of this process made (sent as the joining user).
-    own_joins: Arc<OwnJoins>,
+    feed: Feed,
     client: Client,
     rooms: Store<MatrixRoom>,
     /// True once `rooms` holds its first complete list.
     rooms_ready: watch::Receiver<bool>,
     seen: Mutex<(VecDeque<String>, HashSet<String>)>,
-    pub stats: AppserviceStats,
+    pub stats: Arc<AppserviceStats>,
 }
 
 impl Appservice {
     pub fn new(
         hs_token: String,
-        own_senders: Vec<String>,
-        own_joins: Arc<OwnJoins>,
+        feed: Feed,
         client: Client,
         rooms: Store<MatrixRoom>,
         rooms_ready: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(Appservice {
             hs_token,
-            own_senders,
-            own_joins,
+            stats: feed.stats.clone(),
+            feed,
             client,
             rooms,
             rooms_ready,
             seen: Mutex::default(),
-            stats: AppserviceStats::default(),
         })
     }
 
@@ -388,8 +425,9 @@ impl Appservice {
         let service = self.clone();
         tokio::task::spawn_blocking(move || {
             let own = Own {
-                senders: &service.own_senders,
-                joins: &service.own_joins,
+                senders: &service.feed.own_senders,
+                joins: &service.feed.own_joins,
+                recognised: &service.stats.own_joins,
             };
             drifted_rooms(reader, &own)
         })
@@ -581,14 +619,12 @@ pub async fn serve(
 }
 
 /// Watches the rooms (to map room ids to objects) and serves the endpoint
-/// until `shutdown` resolves. `own_joins` is the record of the operator
-/// running in the same process (an empty one when there is none).
+/// until `shutdown` resolves.
 pub async fn run(
     client: Client,
     namespace: Option<String>,
     hs_token: String,
-    own_senders: Vec<String>,
-    own_joins: Arc<OwnJoins>,
+    feed: Feed,
     addr: SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppserviceError> {
@@ -626,7 +662,7 @@ pub async fn run(
     );
     let result = serve(
         addr,
-        Appservice::new(hs_token, own_senders, own_joins, client, rooms, rooms_ready),
+        Appservice::new(hs_token, feed, client, rooms, rooms_ready),
         shutdown,
     )
     .await;
@@ -655,6 +691,7 @@ mod tests {
         let own = Own {
             senders: &[OWN.to_string()],
             joins,
+            recognised: &AtomicU64::new(0),
         };
         drifted_rooms(body, &own).map_err(AppserviceError::from_parse)
     }
@@ -830,8 +867,10 @@ mod tests {
         let (ready_tx, ready_rx) = watch::channel(ready);
         let service = Appservice::new(
             "hs".into(),
-            vec![OWN.into()],
-            Arc::default(),
+            Feed {
+                own_senders: vec![OWN.into()],
+                ..Default::default()
+            },
             client,
             rooms,
             ready_rx,
@@ -932,6 +971,7 @@ mod tests {
             let own = Own {
                 senders: &[],
                 joins: &OwnJoins::default(),
+                recognised: &AtomicU64::new(0),
             };
             drifted_rooms(reader, &own)
         })

@@ -52,6 +52,19 @@ pub fn pause_feed(paused: bool) {
     FEED_PAUSED.send_replace(paused);
 }
 
+/// Where the feed goes instead of the test process's own endpoint, if set.
+static FEED_ROUTE: LazyLock<tokio::sync::watch::Sender<Option<std::net::SocketAddr>>> =
+    LazyLock::new(|| tokio::sync::watch::channel(None).0);
+
+/// Sends the feed to another endpoint (a controller process serving its
+/// own, as in production), or back to the test process's with `None`.
+/// Open connections are closed, so Synapse's next transaction takes the
+/// new route.
+#[allow(dead_code)] // the bench's
+pub fn route_feed(to: Option<std::net::SocketAddr>) {
+    FEED_ROUTE.send_replace(to);
+}
+
 fn parse_env(path: &str) -> HashMap<String, String> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
     text.lines()
@@ -120,8 +133,11 @@ impl Stack {
                         client,
                         None,
                         hs_token,
-                        own,
-                        own_joins,
+                        appservice::Feed {
+                            own_senders: own,
+                            own_joins,
+                            ..Default::default()
+                        },
                         backend,
                         std::future::pending(),
                     );
@@ -609,16 +625,24 @@ async fn forward_pausable(
             continue;
         };
         let paused = paused.clone();
+        let mut route = FEED_ROUTE.subscribe();
         tokio::spawn(async move {
-            let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+            let to = route.borrow_and_update().unwrap_or(target);
+            let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
                 return;
             };
             let (in_read, in_write) = inbound.into_split();
             let (out_read, out_write) = outbound.into_split();
-            tokio::join!(
-                pipe(in_read, out_write, paused.clone()),
-                pipe(out_read, in_write, paused)
-            );
+            let piped = async {
+                tokio::join!(
+                    pipe(in_read, out_write, paused.clone()),
+                    pipe(out_read, in_write, paused)
+                )
+            };
+            tokio::select! {
+                _ = piped => {}
+                _ = route.changed() => {}
+            }
         });
     }
 }
