@@ -111,8 +111,10 @@ async fn mark_pending(p: &RoomPermission, ctx: &Ctx) -> Result<Action, Error> {
 mod tests {
     //! The permission reconcile's exchange with the API server.
     use super::*;
-    use crate::controller::scripted::{self, echo, not_found, refuse, stored, Exchange};
-    use http::{Method, StatusCode};
+    use crate::controller::scripted::{
+        self, echo, not_found, ready_of, refuse, status_server, status_written,
+    };
+    use http::Method;
     use kube::runtime::events::Reporter;
     use kube::runtime::{reflector, watcher};
     use serde_json::Value;
@@ -153,18 +155,6 @@ spec: {roomRef: {name: r}, userRef: {name: alice}}
         })
     }
 
-    /// Answers the status apply with the permission, and echoes Events.
-    fn api_server(p: &RoomPermission) -> impl Fn(&Exchange) -> (StatusCode, Value) {
-        let p = p.clone();
-        move |x| {
-            if x.path.contains("/events") {
-                echo(x)
-            } else {
-                stored(&p, "6")
-            }
-        }
-    }
-
     #[tokio::test]
     async fn a_permission_whose_room_exists_is_the_rooms_to_report() {
         let (client, recorded) = scripted::client(refuse);
@@ -178,28 +168,20 @@ spec: {roomRef: {name: r}, userRef: {name: alice}}
     #[tokio::test]
     async fn a_missing_room_is_reported_once_then_costs_nothing() {
         let p = permission(None);
-        let (client, recorded) = scripted::client(api_server(&p));
+        let answer = serde_json::to_value(&p).unwrap();
+        let (client, recorded) = scripted::client(status_server(move |_| answer.clone()));
         reconcile(Arc::new(p), ctx(client, &["other"]))
             .await
             .unwrap();
         let sent = recorded.expect(2).await;
-        let status = sent
-            .iter()
-            .find(|x| x.path.ends_with("/status"))
-            .expect("a status write");
-        status.assert_forced_apply();
+        let status = sent.iter().find(|x| x.path.ends_with("/status")).unwrap();
         assert_eq!(
             status.path,
             "/apis/matrix.openmeet.net/v1alpha1/namespaces/t/roompermissions/alice-r/status"
         );
-        let written = &status.body["status"];
+        let written = &status_written(&sent, "alice-r");
         assert_eq!(written["observedGeneration"], 4);
-        let ready = written["conditions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["type"] == READY)
-            .unwrap();
+        let ready = ready_of(written);
         assert_eq!(ready["status"], "False");
         assert_eq!(ready["reason"], "Pending");
         assert_eq!(ready["observedGeneration"], 4);

@@ -154,3 +154,82 @@ pub fn refuse(exchange: &Exchange) -> (StatusCode, Value) {
                "message": format!("unexpected {} {}", exchange.method, exchange.path)}),
     )
 }
+
+/// A Synapse client pointed where nothing listens: a reconcile that must
+/// stop before Synapse fails if it reaches it, and its stats show the try.
+pub fn unreachable_synapse() -> crate::synapse::SynapseClient {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::synapse::SynapseClient::new(crate::synapse::SynapseConfig {
+        url: "http://127.0.0.1:9".into(),
+        server_name: "example.test".into(),
+        admin_localpart: "operator".into(),
+        as_token: "token".into(),
+        timeout: Duration::from_secs(1),
+    })
+    .unwrap()
+}
+
+/// The operator's settings as the tests' reconciles run with them.
+pub fn config() -> super::OperatorConfig {
+    super::OperatorConfig {
+        sso_idp_id: "openmeet".into(),
+        reserved_localparts: super::OperatorConfig::builtin_reserved("operator", "sender"),
+        adopt_namespaces: Default::default(),
+        admin_namespaces: Default::default(),
+        resync_interval: Duration::from_secs(300),
+        namespace: None,
+        label_selector: None,
+        instance: None,
+        alias_prefix: "om_".into(),
+        concurrency: 1,
+    }
+}
+
+/// An Event recorder writing through `client`.
+pub fn recorder(client: Client) -> super::events::Recorder {
+    let reporter = kube::runtime::events::Reporter {
+        controller: "test".into(),
+        instance: None,
+    };
+    super::events::Recorder::new(client, reporter)
+}
+
+/// Answers Event writes with what was sent and status applies with
+/// `object(name)` stored at a new version.
+pub fn status_server(
+    object: impl Fn(&str) -> Value + Send + Sync + 'static,
+) -> impl Fn(&Exchange) -> (StatusCode, Value) + Send + Sync + 'static {
+    move |x| {
+        if x.path.contains("/events") {
+            return echo(x);
+        }
+        match x
+            .path
+            .strip_suffix("/status")
+            .and_then(|p| p.rsplit('/').next())
+        {
+            Some(name) => stored(&object(name), "100"),
+            None => refuse(x),
+        }
+    }
+}
+
+/// The Ready condition of a written status.
+pub fn ready_of(status: &Value) -> &Value {
+    status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == crate::api::conditions::READY)
+        .expect("a Ready condition")
+}
+
+/// The status body of the one status write for `name`.
+pub fn status_written(sent: &[Exchange], name: &str) -> Value {
+    let write = sent
+        .iter()
+        .find(|x| x.path.ends_with(&format!("/{name}/status")))
+        .unwrap_or_else(|| panic!("no status write for {name}: {sent:#?}"));
+    write.assert_forced_apply();
+    write.body["status"].clone()
+}

@@ -219,11 +219,8 @@ mod tests {
     //! reaches Synapse is on the real stack, in the integration suite.
     use super::*;
     use crate::controller::index::keys;
-    use crate::controller::scripted::{self, echo, refuse, stored, Exchange};
+    use crate::controller::scripted::{self, ready_of, refuse, status_server, status_written};
     use crate::controller::FINALIZER;
-    use crate::synapse::SynapseConfig;
-    use http::StatusCode;
-    use kube::runtime::events::Reporter;
     use kube::runtime::{reflector, watcher};
     use serde_json::Value;
     use std::time::Duration;
@@ -270,36 +267,11 @@ spec: {{roomRef: {{name: r}}, userRef: {{name: {user}}}}}
             permission_index.observe(&event);
         }
         let (users, _) = reflector::store();
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        // Nothing listens here: a request to Synapse would fail the reconcile.
-        let synapse = SynapseClient::new(SynapseConfig {
-            url: "http://127.0.0.1:9".into(),
-            server_name: "example.test".into(),
-            admin_localpart: "operator".into(),
-            as_token: "token".into(),
-            timeout: Duration::from_secs(1),
-        })
-        .unwrap();
-        let reporter = Reporter {
-            controller: "test".into(),
-            instance: None,
-        };
         Arc::new(RoomContext {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: scripted::recorder(client.clone()),
             client,
-            synapse,
-            config: OperatorConfig {
-                sso_idp_id: "openmeet".into(),
-                reserved_localparts: Default::default(),
-                adopt_namespaces: Default::default(),
-                admin_namespaces: Default::default(),
-                resync_interval: Duration::from_secs(300),
-                namespace: None,
-                label_selector: None,
-                instance: None,
-                alias_prefix: "om_".into(),
-                concurrency: 1,
-            },
+            synapse: scripted::unreachable_synapse(),
+            config: scripted::config(),
             rooms,
             users,
             permissions,
@@ -312,36 +284,20 @@ spec: {{roomRef: {{name: r}}, userRef: {{name: {user}}}}}
         })
     }
 
-    /// Answers status applies with the object named, and echoes Events.
-    fn api_server(
-        room: &MatrixRoom,
-        perms: &[RoomPermission],
-    ) -> impl Fn(&Exchange) -> (StatusCode, Value) {
-        let (room, perms) = (room.clone(), perms.to_vec());
-        move |x| match x.path.rsplit('/').nth(1) {
-            _ if x.path.contains("/events") => echo(x),
-            Some("r") => stored(&room, "11"),
-            Some(name) => stored(perms.iter().find(|p| p.name_any() == name).unwrap(), "12"),
-            None => refuse(x),
-        }
-    }
-
-    fn ready_of(status: &Value) -> &Value {
-        status["conditions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["type"] == READY)
-            .unwrap()
-    }
-
     #[tokio::test]
     async fn a_room_held_back_before_synapse_says_why_once_on_itself_and_its_permissions() {
         let (obj, perms) = (
             room(None),
             [permission("alice", None), permission("bob", None)],
         );
-        let (client, recorded) = scripted::client(api_server(&obj, &perms));
+        let (answer_room, answer_perms) = (obj.clone(), perms.clone());
+        let (client, recorded) = scripted::client(status_server(move |name| {
+            if name == "r" {
+                return serde_json::to_value(&answer_room).unwrap();
+            }
+            let p = answer_perms.iter().find(|p| p.name_any() == name).unwrap();
+            serde_json::to_value(p).unwrap()
+        }));
         let ctx = context(client, &obj, &perms);
         let action = reconcile(Arc::new(obj), ctx.clone()).await.unwrap();
         // The parent's own changes trigger the room; the requeue is a fallback.
@@ -353,21 +309,16 @@ spec: {{roomRef: {{name: r}}, userRef: {{name: {user}}}}}
 
         // One status apply each, and one Event each for the transition.
         let sent = recorded.expect(6).await;
-        let status_of = |name: &str| {
-            let write = sent
-                .iter()
-                .find(|x| x.path.ends_with(&format!("/{name}/status")))
-                .unwrap_or_else(|| panic!("no status write for {name}: {sent:#?}"));
-            write.assert_forced_apply();
-            write.body["status"].clone()
-        };
-        let room_status = status_of("r");
+        let room_status = status_written(&sent, "r");
         let ready = ready_of(&room_status);
         assert_eq!(ready["status"], "False");
         assert_eq!(ready["reason"], "ParentNotFound");
         assert_eq!(ready["observedGeneration"], 2);
         assert!(room_status.get("roomId").is_none(), "{room_status}");
-        let (alice, bob) = (status_of("alice-r"), status_of("bob-r"));
+        let (alice, bob) = (
+            status_written(&sent, "alice-r"),
+            status_written(&sent, "bob-r"),
+        );
         for status in [&alice, &bob] {
             let ready = ready_of(status);
             assert_eq!(ready["reason"], "RoomNotReady");

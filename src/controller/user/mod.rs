@@ -660,6 +660,109 @@ fn publish(
 }
 
 #[cfg(test)]
+mod reconcile_tests {
+    //! Reconcile-level: what a user refused before Synapse sends the API
+    //! server, and that it never reaches Synapse. Everything that does is
+    //! on the real stack, in the integration suite.
+    use super::*;
+    use crate::controller::scripted::{self, ready_of, refuse, status_server, status_written};
+    use crate::controller::FINALIZER;
+    use kube::runtime::{reflector, watcher};
+    use kube::Client;
+    use serde_json::Value;
+
+    fn user(ns: &str, name: &str, localpart: &str, created: &str) -> MatrixUser {
+        serde_yaml::from_str(&format!(
+            r#"
+apiVersion: matrix.openmeet.net/v1alpha1
+kind: MatrixUser
+metadata: {{name: {name}, namespace: {ns}, generation: 1, uid: u-{name}, creationTimestamp: "{created}", finalizers: [{FINALIZER}]}}
+spec: {{localpart: {localpart}}}
+"#
+        ))
+        .unwrap()
+    }
+
+    fn context(client: Client, users: &[&MatrixUser]) -> Arc<Context> {
+        let (store, mut writer) = reflector::store();
+        let user_index = Index::new(keys::user);
+        for u in users {
+            let event = watcher::Event::Apply((*u).clone());
+            writer.apply_watcher_event(&event);
+            user_index.observe(&event);
+        }
+        let (namespaces, _) = reflector::store();
+        Arc::new(Context {
+            recorder: scripted::recorder(client.clone()),
+            client,
+            synapse: scripted::unreachable_synapse(),
+            config: scripted::config(),
+            users: store,
+            user_index,
+            namespaces,
+            backoff: crate::controller::default_backoff(),
+            stats: Default::default(),
+            memo: Default::default(),
+        })
+    }
+
+    /// Reconciles `me` among `all`; returns the status it wrote, after
+    /// checking it was the one write beside one Warning Event.
+    async fn refused(me: &MatrixUser, all: &[&MatrixUser], reason: &str) -> Value {
+        let answer = me.clone();
+        let (client, recorded) = scripted::client(status_server(move |_| {
+            serde_json::to_value(&answer).unwrap()
+        }));
+        let ctx = context(client, all);
+        reconcile(Arc::new(me.clone()), ctx.clone()).await.unwrap();
+        assert_eq!(
+            ctx.synapse.stats().reads() + ctx.synapse.stats().writes(),
+            0
+        );
+        let sent = recorded.expect(2).await;
+        let event = sent.iter().find(|x| x.path.contains("/events")).unwrap();
+        assert_eq!(
+            (event.body["type"].as_str(), event.body["reason"].as_str()),
+            (Some("Warning"), Some(reason))
+        );
+        let status = status_written(&sent, &me.name_any());
+        assert_eq!(ready_of(&status)["reason"], reason);
+        status
+    }
+
+    /// The same object with `status` finds nothing to write.
+    async fn settled(me: &MatrixUser, all: &[&MatrixUser], status: Value) {
+        let mut me = me.clone();
+        me.status = Some(serde_json::from_value(status).unwrap());
+        let (client, recorded) = scripted::client(refuse);
+        reconcile(Arc::new(me), context(client, all)).await.unwrap();
+        recorded.expect(0).await;
+    }
+
+    #[tokio::test]
+    async fn a_younger_claim_on_a_localpart_in_another_tenant_never_reaches_synapse() {
+        let alice = user("tenant-a", "alice", "alice", "2026-01-01T00:00:00Z");
+        let mallory = user("tenant-b", "mallory", "alice", "2026-06-01T00:00:00Z");
+        let status = refused(&mallory, &[&alice, &mallory], "LocalpartConflict").await;
+        // It owns no account, and says so: no user id for rooms to use.
+        assert!(status.get("userId").is_none(), "{status}");
+        assert_eq!(
+            ready_of(&status)["message"],
+            "localpart \"alice\" is claimed by another, older MatrixUser"
+        );
+        settled(&mallory, &[&alice, &mallory], status).await;
+    }
+
+    #[tokio::test]
+    async fn the_operators_own_accounts_are_never_claimed() {
+        let admin = user("tenant-a", "admin", "operator", "2026-01-01T00:00:00Z");
+        let status = refused(&admin, &[&admin], "ReservedLocalpart").await;
+        assert!(status.get("userId").is_none(), "{status}");
+        settled(&admin, &[&admin], status).await;
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::MatrixUserStatus;
