@@ -115,7 +115,6 @@ mod tests {
         self, echo, not_found, ready_of, refuse, status_server, status_written,
     };
     use http::Method;
-    use kube::runtime::events::Reporter;
     use kube::runtime::{reflector, watcher};
     use serde_json::Value;
 
@@ -143,12 +142,8 @@ spec: {roomRef: {name: r}, userRef: {name: alice}}
             .unwrap();
             writer.apply_watcher_event(&watcher::Event::Apply(room));
         }
-        let reporter = Reporter {
-            controller: "test".into(),
-            instance: None,
-        };
         Arc::new(Ctx {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: scripted::recorder(client.clone()),
             client,
             rooms: store,
             stats: Default::default(),
