@@ -454,7 +454,11 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
     tracing::info!(synapse = ?synapse, "controller starting");
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
     // The operator's admin joins, which this process's endpoint is not to mark as drift.
-    let own_joins = Arc::new(OwnJoins::default());
+    let own_joins = Arc::new(if args.appservice_listen == "off" {
+        OwnJoins::default()
+    } else {
+        OwnJoins::recording()
+    });
     let feed_stats = Arc::new(appservice::AppserviceStats::default());
     let appservice = async {
         if args.appservice_listen == "off" {

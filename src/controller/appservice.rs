@@ -730,7 +730,7 @@ mod tests {
 
     #[test]
     fn the_operators_own_joins_are_not_drift_once() {
-        let joins = OwnJoins::default();
+        let joins = OwnJoins::recording();
         joins.expect("!r:x", "@a:x");
         joins.expect("!r:x", "@b:x");
         let member = |id: &str, user: &str, sender: &str, content: Value| {
@@ -771,7 +771,7 @@ mod tests {
 
     #[test]
     fn content_of_any_shape_is_read_past() {
-        let joins = OwnJoins::default();
+        let joins = OwnJoins::recording();
         joins.expect("!r:x", "@a:x");
         let body = json!({"events": [
             {"type": "m.room.member", "room_id": "!r:x", "sender": "@a:x", "state_key": "@a:x", "event_id": "$1", "content": "join"},

@@ -20,13 +20,33 @@ const TTL: Duration = Duration::from_secs(600);
 /// Entries kept at most: past this, joins are not recorded (and so marked).
 const CAPACITY: usize = 100_000;
 
-/// Room id and user id of the joins the operator made.
+/// How often expired entries are dropped (entries of joins whose event
+/// went to another replica's endpoint are never taken).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Room id and user id of the joins the operator made. The default records
+/// nothing: a process that serves no endpoint has no one to tell.
 #[derive(Debug, Default)]
 pub struct OwnJoins {
-    pending: Mutex<HashMap<(String, String), Instant>>,
+    recording: bool,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    joins: HashMap<(String, String), Instant>,
+    pruned: Option<Instant>,
 }
 
 impl OwnJoins {
+    /// A record for an endpoint served in this process.
+    pub fn recording() -> Self {
+        OwnJoins {
+            recording: true,
+            pending: Mutex::default(),
+        }
+    }
+
     /// Records a join about to be made.
     pub fn expect(&self, room_id: &str, user_id: &str) {
         self.expect_at(room_id, user_id, Instant::now());
@@ -38,25 +58,35 @@ impl OwnJoins {
     }
 
     fn expect_at(&self, room_id: &str, user_id: &str, now: Instant) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if pending.len() >= CAPACITY {
-            pending.retain(|_, at| now.duration_since(*at) < TTL);
-            if pending.len() >= CAPACITY {
-                return;
-            }
+        if !self.recording {
+            return;
         }
-        pending.insert((room_id.to_string(), user_id.to_string()), now);
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let due = pending
+            .pruned
+            .is_none_or(|at| now.duration_since(at) >= PRUNE_EVERY);
+        if due || pending.joins.len() >= CAPACITY {
+            pending.joins.retain(|_, at| now.duration_since(*at) < TTL);
+            pending.pruned = Some(now);
+        }
+        if pending.joins.len() < CAPACITY {
+            pending
+                .joins
+                .insert((room_id.to_string(), user_id.to_string()), now);
+        }
     }
 
     fn take_at(&self, room_id: &str, user_id: &str, now: Instant) -> bool {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending
+            .joins
             .remove(&(room_id.to_string(), user_id.to_string()))
             .is_some_and(|at| now.duration_since(at) < TTL)
     }
 
     pub fn len(&self) -> usize {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.joins.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -70,7 +100,7 @@ mod tests {
 
     #[test]
     fn a_recorded_join_is_recognised_once() {
-        let joins = OwnJoins::default();
+        let joins = OwnJoins::recording();
         joins.expect("!r:x", "@a:x");
         assert!(!joins.take("!r:x", "@b:x"));
         assert!(!joins.take("!other:x", "@a:x"));
@@ -81,8 +111,28 @@ mod tests {
     }
 
     #[test]
-    fn an_old_entry_is_not_recognised() {
+    fn without_an_endpoint_nothing_is_recorded() {
         let joins = OwnJoins::default();
+        joins.expect("!r:x", "@a:x");
+        assert!(joins.is_empty());
+        assert!(!joins.take("!r:x", "@a:x"));
+    }
+
+    #[test]
+    fn entries_whose_event_never_came_are_dropped_within_a_minute_of_expiring() {
+        let joins = OwnJoins::recording();
+        let then = Instant::now();
+        joins.expect_at("!r:x", "@a:x", then);
+        joins.expect_at("!r:x", "@b:x", then + TTL);
+        assert_eq!(joins.len(), 1, "@a's expired entry is gone");
+        // Not pruned again within the minute: @b stays until then.
+        joins.expect_at("!r:x", "@c:x", then + TTL + TTL);
+        assert_eq!(joins.len(), 1, "only @c is left");
+    }
+
+    #[test]
+    fn an_old_entry_is_not_recognised() {
+        let joins = OwnJoins::recording();
         let then = Instant::now();
         joins.expect_at("!r:x", "@a:x", then);
         assert!(!joins.take_at("!r:x", "@a:x", then + TTL));
@@ -90,7 +140,7 @@ mod tests {
 
     #[test]
     fn a_full_map_drops_expired_entries_then_stops_recording() {
-        let joins = OwnJoins::default();
+        let joins = OwnJoins::recording();
         let then = Instant::now();
         for i in 0..CAPACITY {
             joins.expect_at("!r:x", &format!("@{i}:x"), then);

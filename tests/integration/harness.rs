@@ -87,7 +87,7 @@ impl Stack {
             let stack = Stack {
                 as_token: secrets["AS_TOKEN"].clone(),
                 env,
-                own_joins: Arc::default(),
+                own_joins: Arc::new(OwnJoins::recording()),
                 _child: child.map(Mutex::new),
             };
             stack.serve_appservice(secrets["HS_TOKEN"].clone());
