@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use synapse_admin_api::room_membership::join_room;
+use synapse_admin_api::rooms::room_members;
 
 /// One state event as `GET /rooms/<id>/state` returns it.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -151,6 +152,28 @@ impl SynapseClient {
             Err(SynapseError::Rejected {
                 status: 403 | 404, ..
             }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The room's joined members, through the admin API: the member list
+    /// alone (not the whole state), and whether or not the admin account is
+    /// in the room. `None` when Synapse does not know the room.
+    pub async fn joined_members(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Option<std::collections::BTreeSet<String>>, SynapseError> {
+        let request = room_members::v1::Request::new(room_id.to_owned());
+        match self.send(request, RequestKind::GetRoomMembers).await {
+            Ok((_, bytes)) => {
+                #[derive(Deserialize)]
+                struct Members {
+                    members: Vec<String>,
+                }
+                let members: Members = decode(&bytes)?;
+                Ok(Some(members.members.into_iter().collect()))
+            }
+            Err(SynapseError::Rejected { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }

@@ -20,6 +20,7 @@ pub enum RequestKind {
     CreateRoom,
     ResolveAlias,
     GetRoomState,
+    GetRoomMembers,
     PutState,
     PutPowerLevels,
     AdminJoin,
@@ -51,6 +52,7 @@ impl RequestKind {
             RequestKind::GetUser
                 | RequestKind::ResolveAlias
                 | RequestKind::GetRoomState
+                | RequestKind::GetRoomMembers
                 | RequestKind::GetDirectory
                 | RequestKind::DeleteStatus
                 | RequestKind::FindUserByThreepid
@@ -68,6 +70,7 @@ impl RequestKind {
             RequestKind::CreateRoom => "create_room",
             RequestKind::ResolveAlias => "resolve_alias",
             RequestKind::GetRoomState => "get_room_state",
+            RequestKind::GetRoomMembers => "get_room_members",
             RequestKind::PutState => "put_state",
             RequestKind::PutPowerLevels => "put_power_levels",
             RequestKind::AdminJoin => "admin_join",

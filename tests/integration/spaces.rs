@@ -6,6 +6,7 @@ use crate::rooms::{as_user, login_as, membership, perm, urlencode, users};
 use kube::api::{Patch, PatchParams};
 use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser};
 use openmeet_matrix_operator::synapse::rooms::RoomState;
+use openmeet_matrix_operator::synapse::RequestKind;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -132,9 +133,24 @@ async fn a_space_lists_its_children_and_its_members_join_restricted_rooms() {
     assert!(as_user(&member, reqwest::Method::POST, &path, json!({}))
         .await
         .is_success());
-    // The join reaches the operator through its feed; an Exclusive room
-    // still keeps a member who came in through the space.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The join reaches the operator through its feed; the room's reconcile
+    // finds a member it did not declare and asks the space who its members
+    // are (the member list, not the space's state). An Exclusive room still
+    // keeps a member who came in through the space.
+    let members_read = || {
+        env.operator_synapse
+            .stats()
+            .by_kind()
+            .get(&RequestKind::GetRoomMembers)
+            .copied()
+            .unwrap_or(0)
+    };
+    wait_for("the space's members read", || async {
+        (members_read() > 0).then_some(())
+    })
+    .await;
+    // Time for that reconcile to finish (a kick would follow the read at once).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let e1 = state_of(&env, &children[0]).await;
     assert_eq!(membership(&e1, &ids[0]), "join");
     assert_eq!(membership(&e1, &ids[1]), "none");

@@ -7,7 +7,7 @@ use super::RoomContext;
 use crate::api::MatrixRoom;
 use crate::controller::{key, Error};
 use crate::synapse::rooms::RoomState;
-use ruma::RoomAliasId;
+use ruma::{RoomAliasId, RoomId};
 use std::collections::BTreeSet;
 
 /// The room this object converges, as read before any write.
@@ -99,22 +99,18 @@ pub(super) async fn locate_by_alias(
     }
 }
 
-/// The joined members of a room (a parent space), or none when unreadable.
+/// The joined members of a room (a parent space), or none when Synapse
+/// does not know it: the member list only, not the space's whole state.
 pub(super) async fn joined_members_of(
     room_id: &str,
     ctx: &RoomContext,
 ) -> Result<BTreeSet<String>, Error> {
+    let room_id = RoomId::parse(room_id)
+        .map_err(|e| Error::Invalid(format!("parent room id {room_id:?}: {e}")))?;
     Ok(ctx
         .synapse
-        .room_state(room_id)
+        .joined_members(&room_id)
         .await?
-        .map(|s| {
-            s.memberships()
-                .into_iter()
-                .filter(|(_, m)| m == "join")
-                .map(|(u, _)| u)
-                .collect()
-        })
         .unwrap_or_default())
 }
 
