@@ -111,12 +111,12 @@ pub fn status_class(status: Option<u16>) -> String {
 /// Counts objects by (kind, Ready reason, health). Every label value comes
 /// from a closed set: reasons outside the known table count as `Other`, and
 /// objects without a Ready condition (not reached yet) as `Unobserved`.
-pub fn count_by_reason<'a>(
-    objects: impl IntoIterator<Item = (&'static str, Option<Condition>)>,
-) -> BTreeMap<(&'static str, &'a str, &'static str), i64> {
+pub fn count_by_reason<'c>(
+    objects: impl IntoIterator<Item = (&'static str, Option<&'c Condition>)>,
+) -> BTreeMap<(&'static str, &'static str, &'static str), i64> {
     let mut counted = BTreeMap::new();
     for (kind, ready) in objects {
-        let (reason, health) = match &ready {
+        let (reason, health) = match ready {
             None => ("Unobserved", Health::Reconciling),
             Some(ready) => (
                 conditions::REASONS
@@ -274,14 +274,16 @@ mod tests {
     #[test]
     fn objects_are_counted_by_a_closed_set_of_reasons() {
         use crate::api::conditions::READY;
-        let c = |ok, reason: &str| Some(Condition::new(READY, ok, reason, "", Some(1)));
+        let c = |ok, reason: &str| Condition::new(READY, ok, reason, "", Some(1));
+        let (converged, conflict) = (c(true, "Converged"), c(false, "LocalpartConflict"));
+        let (unlisted, pending) = (c(false, "SomethingNobodyListed"), c(false, "Pending"));
         let counted = count_by_reason([
-            ("MatrixUser", c(true, "Converged")),
-            ("MatrixUser", c(true, "Converged")),
-            ("MatrixUser", c(false, "LocalpartConflict")),
+            ("MatrixUser", Some(&converged)),
+            ("MatrixUser", Some(&converged)),
+            ("MatrixUser", Some(&conflict)),
             ("MatrixUser", None),
-            ("MatrixRoom", c(false, "SomethingNobodyListed")),
-            ("RoomPermission", c(false, "Pending")),
+            ("MatrixRoom", Some(&unlisted)),
+            ("RoomPermission", Some(&pending)),
         ]);
         let expected: BTreeMap<_, _> = [
             (("MatrixUser", "Converged", "ready"), 2),

@@ -245,13 +245,17 @@ impl ReconcileStats {
         let Some(stores) = self.objects.get() else {
             return family;
         };
-        let ready = |c: &[crate::api::Condition]| {
-            crate::api::conditions::find(c, crate::api::conditions::READY).cloned()
-        };
+        fn ready(c: &[crate::api::Condition]) -> Option<&crate::api::Condition> {
+            crate::api::conditions::find(c, crate::api::conditions::READY)
+        }
+        // Counted in place: a scrape of a large tenant copies no condition.
+        let (users, rooms, permissions) = (
+            stores.users.state(),
+            stores.rooms.state(),
+            stores.permissions.state(),
+        );
         let counted = crate::metrics::count_by_reason(
-            stores
-                .users
-                .state()
+            users
                 .iter()
                 .map(|u| {
                     (
@@ -259,13 +263,13 @@ impl ReconcileStats {
                         u.status.as_ref().and_then(|s| ready(&s.conditions)),
                     )
                 })
-                .chain(stores.rooms.state().iter().map(|r| {
+                .chain(rooms.iter().map(|r| {
                     (
                         "MatrixRoom",
                         r.status.as_ref().and_then(|s| ready(&s.conditions)),
                     )
                 }))
-                .chain(stores.permissions.state().iter().map(|p| {
+                .chain(permissions.iter().map(|p| {
                     (
                         "RoomPermission",
                         p.status.as_ref().and_then(|s| ready(&s.conditions)),
