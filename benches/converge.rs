@@ -22,7 +22,7 @@ use kube::Api;
 use openmeet_matrix_operator::api::conditions::{self, Condition};
 use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -701,11 +701,26 @@ async fn main() {
     match &resync_and_drift {
         Some(((resync_writes, resync_reads, resync_time), drift)) => {
             println!("full no-op resync: {resync_writes} writes, {resync_reads} reads ({users} users + {rooms} rooms) in {:.1}s", resync_time.as_secs_f64());
+            let reverted: Vec<f64> = drift.iter().map(|d| d.reverted_ms).collect();
             println!(
-                "drift reverted after out-of-band power-level change ({} samples): p50 {:.0} ms, p99 {:.0} ms",
+                "drift reverted after out-of-band power-level change ({} samples): p50 {:.0} ms, p99 {:.0} ms from the client's change",
                 drift.len(),
-                percentile(drift, 0.50),
-                percentile(drift, 0.99)
+                percentile(&reverted, 0.50),
+                percentile(&reverted, 0.99)
+            );
+            // The operator's share: from the mark (Synapse has pushed the
+            // change, the endpoint recorded it) to the revert.
+            let (marked, after_mark): (Vec<f64>, Vec<f64>) = drift
+                .iter()
+                .filter_map(|d| Some((d.marked_ms?, d.reverted_ms - d.marked_ms?)))
+                .unzip();
+            println!(
+                "  of which Synapse pushing it and the mark recorded: p50 {:.0} ms, p99 {:.0} ms; from the mark to the revert: p50 {:.0} ms, p99 {:.0} ms ({} samples with a mark seen)",
+                percentile(&marked, 0.50),
+                percentile(&marked, 0.99),
+                percentile(&after_mark, 0.50),
+                percentile(&after_mark, 0.99),
+                marked.len()
             );
         }
         None => println!("full no-op resync and drift: not measured (not converged)"),
@@ -747,7 +762,7 @@ async fn resync_and_drift(
     run: &str,
     users: usize,
     rooms: usize,
-) -> ((u64, u64, Duration), Vec<f64>) {
+) -> ((u64, u64, Duration), Vec<DriftSample>) {
     let resync = start_controller(env).await;
     let resync_started = Instant::now();
     let expected_reads = (users + rooms) as u64;
@@ -773,7 +788,8 @@ async fn resync_and_drift(
     let resync_time = resync_started.elapsed();
 
     // Drift: out-of-band power-level changes, reverted via the feed.
-    let drift = drift_samples(env, run, DRIFT_SAMPLES.min(users / 10)).await;
+    // One sample per room (its admin changes it), at most one per ten users.
+    let drift = drift_samples(env, run, DRIFT_SAMPLES.min(users / 10).min(rooms)).await;
 
     drop(resync);
     ((resync_writes, resync_reads, resync_time), drift)
@@ -901,11 +917,46 @@ async fn minimal_sequence(run: &str, users: usize, rooms: usize) -> (Duration, u
     )
 }
 
-/// Time from an out-of-band power-level change (by a room admin, in a
-/// client) until Synapse shows it reverted, in milliseconds.
-async fn drift_samples(env: &TestEnv, run: &str, samples: usize) -> Vec<f64> {
+/// One out-of-band change: from the client's change to the operator's
+/// revert as a client sees it, and to the room's drift mark (Synapse has
+/// pushed the change and the endpoint has recorded it), in ms.
+struct DriftSample {
+    reverted_ms: f64,
+    marked_ms: Option<f64>,
+}
+
+/// Out-of-band power-level changes made by each room's admin in a client.
+/// The revert is seen through the admin's own `/sync` long-poll (no polling
+/// load on Synapse while the operator works), the mark through a watch on
+/// the rooms.
+async fn drift_samples(env: &TestEnv, run: &str, samples: usize) -> Vec<DriftSample> {
     let stack = Stack::get();
     let server = stack.var("MATRIX_SERVER_NAME");
+    // When each drift mark (an event id) first appeared on a room.
+    let marks: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watch = {
+        let marks = marks.clone();
+        tokio::spawn(
+            watcher(env.api::<MatrixRoom>(0), watcher::Config::default())
+                .applied_objects()
+                .for_each(move |room| {
+                    let mark = room.ok().and_then(|r| {
+                        r.metadata
+                            .annotations?
+                            .get("matrix.openmeet.net/drift-event")
+                            .cloned()
+                    });
+                    if let Some(mark) = mark {
+                        marks
+                            .lock()
+                            .unwrap()
+                            .entry(mark)
+                            .or_insert_with(Instant::now);
+                    }
+                    futures::future::ready(())
+                }),
+        )
+    };
     let mut out = Vec::new();
     for i in 0..samples {
         // Users 0..rooms are their room's Admin; user rooms+i is a Member of room i.
@@ -929,11 +980,29 @@ async fn drift_samples(env: &TestEnv, run: &str, samples: usize) -> Vec<f64> {
             .as_str()
             .unwrap()
             .to_string();
+        let client_api = format!("{}/_matrix/client/v3", stack.var("SYNAPSE_URL"));
         let state_path = format!(
-            "{}/_matrix/client/v3/rooms/{}/state/m.room.power_levels/",
-            stack.var("SYNAPSE_URL"),
+            "{client_api}/rooms/{}/state/m.room.power_levels/",
             enc(&room_id)
         );
+        let filter = json!({
+            "presence": {"types": []}, "account_data": {"types": []},
+            "room": {"rooms": [room_id], "timeline": {"limit": 1, "types": ["m.room.power_levels"]},
+                     "state": {"types": []}, "ephemeral": {"types": []}, "account_data": {"types": []}},
+        })
+        .to_string();
+        let sync = |since: Option<String>| {
+            let mut query = vec![("filter", filter.clone()), ("timeout", "30000".to_string())];
+            if let Some(since) = since {
+                query.push(("since", since));
+            }
+            let request = http()
+                .get(format!("{client_api}/sync"))
+                .query(&query)
+                .bearer_auth(&token);
+            async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+        };
+        let mut since = sync(None).await["next_batch"].as_str().unwrap().to_string();
         let mut pl: Value = http()
             .get(&state_path)
             .bearer_auth(&token)
@@ -957,26 +1026,36 @@ async fn drift_samples(env: &TestEnv, run: &str, samples: usize) -> Vec<f64> {
             response.status()
         );
         let changed = Instant::now();
-        loop {
-            let now: Value = http()
-                .get(&state_path)
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if now["users"].get(&member).is_none() {
-                break;
-            }
+        let event_id = response.json::<Value>().await.unwrap()["event_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        // The first power-levels event after ours that drops the member.
+        let reverted = 'reverted: loop {
             assert!(
                 changed.elapsed() < Duration::from_secs(60),
                 "drift not reverted"
             );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        out.push(changed.elapsed().as_secs_f64() * 1000.0);
+            let batch = sync(Some(since.clone())).await;
+            let events = batch["rooms"]["join"][&room_id]["timeline"]["events"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for event in events {
+                if event["event_id"] != event_id.as_str()
+                    && event["content"]["users"].get(&member).is_none()
+                {
+                    break 'reverted Instant::now();
+                }
+            }
+            since = batch["next_batch"].as_str().unwrap().to_string();
+        };
+        let marked = marks.lock().unwrap().get(&event_id).copied();
+        out.push(DriftSample {
+            reverted_ms: (reverted - changed).as_secs_f64() * 1000.0,
+            marked_ms: marked.map(|m| m.saturating_duration_since(changed).as_secs_f64() * 1000.0),
+        });
     }
+    watch.abort();
     out
 }
