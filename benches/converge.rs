@@ -22,7 +22,7 @@ use kube::Api;
 use openmeet_matrix_operator::api::conditions::{self, Condition};
 use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -933,30 +933,7 @@ async fn drift_samples(env: &TestEnv, run: &str, samples: usize) -> Vec<DriftSam
     let stack = Stack::get();
     let server = stack.var("MATRIX_SERVER_NAME");
     // When each drift mark (an event id) first appeared on a room.
-    let marks: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
-    let watch = {
-        let marks = marks.clone();
-        tokio::spawn(
-            watcher(env.api::<MatrixRoom>(0), watcher::Config::default())
-                .applied_objects()
-                .for_each(move |room| {
-                    let mark = room.ok().and_then(|r| {
-                        r.metadata
-                            .annotations?
-                            .get("matrix.openmeet.net/drift-event")
-                            .cloned()
-                    });
-                    if let Some(mark) = mark {
-                        marks
-                            .lock()
-                            .unwrap()
-                            .entry(mark)
-                            .or_insert_with(Instant::now);
-                    }
-                    futures::future::ready(())
-                }),
-        )
-    };
+    let marks = harness::DriftMarks::watch(env.api::<MatrixRoom>(0), watcher::Config::default());
     let mut out = Vec::new();
     for i in 0..samples {
         // Users 0..rooms are their room's Admin; user rooms+i is a Member of room i.
@@ -1050,12 +1027,11 @@ async fn drift_samples(env: &TestEnv, run: &str, samples: usize) -> Vec<DriftSam
             }
             since = batch["next_batch"].as_str().unwrap().to_string();
         };
-        let marked = marks.lock().unwrap().get(&event_id).copied();
+        let marked = marks.seen_at(&event_id);
         out.push(DriftSample {
             reverted_ms: (reverted - changed).as_secs_f64() * 1000.0,
             marked_ms: marked.map(|m| m.saturating_duration_since(changed).as_secs_f64() * 1000.0),
         });
     }
-    watch.abort();
     out
 }

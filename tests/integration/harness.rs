@@ -65,6 +65,68 @@ pub fn route_feed(to: Option<std::net::SocketAddr>) {
     FEED_ROUTE.send_replace(to);
 }
 
+/// The drift marks rooms receive from now on, each with when it was first
+/// seen (a mark repeated on later changes of the object counts once).
+pub struct DriftMarks {
+    pub seen: Arc<Mutex<Vec<(String, Instant)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DriftMarks {
+    pub fn watch(
+        api: Api<openmeet_matrix_operator::api::MatrixRoom>,
+        config: kube::runtime::watcher::Config,
+    ) -> DriftMarks {
+        use futures::StreamExt;
+        use kube::runtime::WatchStreamExt;
+        let seen: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+        let record = seen.clone();
+        let task = tokio::spawn(
+            kube::runtime::watcher(api, config)
+                .applied_objects()
+                .for_each(move |room| {
+                    let mark = room.ok().and_then(|r| {
+                        r.metadata
+                            .annotations?
+                            .get(openmeet_matrix_operator::controller::room::DRIFT_ANNOTATION)
+                            .cloned()
+                    });
+                    if let Some(mark) = mark {
+                        let mut seen = record.lock().unwrap();
+                        if !seen.iter().any(|(m, _)| *m == mark) {
+                            seen.push((mark, Instant::now()));
+                        }
+                    }
+                    futures::future::ready(())
+                }),
+        );
+        DriftMarks { seen, task }
+    }
+
+    /// The marks seen so far, in order.
+    pub fn marks(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(m, _)| m.clone())
+            .collect()
+    }
+
+    /// When `mark` was first seen.
+    #[allow(dead_code)] // the bench's
+    pub fn seen_at(&self, mark: &str) -> Option<Instant> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().find(|(m, _)| m == mark).map(|(_, at)| *at)
+    }
+}
+
+impl Drop for DriftMarks {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 fn parse_env(path: &str) -> HashMap<String, String> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
     text.lines()

@@ -1,6 +1,8 @@
 //! `MatrixRoom` and `RoomPermission` converging against the real stack.
 
-use crate::harness::{controller_command, unique, wait_for, Options, Stack, TestEnv, LABEL};
+use crate::harness::{
+    controller_command, unique, wait_for, DriftMarks, Options, Stack, TestEnv, LABEL,
+};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
 use openmeet_matrix_operator::synapse::rooms::RoomState;
@@ -461,8 +463,6 @@ async fn out_of_band_changes_are_reverted_at_once() {
 
 #[tokio::test]
 async fn the_operators_own_joins_are_not_drift() {
-    use futures::StreamExt;
-    use kube::runtime::{watcher, WatchStreamExt};
     let env = TestEnv::new("ownjoins").await;
     let ids = users(&env, &["alice", "bob", "carol"]).await;
     env.create::<MatrixRoom>(
@@ -475,32 +475,10 @@ async fn the_operators_own_joins_are_not_drift() {
     let room_id = room.status.as_ref().unwrap().room_id.clone().unwrap();
 
     // Every drift mark the room's object receives from here on.
-    let marks = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let watch = {
-        let marks = marks.clone();
-        let config = watcher::Config::default().fields("metadata.name=r");
-        tokio::spawn(
-            watcher(env.api::<MatrixRoom>(0), config)
-                .applied_objects()
-                .for_each(move |r| {
-                    let mark = r.ok().and_then(|r| {
-                        r.metadata
-                            .annotations?
-                            .get("matrix.openmeet.net/drift-event")
-                            .cloned()
-                    });
-                    if let Some(mark) = mark {
-                        let mut marks = marks.lock().unwrap();
-                        if marks.last() != Some(&mark) {
-                            marks.push(mark);
-                        }
-                    }
-                    futures::future::ready(())
-                }),
-        )
-    };
+    let config = kube::runtime::watcher::Config::default().fields("metadata.name=r");
+    let marks = DriftMarks::watch(env.api::<MatrixRoom>(0), config);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(marks.lock().unwrap().is_empty(), "{marks:?}");
+    assert!(marks.marks().is_empty(), "{:?}", marks.marks());
 
     // The operator joins three members: their membership events come back
     // through the feed, sent as the members themselves.
@@ -538,12 +516,11 @@ async fn the_operators_own_joins_are_not_drift() {
         .unwrap();
     let topic_event = topic["event_id"].as_str().unwrap().to_string();
     wait_for("the topic change marked", || async {
-        marks.lock().unwrap().contains(&topic_event).then_some(())
+        marks.marks().contains(&topic_event).then_some(())
     })
     .await;
-    watch.abort();
     assert_eq!(
-        *marks.lock().unwrap(),
+        marks.marks(),
         vec![topic_event],
         "only the member's change is drift, not the operator's joins"
     );
