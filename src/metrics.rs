@@ -108,28 +108,31 @@ pub fn status_class(status: Option<u16>) -> String {
     }
 }
 
-/// Counts objects by (kind, Ready reason, health). Every label value comes
-/// from a closed set: reasons outside the known table count as `Other`, and
-/// objects without a Ready condition (not reached yet) as `Unobserved`.
+/// The `(reason, health)` labels an object counts under, from a closed set:
+/// reasons outside the known table count as `Other`, and objects without a
+/// Ready condition (not reached yet) as `Unobserved`.
+pub fn ready_bucket(ready: Option<&Condition>) -> (&'static str, &'static str) {
+    let Some(ready) = ready else {
+        return ("Unobserved", health_label(Health::Reconciling));
+    };
+    let reason = conditions::REASONS
+        .iter()
+        .map(|(r, _)| *r)
+        .find(|r| *r == ready.reason)
+        .unwrap_or("Other");
+    (reason, health_label(conditions::health(ready)))
+}
+
+/// Counts objects by (kind, Ready reason, health), as [`ready_bucket`] labels
+/// each. The controller keeps these counts from watch events instead
+/// (`controller::tally`); this is the recount they must agree with.
 pub fn count_by_reason<'c>(
     objects: impl IntoIterator<Item = (&'static str, Option<&'c Condition>)>,
 ) -> BTreeMap<(&'static str, &'static str, &'static str), i64> {
     let mut counted = BTreeMap::new();
     for (kind, ready) in objects {
-        let (reason, health) = match ready {
-            None => ("Unobserved", Health::Reconciling),
-            Some(ready) => (
-                conditions::REASONS
-                    .iter()
-                    .map(|(r, _)| *r)
-                    .find(|r| *r == ready.reason)
-                    .unwrap_or("Other"),
-                conditions::health(ready),
-            ),
-        };
-        *counted
-            .entry((kind, reason, health_label(health)))
-            .or_insert(0) += 1;
+        let (reason, health) = ready_bucket(ready);
+        *counted.entry((kind, reason, health)).or_insert(0) += 1;
     }
     counted
 }

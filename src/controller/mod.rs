@@ -17,6 +17,7 @@ pub mod room;
 #[cfg(test)]
 pub(crate) mod scripted;
 pub mod shared;
+pub mod tally;
 pub mod user;
 
 use crate::api::{MatrixRoom, MatrixUser, RoomPermission};
@@ -44,6 +45,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tally::Tally;
 
 /// Finalizer the operator puts on every object it converges.
 pub const FINALIZER: &str = "matrix.openmeet.net/cleanup";
@@ -134,6 +136,13 @@ impl OperatorConfig {
     }
 }
 
+/// The gauge's labels of an object with these conditions.
+fn ready_bucket(conditions: Option<&Vec<crate::api::Condition>>) -> tally::Bucket {
+    let ready =
+        conditions.and_then(|c| crate::api::conditions::find(c, crate::api::conditions::READY));
+    crate::metrics::ready_bucket(ready)
+}
+
 /// Counters the operator keeps about its own work.
 #[derive(Debug)]
 pub struct ReconcileStats {
@@ -145,21 +154,22 @@ pub struct ReconcileStats {
     outcomes: Family<Labels, Counter>,
     durations: HistogramFamily,
     in_flight: Family<Labels, Gauge>,
-    /// The watch caches, once the controllers run: the objects gauge reads them.
-    objects: std::sync::OnceLock<ObjectStores>,
+    /// Counts kept from the watches, once the controllers run: the objects
+    /// gauge reads them.
+    objects: std::sync::OnceLock<ObjectTallies>,
 }
 
-/// The controllers' watch caches of the three kinds.
+/// The three kinds' counts by Ready reason, kept from the shared watches.
 #[derive(Clone)]
-struct ObjectStores {
-    users: Store<MatrixUser>,
-    rooms: Store<MatrixRoom>,
-    permissions: Store<RoomPermission>,
+struct ObjectTallies {
+    users: Arc<Tally<MatrixUser>>,
+    rooms: Arc<Tally<MatrixRoom>>,
+    permissions: Arc<Tally<RoomPermission>>,
 }
 
-impl std::fmt::Debug for ObjectStores {
+impl std::fmt::Debug for ObjectTallies {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ObjectStores")
+        f.write_str("ObjectTallies")
     }
 }
 
@@ -234,56 +244,32 @@ impl ReconcileStats {
         }
     }
 
-    /// Lets the objects gauge count what these caches hold.
-    fn count_objects(&self, stores: ObjectStores) {
-        let _ = self.objects.set(stores);
+    /// Lets the objects gauge read these counts.
+    fn count_objects(&self, tallies: ObjectTallies) {
+        let _ = self.objects.set(tallies);
     }
 
-    /// Objects by kind, Ready reason and health, from the watch caches.
+    /// Objects by kind, Ready reason and health: a few counters per kind,
+    /// whatever the tenant's size.
     fn objects_gauge(&self) -> Family<Labels, Gauge> {
         let family = Family::<Labels, Gauge>::default();
-        let Some(stores) = self.objects.get() else {
+        let Some(tallies) = self.objects.get() else {
             return family;
         };
-        fn ready(c: &[crate::api::Condition]) -> Option<&crate::api::Condition> {
-            crate::api::conditions::find(c, crate::api::conditions::READY)
-        }
-        // Counted in place: a scrape of a large tenant copies no condition.
-        let (users, rooms, permissions) = (
-            stores.users.state(),
-            stores.rooms.state(),
-            stores.permissions.state(),
-        );
-        let counted = crate::metrics::count_by_reason(
-            users
-                .iter()
-                .map(|u| {
-                    (
-                        "MatrixUser",
-                        u.status.as_ref().and_then(|s| ready(&s.conditions)),
-                    )
-                })
-                .chain(rooms.iter().map(|r| {
-                    (
-                        "MatrixRoom",
-                        r.status.as_ref().and_then(|s| ready(&s.conditions)),
-                    )
-                }))
-                .chain(permissions.iter().map(|p| {
-                    (
-                        "RoomPermission",
-                        p.status.as_ref().and_then(|s| ready(&s.conditions)),
-                    )
-                })),
-        );
-        for ((kind, reason, health), count) in counted {
-            family
-                .get_or_create(&vec![
-                    ("kind", kind.to_string()),
-                    ("reason", reason.to_string()),
-                    ("health", health.to_string()),
-                ])
-                .set(count);
+        for (kind, counts) in [
+            tallies.users.counts(),
+            tallies.rooms.counts(),
+            tallies.permissions.counts(),
+        ] {
+            for ((reason, health), count) in counts {
+                family
+                    .get_or_create(&vec![
+                        ("kind", kind.to_string()),
+                        ("reason", reason.to_string()),
+                        ("health", health.to_string()),
+                    ])
+                    .set(count);
+            }
         }
         family
     }
@@ -436,10 +422,16 @@ impl Operator {
         };
         let (users_store, rooms_store, permissions_store) =
             (users.store(), rooms.store(), permissions.store());
-        self.stats.count_objects(ObjectStores {
-            users: users_store.clone(),
-            rooms: rooms_store.clone(),
-            permissions: permissions_store.clone(),
+        self.stats.count_objects(ObjectTallies {
+            users: users.tally("MatrixUser", |u| {
+                ready_bucket(u.status.as_ref().map(|s| &s.conditions))
+            }),
+            rooms: rooms.tally("MatrixRoom", |r| {
+                ready_bucket(r.status.as_ref().map(|s| &s.conditions))
+            }),
+            permissions: permissions.tally("RoomPermission", |p| {
+                ready_bucket(p.status.as_ref().map(|s| &s.conditions))
+            }),
         });
         let (namespaces, namespaces_writer) = reflector::store();
         // Metadata only: labels are all the tenant lookup needs.

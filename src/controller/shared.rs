@@ -6,6 +6,7 @@
 //! until the periodic resync.
 
 use super::index::{Index, KeysOf};
+use super::tally::{BucketOf, Tally};
 use futures::channel::mpsc;
 use futures::{Stream, StreamExt, TryStreamExt};
 use kube::runtime::reflector::{self, store::Writer, Store};
@@ -31,6 +32,8 @@ where
     deletions: Vec<mpsc::UnboundedSender<Arc<K>>>,
     /// Fed each event before the store: never behind it.
     indexes: Vec<Arc<Index<K>>>,
+    /// Fed like the indexes: counts for the objects gauge.
+    tallies: Vec<Arc<Tally<K>>>,
 }
 
 impl<K> SharedWatch<K>
@@ -44,6 +47,7 @@ where
             writer,
             deletions: Vec::new(),
             indexes: Vec::new(),
+            tallies: Vec::new(),
         }
     }
 
@@ -74,6 +78,13 @@ where
         index
     }
 
+    /// Counts of this kind by Ready reason, kept from the same events.
+    pub fn tally(&mut self, kind: &'static str, bucket_of: BucketOf<K>) -> Arc<Tally<K>> {
+        let tally = Tally::new(kind, bucket_of);
+        self.tallies.push(tally.clone());
+        tally
+    }
+
     /// Drives the watch; runs until the process stops. `strip` drops what the
     /// operator never reads before the object is cached.
     pub fn run(
@@ -86,6 +97,7 @@ where
             writer,
             deletions,
             indexes,
+            tallies,
             ..
         } = self;
         watcher(api, config)
@@ -94,6 +106,9 @@ where
             .map_ok(move |event| {
                 for index in &indexes {
                     index.observe(&event);
+                }
+                for tally in &tallies {
+                    tally.observe(&event);
                 }
                 event
             })
