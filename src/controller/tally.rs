@@ -133,11 +133,7 @@ mod tests {
     }
 
     fn bucket(p: &RoomPermission) -> Bucket {
-        let ready = p
-            .status
-            .as_ref()
-            .and_then(|s| crate::api::conditions::find(&s.conditions, READY));
-        crate::metrics::ready_bucket(ready)
+        crate::controller::ready_bucket(p.status.as_ref().map(|s| &s.conditions))
     }
 
     fn counts(tally: &Tally<RoomPermission>) -> Vec<(Bucket, i64)> {
