@@ -8,6 +8,8 @@
 //! `SYNAPSE_DATABASE=postgres` runs it against Synapse on PostgreSQL.
 //! `BENCH_MINIMAL=0` skips replaying the minimal sequence (it doubles a
 //! large run; the ratio is then taken from the smaller size).
+//! `STACK_CONTROL_PLANE_CPUS=1` pins etcd and kube-apiserver to CPU 1, so
+//! they cannot take Synapse's core; the header says so when it is set.
 
 #[allow(dead_code)]
 #[path = "../tests/integration/harness.rs"]
@@ -650,6 +652,9 @@ async fn main() {
 
     let total: u64 = requests.values().map(|(c, _)| c).sum();
     println!("\n=== make bench: {users} users, {rooms} rooms, {permission_count} permissions, Synapse concurrency {CONCURRENCY} ===");
+    if let Ok(cpus) = std::env::var("STACK_CONTROL_PLANE_CPUS") {
+        println!("etcd and kube-apiserver pinned to CPUs {cpus} (STACK_CONTROL_PLANE_CPUS); everything else unpinned");
+    }
     println!(
         "objects created in the API server in {:.2}s",
         created.as_secs_f64()

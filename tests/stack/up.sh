@@ -11,6 +11,10 @@
 # --ephemeral removes DIR (state, logs, keys) on teardown.
 # SYNAPSE_DATABASE=postgres runs Synapse on a throwaway PostgreSQL cluster
 # (Debian's postgresql-$POSTGRES_MAJOR) on a loopback port, removed on teardown.
+# STACK_CONTROL_PLANE_CPUS=<cpu list> pins etcd and kube-apiserver to those CPUs
+# (taskset), as a cluster keeps its control plane off Synapse's machine; the
+# bench uses it to measure the operator without the control plane taking
+# Synapse's core. Unset by default: everything shares every CPU.
 # Needs OPERATOR_BIN (the built openmeet-matrix-operator binary).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -95,8 +99,14 @@ openssl_quiet x509 -req -in "$pki/sidecar.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca
 openssl_quiet genrsa -out "$pki/sa.key" 2048
 openssl_quiet rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
 
+control_plane=()
+if [[ -n "${STACK_CONTROL_PLANE_CPUS:-}" ]]; then
+  control_plane=(taskset -c "$STACK_CONTROL_PLANE_CPUS")
+  log "etcd and kube-apiserver pinned to CPUs $STACK_CONTROL_PLANE_CPUS"
+fi
+
 # --- etcd ---
-"$bin/etcd" --name stack --data-dir "$dir/etcd" \
+"${control_plane[@]}" "$bin/etcd" --name stack --data-dir "$dir/etcd" \
   --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
   --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
   --initial-cluster "stack=http://127.0.0.1:$etcd_peer_port" \
@@ -104,7 +114,7 @@ openssl_quiet rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
 pids+=($!)
 
 # --- kube-apiserver ---
-"$bin/kube-apiserver" \
+"${control_plane[@]}" "$bin/kube-apiserver" \
   --etcd-servers "http://127.0.0.1:$etcd_port" \
   --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
   --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
