@@ -7,6 +7,7 @@
 //! cache is complete. The body is streamed through the parser and all but
 //! the ids of state events skipped, so a full transaction costs little.
 
+use super::index::{keys, Index};
 use super::own_joins::OwnJoins;
 use super::room::DRIFT_ANNOTATION;
 use crate::api::MatrixRoom;
@@ -377,6 +378,9 @@ pub struct Appservice {
     feed: Feed,
     client: Client,
     rooms: Store<MatrixRoom>,
+    /// `rooms` by the room id in their status: a drifted room is found
+    /// without walking the cache.
+    room_ids: Arc<Index<MatrixRoom>>,
     /// True once `rooms` holds its first complete list.
     rooms_ready: watch::Receiver<bool>,
     seen: Mutex<(VecDeque<String>, HashSet<String>)>,
@@ -389,6 +393,7 @@ impl Appservice {
         feed: Feed,
         client: Client,
         rooms: Store<MatrixRoom>,
+        room_ids: Arc<Index<MatrixRoom>>,
         rooms_ready: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(Appservice {
@@ -397,6 +402,7 @@ impl Appservice {
             feed,
             client,
             rooms,
+            room_ids,
             rooms_ready,
             seen: Mutex::default(),
         })
@@ -457,36 +463,47 @@ impl Appservice {
         if drifted.is_empty() {
             return Ok(());
         }
-        let by_room_id: HashMap<String, Arc<MatrixRoom>> = self
-            .rooms
-            .state()
-            .into_iter()
-            .filter_map(|r| Some((r.status.as_ref()?.room_id.clone()?, r)))
-            .collect();
         for (room_id, event_id) in drifted {
-            let Some(room) = by_room_id.get(&room_id) else {
-                continue;
-            };
-            let api: Api<MatrixRoom> =
-                Api::namespaced(self.client.clone(), &room.namespace().unwrap_or_default());
-            let patch = json!({"metadata": {"annotations": {DRIFT_ANNOTATION: event_id}}});
-            match api
-                .patch(
-                    &room.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await
-            {
-                Ok(_) => {
-                    self.stats.marks.fetch_add(1, Ordering::Relaxed);
-                }
-                // Deleted meanwhile: nothing left to converge.
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(AppserviceError::Record(room_id, e)),
+            for room in self.managing(&room_id) {
+                self.mark_one(&room, &room_id, &event_id).await?;
             }
         }
         Ok(())
+    }
+
+    /// The objects whose status names `room_id` (none: not ours).
+    fn managing(&self, room_id: &str) -> Vec<Arc<MatrixRoom>> {
+        let mut rooms = self.room_ids.get(&self.rooms, &keys::room_id(room_id));
+        // The index is fed just before the cache: keep only what the cache agrees on.
+        rooms.retain(|r| r.status.as_ref().and_then(|s| s.room_id.as_deref()) == Some(room_id));
+        rooms
+    }
+
+    async fn mark_one(
+        &self,
+        room: &MatrixRoom,
+        room_id: &str,
+        event_id: &str,
+    ) -> Result<(), AppserviceError> {
+        let api: Api<MatrixRoom> =
+            Api::namespaced(self.client.clone(), &room.namespace().unwrap_or_default());
+        let patch = json!({"metadata": {"annotations": {DRIFT_ANNOTATION: event_id}}});
+        match api
+            .patch(
+                &room.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.stats.marks.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            // Deleted meanwhile: nothing left to converge.
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(AppserviceError::Record(room_id.to_string(), e)),
+        }
     }
 }
 
@@ -634,6 +651,7 @@ pub async fn run(
         None => Api::all(client.clone()),
     };
     let (rooms, writer) = reflector::store();
+    let room_ids = Index::new(keys::room_by_id);
     let (ready_tx, rooms_ready) = watch::channel(false);
     // One waiter only: a store's readiness wakes a single waiter.
     let waiter = {
@@ -656,13 +674,22 @@ pub async fn run(
                     if let Some(status) = r.status.as_mut() {
                         status.conditions = Vec::new();
                     }
+                })
+                // Indexed before the reflector stores it: never behind the cache.
+                .inspect({
+                    let room_ids = room_ids.clone();
+                    move |event| {
+                        if let Ok(event) = event {
+                            room_ids.observe(event);
+                        }
+                    }
                 }),
         )
         .for_each(|_| futures::future::ready(())),
     );
     let result = serve(
         addr,
-        Appservice::new(hs_token, feed, client, rooms, rooms_ready),
+        Appservice::new(hs_token, feed, client, rooms, room_ids, rooms_ready),
         shutdown,
     )
     .await;
@@ -873,9 +900,75 @@ mod tests {
             },
             client,
             rooms,
+            Index::new(keys::room_by_id),
             ready_rx,
         );
         (service, ready_tx)
+    }
+
+    fn managed_room(name: &str, room_id: &str) -> MatrixRoom {
+        serde_json::from_value(json!({
+            "apiVersion": "matrix.openmeet.net/v1alpha1", "kind": "MatrixRoom",
+            "metadata": {"name": name, "namespace": "t"},
+            "spec": {"alias": name},
+            "status": {"roomId": room_id},
+        }))
+        .unwrap()
+    }
+
+    fn foreign_rename(room_id: &str, event_id: &str) -> Value {
+        json!({"type": "m.room.name", "room_id": room_id, "sender": "@u:x", "state_key": "",
+               "event_id": event_id, "content": {"name": "Hijacked"}})
+    }
+
+    #[tokio::test]
+    async fn drift_marks_the_object_whose_status_names_the_room() {
+        // The API server answers a patch with the object it stored.
+        let (client, recorded) = crate::controller::scripted::client(|_| {
+            crate::controller::scripted::stored(&managed_room("b", "!b:x"), "2")
+        });
+        let (rooms, mut writer) = kube::runtime::reflector::store();
+        let room_ids = Index::new(keys::room_by_id);
+        let (_ready, ready_rx) = watch::channel(true);
+        let mut apply = |room: MatrixRoom| {
+            let event = kube::runtime::watcher::Event::Apply(room);
+            room_ids.observe(&event);
+            writer.apply_watcher_event(&event);
+        };
+        apply(managed_room("a", "!a:x"));
+        apply(managed_room("b", "!b:x"));
+        let service = Appservice::new(
+            "hs".into(),
+            Feed {
+                own_senders: vec![OWN.into()],
+                ..Default::default()
+            },
+            client,
+            rooms,
+            room_ids.clone(),
+            ready_rx,
+        );
+        let body =
+            json!({"events": [foreign_rename("!b:x", "$1"), foreign_rename("!other:x", "$2")]});
+        let r = put(&service, Some("hs"), Body::from(body.to_string())).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let sent = recorded.expect(1).await;
+        assert_eq!(sent[0].method, http::Method::PATCH);
+        assert_eq!(
+            sent[0].path,
+            "/apis/matrix.openmeet.net/v1alpha1/namespaces/t/matrixrooms/b"
+        );
+        assert_eq!(
+            sent[0].body["metadata"]["annotations"][DRIFT_ANNOTATION],
+            "$1"
+        );
+
+        // Its status now names another room: the old id is no longer ours.
+        apply(managed_room("b", "!b2:x"));
+        let body = json!({"events": [foreign_rename("!b:x", "$3")]});
+        let r = put(&service, Some("hs"), Body::from(body.to_string())).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        recorded.expect(1).await;
     }
 
     fn headers(token: Option<&str>) -> HeaderMap {

@@ -215,6 +215,20 @@ pub mod keys {
         keys
     }
 
+    /// The feed's key: the Matrix room id a room's status names.
+    pub fn room_by_id(r: &MatrixRoom) -> Vec<String> {
+        r.status
+            .as_ref()
+            .and_then(|s| s.room_id.as_deref())
+            .map(room_id)
+            .into_iter()
+            .collect()
+    }
+
+    pub fn room_id(room_id: &str) -> String {
+        format!("roomid/{room_id}")
+    }
+
     pub fn alias(alias: &str) -> String {
         format!("alias/{alias}")
     }
