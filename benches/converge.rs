@@ -248,12 +248,16 @@ impl StackCpu {
 }
 
 fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
+    // Asked once: the timeline reads CPU every second.
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 #[derive(Clone, Copy, Default)]
@@ -271,6 +275,10 @@ struct Second {
     /// requests in flight (Little's law, one-second resolution).
     in_flight: f64,
     reconciles_in_flight: f64,
+    /// CPU-seconds the stack's parts and the controller used in this second:
+    /// where Synapse lost its core, if it did.
+    stack: StackCpu,
+    controller: f64,
 }
 
 /// Samples the controller's metrics every second until `done` is set.
@@ -280,6 +288,7 @@ async fn sample_timeline(
 ) -> Vec<Second> {
     let mut seconds = Vec::new();
     let mut previous = controller.totals().await.unwrap_or_default();
+    let (mut previous_stack, mut previous_cpu) = (StackCpu::now(), controller.cpu_seconds());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     loop {
@@ -290,12 +299,15 @@ async fn sample_timeline(
         let Some(now) = controller.totals().await else {
             continue;
         };
+        let (stack, cpu) = (StackCpu::now(), controller.cpu_seconds());
         seconds.push(Second {
             requests: now.requests.saturating_sub(previous.requests),
             in_flight: (now.latency_seconds - previous.latency_seconds).max(0.0),
             reconciles_in_flight: now.reconciles_in_flight,
+            stack: stack.since(previous_stack),
+            controller: cpu - previous_cpu,
         });
-        previous = now;
+        (previous, previous_stack, previous_cpu) = (now, stack, cpu);
     }
 }
 
@@ -331,13 +343,71 @@ fn print_timeline(seconds: &[Second]) {
         let in_flight = chunk.iter().map(|s| s.in_flight).sum::<f64>() / chunk.len() as f64;
         let reconciles =
             chunk.iter().map(|s| s.reconciles_in_flight).sum::<f64>() / chunk.len() as f64;
+        let cpu = tenth_cpu(chunk.iter().map(|s| s.stack));
+        let controller = chunk.iter().map(|s| s.controller).sum::<f64>() / chunk.len() as f64;
         println!(
-            "  {:>5}-{:<5}s {:>6.0} req/s  {:>5.1} Synapse requests in flight  {:>5.1} reconciles in flight",
+            "  {:>5}-{:<5}s {:>6.0} req/s  {:>5.1} Synapse requests in flight  {:>5.1} reconciles in flight  CPU: {cpu}, controller {:>3.0} %",
             k * step,
             k * step + chunk.len(),
             requests as f64 / chunk.len() as f64,
             in_flight,
-            reconciles
+            reconciles,
+            controller * 100.0
+        );
+    }
+}
+
+/// Mean share of one core per part over some seconds, as "Synapse 97 %, ...".
+fn tenth_cpu(seconds: impl Iterator<Item = StackCpu>) -> String {
+    let (mut sum, mut n) = (StackCpu::default(), 0.0);
+    for s in seconds {
+        sum.synapse += s.synapse;
+        sum.api_server += s.api_server;
+        sum.postgres += s.postgres;
+        n += 1.0;
+    }
+    let n = f64::max(n, 1.0);
+    let mut line = format!(
+        "Synapse {:>3.0} %, API server + etcd {:>3.0} %",
+        sum.synapse * 100.0 / n,
+        sum.api_server * 100.0 / n
+    );
+    if sum.postgres > 0.0 {
+        line += &format!(", PostgreSQL {:>3.0} %", sum.postgres * 100.0 / n);
+    }
+    line
+}
+
+/// The stack's CPU each second until `done`: the minimal sequence's profile,
+/// to set beside the operator's timeline.
+async fn sample_stack_cpu(done: Arc<tokio::sync::Notify>) -> Vec<StackCpu> {
+    let mut seconds = Vec::new();
+    let mut previous = StackCpu::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = done.notified() => return seconds,
+        }
+        let now = StackCpu::now();
+        seconds.push(now.since(previous));
+        previous = now;
+    }
+}
+
+fn print_stack_cpu(what: &str, seconds: &[StackCpu]) {
+    if seconds.is_empty() {
+        return;
+    }
+    println!("{what}, CPU per tenth (share of one core):");
+    let step = seconds.len().div_ceil(10).max(1);
+    for (k, chunk) in seconds.chunks(step).enumerate() {
+        println!(
+            "  {:>5}-{:<5}s {}",
+            k * step,
+            k * step + chunk.len(),
+            tenth_cpu(chunk.iter().copied())
         );
     }
 }
@@ -635,8 +705,12 @@ async fn main() {
         None
     } else {
         let before = StackCpu::now();
+        let sampled = Arc::new(tokio::sync::Notify::new());
+        let sampler = tokio::spawn(sample_stack_cpu(sampled.clone()));
         let (time, requests) = minimal_sequence(&run, users, rooms).await;
-        Some((time, requests, StackCpu::now().since(before)))
+        sampled.notify_one();
+        let profile = sampler.await.unwrap();
+        Some((time, requests, StackCpu::now().since(before), profile))
     };
 
     // --- a full no-op resync, then drift (a fresh controller) ---------------
@@ -681,8 +755,8 @@ async fn main() {
         "{}",
         stack_cpu.line("operator converging:", converge_time.as_secs_f64())
     );
-    match minimal {
-        Some((minimal_time, minimal_requests, minimal_cpu)) => {
+    match &minimal {
+        Some((minimal_time, minimal_requests, minimal_cpu, _)) => {
             println!(
                 "{}",
                 minimal_cpu.line("minimal sequence:", minimal_time.as_secs_f64())
@@ -697,12 +771,15 @@ async fn main() {
             );
             println!(
                 "Synapse requests operator / minimal: {total} / {minimal_requests} ({:+.1} %)",
-                (total as f64 / minimal_requests as f64 - 1.0) * 100.0
+                (total as f64 / *minimal_requests as f64 - 1.0) * 100.0
             );
         }
         None => println!("minimal sequence: not replayed (BENCH_MINIMAL=0)"),
     }
     print_timeline(&timeline);
+    if let Some((.., profile)) = &minimal {
+        print_stack_cpu("minimal sequence", profile);
+    }
     match &resync_and_drift {
         Some(((resync_writes, resync_reads, resync_time), drift)) => {
             println!("full no-op resync: {resync_writes} writes, {resync_reads} reads ({users} users + {rooms} rooms) in {:.1}s", resync_time.as_secs_f64());
