@@ -289,13 +289,8 @@ async fn sample_timeline(
     let mut seconds = Vec::new();
     let mut previous = controller.totals().await.unwrap_or_default();
     let (mut previous_stack, mut previous_cpu) = (StackCpu::now(), controller.cpu_seconds());
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = done.notified() => return seconds,
-        }
+    let mut tick = seconds_ticker().await;
+    while next_second(&mut tick, &done).await {
         let Some(now) = controller.totals().await else {
             continue;
         };
@@ -308,6 +303,22 @@ async fn sample_timeline(
             controller: cpu - previous_cpu,
         });
         (previous, previous_stack, previous_cpu) = (now, stack, cpu);
+    }
+    seconds
+}
+
+/// A once-a-second ticker whose first tick has passed.
+async fn seconds_ticker() -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    tick
+}
+
+/// Waits for the next second; false once `done` is notified.
+async fn next_second(tick: &mut tokio::time::Interval, done: &tokio::sync::Notify) -> bool {
+    tokio::select! {
+        _ = tick.tick() => true,
+        _ = done.notified() => false,
     }
 }
 
@@ -383,17 +394,13 @@ fn tenth_cpu(seconds: impl Iterator<Item = StackCpu>) -> String {
 async fn sample_stack_cpu(done: Arc<tokio::sync::Notify>) -> Vec<StackCpu> {
     let mut seconds = Vec::new();
     let mut previous = StackCpu::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = done.notified() => return seconds,
-        }
+    let mut tick = seconds_ticker().await;
+    while next_second(&mut tick, &done).await {
         let now = StackCpu::now();
         seconds.push(now.since(previous));
         previous = now;
     }
+    seconds
 }
 
 fn print_stack_cpu(what: &str, seconds: &[StackCpu]) {

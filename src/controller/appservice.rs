@@ -892,18 +892,21 @@ mod tests {
         let client = Client::try_from(config).unwrap();
         let (rooms, _writer) = kube::runtime::reflector::store();
         let (ready_tx, ready_rx) = watch::channel(ready);
-        let service = Appservice::new(
-            "hs".into(),
-            Feed {
-                own_senders: vec![OWN.into()],
-                ..Default::default()
-            },
-            client,
-            rooms,
-            Index::new(keys::room_by_id),
-            ready_rx,
-        );
+        let service = appservice(client, rooms, Index::new(keys::room_by_id), ready_rx);
         (service, ready_tx)
+    }
+
+    fn appservice(
+        client: Client,
+        rooms: Store<MatrixRoom>,
+        room_ids: Arc<Index<MatrixRoom>>,
+        rooms_ready: watch::Receiver<bool>,
+    ) -> Arc<Appservice> {
+        let feed = Feed {
+            own_senders: vec![OWN.into()],
+            ..Default::default()
+        };
+        Appservice::new("hs".into(), feed, client, rooms, room_ids, rooms_ready)
     }
 
     fn managed_room(name: &str, room_id: &str) -> MatrixRoom {
@@ -937,17 +940,7 @@ mod tests {
         };
         apply(managed_room("a", "!a:x"));
         apply(managed_room("b", "!b:x"));
-        let service = Appservice::new(
-            "hs".into(),
-            Feed {
-                own_senders: vec![OWN.into()],
-                ..Default::default()
-            },
-            client,
-            rooms,
-            room_ids.clone(),
-            ready_rx,
-        );
+        let service = appservice(client, rooms, room_ids.clone(), ready_rx);
         let body =
             json!({"events": [foreign_rename("!b:x", "$1"), foreign_rename("!other:x", "$2")]});
         let r = put(&service, Some("hs"), Body::from(body.to_string())).await;
