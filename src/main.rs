@@ -102,6 +102,11 @@ struct ControllerArgs {
     /// Reconciles of one kind running at once.
     #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
+    /// Room version of the rooms the operator creates. From 12 on the operator
+    /// is each room's creator, and only creators reach the level that
+    /// ownership state (marker, tombstone, server ACL, power levels) requires.
+    #[arg(long, env = "MATRIX_ROOM_VERSION", default_value = "12")]
+    room_version: String,
     /// Requests to Synapse in flight at once, across all controllers.
     #[arg(long, env = "SYNAPSE_CONCURRENCY", default_value_t = 16)]
     synapse_concurrency: u16,
@@ -450,6 +455,7 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
         instance: args.instance,
         alias_prefix: args.alias_prefix,
         concurrency: args.concurrency.max(1),
+        room_version: args.room_version,
     };
     tracing::info!(synapse = ?synapse, "controller starting");
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));

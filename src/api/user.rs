@@ -13,6 +13,9 @@ pub const LOCALPART_MAX: usize = 200;
 /// CEL rule of the schema: Synapse refuses new localparts starting with `_`
 /// (kept for application services' namespaces).
 pub const LOCALPART_NO_UNDERSCORE_RULE: &str = "!self.startsWith('_')";
+/// CEL rule of the schema: Synapse keeps all-digit localparts for guest
+/// accounts and refuses them for new users.
+pub const LOCALPART_NOT_NUMERIC_RULE: &str = "!self.matches('^[0-9]+$')";
 /// Content URIs only: the avatar must already live in the media repository.
 pub const MXC_PATTERN: &str = r"^mxc://[A-Za-z0-9.:_-]+/[A-Za-z0-9_-]+$";
 
@@ -41,14 +44,15 @@ pub const MXC_PATTERN: &str = r"^mxc://[A-Za-z0-9.:_-]+/[A-Za-z0-9_-]+$";
 #[serde(rename_all = "camelCase")]
 pub struct MatrixUserSpec {
     /// Local part of the Matrix user id (`@<localpart>:<server>`): lower case
-    /// `[a-z0-9._=/+-]`, not starting with `_`. Immutable.
+    /// `[a-z0-9._=/+-]`, not starting with `_`, not digits only. Immutable.
     #[schemars(
         regex(pattern = LOCALPART_PATTERN),
         length(min = LOCALPART_MIN, max = LOCALPART_MAX)
     )]
     #[x_kube(
         validation = Rule::new("self == oldSelf").message("localpart is immutable"),
-        validation = Rule::new(LOCALPART_NO_UNDERSCORE_RULE).message("localpart must not start with _")
+        validation = Rule::new(LOCALPART_NO_UNDERSCORE_RULE).message("localpart must not start with _"),
+        validation = Rule::new(LOCALPART_NOT_NUMERIC_RULE).message("localpart must not be digits only (Synapse keeps those for guests)")
     )]
     pub localpart: String,
 
@@ -148,6 +152,8 @@ pub enum LocalpartRule {
     Characters,
     /// Starts with `_`.
     LeadingUnderscore,
+    /// Digits only: Synapse keeps those for guest accounts.
+    Numeric,
 }
 
 impl LocalpartRule {
@@ -157,6 +163,7 @@ impl LocalpartRule {
             LocalpartRule::Length => "length",
             LocalpartRule::Characters => "characters",
             LocalpartRule::LeadingUnderscore => "leading_underscore",
+            LocalpartRule::Numeric => "numeric",
         }
     }
 }
@@ -177,6 +184,9 @@ pub fn check_localpart(localpart: &str) -> Result<(), LocalpartRule> {
     }
     if localpart.starts_with('_') {
         return Err(LocalpartRule::LeadingUnderscore);
+    }
+    if localpart.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(LocalpartRule::Numeric);
     }
     Ok(())
 }
@@ -200,7 +210,14 @@ mod tests {
             .iter()
             .map(|r| r["rule"].as_str().unwrap())
             .collect();
-        assert_eq!(rules, ["self == oldSelf", LOCALPART_NO_UNDERSCORE_RULE]);
+        assert_eq!(
+            rules,
+            [
+                "self == oldSelf",
+                LOCALPART_NO_UNDERSCORE_RULE,
+                LOCALPART_NOT_NUMERIC_RULE
+            ]
+        );
     }
 
     #[test]
@@ -211,7 +228,8 @@ mod tests {
             "john.doe",
             "a_b",
             "x=y/z+w-v",
-            "0",
+            "0a",
+            "1.2",
             &"a".repeat(200),
         ] {
             assert_eq!(check_localpart(ok), Ok(()), "{ok}");
@@ -225,6 +243,8 @@ mod tests {
             ("alice\n", LocalpartRule::Characters),
             ("émile", LocalpartRule::Characters),
             ("_bridge", LocalpartRule::LeadingUnderscore),
+            ("0", LocalpartRule::Numeric),
+            ("20261206", LocalpartRule::Numeric),
         ] {
             assert_eq!(check_localpart(bad), Err(rule), "{bad:?}");
         }

@@ -97,14 +97,20 @@ impl AppserviceError {
     }
 }
 
-/// Reads a transaction body: the rooms whose state someone other than
-/// `own_senders` changed, room id → the last such event. Event content,
+/// What a transaction asks of the operator, room id → the last event that asks it.
+#[derive(Debug, Default, PartialEq)]
+struct Signals {
+    /// Rooms whose state someone other than the operator changed.
+    drifted: HashMap<String, String>,
+    /// Rooms someone left or was removed from, by anyone (the operator
+    /// too): in a space, its restricted children check who may stay.
+    departed: HashMap<String, String>,
+}
+
+/// Reads a transaction body into its [`Signals`]. Event content,
 /// messages, ephemeral data and unknown fields are skipped as they stream
 /// past, so a transaction of a hundred big messages costs only its ids.
-fn drifted_rooms(
-    body: impl std::io::Read,
-    own: &Own,
-) -> Result<HashMap<String, String>, serde_json::Error> {
+fn drifted_rooms(body: impl std::io::Read, own: &Own) -> Result<Signals, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_reader(body);
     let rooms = TransactionSeed(own).deserialize(&mut de)?;
     de.end()?;
@@ -140,6 +146,13 @@ struct PushedEvent {
 }
 
 impl PushedEvent {
+    /// `(room id, event id)` of a member leaving, kicked or banned.
+    fn departure(&self) -> Option<(String, String)> {
+        let left = self.kind == "m.room.member"
+            && matches!(self.content.0.as_deref(), Some("leave" | "ban"));
+        left.then(|| Some((self.room_id.clone()?, self.event_id.clone()?)))?
+    }
+
     /// `(room id, event id)` of a state change the operator did not make;
     /// messages (no `state_key`) are not state changes.
     fn foreign_state_change(self, own: &Own) -> Option<(String, String)> {
@@ -242,7 +255,7 @@ enum TransactionField {
 struct TransactionSeed<'a>(&'a Own<'a>);
 
 impl<'de> DeserializeSeed<'de> for TransactionSeed<'_> {
-    type Value = HashMap<String, String>;
+    type Value = Signals;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_map(self)
@@ -250,14 +263,14 @@ impl<'de> DeserializeSeed<'de> for TransactionSeed<'_> {
 }
 
 impl<'de> Visitor<'de> for TransactionSeed<'_> {
-    type Value = HashMap<String, String>;
+    type Value = Signals;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an application-service transaction")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut rooms = HashMap::new();
+        let mut rooms = Signals::default();
         while let Some(field) = map.next_key()? {
             match field {
                 TransactionField::Events => map.next_value_seed(EventsSeed {
@@ -273,11 +286,11 @@ impl<'de> Visitor<'de> for TransactionSeed<'_> {
     }
 }
 
-/// Folds `events` into the drifted rooms one event at a time, so nothing but
+/// Folds `events` into the signals one event at a time, so nothing but
 /// the current event's ids is held.
 struct EventsSeed<'a> {
     own: &'a Own<'a>,
-    rooms: &'a mut HashMap<String, String>,
+    rooms: &'a mut Signals,
 }
 
 impl<'de> DeserializeSeed<'de> for EventsSeed<'_> {
@@ -297,8 +310,11 @@ impl<'de> Visitor<'de> for EventsSeed<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while let Some(event) = seq.next_element::<PushedEvent>()? {
+            if let Some((room, id)) = event.departure() {
+                self.rooms.departed.insert(room, id);
+            }
             if let Some((room, id)) = event.foreign_state_change(self.own) {
-                self.rooms.insert(room, id);
+                self.rooms.drifted.insert(room, id);
             }
         }
         Ok(())
@@ -423,10 +439,7 @@ impl Appservice {
     }
 
     /// Streams the body through the parser on a blocking thread.
-    async fn read(
-        self: &Arc<Self>,
-        body: Body,
-    ) -> Result<HashMap<String, String>, AppserviceError> {
+    async fn read(self: &Arc<Self>, body: Body) -> Result<Signals, AppserviceError> {
         let reader = body_reader(body, MAX_TRANSACTION_BYTES);
         let service = self.clone();
         tokio::task::spawn_blocking(move || {
@@ -458,17 +471,39 @@ impl Appservice {
         }
     }
 
-    /// Marks each managed room's object; unknown rooms are not ours.
-    async fn mark(&self, drifted: HashMap<String, String>) -> Result<(), AppserviceError> {
-        if drifted.is_empty() {
-            return Ok(());
-        }
-        for (room_id, event_id) in drifted {
+    /// Marks each managed room's object (unknown rooms are not ours), and
+    /// the restricted children of each space someone left: group access
+    /// follows the group within a reconcile, not at the resync.
+    async fn mark(&self, signals: Signals) -> Result<(), AppserviceError> {
+        for (room_id, event_id) in signals.drifted {
             for room in self.managing(&room_id) {
                 self.mark_one(&room, &room_id, &event_id).await?;
             }
         }
+        for (space_id, event_id) in signals.departed {
+            for child in self.admitted_through(&space_id) {
+                let child_id = child.status.as_ref().and_then(|s| s.room_id.clone());
+                if let Some(child_id) = child_id {
+                    self.mark_one(&child, &child_id, &event_id).await?;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The restricted rooms that admit the members of the space `space_id`
+    /// is (none when it is no managed space).
+    fn admitted_through(&self, space_id: &str) -> Vec<Arc<MatrixRoom>> {
+        self.managing(space_id)
+            .iter()
+            .filter(|space| space.spec.is_space())
+            .flat_map(|space| {
+                let ns = space.namespace().unwrap_or_default();
+                let key = keys::children_of(&ns, &space.name_any());
+                self.room_ids.get(&self.rooms, &key)
+            })
+            .filter(|child| child.spec.join_rule == crate::api::room::JoinRule::Restricted)
+            .collect()
     }
 
     /// The objects whose status names `room_id` (none: not ours).
@@ -651,7 +686,7 @@ pub async fn run(
         None => Api::all(client.clone()),
     };
     let (rooms, writer) = reflector::store();
-    let room_ids = Index::new(keys::room_by_id);
+    let room_ids = Index::new(keys::room_feed);
     let (ready_tx, rooms_ready) = watch::channel(false);
     // One waiter only: a store's readiness wakes a single waiter.
     let waiter = {
@@ -715,6 +750,10 @@ mod tests {
         body: &[u8],
         joins: &OwnJoins,
     ) -> Result<HashMap<String, String>, AppserviceError> {
+        signals(body, joins).map(|s| s.drifted)
+    }
+
+    fn signals(body: &[u8], joins: &OwnJoins) -> Result<Signals, AppserviceError> {
         let own = Own {
             senders: &[OWN.to_string()],
             joins,
@@ -962,6 +1001,80 @@ mod tests {
         let r = put(&service, Some("hs"), Body::from(body.to_string())).await;
         assert_eq!(r.status(), StatusCode::OK);
         recorded.expect(1).await;
+    }
+
+    #[test]
+    fn departures_count_whoever_sent_them() {
+        let body = json!({"events": [
+            // The operator's own kick: not drift, but a departure.
+            {"type": "m.room.member", "room_id": "!space:x", "sender": OWN, "state_key": "@a:x", "event_id": "$1", "content": {"membership": "leave"}},
+            {"type": "m.room.member", "room_id": "!other:x", "sender": "@b:x", "state_key": "@b:x", "event_id": "$2", "content": {"membership": "join"}},
+            {"type": "m.room.member", "room_id": "!third:x", "sender": "@m:x", "state_key": "@c:x", "event_id": "$3", "content": {"membership": "ban"}},
+        ]});
+        let signals = signals(&serde_json::to_vec(&body).unwrap(), &OwnJoins::default()).unwrap();
+        assert_eq!(
+            signals.departed,
+            HashMap::from([
+                ("!space:x".to_string(), "$1".to_string()),
+                ("!third:x".to_string(), "$3".to_string()),
+            ])
+        );
+        assert!(!signals.drifted.contains_key("!space:x"));
+    }
+
+    fn room_with(name: &str, room_id: &str, spec: Value) -> MatrixRoom {
+        let mut room = managed_room(name, room_id);
+        room.spec = serde_json::from_value(spec).unwrap();
+        room
+    }
+
+    #[tokio::test]
+    async fn a_departure_from_a_space_marks_its_restricted_children_only() {
+        let (client, recorded) = crate::controller::scripted::client(|_| {
+            crate::controller::scripted::stored(&managed_room("c", "!c:x"), "2")
+        });
+        let (rooms, mut writer) = kube::runtime::reflector::store();
+        let room_ids = Index::new(keys::room_feed);
+        let (_ready, ready_rx) = watch::channel(true);
+        for room in [
+            room_with(
+                "group",
+                "!space:x",
+                json!({"alias": "group", "type": "Space"}),
+            ),
+            room_with(
+                "restricted",
+                "!r:x",
+                json!({"alias": "r", "joinRule": "restricted", "parentRef": {"name": "group"}}),
+            ),
+            room_with(
+                "invite-only",
+                "!i:x",
+                json!({"alias": "i", "parentRef": {"name": "group"}}),
+            ),
+            room_with("plain", "!p:x", json!({"alias": "p"})),
+        ] {
+            let event = kube::runtime::watcher::Event::Apply(room);
+            room_ids.observe(&event);
+            writer.apply_watcher_event(&event);
+        }
+        let service = appservice(client, rooms, room_ids, ready_rx);
+        let leave = |room: &str, id: &str| {
+            json!({"type": "m.room.member", "room_id": room, "sender": OWN, "state_key": "@a:x",
+                   "event_id": id, "content": {"membership": "leave"}})
+        };
+        let body = json!({"events": [leave("!space:x", "$1"), leave("!p:x", "$2")]});
+        let r = put(&service, Some("hs"), Body::from(body.to_string())).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let sent = recorded.expect(1).await;
+        assert_eq!(
+            sent[0].path,
+            "/apis/matrix.openmeet.net/v1alpha1/namespaces/t/matrixrooms/restricted"
+        );
+        assert_eq!(
+            sent[0].body["metadata"]["annotations"][DRIFT_ANNOTATION],
+            "$1"
+        );
     }
 
     fn headers(token: Option<&str>) -> HeaderMap {

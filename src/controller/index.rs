@@ -225,6 +225,19 @@ pub mod keys {
             .collect()
     }
 
+    /// The feed's keys: the room id, and the parent whose departures
+    /// concern the room.
+    pub fn room_feed(r: &MatrixRoom) -> Vec<String> {
+        let mut keys = room_by_id(r);
+        if let Some(parent) = &r.spec.parent_ref {
+            keys.push(children_of(
+                &r.namespace().unwrap_or_default(),
+                &parent.name,
+            ));
+        }
+        keys
+    }
+
     pub fn room_id(room_id: &str) -> String {
         format!("roomid/{room_id}")
     }

@@ -110,6 +110,9 @@ pub struct OperatorConfig {
     pub alias_prefix: String,
     /// Reconciles of one kind running at once.
     pub concurrency: u16,
+    /// The room version new rooms are created with. From 12 on the operator
+    /// is the rooms' creator, a power level no member can be given.
+    pub room_version: String,
 }
 
 impl OperatorConfig {

@@ -182,6 +182,7 @@ pub fn config() -> super::OperatorConfig {
         instance: None,
         alias_prefix: "om_".into(),
         concurrency: 1,
+        room_version: "12".into(),
     }
 }
 

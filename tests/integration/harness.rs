@@ -398,6 +398,7 @@ impl TestEnv {
             alias_prefix: "openmeet-".into(),
             // The product's defaults (see `--concurrency`, `--synapse-concurrency`).
             concurrency: 16,
+            room_version: "12".into(),
         };
         let operator_synapse = match &options.synapse_url {
             Some(url) => stack.synapse_at(url),

@@ -1237,6 +1237,7 @@ async fn handle_availability_never_names_the_holder() {
         ("Alice", "characters"),
         ("al:ice", "characters"),
         ("_bridge", "leading_underscore"),
+        ("20261206", "numeric"),
         (&"a".repeat(201) as &str, "length"),
     ] {
         assert_eq!(

@@ -135,16 +135,18 @@ export function directRoomAlias(tenant: string, userA: string, userB: string): s
 }
 
 /** Why a handle cannot be a localpart, as the sidecar's handle API says it. */
-export type LocalpartProblem = "length" | "characters" | "leading_underscore";
+export type LocalpartProblem = "length" | "characters" | "leading_underscore" | "numeric";
 
 /**
  * Checks a user's chosen handle against the localpart grammar the CRD
- * enforces (1 to 200 of `[a-z0-9._=/+-]`, not starting with `_`). Whether it
+ * enforces (1 to 200 of `[a-z0-9._=/+-]`, not starting with `_`, not digits
+ * only: Synapse keeps those for guest accounts). Whether it
  * is free is the sidecar's handle API's to say (`GET /api/v1/handles/<h>`).
  */
 export function localpartProblem(handle: string): LocalpartProblem | null {
   if (handle.length < 1 || handle.length > 200) return "length";
   if (!/^[a-z0-9._=/+-]+$/.test(handle)) return "characters";
   if (handle.startsWith("_")) return "leading_underscore";
+  if (/^[0-9]+$/.test(handle)) return "numeric";
   return null;
 }

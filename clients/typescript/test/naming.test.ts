@@ -86,6 +86,8 @@ test("localpart grammar as the handle API reports it", () => {
   assert.equal(localpartProblem("John"), "characters");
   assert.equal(localpartProblem("jo hn"), "characters");
   assert.equal(localpartProblem("_bot"), "leading_underscore");
+  assert.equal(localpartProblem("12345"), "numeric");
+  assert.equal(localpartProblem("12345a"), null);
 });
 
 test("OpenMeet roles map to RoomPermission roles", () => {

@@ -114,21 +114,43 @@ pub(super) async fn apply(
         !created && !room_plan.actions.is_empty() && ctx.memo.same_desired(&key(room), fingerprint);
     let room_id_parsed =
         RoomId::parse(&room_id).map_err(|e| Error::Invalid(format!("room id {room_id:?}: {e}")))?;
+    // Every action is tried: one refused write (a power-levels event an
+    // adopted room will not take) never keeps a kick or a ban from Synapse.
     let mut confirmed = Vec::with_capacity(room_plan.actions.len());
+    let mut first_error = None;
     for action in &room_plan.actions {
-        apply_action(&room_id, &room_id_parsed, action, ctx).await?;
-        audit(room, &room_id, &action.describe());
-        confirmed.push(action);
+        match apply_action(&room_id, &room_id_parsed, action, ctx).await {
+            Ok(()) => {
+                audit(room, &room_id, &action.describe());
+                confirmed.push(action);
+            }
+            Err(error) => {
+                tracing::warn!(room = %key(room), room_id = %room_id, action = %action.describe(), %error, "action failed");
+                first_error.get_or_insert(error);
+            }
+        }
     }
     let joined_members = joined_count(&state, &confirmed);
-    if !room_plan.actions.is_empty() && !created {
-        let summary: Vec<String> = room_plan.actions.iter().map(RoomAction::describe).collect();
+    if !confirmed.is_empty() && !created {
+        let summary: Vec<String> = confirmed.iter().map(|a| a.describe()).collect();
         let reason = if drift {
             "DriftCorrected"
         } else {
             "RoomUpdated"
         };
         record(room, ctx, EventType::Normal, reason, &summary.join("; "));
+    }
+    if let Some(error) = first_error {
+        return Err(error);
+    }
+    if wanted.removals_only() {
+        // Held back: listing and publication wait with every other addition.
+        return Ok(Applied {
+            room_id,
+            canonical_alias: wanted.alias.to_string(),
+            joined_members,
+            published: None,
+        });
     }
     if wanted.desired.direct && (created || !ctx.memo.same_desired(&key(room), fingerprint)) {
         // Checked when the room or its members change, not on every

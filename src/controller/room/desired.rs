@@ -26,6 +26,9 @@ pub(super) struct Wanted {
     pub alias: OwnedRoomAliasId,
     /// Members whose `m.direct` cannot be written now (see [`direct`]).
     pub unlistable: BTreeSet<String>,
+    /// Why the room cannot fully converge now, if it cannot: a room that
+    /// exists still enforces what it can (see [`Enforce`]).
+    pub held: Option<Held>,
 }
 
 impl Wanted {
@@ -39,38 +42,77 @@ impl Wanted {
             room.spec.publish_to_directory,
             room.metadata.generation,
             &self.unlistable,
+            &self.held,
         ))
+    }
+
+    /// Whether only removals may be applied.
+    pub fn removals_only(&self) -> bool {
+        self.held
+            .as_ref()
+            .is_some_and(|h| h.enforce == Enforce::RemovalsOnly)
     }
 }
 
 /// Why the room cannot be converged yet, found before any Synapse read.
+#[derive(Clone, Debug)]
 pub(super) struct Held {
     pub blocked: Blocked,
     /// Resolves by itself: look again after this long instead of at the resync.
     pub retry: Option<Duration>,
+    /// What a room that exists still does meanwhile.
+    pub enforce: Enforce,
 }
 
-/// Folds the desired room, or says why it is held back: an older object
-/// holds the alias, the parent space is not there (or refused), or a Direct
-/// room does not have two members.
+/// How a held room that exists keeps converging: enforcement never pauses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Enforce {
+    /// Kicks and bans only: nothing is added, no setting changes.
+    RemovalsOnly,
+    /// Its parent space is gone: everything converges, as a standalone room
+    /// (no `m.space.parent`, a restricted join rule falls back to invite).
+    Standalone,
+}
+
+/// Folds the desired room, or says why it is held back. An older object
+/// holding the alias is the only hold before Synapse: the room is not this
+/// object's. The others (the parent space missing, not ready or refused, a
+/// Direct room without two members) come with the desired room, so that a
+/// room that exists keeps enforcing removals while it waits.
 pub(super) fn fold_desired(
     room: &MatrixRoom,
     ctx: &RoomContext,
     perms: &[Arc<RoomPermission>],
 ) -> Result<Result<Wanted, Held>, Error> {
-    let held = |blocked, retry| Ok(Err(Held { blocked, retry }));
     if let Err(message) = holds_alias(room, ctx) {
-        return held(Blocked::alias_conflict(message), None);
+        return Ok(Err(Held {
+            blocked: Blocked::alias_conflict(message),
+            retry: None,
+            enforce: Enforce::RemovalsOnly,
+        }));
     }
-    let parent = match parent_of(room, ctx) {
-        tree::Parent::None => None,
-        tree::Parent::Ready(id) => Some(id),
+    let hold = |reason, message, retry, enforce| {
+        Some(Held {
+            blocked: Blocked::new(reason, message),
+            retry,
+            enforce,
+        })
+    };
+    let (parent, mut held) = match parent_of(room, ctx) {
+        tree::Parent::None => (None, None),
+        tree::Parent::Ready(id) => (Some(id), None),
         // The parent's own changes trigger this room; the requeue is a fallback.
         tree::Parent::Waiting { reason, message } => {
-            return held(Blocked::new(reason, message), Some(Duration::from_secs(30)))
+            let enforce = if reason == tree::PARENT_NOT_FOUND {
+                Enforce::Standalone
+            } else {
+                Enforce::RemovalsOnly
+            };
+            let retry = Some(Duration::from_secs(30));
+            (None, hold(reason, message, retry, enforce))
         }
         tree::Parent::Refused { reason, message } => {
-            return held(Blocked::new(reason, message), None)
+            (None, hold(reason, message, None, Enforce::RemovalsOnly))
         }
     };
     let alias = full_alias(room, ctx)?;
@@ -83,7 +125,7 @@ pub(super) fn fold_desired(
             let message = format!(
                 "a Direct room has exactly two members; RoomPermissions declare {declared}"
             );
-            return held(Blocked::new("DirectMemberCount", message), None);
+            held = hold("DirectMemberCount", message, None, Enforce::RemovalsOnly);
         }
     }
     let desired = desired(room, ctx, members, parent);
@@ -93,6 +135,7 @@ pub(super) fn fold_desired(
         outcomes,
         alias,
         unlistable,
+        held,
     }))
 }
 
@@ -171,6 +214,7 @@ pub(super) fn desired(
         membership_policy: spec.membership_policy,
         admin: ctx.synapse.admin_user_id().to_string(),
         server_suffix: format!(":{}", ctx.synapse.server_name()),
+        room_version: ctx.config.room_version.clone(),
         space: spec.is_space(),
         direct: spec.is_direct(),
         parent,

@@ -108,12 +108,26 @@ async fn apply(
             return Ok(held.retry.map_or(resync, Action::requeue));
         }
     };
-    tracing::debug!(room = %key(room), version = ?room.metadata.resource_version, members = wanted.desired.members.len(), "room reconcile");
+    let next = wanted
+        .held
+        .as_ref()
+        .and_then(|h| h.retry)
+        .map_or_else(|| resync.clone(), Action::requeue);
+    if let Some(held) = &wanted.held {
+        if room_id_of(room).is_none() {
+            // Nothing in Synapse to enforce: wait without touching it.
+            status::blocked(room, api, ctx, &perms, &held.blocked).await?;
+            return Ok(next);
+        }
+    }
+    tracing::debug!(room = %key(room), version = ?room.metadata.resource_version, members = wanted.desired.members.len(), held = ?wanted.held, "room reconcile");
     let ns = room.namespace().unwrap_or_default();
-    if let Some(wait) = users_in_flight(&perms, ctx, &ns) {
-        tracing::debug!(room = %key(room), "waiting for users in flight");
-        // Users being created right now: fold them in one go, not one write each.
-        return Ok(Action::requeue(wait));
+    if wanted.held.is_none() {
+        if let Some(wait) = users_in_flight(&perms, ctx, &ns) {
+            tracing::debug!(room = %key(room), "waiting for users in flight");
+            // Users being created right now: fold them in one go, not one write each.
+            return Ok(Action::requeue(wait));
+        }
     }
     let fingerprint = wanted.fingerprint(room);
     let version = room.metadata.resource_version.as_deref();
@@ -125,16 +139,21 @@ async fn apply(
     ) {
         // Only our own status writes happened since the last convergence.
         tracing::debug!(room = %key(room), "fresh: nothing changed since the last convergence");
-        return Ok(resync);
+        return Ok(next);
     }
     match converge(room, ctx, &wanted, fingerprint).await {
         Ok(Ok(applied)) => {
             ctx.backoff.reset(&key(room));
-            let version =
-                status::converged(room, api, ctx, &perms, &wanted.outcomes, applied).await?;
+            let version = match &wanted.held {
+                None => {
+                    status::converged(room, api, ctx, &perms, &wanted.outcomes, applied).await?
+                }
+                // Enforced what it could; still held back.
+                Some(held) => status::blocked(room, api, ctx, &perms, &held.blocked).await?,
+            };
             ctx.memo
                 .record(&key(room), [own_version, version], fingerprint);
-            Ok(resync)
+            Ok(next)
         }
         Ok(Err(blocked)) => {
             status::blocked(room, api, ctx, &perms, &blocked).await?;
@@ -151,8 +170,14 @@ async fn apply(
     }
 }
 
+/// The room id the object's status names.
+fn room_id_of(room: &MatrixRoom) -> Option<&str> {
+    room.status.as_ref().and_then(|s| s.room_id.as_deref())
+}
+
 /// Finds (or creates) the room, plans it against what Synapse holds, and
-/// applies the plan.
+/// applies the plan. A held room is never created, and applies its
+/// removals only, unless its parent is gone (then it stands alone).
 async fn converge(
     room: &MatrixRoom,
     ctx: &RoomContext,
@@ -173,22 +198,41 @@ async fn converge(
                 "alias {alias} points at room {id}, which is not this object's"
             ))))
         }
-        Located::Absent => match apply::create(room, ctx, wanted).await? {
-            Ok(found) => found,
-            Err(blocked) => return Ok(Err(blocked)),
-        },
+        Located::Absent => {
+            if let Some(held) = &wanted.held {
+                return Ok(Err(held.blocked.clone()));
+            }
+            match apply::create(room, ctx, wanted).await? {
+                Ok(found) => found,
+                Err(blocked) => return Ok(Err(blocked)),
+            }
+        }
     };
     let desired = &wanted.desired;
-    if let Some(refusal) = plan::refusal(desired, &found.state) {
-        return Ok(Err(Blocked::new(refusal.reason, refusal.message)));
+    let removals_only = wanted.removals_only();
+    if !removals_only {
+        if let Some(refusal) = plan::refusal(desired, &found.state) {
+            return Ok(Err(Blocked::new(refusal.reason, refusal.message)));
+        }
     }
     let mut room_plan = plan::plan(desired, &found.state);
     if plan::removes_members(&room_plan) && desired.join_rule == JoinRule::Restricted {
-        // Members of the parent space may be here through the join rule.
-        if let Some(parent) = &desired.parent {
+        // Members of the parent space may be here through the join rule;
+        // while the parent is unknown, the space the room admits through.
+        let admitting = match removals_only {
+            true => desired
+                .parent
+                .clone()
+                .or_else(|| plan::admitting_space(&found.state)),
+            false => desired.parent.clone(),
+        };
+        if let Some(parent) = &admitting {
             let members = observe::joined_members_of(parent, ctx).await?;
             room_plan = plan::plan_with(desired, &found.state, Some(&members));
         }
+    }
+    if removals_only {
+        room_plan = plan::removals_only(room_plan);
     }
     apply::apply(room, ctx, wanted, found, room_plan, fingerprint)
         .await

@@ -69,6 +69,7 @@ pub(super) async fn locate(
     resolve: bool,
 ) -> Result<Located, Error> {
     let known = room.status.as_ref().and_then(|s| s.room_id.clone());
+    let from_status = known.is_some();
     let candidate = match known {
         Some(id) => Some(id),
         None if resolve => ctx.synapse.resolve_alias(alias).await?,
@@ -79,9 +80,31 @@ pub(super) async fn locate(
     };
     match readable_state(&room_id, ctx).await? {
         Some(state) if is_ours(room, &state, ctx) => Ok(Located::Ours(room_id, state)),
+        Some(state) if from_status && still_ours(&room_id, alias, &state, ctx).await? => {
+            // The plan writes the marker back, as drift.
+            tracing::warn!(room = %key(room), room_id, "ownership marker changed out of band: restoring it");
+            Ok(Located::Ours(room_id, state))
+        }
         Some(_) => Ok(Located::Foreign(room_id)),
         None => Ok(Located::Foreign(room_id)),
     }
+}
+
+/// Whether a room whose marker no longer names this object is still its
+/// own: the status names it, the operator created it, and the object's
+/// alias (in the operator's exclusive namespace, which nobody else can
+/// bind) resolves to it. Then the marker was changed out of band, which
+/// is drift to repair, never a reason to let the room go.
+async fn still_ours(
+    room_id: &str,
+    alias: &RoomAliasId,
+    state: &RoomState,
+    ctx: &RoomContext,
+) -> Result<bool, Error> {
+    if state.creator.as_deref() != Some(ctx.synapse.admin_user_id().as_str()) {
+        return Ok(false);
+    }
+    Ok(ctx.synapse.resolve_alias(alias).await?.as_deref() == Some(room_id))
 }
 
 /// After `M_ROOM_IN_USE`: the room under the alias, if it carries our marker.

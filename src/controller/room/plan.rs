@@ -13,8 +13,26 @@ pub const MARKER_TYPE: &str = "net.openmeet.owner";
 pub const SPACE_CHILD: &str = "m.space.child";
 /// A room's parent space (state key: the space's room id).
 pub const SPACE_PARENT: &str = "m.space.parent";
+/// Marks a room as replaced by another.
+const TOMBSTONE: &str = "m.room.tombstone";
 /// The first room version with the `restricted` join rule.
 const RESTRICTED_SINCE: u32 = 8;
+/// The first room version whose creators hold unlimited power.
+const CREATORS_SINCE: u32 = 12;
+/// What ownership state requires where the operator is a creator: above the
+/// highest level a member can be given (100), so only a creator reaches it.
+pub const OWNERSHIP_LEVEL: i64 = 150;
+/// State that makes a room the operator's, or whose misuse abandons or
+/// breaks it: only the operator may send it.
+pub const OWNERSHIP_STATE: [&str; 7] = [
+    MARKER_TYPE,
+    "m.room.power_levels",
+    TOMBSTONE,
+    "m.room.server_acl",
+    "m.room.encryption",
+    SPACE_PARENT,
+    SPACE_CHILD,
+];
 const ENCRYPTION_ALGORITHM: &str = "m.megolm.v1.aes-sha2";
 
 /// Power levels from the spec's thresholds (Matrix defaults where unset).
@@ -64,6 +82,8 @@ pub struct DesiredRoom {
     pub admin: String,
     /// `:<server_name>`, to tell local users from remote ones.
     pub server_suffix: String,
+    /// The version a new room is created with.
+    pub room_version: String,
     /// Created as a space (`m.space`).
     pub space: bool,
     /// A direct conversation: created with `is_direct` and its members invited.
@@ -146,6 +166,8 @@ fn join_rules(d: &DesiredRoom) -> Value {
             "join_rule": "restricted",
             "allow": [{"type": "m.room_membership", "room_id": parent}],
         }),
+        // No parent to admit through (it is gone): invite only until one returns.
+        (JoinRule::Restricted, None) => json!({"join_rule": "invite"}),
         (rule, _) => json!({"join_rule": join_rule(rule)}),
     }
 }
@@ -309,18 +331,25 @@ fn desired_state(d: &DesiredRoom) -> Vec<(&'static str, Value)> {
     state
 }
 
+/// Whether a room version gives its creators unlimited power.
+fn creators_rule(version: &str) -> bool {
+    version.parse::<u32>().is_ok_and(|v| v >= CREATORS_SINCE)
+}
+
 /// Whether the admin account is a creator with unlimited power (room version
-/// 12 and later), in which case it must never appear in `users`.
-pub fn admin_is_creator(state: Option<&RoomState>, admin: &str) -> bool {
+/// 12 and later), in which case it must never appear in `users`. Checked
+/// against the room's actual create event, never assumed.
+pub fn admin_is_creator(d: &DesiredRoom, state: Option<&RoomState>) -> bool {
+    let admin = d.admin.as_str();
     let Some(create) = state.and_then(|s| s.get("m.room.create", "")) else {
-        // A room we are about to create: Synapse's default version makes us creator.
-        return true;
+        // A room we are about to create, with the version we pin.
+        return creators_rule(&d.room_version);
     };
     let version = create
         .get("room_version")
         .and_then(Value::as_str)
         .unwrap_or("1");
-    let modern = version.parse::<u32>().map(|v| v >= 12).unwrap_or(false);
+    let modern = creators_rule(version);
     let created_by_admin = state.and_then(|s| s.creator.as_deref()) == Some(admin);
     let additional = create
         .get("additional_creators")
@@ -367,17 +396,14 @@ pub fn power_levels(d: &DesiredRoom, observed: Option<&Value>, admin_creator: bo
         "m.room.history_visibility",
         "m.room.guest_access",
         "m.room.canonical_alias",
-        "m.room.encryption",
     ] {
         events.insert(kind.into(), json!(t.change_settings));
     }
-    for kind in [
-        "m.room.power_levels",
-        "m.room.tombstone",
-        "m.room.server_acl",
-        MARKER_TYPE,
-    ] {
-        events.insert(kind.into(), json!(100));
+    // Where the operator is a creator, ownership state needs more than any
+    // member has; in older rooms its level is 100, shared with room admins.
+    let ownership = if admin_creator { OWNERSHIP_LEVEL } else { 100 };
+    for kind in OWNERSHIP_STATE {
+        events.insert(kind.into(), json!(ownership));
     }
     content.insert("events".into(), Value::Object(events));
     Value::Object(content)
@@ -398,10 +424,11 @@ pub fn create_body(d: &DesiredRoom) -> Value {
         .collect();
     let mut body = json!({
         "room_alias_name": d.alias_localpart,
+        "room_version": d.room_version,
         "visibility": "private",
         "preset": if d.join_rule == JoinRule::Public { "public_chat" } else { "private_chat" },
         "initial_state": initial_state,
-        "power_level_content_override": power_levels(d, None, true),
+        "power_level_content_override": power_levels(d, None, admin_is_creator(d, None)),
     });
     if d.space {
         body["creation_content"] = json!({"type": "m.space"});
@@ -466,8 +493,9 @@ pub struct RoomPlan {
     pub actions: Vec<RoomAction>,
 }
 
-/// Plans the writes for an existing room: state, at most one power-levels
-/// event, then membership.
+/// Plans the writes for an existing room: removals first (kicks and bans
+/// never wait behind a refused settings write), then state, at most one
+/// power-levels event, then additions.
 pub fn plan(d: &DesiredRoom, state: &RoomState) -> RoomPlan {
     plan_with(d, state, None)
 }
@@ -481,7 +509,7 @@ pub fn plan_with(
     members_of_parent: Option<&std::collections::BTreeSet<String>>,
 ) -> RoomPlan {
     let mut actions = Vec::new();
-    let admin_creator = admin_is_creator(Some(state), &d.admin);
+    let admin_creator = admin_is_creator(d, Some(state));
     let observed_pl = state.get("m.room.power_levels", "");
     let admin_level = observed_pl
         .and_then(|pl| pl.get("users"))
@@ -490,6 +518,8 @@ pub fn plan_with(
     if !admin_creator && admin_level.unwrap_or(0) < 100 {
         actions.push(RoomAction::MakeRoomAdmin);
     }
+    let (removals, additions) = plan_members(d, state, members_of_parent);
+    actions.extend(removals);
 
     for (kind, content) in desired_state(d) {
         if !state_matches(state.get(kind, ""), &content) {
@@ -499,12 +529,30 @@ pub fn plan_with(
             });
         }
     }
+    if !is_empty(state.get(TOMBSTONE, "")) {
+        // Only the operator may retire a room, and it never does so this way.
+        actions.push(RoomAction::SetState {
+            kind: TOMBSTONE.to_string(),
+            content: json!({}),
+        });
+    }
     actions.extend(plan_relations(d, state));
     let wanted_pl = power_levels(d, observed_pl, admin_creator);
     if observed_pl != Some(&wanted_pl) {
         actions.push(RoomAction::SetPowerLevels(wanted_pl));
     }
+    actions.extend(additions);
+    RoomPlan { actions }
+}
 
+/// Membership writes, as (removals, additions): kicks and bans, then
+/// unbans, joins and invites.
+fn plan_members(
+    d: &DesiredRoom,
+    state: &RoomState,
+    members_of_parent: Option<&std::collections::BTreeSet<String>>,
+) -> (Vec<RoomAction>, Vec<RoomAction>) {
+    let (mut removals, mut additions) = (Vec::new(), Vec::new());
     let observed = state.memberships();
     for (user, (membership, _)) in &d.members {
         let current = observed.get(user).map(String::as_str).unwrap_or("leave");
@@ -514,19 +562,17 @@ pub fn plan_with(
             | (Membership::Ban, "ban") => {}
             (Membership::Join, _) => {
                 if current == "ban" {
-                    actions.push(RoomAction::Unban(user.clone()));
+                    additions.push(RoomAction::Unban(user.clone()));
                 }
-                actions.push(RoomAction::Join(user.clone()));
+                additions.push(RoomAction::Join(user.clone()));
             }
             (Membership::Invite, _) => {
                 if current == "ban" {
-                    actions.push(RoomAction::Unban(user.clone()));
+                    additions.push(RoomAction::Unban(user.clone()));
                 }
-                actions.push(RoomAction::Invite(user.clone()));
+                additions.push(RoomAction::Invite(user.clone()));
             }
-            (Membership::Ban, _) => {
-                actions.push(RoomAction::Ban(user.clone()));
-            }
+            (Membership::Ban, _) => removals.push(RoomAction::Ban(user.clone())),
         }
     }
     if d.membership_policy == MembershipPolicy::Exclusive {
@@ -541,11 +587,37 @@ pub fn plan_with(
                 continue;
             }
             if undeclared && (membership == "join" || membership == "invite") {
-                actions.push(RoomAction::Kick(user.clone()));
+                removals.push(RoomAction::Kick(user.clone()));
             }
         }
     }
-    RoomPlan { actions }
+    (removals, additions)
+}
+
+/// What a room held back may still do: remove members (kicks and bans).
+/// Nothing is added and no setting changes until the hold is lifted.
+pub fn removals_only(plan: RoomPlan) -> RoomPlan {
+    RoomPlan {
+        actions: plan
+            .actions
+            .into_iter()
+            .filter(|a| matches!(a, RoomAction::Kick(_) | RoomAction::Ban(_)))
+            .collect(),
+    }
+}
+
+/// The space a restricted room's observed join rule admits members of: who
+/// may be there through a parent, while the desired parent is unknown.
+pub fn admitting_space(state: &RoomState) -> Option<String> {
+    state
+        .get("m.room.join_rules", "")?
+        .get("allow")?
+        .as_array()?
+        .iter()
+        .find(|a| a.get("type").and_then(Value::as_str) == Some("m.room_membership"))?
+        .get("room_id")?
+        .as_str()
+        .map(str::to_string)
 }
 
 /// The writes that close a room: every local member but the admin removed.
@@ -609,6 +681,7 @@ pub(super) mod tests {
             membership_policy: MembershipPolicy::Exclusive,
             admin: ADMIN.into(),
             server_suffix: ":x".into(),
+            room_version: "12".into(),
             space: false,
             direct: false,
             parent: None,
@@ -802,9 +875,10 @@ pub(super) mod tests {
         assert_eq!(
             membership,
             vec![
+                // Removals first: they never wait behind another write.
+                RoomAction::Ban("@banned:x".into()),
                 RoomAction::Unban("@back:x".into()),
                 RoomAction::Join("@back:x".into()),
-                RoomAction::Ban("@banned:x".into()),
                 RoomAction::Invite("@guest:x".into()),
             ]
         );
@@ -893,7 +967,166 @@ pub(super) mod tests {
             )
         );
         assert_eq!(pl["events"]["m.room.name"], 90);
-        assert_eq!(pl["events"]["m.room.power_levels"], 100);
+        assert_eq!(pl["events"]["m.room.power_levels"], OWNERSHIP_LEVEL);
+    }
+
+    #[test]
+    fn ownership_state_needs_more_than_any_member_has_where_the_operator_is_creator() {
+        let d = desired();
+        let pl = power_levels(&d, None, true);
+        for kind in OWNERSHIP_STATE {
+            assert_eq!(pl["events"][kind], OWNERSHIP_LEVEL, "{kind}");
+        }
+        // Above the highest level a RoomPermission can give (the schema's maximum).
+        let crd =
+            serde_json::to_value(<crate::api::RoomPermission as kube::CustomResourceExt>::crd())
+                .unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["powerLevel"];
+        assert!(
+            OWNERSHIP_LEVEL as f64 > schema["maximum"].as_f64().unwrap(),
+            "{schema}"
+        );
+        assert!(d
+            .members
+            .values()
+            .all(|(_, level)| *level < OWNERSHIP_LEVEL));
+        // In an older room the operator holds 100 itself: nothing above it exists.
+        let pl = power_levels(&d, None, false);
+        assert_eq!(pl["events"][MARKER_TYPE], 100);
+        assert_eq!(pl["users"][ADMIN], 100);
+    }
+
+    #[test]
+    fn an_existing_room_gets_the_ownership_thresholds_through_power_levels() {
+        let d = desired();
+        let mut state = converged(&d);
+        let mut old = power_levels(&d, None, true);
+        for kind in OWNERSHIP_STATE {
+            old["events"][kind] = json!(100);
+        }
+        state
+            .events
+            .insert(("m.room.power_levels".into(), String::new()), old);
+        let actions = plan(&d, &state).actions;
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        let RoomAction::SetPowerLevels(pl) = &actions[0] else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(pl["events"][MARKER_TYPE], OWNERSHIP_LEVEL);
+        assert_eq!(pl["events"]["m.room.tombstone"], OWNERSHIP_LEVEL);
+    }
+
+    #[test]
+    fn the_room_version_is_pinned_and_the_creator_assumption_follows_it() {
+        let mut d = desired();
+        let body = create_body(&d);
+        assert_eq!(body["room_version"], "12");
+        assert!(body["power_level_content_override"]["users"]
+            .get(ADMIN)
+            .is_none());
+        d.room_version = "11".into();
+        let body = create_body(&d);
+        assert_eq!(body["room_version"], "11");
+        assert_eq!(body["power_level_content_override"]["users"][ADMIN], 100);
+        // A version-12 room the operator did not create: it is no creator there.
+        let mut state = converged(&desired());
+        state.creator = Some("@someone:x".into());
+        assert!(!admin_is_creator(&desired(), Some(&state)));
+        assert!(admin_is_creator(&desired(), Some(&converged(&desired()))));
+    }
+
+    #[test]
+    fn a_tombstone_is_withdrawn_and_a_changed_marker_restored() {
+        let d = desired();
+        let mut state = converged(&d);
+        state.events.insert(
+            ("m.room.tombstone".into(), String::new()),
+            json!({"body": "moved", "replacement_room": "!elsewhere:x"}),
+        );
+        state
+            .events
+            .insert((MARKER_TYPE.into(), String::new()), json!({}));
+        let actions = plan(&d, &state).actions;
+        assert_eq!(
+            actions,
+            vec![
+                RoomAction::SetState {
+                    kind: MARKER_TYPE.into(),
+                    content: d.marker.clone()
+                },
+                RoomAction::SetState {
+                    kind: "m.room.tombstone".into(),
+                    content: json!({})
+                },
+            ]
+        );
+        // A withdrawn tombstone (empty content) is left as it is.
+        state
+            .events
+            .insert(("m.room.tombstone".into(), String::new()), json!({}));
+        state
+            .events
+            .insert((MARKER_TYPE.into(), String::new()), d.marker.clone());
+        assert_eq!(plan(&d, &state).actions, vec![]);
+    }
+
+    #[test]
+    fn kicks_and_bans_come_before_the_power_levels_write() {
+        let mut d = desired();
+        d.members.remove("@bob:x");
+        d.members.insert("@alice:x".into(), (Membership::Ban, 0));
+        d.members.insert("@new:x".into(), (Membership::Join, 50));
+        let state = converged(&desired());
+        let actions = plan(&d, &state).actions;
+        let position = |wanted: fn(&RoomAction) -> bool| actions.iter().position(wanted).unwrap();
+        let power = position(|a| matches!(a, RoomAction::SetPowerLevels(_)));
+        assert!(position(|a| matches!(a, RoomAction::Ban(_))) < power);
+        assert!(position(|a| matches!(a, RoomAction::Kick(_))) < power);
+        assert!(position(|a| matches!(a, RoomAction::Join(_))) > power);
+    }
+
+    #[test]
+    fn a_held_room_applies_removals_only() {
+        let mut d = desired();
+        d.members.remove("@bob:x");
+        d.members.insert("@carol:x".into(), (Membership::Ban, 0));
+        d.members.insert("@new:x".into(), (Membership::Join, 0));
+        d.name = Some("Renamed".into());
+        let state = converged(&desired());
+        let held = removals_only(plan(&d, &state));
+        assert_eq!(
+            held.actions,
+            vec![
+                RoomAction::Ban("@carol:x".into()),
+                RoomAction::Kick("@bob:x".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_restricted_room_without_a_parent_falls_back_to_invite() {
+        let mut d = desired();
+        d.join_rule = JoinRule::Restricted;
+        d.parent = Some("!space:x".into());
+        let state = converged(&d);
+        assert_eq!(admitting_space(&state).as_deref(), Some("!space:x"));
+        // The parent space is gone: standalone, invite only, no m.space.parent.
+        let standalone = DesiredRoom {
+            parent: None,
+            ..d.clone()
+        };
+        let actions = plan(&standalone, &state).actions;
+        assert!(actions.contains(&RoomAction::SetState {
+            kind: "m.room.join_rules".into(),
+            content: json!({"join_rule": "invite"}),
+        }));
+        assert!(actions.contains(&RoomAction::SetRelation {
+            kind: SPACE_PARENT,
+            state_key: "!space:x".into(),
+            content: json!({}),
+        }));
+        assert_eq!(admitting_space(&converged(&standalone)), None);
     }
 
     #[test]

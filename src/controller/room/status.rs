@@ -76,14 +76,15 @@ pub(super) async fn converged(
 }
 
 /// Records a blocked room: condition, a Warning on transition, and its
-/// permissions waiting for it.
+/// permissions waiting for it. Returns the resourceVersion the status write
+/// produced (our own write).
 pub(super) async fn blocked(
     room: &MatrixRoom,
     api: &Api<MatrixRoom>,
     ctx: &RoomContext,
     perms: &[Arc<RoomPermission>],
     blocked: &Blocked,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     if previous_reason(room) != Some(blocked.reason) {
         record(
             room,
@@ -105,9 +106,10 @@ pub(super) async fn blocked(
     } else {
         Facts::Cleared
     };
-    write_room_status(room, api, facts, vec![ready]).await?;
+    let version = write_room_status(room, api, facts, vec![ready]).await?;
     let not_ready = RoomReadiness::NotReady(format!("room: {}", blocked.message));
-    write_permission_statuses(ctx, perms, &BTreeMap::new(), &not_ready).await
+    write_permission_statuses(ctx, perms, &BTreeMap::new(), &not_ready).await?;
+    Ok(version)
 }
 
 /// Records a failed converge on the room and its permissions, best effort

@@ -7,6 +7,9 @@ use kube::ResourceExt;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+/// The reason of a room whose parent object does not exist (or is being deleted).
+pub const PARENT_NOT_FOUND: &str = "ParentNotFound";
+
 /// What a room's `parentRef` comes to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Parent {
@@ -43,7 +46,7 @@ pub fn parent(room: &MatrixRoom, lookup: impl Fn(&str) -> Option<Arc<MatrixRoom>
     let Some(parent) = lookup(&parent_ref.name).filter(|p| p.metadata.deletion_timestamp.is_none())
     else {
         return Parent::Waiting {
-            reason: "ParentNotFound",
+            reason: PARENT_NOT_FOUND,
             message: format!("parent MatrixRoom {} does not exist", parent_ref.name),
         };
     };

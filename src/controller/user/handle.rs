@@ -122,6 +122,10 @@ mod tests {
             check("_x"),
             Some(Availability::Invalid(LocalpartRule::LeadingUnderscore))
         );
+        assert_eq!(
+            check("1234"),
+            Some(Availability::Invalid(LocalpartRule::Numeric))
+        );
         assert_eq!(check("admin"), Some(Availability::Reserved));
         assert_eq!(check("openmeet-operator"), Some(Availability::Reserved));
         // Claimed in another tenant: taken all the same.

@@ -398,12 +398,13 @@ export interface MatrixUserSpec {
   email?: string | null;
   /**
    * Local part of the Matrix user id (`@<localpart>:<server>`): lower case
-   * `[a-z0-9._=/+-]`, not starting with `_`. Immutable.
+   * `[a-z0-9._=/+-]`, not starting with `_`, not digits only. Immutable.
    *
    * Length: 1 to 200.
    * Pattern: `^[a-z0-9._=/+-]+$`.
    * Rule: localpart is immutable.
    * Rule: localpart must not start with _.
+   * Rule: localpart must not be digits only (Synapse keeps those for guests).
    */
   localpart: string;
   /**
