@@ -10,6 +10,7 @@ mod hardening;
 mod harm;
 mod harness;
 mod health;
+mod ownership;
 mod platform_kit;
 mod proxy;
 mod rooms;

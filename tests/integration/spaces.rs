@@ -4,7 +4,7 @@
 use crate::harness::{unique, wait_for, Stack, TestEnv};
 use crate::rooms::{as_user, login_as, membership, perm, urlencode, users};
 use kube::api::{Patch, PatchParams};
-use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser};
+use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
 use openmeet_matrix_operator::synapse::rooms::RoomState;
 use openmeet_matrix_operator::synapse::RequestKind;
 use serde_json::{json, Value};
@@ -566,4 +566,184 @@ async fn a_direct_room_with_a_locked_member_converges_and_lists_it_on_unlock() {
         (account_data(&fay).await["m.direct"][&ids[0]] == json!([id])).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_room_whose_space_is_gone_stands_alone_and_keeps_enforcing() {
+    let env = TestEnv::new("orphan").await;
+    let ids = users(&env, &["banned", "stays", "newcomer"]).await;
+    env.create::<MatrixRoom>(
+        0,
+        "group",
+        json!({"alias": unique("group"), "type": "Space"}),
+    )
+    .await;
+    env.create::<MatrixRoom>(
+        0,
+        "e1",
+        json!({"alias": unique("e1"), "joinRule": "restricted", "parentRef": {"name": "group"}}),
+    )
+    .await;
+    perm(&env, 0, "banned", "e1", "banned", json!({})).await;
+    perm(&env, 0, "stays", "e1", "stays", json!({})).await;
+    let space_id = converged_id(&env, "group").await;
+    let child_id = converged_id(&env, "e1").await;
+    wait_for("both members joined", || async {
+        let s = state_of(&env, &child_id).await;
+        (membership(&s, &ids[0]) == "join" && membership(&s, &ids[1]) == "join").then_some(())
+    })
+    .await;
+
+    // The group's space goes away: the event room stands alone.
+    let rooms = env.api::<MatrixRoom>(0);
+    rooms
+        .delete("group", &Default::default())
+        .await
+        .expect("delete");
+    env.wait_gone(&rooms, "group").await;
+    wait_for("the child unlinked, invite only", || async {
+        let s = state_of(&env, &child_id).await;
+        let invite = s.get("m.room.join_rules", "")? == &json!({"join_rule": "invite"});
+        (invite && !linked(&s, "m.space.parent", &space_id)).then_some(())
+    })
+    .await;
+    let child: MatrixRoom = env.wait_condition(0, "e1", false, "ParentNotFound").await;
+    assert_eq!(room_id(&child), child_id, "the room is still the object's");
+
+    // Its rules still hold: a ban is applied, a new member joins.
+    env.api::<RoomPermission>(0)
+        .patch(
+            "banned",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"membership": "Ban"}})),
+        )
+        .await
+        .expect("patch");
+    perm(&env, 0, "newcomer", "e1", "newcomer", json!({})).await;
+    wait_for("banned and joined while the parent is gone", || async {
+        let s = state_of(&env, &child_id).await;
+        (membership(&s, &ids[0]) == "ban"
+            && membership(&s, &ids[1]) == "join"
+            && membership(&s, &ids[2]) == "join")
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_room_held_back_applies_removals_and_nothing_else() {
+    let env = TestEnv::new("held").await;
+    let ids = users(&env, &["leaver", "stays", "newcomer"]).await;
+    env.create::<MatrixRoom>(
+        0,
+        "group",
+        json!({"alias": unique("group"), "type": "Space"}),
+    )
+    .await;
+    env.create::<MatrixRoom>(
+        0,
+        "e1",
+        json!({"alias": unique("e1"), "parentRef": {"name": "group"}}),
+    )
+    .await;
+    perm(&env, 0, "leaver", "e1", "leaver", json!({})).await;
+    perm(&env, 0, "stays", "e1", "stays", json!({})).await;
+    let child_id = converged_id(&env, "e1").await;
+    wait_for("both members joined", || async {
+        let s = state_of(&env, &child_id).await;
+        (membership(&s, &ids[0]) == "join" && membership(&s, &ids[1]) == "join").then_some(())
+    })
+    .await;
+
+    // Moved under a space that has no room (an older object holds its alias).
+    let taken = unique("taken");
+    env.create::<MatrixRoom>(0, "holder", json!({"alias": taken}))
+        .await;
+    env.wait_condition::<MatrixRoom>(0, "holder", true, "Converged")
+        .await;
+    env.create::<MatrixRoom>(0, "blocked", json!({"alias": taken, "type": "Space"}))
+        .await;
+    env.wait_condition::<MatrixRoom>(0, "blocked", false, "AliasConflict")
+        .await;
+    patch_spec(&env, "e1", json!({"parentRef": {"name": "blocked"}})).await;
+    env.wait_condition::<MatrixRoom>(0, "e1", false, "ParentNotReady")
+        .await;
+
+    // A newcomer waits with the room; a deleted permission is applied.
+    perm(&env, 0, "newcomer", "e1", "newcomer", json!({})).await;
+    env.api::<RoomPermission>(0)
+        .delete("leaver", &Default::default())
+        .await
+        .expect("delete");
+    wait_for("the leaver removed", || async {
+        let s = state_of(&env, &child_id).await;
+        (membership(&s, &ids[0]) == "leave").then_some(())
+    })
+    .await;
+    let s = state_of(&env, &child_id).await;
+    assert_eq!(membership(&s, &ids[1]), "join");
+    assert_eq!(
+        membership(&s, &ids[2]),
+        "none",
+        "nothing is added while held"
+    );
+}
+
+#[tokio::test]
+async fn leaving_the_group_takes_you_out_of_its_restricted_rooms_within_seconds() {
+    let env = TestEnv::new("group-leave").await;
+    let ids = users(&env, &["member"]).await;
+    perm(&env, 0, "member", "group", "member", json!({})).await;
+    env.create::<MatrixRoom>(
+        0,
+        "group",
+        json!({"alias": unique("group"), "type": "Space"}),
+    )
+    .await;
+    env.create::<MatrixRoom>(
+        0,
+        "e1",
+        json!({"alias": unique("e1"), "joinRule": "restricted", "parentRef": {"name": "group"}}),
+    )
+    .await;
+    let space_id = converged_id(&env, "group").await;
+    let child_id = converged_id(&env, "e1").await;
+    wait_for("the member in the space", || async {
+        let s = state_of(&env, &space_id).await;
+        (membership(&s, &ids[0]) == "join").then_some(())
+    })
+    .await;
+    // The member joins the event room through the space, from a client.
+    let member = login_as(&ids[0]).await;
+    let path = format!("/rooms/{}/join", urlencode(&child_id));
+    assert!(as_user(&member, reqwest::Method::POST, &path, json!({}))
+        .await
+        .is_success());
+    // Kept: the room's reconcile finds them in the space.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        membership(&state_of(&env, &child_id).await, &ids[0]),
+        "join"
+    );
+
+    // Removed from the group: out of its event room at once, not at the
+    // periodic resync (300 s here).
+    let removed = std::time::Instant::now();
+    env.api::<RoomPermission>(0)
+        .delete("member", &Default::default())
+        .await
+        .expect("delete");
+    wait_for("the member out of the restricted room", || async {
+        let s = state_of(&env, &child_id).await;
+        (membership(&s, &ids[0]) == "leave").then_some(())
+    })
+    .await;
+    eprintln!(
+        "group departure to restricted-room removal: {} ms",
+        removed.elapsed().as_millis()
+    );
+    assert_eq!(
+        membership(&state_of(&env, &space_id).await, &ids[0]),
+        "leave"
+    );
 }
