@@ -13,8 +13,6 @@ pub const MARKER_TYPE: &str = "net.openmeet.owner";
 pub const SPACE_CHILD: &str = "m.space.child";
 /// A room's parent space (state key: the space's room id).
 pub const SPACE_PARENT: &str = "m.space.parent";
-/// Marks a room as replaced by another.
-const TOMBSTONE: &str = "m.room.tombstone";
 /// The first room version with the `restricted` join rule.
 const RESTRICTED_SINCE: u32 = 8;
 /// The first room version whose creators hold unlimited power.
@@ -27,7 +25,9 @@ pub const OWNERSHIP_LEVEL: i64 = 150;
 pub const OWNERSHIP_STATE: [&str; 7] = [
     MARKER_TYPE,
     "m.room.power_levels",
-    TOMBSTONE,
+    // Cannot be withdrawn once sent (Synapse requires a replacement room):
+    // only prevented.
+    "m.room.tombstone",
     "m.room.server_acl",
     "m.room.encryption",
     SPACE_PARENT,
@@ -528,13 +528,6 @@ pub fn plan_with(
                 content,
             });
         }
-    }
-    if !is_empty(state.get(TOMBSTONE, "")) {
-        // Only the operator may retire a room, and it never does so this way.
-        actions.push(RoomAction::SetState {
-            kind: TOMBSTONE.to_string(),
-            content: json!({}),
-        });
     }
     actions.extend(plan_relations(d, state));
     let wanted_pl = power_levels(d, observed_pl, admin_creator);
@@ -1037,38 +1030,19 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn a_tombstone_is_withdrawn_and_a_changed_marker_restored() {
+    fn a_changed_marker_is_restored() {
         let d = desired();
         let mut state = converged(&d);
-        state.events.insert(
-            ("m.room.tombstone".into(), String::new()),
-            json!({"body": "moved", "replacement_room": "!elsewhere:x"}),
-        );
         state
             .events
             .insert((MARKER_TYPE.into(), String::new()), json!({}));
-        let actions = plan(&d, &state).actions;
         assert_eq!(
-            actions,
-            vec![
-                RoomAction::SetState {
-                    kind: MARKER_TYPE.into(),
-                    content: d.marker.clone()
-                },
-                RoomAction::SetState {
-                    kind: "m.room.tombstone".into(),
-                    content: json!({})
-                },
-            ]
+            plan(&d, &state).actions,
+            vec![RoomAction::SetState {
+                kind: MARKER_TYPE.into(),
+                content: d.marker.clone()
+            }]
         );
-        // A withdrawn tombstone (empty content) is left as it is.
-        state
-            .events
-            .insert(("m.room.tombstone".into(), String::new()), json!({}));
-        state
-            .events
-            .insert((MARKER_TYPE.into(), String::new()), d.marker.clone());
-        assert_eq!(plan(&d, &state).actions, vec![]);
     }
 
     #[test]
