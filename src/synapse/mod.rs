@@ -26,8 +26,10 @@ use std::time::Duration;
 /// Why a Synapse call failed, classified for retry decisions.
 #[derive(Debug, thiserror::Error)]
 pub enum SynapseError {
+    /// The transport's error and its causes, without the request's URL:
+    /// this text reaches tenants' status conditions.
     #[error("Synapse is unreachable: {0}")]
-    Unreachable(#[source] reqwest::Error),
+    Unreachable(String),
     #[error("Synapse answered {status} ({errcode}): {message}")]
     Server {
         status: u16,
@@ -52,6 +54,20 @@ pub enum SynapseError {
 }
 
 impl SynapseError {
+    /// A transport failure, told by its causes (connection refused, timed
+    /// out…), never by the internal address it was sent to.
+    fn unreachable(e: reqwest::Error) -> Self {
+        let e = e.without_url();
+        let mut text = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        SynapseError::Unreachable(text)
+    }
+
     /// Transient failures are retried with backoff; the rest need a change
     /// of spec or configuration.
     pub fn is_transient(&self) -> bool {
@@ -319,11 +335,11 @@ impl SynapseClient {
         let started = std::time::Instant::now();
         let result = self.http.execute(request).await;
         let outcome = match result {
-            Err(e) => Err(SynapseError::Unreachable(e)),
+            Err(e) => Err(SynapseError::unreachable(e)),
             Ok(response) => {
                 let status = response.status().as_u16();
                 match response.bytes().await {
-                    Err(e) => Err(SynapseError::Unreachable(e)),
+                    Err(e) => Err(SynapseError::unreachable(e)),
                     Ok(body) => Ok((status, body)),
                 }
             }
@@ -370,6 +386,28 @@ fn classify(status: u16, body: &[u8]) -> SynapseError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_unreachable_synapse_is_told_by_its_cause_never_by_its_address() {
+        // A port nobody listens on any more.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}/_synapse/admin/v2/users/secret-path");
+        let e = reqwest::get(&url).await.unwrap_err();
+        let text = SynapseError::unreachable(e).to_string();
+        assert!(text.starts_with("Synapse is unreachable: "), "{text}");
+        assert!(
+            !text.contains("127.0.0.1") && !text.contains("secret-path"),
+            "{text}"
+        );
+        assert!(
+            text.to_lowercase().contains("connect"),
+            "the cause is kept: {text}"
+        );
+    }
 
     #[test]
     fn the_write_gate_closes_at_its_deadline() {

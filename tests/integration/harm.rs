@@ -511,3 +511,89 @@ async fn an_account_whose_creation_was_cut_short_is_finished_not_blocked() {
     }));
     controller.kill().await.unwrap();
 }
+
+/// A Synapse outage (or a leader hand-over) is a retry, not a verdict: the
+/// room keeps its last Ready with a Reconciling note, and its permissions'
+/// statuses are not written at all.
+#[tokio::test]
+async fn an_outage_writes_nothing_to_permissions_and_keeps_the_last_verdict() {
+    let proxy = HttpProxy::start().await;
+    let env = TestEnv::with(
+        "outage",
+        Options {
+            synapse_url: Some(proxy.url.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    users(&env, &["ann", "ben"]).await;
+    env.create::<MatrixRoom>(0, "room", json!({"alias": unique("outage")}))
+        .await;
+    perm(&env, 0, "ann-room", "room", "ann", json!({})).await;
+    perm(&env, 0, "ben-room", "room", "ben", json!({})).await;
+    let perms = env.api::<openmeet_matrix_operator::api::RoomPermission>(0);
+    let versions = || async {
+        let mut out = Vec::new();
+        for name in ["ann-room", "ben-room"] {
+            out.push(perms.get(name).await.unwrap().metadata.resource_version);
+        }
+        out
+    };
+    wait_for("both permissions converged", || async {
+        let list = perms.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .all(|p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.reason == "Converged")
+                })
+            })
+            .then_some(())
+    })
+    .await;
+    env.wait_condition::<MatrixRoom>(0, "room", true, "Converged")
+        .await;
+    let before = versions().await;
+
+    proxy.fail_all(true);
+    patch_spec::<MatrixRoom>(&env, 0, "room", json!({"topic": "during the outage"})).await;
+    let room = wait_for("the retry noted on the room", || async {
+        let room = env.api::<MatrixRoom>(0).get("room").await.ok()?;
+        let conditions = &room.status.as_ref()?.conditions;
+        let reconciling = conditions.iter().find(|c| c.type_ == "Reconciling")?;
+        (reconciling.status == "True" && reconciling.reason == "SynapseUnavailable").then_some(room)
+    })
+    .await;
+    let conditions = &room.status.as_ref().unwrap().conditions;
+    let ready = conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Converged"),
+        "the last verdict stands"
+    );
+    for c in conditions {
+        assert!(!c.message.contains("http"), "no address: {}", c.message);
+    }
+    // Retries with backoff meanwhile; still nothing on the permissions.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(versions().await, before, "permissions untouched");
+
+    proxy.fail_all(false);
+    wait_for("converged after the outage", || async {
+        let room = env.api::<MatrixRoom>(0).get("room").await.ok()?;
+        let conditions = &room.status.as_ref()?.conditions;
+        let reconciling = conditions.iter().find(|c| c.type_ == "Reconciling")?;
+        let s = env
+            .synapse
+            .room_state(room.status.as_ref()?.room_id.as_deref()?)
+            .await
+            .ok()??;
+        (reconciling.status == "False"
+            && s.get("m.room.topic", "")?["topic"] == "during the outage")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(versions().await, before, "permissions untouched");
+}

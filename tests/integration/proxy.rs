@@ -53,6 +53,8 @@ struct ProxyState {
     /// Answer `503` to every user admin call, as Synapse does under load or
     /// while restarting, while room calls go through.
     failing_users: Arc<AtomicBool>,
+    /// Answer `503` to every call: Synapse down (or restarting).
+    failing_all: Arc<AtomicBool>,
     /// Added to every call before it is forwarded.
     delay_ms: Arc<AtomicU64>,
     /// When each write (any method but GET) arrived.
@@ -68,7 +70,9 @@ async fn forward_http(State(s): State<ProxyState>, request: Request) -> Response
     if request.method() != axum::http::Method::GET {
         s.writes.lock().unwrap().push(Instant::now());
     }
-    if s.failing_users.load(Ordering::SeqCst) && path.starts_with("/_synapse/admin/v2/users/") {
+    let failing_users =
+        s.failing_users.load(Ordering::SeqCst) && path.starts_with("/_synapse/admin/v2/users/");
+    if failing_users || s.failing_all.load(Ordering::SeqCst) {
         return (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"errcode": "M_UNKNOWN", "error": "overloaded"})),
@@ -114,6 +118,7 @@ impl HttpProxy {
             target: Stack::get().var("SYNAPSE_URL").trim_end_matches('/').into(),
             http: reqwest::Client::new(),
             failing_users: Arc::default(),
+            failing_all: Arc::default(),
             delay_ms: Arc::default(),
             writes: Arc::default(),
         };
@@ -130,6 +135,10 @@ impl HttpProxy {
 
     pub fn fail_users(&self, on: bool) {
         self.state.failing_users.store(on, Ordering::SeqCst);
+    }
+
+    pub fn fail_all(&self, on: bool) {
+        self.state.failing_all.store(on, Ordering::SeqCst);
     }
 
     pub fn delay(&self, delay: Duration) {

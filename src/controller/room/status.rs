@@ -112,9 +112,13 @@ pub(super) async fn blocked(
     Ok(version)
 }
 
-/// Records a failed converge on the room and its permissions, best effort
-/// (the error itself is what the caller returns). A failure that waits for a
-/// change (not retried) leaves a Warning Event too.
+/// Records a failed converge, best effort (the error itself is what the
+/// caller returns). A transient failure (a Synapse blip, a leader
+/// hand-over) keeps the last verdict and notes the retry in `Reconciling`
+/// on the room alone: nothing is written to its permissions, so an outage
+/// costs one write per room, not one per permission. A failure that waits
+/// for a change sets Ready=False on the room and its permissions, with a
+/// Warning Event.
 pub(super) async fn failed(
     room: &MatrixRoom,
     api: &Api<MatrixRoom>,
@@ -123,6 +127,19 @@ pub(super) async fn failed(
     outcomes: &BTreeMap<String, PermissionOutcome>,
     error: &Error,
 ) {
+    if error.is_transient() {
+        let note = Condition::new(
+            conditions::RECONCILING,
+            true,
+            error.reason(),
+            format!("retrying: {error}"),
+            room.metadata.generation,
+        );
+        if let Err(e) = write_room_status(room, api, Facts::Kept, vec![note]).await {
+            tracing::warn!(room = %key(room), error = %e, "could not record the retry in status");
+        }
+        return;
+    }
     let ready = Condition::new(
         READY,
         false,
@@ -135,15 +152,13 @@ pub(super) async fn failed(
     }
     let not_ready = RoomReadiness::NotReady(error.to_string());
     let _ = write_permission_statuses(ctx, perms, outcomes, &not_ready).await;
-    if !error.is_transient() {
-        record(
-            room,
-            ctx,
-            EventType::Warning,
-            error.reason(),
-            &error.to_string(),
-        );
-    }
+    record(
+        room,
+        ctx,
+        EventType::Warning,
+        error.reason(),
+        &error.to_string(),
+    );
 }
 
 /// Records a failed cleanup on the room, best effort.
