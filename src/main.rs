@@ -488,6 +488,7 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
             own_senders: own,
             own_joins: own_joins.clone(),
             stats: feed_stats.clone(),
+            selector: config.label_selector.clone(),
         };
         appservice::run(
             client.clone(),

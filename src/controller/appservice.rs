@@ -387,6 +387,9 @@ pub struct Feed {
     /// Joins the operator of this process makes (sent as the joining user).
     pub own_joins: Arc<OwnJoins>,
     pub stats: Arc<AppserviceStats>,
+    /// The controller's `--selector`: rooms outside it are not this
+    /// operator's, and their events mark nothing.
+    pub selector: Option<String>,
 }
 
 pub struct Appservice {
@@ -685,6 +688,10 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    let watch = match &feed.selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    };
     let (rooms, writer) = reflector::store();
     let room_ids = Index::new(keys::room_feed);
     let (ready_tx, rooms_ready) = watch::channel(false);
@@ -700,7 +707,7 @@ pub async fn run(
     let cache = tokio::spawn(
         reflector(
             writer,
-            watcher(api, watcher::Config::default().streaming_lists())
+            watcher(api, watch.streaming_lists())
                 .default_backoff()
                 // Only the room id and the object's name are read here: keep
                 // no more of each object than that needs.

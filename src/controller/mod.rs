@@ -448,7 +448,7 @@ impl Operator {
             rooms.run(
                 scoped(&self.client, &self.config),
                 watch.clone(),
-                strip_unread::<MatrixRoom>,
+                strip_unread_but_drift,
             ),
             permissions.run(
                 scoped(&self.client, &self.config),
@@ -578,6 +578,22 @@ pub fn strip_unread<K: kube::Resource>(k: &mut K) {
     meta.annotations = None;
     meta.labels = None;
     meta.owner_references = None;
+}
+
+/// The room cache: what [`strip_unread`] drops, but the drift mark, which
+/// the room reconcile keeps in its memo so a mark set while it ran is
+/// never taken for its own status write.
+pub fn strip_unread_but_drift(room: &mut MatrixRoom) {
+    let mark = room
+        .metadata
+        .annotations
+        .as_mut()
+        .and_then(|a| a.remove(room::DRIFT_ANNOTATION));
+    strip_unread(room);
+    if let Some(mark) = mark {
+        room.metadata.annotations =
+            Some(std::iter::once((room::DRIFT_ANNOTATION.to_string(), mark)).collect());
+    }
 }
 
 /// For caches that read labels (tenant namespaces): managed fields only.

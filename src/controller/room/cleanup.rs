@@ -18,8 +18,16 @@ use ruma::RoomId;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// How soon a running deletion is looked at again.
-const PURGE_POLL: Duration = Duration::from_millis(500);
+/// How soon a running deletion is first looked at again; later looks
+/// back off from there, up to [`PURGE_POLL_MAX`].
+pub(super) const PURGE_POLL: Duration = Duration::from_millis(500);
+/// The longest wait between two looks at a running deletion.
+pub(super) const PURGE_POLL_MAX: Duration = Duration::from_secs(30);
+
+/// The per-room wait between looks at a running purge.
+pub(super) fn purge_polls() -> crate::controller::backoff::Backoff {
+    crate::controller::backoff::Backoff::new(PURGE_POLL, PURGE_POLL_MAX)
+}
 
 /// One write of a cleanup.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,17 +85,19 @@ fn close(d: &DesiredRoom, state: &RoomState, room_id: &str) -> CleanupPlan {
 /// Purging, one step per reconcile from the deletion Synapse reports: a
 /// running deletion is a requeue, never a wait inside the reconcile (a
 /// replica that loses its lease must not keep polling, let alone retrying).
-fn purge(deletion: Option<DeleteStatus>, room_id: &str) -> CleanupPlan {
+/// `poll` is how long to wait before the next look (backing off while the
+/// same deletion runs).
+fn purge(deletion: Option<DeleteStatus>, room_id: &str, poll: Duration) -> CleanupPlan {
     let start = |retrying| CleanupPlan {
         steps: vec![Step::Purge { retrying }],
-        then: Cleanup::Pending(PURGE_POLL),
+        then: Cleanup::Pending(poll),
         finished: None,
     };
     match deletion {
         None => start(None),
         Some(DeleteStatus::Failed(why)) => start(Some(why)),
         Some(DeleteStatus::InProgress) => CleanupPlan {
-            then: Cleanup::Pending(PURGE_POLL),
+            then: Cleanup::Pending(poll),
             ..CleanupPlan::done()
         },
         Some(DeleteStatus::Complete) => CleanupPlan {
@@ -132,11 +142,12 @@ async fn purge_begun(
 /// Observes the room, plans its cleanup by policy, and applies the plan.
 async fn clean(room: &MatrixRoom, ctx: &RoomContext) -> Result<Cleanup, Error> {
     let alias = full_alias(room, ctx)?;
+    let poll = || ctx.purge_polls.next_delay(&key(room));
     let (room_id, plan) = match purge_begun(room, ctx).await? {
         // Mid-purge the room no longer reads as ours (Synapse has made the
         // admin account leave): the deletion's own status says when it ends.
         Some((room_id, deletion)) => {
-            let plan = purge(Some(deletion), &room_id);
+            let plan = purge(Some(deletion), &room_id, poll());
             (room_id, plan)
         }
         None => {
@@ -149,7 +160,7 @@ async fn clean(room: &MatrixRoom, ctx: &RoomContext) -> Result<Cleanup, Error> {
                 RoomDeletionPolicy::Close => {
                     close(&desired(room, ctx, BTreeMap::new(), None), &state, &room_id)
                 }
-                RoomDeletionPolicy::Purge => purge(None, &room_id),
+                RoomDeletionPolicy::Purge => purge(None, &room_id, poll()),
             };
             (room_id, plan)
         }
@@ -186,6 +197,9 @@ async fn clean(room: &MatrixRoom, ctx: &RoomContext) -> Result<Cleanup, Error> {
     }
     if let Some((reason, note)) = &plan.finished {
         record(room, ctx, EventType::Normal, reason, note);
+    }
+    if plan.then == Cleanup::Done {
+        ctx.purge_polls.reset(&key(room));
     }
     Ok(plan.then)
 }
@@ -249,13 +263,28 @@ mod tests {
     }
 
     #[test]
+    fn a_running_purge_is_looked_at_less_and_less_often() {
+        let polls = purge_polls();
+        let waits: Vec<Duration> = (0..12).map(|_| polls.next_delay("t/r")).collect();
+        assert!(waits[0] <= PURGE_POLL.mul_f64(1.2), "{waits:?}");
+        assert!(waits[4] >= PURGE_POLL * 8 / 2, "backs off: {waits:?}");
+        assert!(
+            waits.iter().all(|w| *w <= PURGE_POLL_MAX.mul_f64(1.2)),
+            "{waits:?}"
+        );
+        assert!(waits[11] >= PURGE_POLL_MAX.mul_f64(0.8), "{waits:?}");
+        polls.reset("t/r");
+        assert!(polls.next_delay("t/r") <= PURGE_POLL.mul_f64(1.2));
+    }
+
+    #[test]
     fn purging_starts_once_then_waits_as_a_requeue() {
-        let started = purge(None, "!r:x");
+        let started = purge(None, "!r:x", PURGE_POLL);
         assert_eq!(started.steps, [Step::Purge { retrying: None }]);
         assert_eq!(started.then, Cleanup::Pending(PURGE_POLL));
         assert_eq!(started.finished, None);
 
-        let running = purge(Some(DeleteStatus::InProgress), "!r:x");
+        let running = purge(Some(DeleteStatus::InProgress), "!r:x", PURGE_POLL);
         assert!(
             running.steps.is_empty(),
             "a running deletion is not started again"
@@ -265,7 +294,11 @@ mod tests {
 
     #[test]
     fn a_failed_purge_is_retried_and_a_complete_one_releases() {
-        let retried = purge(Some(DeleteStatus::Failed("boom".into())), "!r:x");
+        let retried = purge(
+            Some(DeleteStatus::Failed("boom".into())),
+            "!r:x",
+            PURGE_POLL,
+        );
         assert_eq!(
             retried.steps,
             [Step::Purge {
@@ -274,7 +307,7 @@ mod tests {
         );
         assert_eq!(retried.then, Cleanup::Pending(PURGE_POLL));
 
-        let complete = purge(Some(DeleteStatus::Complete), "!r:x");
+        let complete = purge(Some(DeleteStatus::Complete), "!r:x", PURGE_POLL);
         assert!(complete.steps.is_empty());
         assert_eq!(complete.then, Cleanup::Done);
         assert_eq!(

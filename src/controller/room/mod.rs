@@ -61,6 +61,8 @@ pub struct RoomContext {
     /// Rooms by alias and parent.
     pub room_index: Arc<Index<MatrixRoom>>,
     pub backoff: super::backoff::Backoff,
+    /// How long to wait between looks at a running purge, per room.
+    pub purge_polls: super::backoff::Backoff,
     pub stats: Arc<ReconcileStats>,
     /// Admin joins in flight: their membership events are not drift.
     pub own_joins: Arc<super::own_joins::OwnJoins>,
@@ -131,10 +133,12 @@ async fn apply(
     }
     let fingerprint = wanted.fingerprint(room);
     let version = room.metadata.resource_version.as_deref();
+    let mark = drift_mark(room);
     if ctx.memo.is_fresh(
         &key(room),
         version,
         fingerprint,
+        mark.as_deref(),
         super::freshness(&ctx.config),
     ) {
         // Only our own status writes happened since the last convergence.
@@ -152,7 +156,7 @@ async fn apply(
                 Some(held) => status::blocked(room, api, ctx, &perms, &held.blocked).await?,
             };
             ctx.memo
-                .record(&key(room), [own_version, version], fingerprint);
+                .record(&key(room), [own_version, version], fingerprint, mark);
             Ok(next)
         }
         Ok(Err(blocked)) => {
@@ -168,6 +172,11 @@ async fn apply(
             Ok(resync)
         }
     }
+}
+
+/// The last drift mark the feed set on the object.
+fn drift_mark(room: &MatrixRoom) -> Option<String> {
+    room.annotations().get(DRIFT_ANNOTATION).cloned()
 }
 
 /// The room id the object's status names.
@@ -322,6 +331,7 @@ spec: {{roomRef: {{name: r}}, userRef: {{name: {user}}}}}
             permission_index,
             room_index,
             backoff: crate::controller::default_backoff(),
+            purge_polls: cleanup::purge_polls(),
             stats: Default::default(),
             own_joins: Default::default(),
             memo: Default::default(),

@@ -65,6 +65,7 @@ pub async fn run<A, B, C, D>(
         permission_index: caches.permission_index.clone(),
         room_index: caches.room_index.clone(),
         backoff: controller::default_backoff(),
+        purge_polls: super::cleanup::purge_polls(),
         stats,
         own_joins,
         memo: Default::default(),

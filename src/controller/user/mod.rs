@@ -279,6 +279,7 @@ async fn apply(
         &key(user),
         user.metadata.resource_version.as_deref(),
         fingerprint,
+        None,
         fresh,
     ) {
         // Only our own status write happened since the last convergence.
@@ -327,6 +328,7 @@ async fn apply(
                 &key(user),
                 [own_version, pending_version, version],
                 fingerprint,
+                None,
             );
             Ok(resync)
         }
