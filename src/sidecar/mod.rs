@@ -633,11 +633,53 @@ pub fn router(
         // Forms carry a platform token (at most 16 KiB) and a few short
         // parameters: nothing larger is read.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(drain_oversized))
         .layer(axum::middleware::from_fn_with_state(csp, security_headers))
 }
 
 /// The largest request body read (the `/authorize` and `/token` forms).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// How much of an oversized body is read and dropped so that its sender,
+/// still writing, receives the 413 instead of a reset connection; beyond
+/// it (or after [`DRAIN_TIME`]) the connection is closed after the answer.
+pub const DRAIN_BYTES: usize = 8 * 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Hands the route at most [`MAX_BODY_BYTES`] + 1 of the body (so its own
+/// extractor answers an oversized one with the route's 413: a page on
+/// browser routes, JSON on the API), having read and dropped the rest up
+/// to [`DRAIN_BYTES`]. Nothing beyond the limit is kept.
+async fn drain_oversized(request: Request, next: Next) -> Response {
+    use futures::StreamExt;
+    let (parts, body) = request.into_parts();
+    let mut chunks = body.into_data_stream();
+    let mut kept: Vec<u8> = Vec::new();
+    let mut seen = 0usize;
+    let drained = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(chunk) = chunks.next().await {
+            let Ok(chunk) = chunk else { return false };
+            seen += chunk.len();
+            let room = (MAX_BODY_BYTES + 1).saturating_sub(kept.len());
+            kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if seen > DRAIN_BYTES {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    if !matches!(drained, Ok(true)) && kept.len() <= MAX_BODY_BYTES {
+        // The body broke off (or trickled past the drain time) within the limit.
+        return (
+            StatusCode::BAD_REQUEST,
+            "the request body could not be read",
+        )
+            .into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(kept)))
+        .await
+}
 
 /// Request headers (HTTP/2's header list; HTTP/1's read buffer has its own
 /// larger limit) up to this size reach the handlers, so that a platform

@@ -276,6 +276,37 @@ async fn platform_tokens_are_capped_on_every_carrier() {
     }
 }
 
+/// A body over the limit is answered 413 whatever its size up to the
+/// drain bound, on both protocols: never a reset connection while the
+/// client is still sending.
+#[tokio::test]
+async fn oversized_bodies_always_get_413() {
+    let sidecar = Stack::get().sidecar().await;
+    for (protocol, http) in [("HTTP/2", https_client()), ("HTTP/1.1", http1_client())] {
+        for size in [200 * 1024, 1024 * 1024, 4 * 1024 * 1024] {
+            for path in ["/authorize", "/token"] {
+                for round in 0..3 {
+                    let body = format!("client_id=synapse&platform_token={}", "a".repeat(size));
+                    let r = http
+                        .post(format!("{sidecar}{path}"))
+                        .header("content-type", "application/x-www-form-urlencoded")
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap_or_else(|e| {
+                            panic!("{protocol} {path} {size} bytes, round {round}: {e:?}")
+                        });
+                    assert_eq!(
+                        r.status(),
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "{protocol} {path} {size} bytes"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn answers_carry_security_headers() {
     let sidecar = Stack::get().sidecar().await;
