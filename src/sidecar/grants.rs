@@ -29,6 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const CODE_TYPE: &str = "om-code";
 const ACCESS_TYPE: &str = "om-access";
+const WAIT_TYPE: &str = "om-wait";
 /// The first byte of every sealed value: its format.
 const FORMAT: u8 = 1;
 /// Longer values are refused unread (a sealed code is well under 1 KiB).
@@ -68,6 +69,17 @@ pub struct AccessClaims {
     pub jti: String,
     pub exp: u64,
     pub account: Account,
+}
+
+/// What a first login's wait carries from one look to the next, in a
+/// cookie: the identity the platform's token proved, never the token.
+/// Single-use: each look redeems its `jti` and a further wait gets a new one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WaitClaims {
+    pub jti: String,
+    pub exp: u64,
+    pub subject: String,
+    pub tenant: String,
 }
 
 /// The AEAD key of one purpose, derived from a signing key's secret seed.
@@ -119,6 +131,12 @@ impl Expiring for CodeClaims {
 }
 
 impl Expiring for AccessClaims {
+    fn exp(&self) -> u64 {
+        self.exp
+    }
+}
+
+impl Expiring for WaitClaims {
     fn exp(&self) -> u64 {
         self.exp
     }
@@ -183,6 +201,14 @@ pub fn seal_access(keys: &KeySet, claims: &AccessClaims) -> String {
 
 pub fn open_access(keys: &KeySet, token: &str) -> Result<AccessClaims, GrantError> {
     open(keys, ACCESS_TYPE, token)
+}
+
+pub fn seal_wait(keys: &KeySet, claims: &WaitClaims) -> String {
+    seal(keys, WAIT_TYPE, claims)
+}
+
+pub fn open_wait(keys: &KeySet, ticket: &str) -> Result<WaitClaims, GrantError> {
+    open(keys, WAIT_TYPE, ticket)
 }
 
 /// A fresh code id: 128 random bits, lower-case hex (a valid object name).
@@ -387,6 +413,30 @@ mod tests {
         }
         assert!(open_code(&set, "").is_err());
         assert!(open_code(&set, &"A".repeat(MAX_SEALED + 4)).is_err());
+    }
+
+    #[test]
+    fn a_wait_ticket_carries_the_identity_and_is_no_code() {
+        let set = keys(&["a"], "a");
+        let claims = WaitClaims {
+            jti: new_jti(),
+            exp: epoch(SystemTime::now()) + 60,
+            subject: "sub-1".into(),
+            tenant: "ns".into(),
+        };
+        let ticket = seal_wait(&set, &claims);
+        assert_eq!(open_wait(&set, &ticket).unwrap(), claims);
+        assert!(open_code(&set, &ticket).is_err());
+        let code = seal_code(&set, &code(epoch(SystemTime::now()) + 60));
+        assert!(open_wait(&set, &code).is_err());
+        let expired = WaitClaims {
+            exp: epoch(SystemTime::now()) - 1,
+            ..claims
+        };
+        assert!(matches!(
+            open_wait(&set, &seal_wait(&set, &expired)),
+            Err(GrantError::Expired)
+        ));
     }
 
     #[test]

@@ -138,7 +138,7 @@ pub struct AuthorizeRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     prompt: Option<String>,
     /// The platform's JWT, when the platform sends the browser back after
-    /// sign-in. Never part of the return address we hand out.
+    /// sign-in: in a form (POST) only, never in an address.
     #[serde(default, skip_serializing)]
     platform_token: Option<String>,
     /// When a first login began waiting for its account (the wait page's
@@ -147,21 +147,67 @@ pub struct AuthorizeRequest {
     wait_started: Option<String>,
 }
 
+impl AuthorizeRequest {
+    /// This request's parameters, with `other`'s where this one has none:
+    /// a form posted to the return address, whose query holds the rest.
+    fn or(self, other: AuthorizeRequest) -> AuthorizeRequest {
+        AuthorizeRequest {
+            response_type: self.response_type.or(other.response_type),
+            client_id: self.client_id.or(other.client_id),
+            redirect_uri: self.redirect_uri.or(other.redirect_uri),
+            scope: self.scope.or(other.scope),
+            state: self.state.or(other.state),
+            nonce: self.nonce.or(other.nonce),
+            code_challenge: self.code_challenge.or(other.code_challenge),
+            code_challenge_method: self.code_challenge_method.or(other.code_challenge_method),
+            prompt: self.prompt.or(other.prompt),
+            platform_token: self.platform_token,
+            wait_started: self.wait_started.or(other.wait_started),
+        }
+    }
+}
+
+/// The cookie that carries a first login's wait from one look to the next
+/// (a sealed, single-use [`grants::WaitClaims`]).
+const WAIT_COOKIE: &str = "openmeet_wait";
+
+/// Browser history, proxies and access logs keep addresses: a platform
+/// token in one is refused unread.
+fn token_in_address() -> Response {
+    refuse_page(
+        StatusCode::BAD_REQUEST,
+        "Sign-in refused",
+        "The platform sent your sign-in token in the page address, where browsers and servers \
+         keep it. The platform must post it in a form instead. Sign in again.",
+    )
+}
+
 async fn authorize_get(
     State(p): State<Arc<Provider>>,
     headers: HeaderMap,
     Query(request): Query<AuthorizeRequest>,
 ) -> Response {
-    no_store(authorize(&p, &headers, request).await)
+    if request.platform_token.is_some() {
+        return no_store(token_in_address());
+    }
+    let response = authorize(&p, &headers, request).await;
+    no_store(end_wait(&p, &headers, response))
 }
 
 async fn authorize_post(
     State(p): State<Arc<Provider>>,
     headers: HeaderMap,
+    Query(query): Query<AuthorizeRequest>,
     form: Result<Form<AuthorizeRequest>, axum::extract::rejection::FormRejection>,
 ) -> Response {
+    if query.platform_token.is_some() {
+        return no_store(token_in_address());
+    }
     match form {
-        Ok(Form(request)) => no_store(authorize(&p, &headers, request).await),
+        Ok(Form(request)) => {
+            let response = authorize(&p, &headers, request.or(query)).await;
+            no_store(end_wait(&p, &headers, response))
+        }
         // Over the body limit (413) or not a form: a page, as on every
         // browser route.
         Err(rejection) => no_store(refuse_page(
@@ -170,6 +216,97 @@ async fn authorize_post(
             "The sign-in request could not be read: it is too large or malformed.",
         )),
     }
+}
+
+/// The value of cookie `name` in the request, if any.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+}
+
+/// Who is waiting for their account, from the wait ticket this browser
+/// was given, once: a ticket presented again (or by another browser that
+/// copied it) proves nothing.
+async fn waiting(p: &Provider, headers: &HeaderMap) -> Option<(String, String)> {
+    let ticket = cookie(headers, WAIT_COOKIE)?;
+    let claims = grants::open_wait(&p.keys.current(), ticket).ok()?;
+    let keep = Duration::from_secs(claims.exp.saturating_sub(grants::epoch(SystemTime::now())));
+    match p
+        .redemptions
+        .redeem(
+            &format!("wait-{}", claims.jti),
+            keep + Duration::from_secs(60),
+        )
+        .await
+    {
+        Ok(Redemption::First) => Some((claims.tenant, claims.subject)),
+        Ok(Redemption::Replay) => {
+            tracing::info!("authorize: a wait ticket presented again; ignored");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "authorize: wait ticket not recorded; ignored");
+            None
+        }
+    }
+}
+
+/// The `Set-Cookie` value of the wait ticket, scoped to `/authorize`:
+/// sealed (nothing readable), script-proof, HTTPS only, sent on the
+/// page's own refresh; `max_age` 0 removes it.
+fn wait_cookie(p: &Provider, value: &str, max_age: u64) -> Option<HeaderValue> {
+    let path = url::Url::parse(&p.endpoint("/authorize"))
+        .ok()?
+        .path()
+        .to_string();
+    HeaderValue::from_str(&format!(
+        "{WAIT_COOKIE}={value}; Path={path}; Max-Age={max_age}; HttpOnly; Secure; SameSite=Lax"
+    ))
+    .ok()
+}
+
+/// The wait page, with a new single-use ticket saying who waits, valid
+/// until the wait is over.
+fn with_wait_ticket(
+    p: &Provider,
+    mut page: Response,
+    started: u64,
+    tenant: String,
+    subject: String,
+) -> Response {
+    let exp = started + p.pending.wait.as_secs() + 10;
+    let ticket = grants::seal_wait(
+        &p.keys.current(),
+        &grants::WaitClaims {
+            jti: grants::new_jti(),
+            exp,
+            subject,
+            tenant,
+        },
+    );
+    let max_age = exp.saturating_sub(grants::epoch(SystemTime::now()));
+    if let Some(value) = wait_cookie(p, &ticket, max_age) {
+        page.headers_mut().append(header::SET_COOKIE, value);
+    }
+    page
+}
+
+/// Once the wait is over (a code, or a refusal), its ticket is removed.
+fn end_wait(p: &Provider, headers: &HeaderMap, mut response: Response) -> Response {
+    let held = response.headers().contains_key(header::SET_COOKIE);
+    if !held && cookie(headers, WAIT_COOKIE).is_some() {
+        if let Some(value) = wait_cookie(p, "", 0) {
+            response.headers_mut().append(header::SET_COOKIE, value);
+        }
+    }
+    response
 }
 
 /// Errors before the redirect URI is trusted are shown, never redirected.
@@ -262,82 +399,82 @@ async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequ
             )
         }
     };
-    // 3. Who the browser is, by the platform's token. With `prompt=none`
-    //    no session is the client's error, never a login page (OIDC Core
-    //    3.1.2.6).
+    // 3. Who the browser is, by the platform's token (a Bearer header or
+    //    the posted form), or by the ticket of a first login's wait. With
+    //    `prompt=none` no session is the client's error, never a login
+    //    page (OIDC Core 3.1.2.6).
     let silent = request
         .prompt
         .as_deref()
         .is_some_and(|p| p.split(' ').any(|x| x == "none"));
     let presented = bearer(headers).or(request.platform_token.take());
-    let Some(platform_token) = presented else {
-        if silent {
-            return fail("login_required", "no platform session");
-        }
-        return match &p.login {
-            Some(login) => {
-                let mut back = url::Url::parse(&p.endpoint("/authorize")).expect("issuer URL");
-                back.set_query(Some(
-                    &serde_urlencoded::to_string(&request).unwrap_or_default(),
-                ));
-                let mut to = login.url.clone();
-                to.query_pairs_mut()
-                    .append_pair(&login.return_parameter, back.as_str());
-                Redirect::to(to.as_str()).into_response()
+    let (tenant, subject) = match presented {
+        Some(platform_token) => match p.platform.verify(&platform_token).await {
+            Ok(id) => (id.tenant, id.subject),
+            Err(e) => {
+                tracing::info!(reason = %untrusted(&e), "authorize: platform token refused");
+                if silent && !e.is_unavailable() {
+                    return fail("login_required", "the platform session is not valid");
+                }
+                let status = if e.is_unavailable() {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else if matches!(e, PlatformError::TooLarge) {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                } else {
+                    StatusCode::UNAUTHORIZED
+                };
+                return refuse_page(status, "Sign-in failed", &platform_message(&e));
             }
-            None => refuse_page(
-                StatusCode::UNAUTHORIZED,
-                "Sign-in required",
-                "Sign in to the platform first, then try again.",
-            ),
-        };
-    };
-    let identity = match p.platform.verify(&platform_token).await {
-        Ok(id) => id,
-        Err(e) => {
-            tracing::info!(reason = %untrusted(&e), "authorize: platform token refused");
-            if silent && !e.is_unavailable() {
-                return fail("login_required", "the platform session is not valid");
+        },
+        None => match waiting(p, headers).await {
+            Some(who) => who,
+            None if silent => return fail("login_required", "no platform session"),
+            None => {
+                return match &p.login {
+                    Some(login) => {
+                        let mut back =
+                            url::Url::parse(&p.endpoint("/authorize")).expect("issuer URL");
+                        back.set_query(Some(
+                            &serde_urlencoded::to_string(&request).unwrap_or_default(),
+                        ));
+                        let mut to = login.url.clone();
+                        to.query_pairs_mut()
+                            .append_pair(&login.return_parameter, back.as_str());
+                        Redirect::to(to.as_str()).into_response()
+                    }
+                    None => refuse_page(
+                        StatusCode::UNAUTHORIZED,
+                        "Sign-in required",
+                        "Sign in to the platform first, then try again.",
+                    ),
+                }
             }
-            let status = if e.is_unavailable() {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else if matches!(e, PlatformError::TooLarge) {
-                StatusCode::PAYLOAD_TOO_LARGE
-            } else {
-                StatusCode::UNAUTHORIZED
-            };
-            return refuse_page(status, "Sign-in failed", &platform_message(&e));
-        }
+        },
     };
     // 4. The one account declared for that identity, or a clear refusal.
-    let account = match p.directory.lookup(&identity.tenant, &identity.subject) {
+    let account = match p.directory.lookup(&tenant, &subject) {
         Ok(a) => a,
         Err(e) => {
             // A first login may arrive before its account is ready: wait,
             // unless the client asked for no interaction at all.
-            let silent = request
-                .prompt
-                .as_deref()
-                .is_some_and(|p| p.split(' ').any(|x| x == "none"));
             if !silent {
                 let again = serde_urlencoded::to_string(&request).unwrap_or_default();
-                if let Some(page) = super::pending::hold(
+                if let Some((page, started)) = super::pending::hold(
                     &p.pending,
                     &e,
                     &p.endpoint("/authorize"),
                     &again,
-                    &platform_token,
                     request.wait_started.as_deref(),
                 ) {
                     tracing::info!(
-                        tenant = %untrusted(&identity.tenant), reason = %untrusted(&e),
+                        tenant = %untrusted(&tenant), reason = %untrusted(&e),
                         "authorize: account pending; the browser waits"
                     );
-                    return page;
+                    return with_wait_ticket(p, page, started, tenant, subject);
                 }
             }
             tracing::info!(
-                tenant = %untrusted(&identity.tenant), reason = %untrusted(&e),
+                tenant = %untrusted(&tenant), reason = %untrusted(&e),
                 "authorize: no usable account"
             );
             let (status, detail) = lookup_page(&e);

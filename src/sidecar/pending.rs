@@ -5,7 +5,8 @@
 //! back to the same authorization request: no script, so it works under a
 //! strict Content-Security-Policy) until the account is usable or the
 //! configured wait is over; then the usual answer (a code, or the page
-//! saying why not). The credential API answers `202 account_pending` with
+//! saying why not). The refresh address carries no token: who is waiting
+//! travels in a sealed, single-use cookie (see `oidc`). The credential API answers `202 account_pending` with
 //! `Retry-After` in the same case.
 
 use super::directory::LookupError;
@@ -102,16 +103,15 @@ pub fn page(settings: &PendingSettings, again: &url::Url) -> Response {
 
 /// Starts or continues the wait for an account that `e` says is pending,
 /// from the authorization request `request` (its query, without the
-/// platform token) at `authorize`. `None` when the browser should get the
-/// usual answer instead.
+/// platform token) at `authorize`: the page, and when the wait began.
+/// `None` when the browser should get the usual answer instead.
 pub fn hold(
     settings: &PendingSettings,
     e: &LookupError,
     authorize: &str,
     request: &str,
-    platform_token: &str,
     carried: Option<&str>,
-) -> Option<Response> {
+) -> Option<(Response, u64)> {
     if !(is_pending(e) || *e == LookupError::Loading) {
         return None;
     }
@@ -120,9 +120,8 @@ pub fn hold(
     again.set_query(Some(request));
     again
         .query_pairs_mut()
-        .append_pair("platform_token", platform_token)
         .append_pair(WAIT_STARTED, &started.to_string());
-    Some(page(settings, &again))
+    Some((page(settings, &again), started))
 }
 
 fn escape(text: &str) -> String {
@@ -190,15 +189,15 @@ mod tests {
 
     #[tokio::test]
     async fn the_page_refreshes_itself_without_script() {
-        let response = hold(
+        let (response, started) = hold(
             &PendingSettings::default(),
             &LookupError::UserNotFound,
             "https://auth.example/authorize",
             "client_id=synapse&state=a%26b",
-            "the.platform.token",
             None,
         )
         .expect("held");
+        assert!(started.abs_diff(now()) < 5);
         assert_eq!(response.status(), StatusCode::OK);
         let body = axum::body::to_bytes(response.into_body(), 1 << 16)
             .await
@@ -206,14 +205,13 @@ mod tests {
         let page = String::from_utf8(body.to_vec()).unwrap();
         assert!(!page.contains("<script"));
         assert!(page.contains(
-            "http-equiv=\"refresh\" content=\"2;url=https://auth.example/authorize?client_id=synapse&amp;state=a%26b&amp;platform_token=the.platform.token&amp;wait_started="
+            "http-equiv=\"refresh\" content=\"2;url=https://auth.example/authorize?client_id=synapse&amp;state=a%26b&amp;wait_started="
         ), "{page}");
         assert!(hold(
             &PendingSettings::default(),
             &LookupError::Locked,
             "https://auth.example/authorize",
             "",
-            "t",
             None
         )
         .is_none());

@@ -251,9 +251,21 @@ impl SsoBrowser {
     }
 
     /// Steps 2 and 3: without a platform session the sidecar sends the
-    /// browser to the platform, which signs the user in and sends it back
-    /// with its token. The address it comes back to.
-    async fn back_from_platform(&self, platform_token: &str) -> url::Url {
+    /// browser to the platform, which signs the user in and posts its
+    /// token back, in a form, to the return address: the sidecar's answer.
+    async fn back_from_platform(&self, platform_token: &str) -> reqwest::Response {
+        let back = self.return_address().await;
+        assert!(!back.as_str().contains(platform_token));
+        https_client()
+            .post(back.as_str())
+            .form(&[("platform_token", platform_token)])
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The address the platform is to send the browser back to.
+    async fn return_address(&self) -> url::Url {
         let sidecar = Stack::get().sidecar().await;
         let r = https_client()
             .get(self.authorize.as_str())
@@ -265,10 +277,7 @@ impl SsoBrowser {
         assert_eq!(login.path(), "/login");
         let return_to = query(&login)["return_to"].clone();
         assert!(return_to.starts_with(&format!("{sidecar}/authorize?")));
-        let mut back = url::Url::parse(&return_to).unwrap();
-        back.query_pairs_mut()
-            .append_pair("platform_token", platform_token);
-        back
+        url::Url::parse(&return_to).unwrap()
     }
 
     /// Steps 4 and 5: Synapse redeems the code (PKCE, client secret),
@@ -315,10 +324,9 @@ impl SsoBrowser {
 /// account: Synapse's answer to `/login` (a session with a device).
 async fn sso_login(subject: &str, tenant: &str) -> Value {
     let browser = SsoBrowser::begin().await;
-    let back = browser
+    let r = browser
         .back_from_platform(&platform_token(subject, tenant))
         .await;
-    let r = https_client().get(back.as_str()).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     browser.complete(&location(&r)).await
 }
@@ -331,10 +339,9 @@ async fn sso_login_through_synapse_lands_on_the_operators_account() {
     let (subject, _, user_id) = ready_user(&env, "sso-user").await;
 
     let browser = SsoBrowser::begin().await;
-    let back = browser
+    let r = browser
         .back_from_platform(&platform_token(&subject, env.ns(0)))
         .await;
-    let r = https_client().get(back.as_str()).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(
         r.headers()["referrer-policy"],
@@ -1037,12 +1044,12 @@ async fn nothing_secret_reaches_the_log() {
     let platform = platform_token(&subject, env.ns(0));
     let secret = client_secret();
 
-    // Browser round trip with the platform token in the query.
+    // Browser round trip with the platform token posted back.
     let auth = Authorization::new();
     let r = https_client()
-        .get(format!("{}/authorize", own.base))
+        .post(format!("{}/authorize", own.base))
         .query(&auth.params)
-        .query(&[("platform_token", platform.as_str())])
+        .form(&[("platform_token", platform.as_str())])
         .send()
         .await
         .unwrap();
@@ -1315,6 +1322,17 @@ async fn locking_ends_sso_sessions() {
     );
 }
 
+/// The wait ticket a wait page sets: sealed, HTTPS only, out of scripts' reach.
+fn wait_ticket(r: &reqwest::Response) -> String {
+    let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    for attribute in ["HttpOnly", "Secure", "SameSite=Lax", "/authorize;"] {
+        assert!(cookie.contains(attribute), "{attribute} in {cookie}");
+    }
+    let (name, rest) = cookie.split_once('=').unwrap();
+    assert_eq!(name, "openmeet_wait");
+    rest.split(';').next().unwrap().to_string()
+}
+
 /// The address a wait page refreshes to (`<meta http-equiv="refresh">`),
 /// and after how many seconds.
 fn refresh_of(page: &str) -> (u64, url::Url) {
@@ -1341,19 +1359,25 @@ async fn a_first_login_waits_for_the_account_being_prepared() {
     let token = platform_token(&subject, env.ns(0));
 
     let browser = SsoBrowser::begin().await;
-    let back = browser.back_from_platform(&token).await;
-    let r = https_client().get(back.as_str()).send().await.unwrap();
+    let r = browser.back_from_platform(&token).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["cache-control"], "no-store");
+    let mut ticket = wait_ticket(&r);
     let page = r.text().await.unwrap();
     assert!(page.contains("being prepared"), "{page}");
     assert!(
         !page.contains("<script"),
         "no script: the page works under a strict CSP"
     );
+    assert!(!page.contains(&token), "the token is nowhere in the page");
     let (seconds, mut next) = refresh_of(&page);
     assert!(next.as_str().starts_with(&format!("{sidecar}/authorize?")));
+    assert!(!next.query_pairs().any(|(k, _)| k == "platform_token"));
     assert!((1..=5).contains(&seconds));
+    // Without its ticket the refresh proves nothing: back to the platform.
+    let r = https_client().get(next.as_str()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(&r).path(), "/login");
     // The credential API says the same to programs.
     let r = https_client()
         .post(format!("{sidecar}/api/v1/credentials"))
@@ -1374,14 +1398,37 @@ async fn a_first_login_waits_for_the_account_being_prepared() {
     .await;
     let mut redirected = None;
     for _ in 0..30 {
-        let r = https_client().get(next.as_str()).send().await.unwrap();
+        let r = https_client()
+            .get(next.as_str())
+            .header("cookie", format!("openmeet_wait={ticket}"))
+            .send()
+            .await
+            .unwrap();
         if r.status() == StatusCode::SEE_OTHER {
+            let cleared = r.headers()["set-cookie"].to_str().unwrap();
+            assert!(
+                cleared.contains("Max-Age=0"),
+                "the ticket is removed: {cleared}"
+            );
             redirected = Some(location(&r));
             break;
         }
         assert_eq!(r.status(), StatusCode::OK);
+        let used = std::mem::replace(&mut ticket, wait_ticket(&r));
         let (seconds, again) = refresh_of(&r.text().await.unwrap());
         next = again;
+        // A ticket is good for one look.
+        let replay = https_client()
+            .get(next.as_str())
+            .header("cookie", format!("openmeet_wait={used}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            location(&replay).path(),
+            "/login",
+            "a used ticket proves nothing"
+        );
         tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
     }
     let callback = redirected.expect("the wait page continues the flow");

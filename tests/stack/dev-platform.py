@@ -5,8 +5,9 @@ The sidecar sends browsers without a platform session to
 GET /login?return_to=<sidecar authorize URL>. This page lists the sample
 MatrixUsers; picking one mints a platform JWT with the operator binary's
 `dev-token` subcommand (HS256, the stack's shared secret) and sends the
-browser back with `platform_token` added. It runs for `make dev` (and in the
-test that checks it), never in a cluster.
+browser back by posting it, in a form, to the return address (the sidecar
+never accepts a platform token in an address). It runs for `make dev` (and
+in the test that checks it), never in a cluster.
 
 It sends browsers back only to the sidecar's own authorize URL (scheme,
 host, port and path of SIDECAR_URL + /authorize; any query): any other
@@ -71,10 +72,20 @@ class Login(http.server.BaseHTTPRequestHandler):
                 [os.environ["OPERATOR_BIN"], "dev-token", "--subject", query["subject"], "--tenant", query["tenant"]],
                 capture_output=True, text=True, check=True,
             ).stdout.strip()
-            sep = "&" if "?" in return_to else "?"
-            self.send_response(303)
-            self.send_header("Location", return_to + sep + urllib.parse.urlencode({"platform_token": token}))
+            # A form the browser posts at once (and a button where scripts are off).
+            body = (
+                "<!doctype html><title>OpenMeet (dev)</title>"
+                f'<form method="post" action="{html.escape(return_to)}">'
+                f'<input type="hidden" name="platform_token" value="{html.escape(token)}">'
+                "<noscript><button>Continue to chat</button></noscript></form>"
+                "<script>document.forms[0].submit()</script>"
+            )
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Referrer-Policy", "no-referrer")
             self.end_headers()
+            self.wfile.write(body.encode())
             return
         if url.path != "/login":
             self.send_error(404)
