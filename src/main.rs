@@ -107,6 +107,14 @@ struct ControllerArgs {
     /// ownership state (marker, tombstone, server ACL, power levels) requires.
     #[arg(long, env = "MATRIX_ROOM_VERSION", default_value = "12")]
     room_version: String,
+    /// The sidecar's credential token lifetime, in seconds: a lock is lifted
+    /// only once every token issued before it has expired.
+    #[arg(
+        long,
+        env = "CREDENTIAL_TOKEN_LIFETIME_SECONDS",
+        default_value_t = 3600
+    )]
+    credential_token_lifetime_seconds: u64,
     /// Requests to Synapse in flight at once, across all controllers.
     #[arg(long, env = "SYNAPSE_CONCURRENCY", default_value_t = 16)]
     synapse_concurrency: u16,
@@ -456,6 +464,7 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
         alias_prefix: args.alias_prefix,
         concurrency: args.concurrency.max(1),
         room_version: args.room_version,
+        credential_token_lifetime: Duration::from_secs(args.credential_token_lifetime_seconds),
     };
     tracing::info!(synapse = ?synapse, "controller starting");
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));

@@ -42,6 +42,8 @@ pub const REASONS: &[(&str, Health)] = &[
     // A room whose parent space is not there yet, or has no room yet.
     ("ParentNotFound", Health::Reconciling),
     ("ParentNotReady", Health::Reconciling),
+    // A lock that lifts once every token from before it has expired.
+    ("UnlockPending", Health::Reconciling),
     // Terminal until the spec changes or an older claimant lets go.
     ("LocalpartConflict", Health::Stalled),
     ("AliasConflict", Health::Stalled),

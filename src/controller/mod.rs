@@ -110,6 +110,9 @@ pub struct OperatorConfig {
     pub alias_prefix: String,
     /// Reconciles of one kind running at once.
     pub concurrency: u16,
+    /// The longest a credential API token lives (the sidecar's token
+    /// lifetime): a lock lifts only once every token from before it expired.
+    pub credential_token_lifetime: Duration,
     /// The room version new rooms are created with. From 12 on the operator
     /// is the rooms' creator, a power level no member can be given.
     pub room_version: String,

@@ -183,6 +183,7 @@ pub fn config() -> super::OperatorConfig {
         alias_prefix: "om_".into(),
         concurrency: 1,
         room_version: "12".into(),
+        credential_token_lifetime: Duration::from_secs(3600),
     }
 }
 

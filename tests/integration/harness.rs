@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 
 pub const LABEL: &str = "openmeet.test/run";
 pub const WAIT: Duration = Duration::from_secs(60);
+/// The in-process operators' credential token lifetime: a lock lifts this
+/// long after it began.
+pub const CREDENTIAL_TOKEN_LIFETIME_SECS: u64 = 8;
 
 /// Connection details of the running stack.
 pub struct Stack {
@@ -399,6 +402,8 @@ impl TestEnv {
             // The product's defaults (see `--concurrency`, `--synapse-concurrency`).
             concurrency: 16,
             room_version: "12".into(),
+            // Short, so that the lock tests see a lock lift.
+            credential_token_lifetime: Duration::from_secs(CREDENTIAL_TOKEN_LIFETIME_SECS),
         };
         let operator_synapse = match &options.synapse_url {
             Some(url) => stack.synapse_at(url),

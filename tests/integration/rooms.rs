@@ -65,6 +65,11 @@ pub(crate) fn membership(state: &RoomState, user: &str) -> String {
 
 /// An access token for a local user, minted through the admin API.
 pub(crate) async fn login_as(user_id: &str) -> String {
+    login_as_for(user_id, 3_600_000).await
+}
+
+/// [`login_as`], valid for `valid_ms`.
+pub(crate) async fn login_as_for(user_id: &str, valid_ms: u64) -> String {
     let stack = Stack::get();
     let admin = stack.admin_user_id();
     let url = format!(
@@ -75,8 +80,8 @@ pub(crate) async fn login_as(user_id: &str) -> String {
     let until = (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_millis()
-        + 3_600_000) as u64;
+        .as_millis() as u64)
+        + valid_ms;
     let response: Value = reqwest::Client::new()
         .post(url)
         .query(&[("user_id", admin.as_str())])

@@ -91,7 +91,7 @@ pub(crate) async fn ready_user(env: &TestEnv, name: &str) -> (String, String, St
     (subject, localpart, user_id)
 }
 
-async fn whoami(synapse: &str, token: &str) -> (StatusCode, Value) {
+pub(crate) async fn whoami(synapse: &str, token: &str) -> (StatusCode, Value) {
     let r = reqwest::Client::new()
         .get(format!("{synapse}/_matrix/client/v3/account/whoami"))
         .bearer_auth(token)

@@ -493,3 +493,56 @@ async fn synapse_outage_is_reported_and_recovers() {
     );
     forwarder.abort();
 }
+
+/// A token minted before a lock (by a sidecar that has since restarted, or
+/// another replica: none of them knows it any more) never works after the
+/// unlock: the lock lifts only once every such token has expired, and the
+/// account stays locked in Synapse until then.
+#[tokio::test]
+async fn a_token_from_before_a_lock_never_works_after_the_unlock() {
+    let env = TestEnv::new("lock-final").await;
+    let localpart = crate::harness::unique("locked");
+    env.create_user(0, "u", json!({"localpart": localpart}))
+        .await;
+    env.wait_ready(0, "u", true, "Converged").await;
+    let user_id = env.user_id(&localpart);
+    // As a sidecar mints it: login-as, for the credential token lifetime.
+    let lifetime = crate::harness::CREDENTIAL_TOKEN_LIFETIME_SECS;
+    let token = crate::rooms::login_as_for(user_id.as_str(), lifetime * 1000).await;
+    let synapse = Stack::get().var("SYNAPSE_URL");
+    assert_eq!(
+        crate::sidecar::whoami(synapse, &token).await.0,
+        reqwest::StatusCode::OK
+    );
+
+    env.patch_user(0, "u", json!({"locked": true})).await;
+    wait_for("locked in Synapse", || async {
+        let account = env.synapse.get_user(&user_id).await.ok()??;
+        account.locked.then_some(())
+    })
+    .await;
+    env.patch_user(0, "u", json!({"locked": false})).await;
+    let waiting = env.wait_ready(0, "u", false, "UnlockPending").await;
+    let ready = waiting.status.unwrap().conditions;
+    let ready = ready.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(
+        ready.message.contains("the lock lifts at"),
+        "{}",
+        ready.message
+    );
+    let account = env.synapse.get_user(&user_id).await.unwrap().unwrap();
+    assert!(
+        account.locked,
+        "still locked while a token from before may live"
+    );
+    assert_eq!(
+        crate::sidecar::whoami(synapse, &token).await.0,
+        reqwest::StatusCode::UNAUTHORIZED
+    );
+
+    env.wait_ready(0, "u", true, "Converged").await;
+    let account = env.synapse.get_user(&user_id).await.unwrap().unwrap();
+    assert!(!account.locked, "the lock lifted");
+    let (status, body) = crate::sidecar::whoami(synapse, &token).await;
+    assert_eq!(status, reqwest::StatusCode::UNAUTHORIZED, "{body}");
+}

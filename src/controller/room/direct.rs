@@ -28,7 +28,14 @@ pub(super) fn unlistable_members(
             ctx.users
                 .get(&ObjectRef::new(&p.spec.user_ref.name).within(ns))
         })
-        .filter(|u| u.spec.locked)
+        // Locked in the spec, or still in Synapse (a lock lifts a while
+        // after the spec lets go of it).
+        .filter(|u| {
+            let locked = u.status.as_ref().and_then(|s| {
+                crate::api::conditions::find(&s.conditions, crate::controller::user::LOCKED)
+            });
+            u.spec.locked || locked.is_some_and(|c| c.is_true())
+        })
         .filter_map(|u| u.status.as_ref()?.user_id.clone())
         .collect()
 }

@@ -87,6 +87,7 @@ pub fn with_account(localpart: &str, observed: Option<&SynapseUser>) -> Availabi
         adoption_allowed: false,
         email_held: true,
         create_pending: false,
+        unlock_allowed: true,
     };
     match plan(&desired, observed) {
         UserPlan::Blocked(_) => Availability::Taken,

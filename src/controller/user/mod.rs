@@ -23,8 +23,8 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 use plan::{
-    global_writes, plan, plan_cleanup, precheck, Blocked, CleanupAction, Desired, UserAction,
-    UserPlan,
+    global_writes, plan, plan_cleanup, precheck, unlock_waits, Blocked, CleanupAction, Desired,
+    UserAction, UserPlan,
 };
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -251,7 +251,10 @@ async fn apply(
         adoption_allowed: ctx.config.adopt_namespaces.contains(&ns),
         email_held,
         create_pending: pending_account(user).as_deref() == Some(user_id.as_str()),
+        unlock_allowed: false,
     };
+    let lock = LockRecord::of(user, ctx.config.credential_token_lifetime);
+    desired.unlock_allowed = lock.may_lift();
     if let Some(blocked) = precheck(&desired) {
         block(user, api, ctx, blocked).await?;
         return Ok(resync);
@@ -288,9 +291,21 @@ async fn apply(
 
     let outcome = converge(user, api, &user_id, &mut desired, ctx).await;
     match outcome {
-        Ok(Ok(pending_version)) => {
+        Ok(Ok((pending_version, unlock_waits))) => {
             ctx.backoff.reset(&key(user));
-            let ready = if !desired.email_held {
+            let locked = !user.spec.deactivated && (user.spec.locked || unlock_waits);
+            let ready = if unlock_waits {
+                Condition::new(
+                    READY,
+                    false,
+                    UNLOCK_PENDING,
+                    format!(
+                        "the lock lifts at {}, when every credential token issued before it has expired",
+                        lock.lifts_at
+                    ),
+                    user.metadata.generation,
+                )
+            } else if !desired.email_held {
                 Condition::new(
                     READY,
                     false,
@@ -319,7 +334,18 @@ async fn apply(
                 warn_on_transition(user, ctx, &ready);
             }
             // Converged: no create is pending any more.
-            let version = write_status(user, api, Some(user_id.to_string()), ready, None).await?;
+            let version = write_status(
+                user,
+                api,
+                Some(user_id.to_string()),
+                ready,
+                None,
+                Some(locked),
+            )
+            .await?;
+            if unlock_waits {
+                return Ok(Action::requeue(lock.until_lifted()));
+            }
             if conflict {
                 // The other holder may let go: look again well before the resync.
                 return Ok(Action::requeue(jitter(Duration::from_secs(30))));
@@ -351,7 +377,7 @@ async fn converge(
     user_id: &ruma::UserId,
     desired: &mut Desired<'_>,
     ctx: &Context,
-) -> Result<Result<Option<String>, Blocked>, Error> {
+) -> Result<Result<(Option<String>, bool), Blocked>, Error> {
     let observed = ctx.synapse.get_user(user_id).await?;
     let mut planned = plan(desired, observed.as_ref());
     if let UserPlan::Converge { actions, .. } = &planned {
@@ -403,7 +429,10 @@ async fn converge(
                 ctx.synapse.upsert_user(user_id, change).await?;
                 record_mutation(user, ctx, verb, user_id.as_str(), change);
             }
-            Ok(Ok(pending_version))
+            Ok(Ok((
+                pending_version,
+                unlock_waits(desired, observed.as_ref()),
+            )))
         }
     }
 }
@@ -520,7 +549,7 @@ async fn block(
         .keeps_account()
         .then(|| user.status.as_ref().and_then(|s| s.user_id.clone()))
         .flatten();
-    write_status(user, api, user_id, ready, pending_account(user))
+    write_status(user, api, user_id, ready, pending_account(user), None)
         .await
         .map(|_| ())
 }
@@ -560,7 +589,8 @@ async fn fail(
         error.to_string(),
         user.metadata.generation,
     );
-    if let Err(status_error) = write_status(user, api, user_id, ready, pending_account(user)).await
+    if let Err(status_error) =
+        write_status(user, api, user_id, ready, pending_account(user), None).await
     {
         tracing::warn!(user = %key(user), error = %status_error, "could not record failure in status");
     }
@@ -579,20 +609,37 @@ async fn fail(
 }
 
 /// Server-side applies the status, skipping the write when nothing changed.
+/// `locked`, when known, is whether Synapse holds the account locked now:
+/// the `Locked` condition, whose transition time is when the lock began.
 async fn write_status(
     user: &MatrixUser,
     api: &Api<MatrixUser>,
     user_id: Option<String>,
     ready: Condition,
     pending_account: Option<String>,
+    locked: Option<bool>,
 ) -> Result<Option<String>, Error> {
     outcome::note(&ready);
     let existing = user.status.clone().unwrap_or_default();
     let now =
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let mut next = conditions::with_kstatus(ready);
+    if let Some(locked) = locked {
+        let (reason, message) = match locked {
+            true => ("Locked", "the account is locked"),
+            false => ("Unlocked", "the account is not locked"),
+        };
+        next.push(Condition::new(
+            LOCKED,
+            locked,
+            reason,
+            message,
+            user.metadata.generation,
+        ));
+    }
     let status = MatrixUserStatus {
         user_id,
-        conditions: conditions::merge(&existing.conditions, conditions::with_kstatus(ready), now),
+        conditions: conditions::merge(&existing.conditions, next, now),
         observed_generation: user.metadata.generation,
         pending_account,
     };
@@ -600,6 +647,51 @@ async fn write_status(
         return Ok(user.resource_version());
     }
     super::apply_status(api, user, &status).await
+}
+
+/// The condition recording that the account is locked, and since when.
+pub const LOCKED: &str = "Locked";
+/// The Ready reason of an account whose lock must stay a while longer.
+pub const UNLOCK_PENDING: &str = "UnlockPending";
+
+/// When a lock may be lifted. Synapse keeps the tokens of a locked account
+/// and revives them on unlock, and the credential API's tokens (minted by
+/// login-as, owned by the operator's account) cannot all be found to
+/// revoke. Each lives at most the credential token lifetime, so a lock
+/// lifts once that long has passed since it began (the `Locked`
+/// condition's transition time, persisted in status): no token from
+/// before it ever works again, whatever restarted meanwhile.
+struct LockRecord {
+    lifts_at: k8s_openapi::jiff::Timestamp,
+}
+
+impl LockRecord {
+    fn of(user: &MatrixUser, lifetime: Duration) -> LockRecord {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let since = user
+            .status
+            .as_ref()
+            .and_then(|s| conditions::find(&s.conditions, LOCKED))
+            .filter(|c| c.is_true())
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map_or(now, |t| t.0);
+        let lifetime = k8s_openapi::jiff::SignedDuration::try_from(lifetime).unwrap_or_default();
+        LockRecord {
+            lifts_at: since.checked_add(lifetime).unwrap_or(now),
+        }
+    }
+
+    fn may_lift(&self) -> bool {
+        k8s_openapi::jiff::Timestamp::now() >= self.lifts_at
+    }
+
+    /// How long until it may lift (a second past, so the next look lifts it).
+    fn until_lifted(&self) -> Duration {
+        let left = self
+            .lifts_at
+            .duration_since(k8s_openapi::jiff::Timestamp::now());
+        Duration::try_from(left).unwrap_or_default() + Duration::from_secs(1)
+    }
 }
 
 /// The account this object's status says a create is under way for.

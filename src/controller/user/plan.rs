@@ -100,6 +100,21 @@ pub struct Desired<'a> {
     /// This object asked Synapse to create the account (recorded in its
     /// status before the call) and has not seen the create complete.
     pub create_pending: bool,
+    /// Whether a lock may be lifted now: every credential token issued
+    /// before it has expired (Synapse revives them on unlock, and they
+    /// cannot all be found to revoke). Until then the account stays locked
+    /// and everything else converges.
+    pub unlock_allowed: bool,
+}
+
+/// Whether the spec lifts a lock that must stay for now (see
+/// [`Desired::unlock_allowed`]).
+pub fn unlock_waits(desired: &Desired<'_>, observed: Option<&SynapseUser>) -> bool {
+    let spec = desired.spec;
+    observed.is_some_and(|o| o.locked && !o.deactivated)
+        && !spec.locked
+        && !spec.deactivated
+        && !desired.unlock_allowed
 }
 
 /// Checks that need no Synapse call: reserved names and admin permission.
@@ -284,7 +299,7 @@ pub fn plan(desired: &Desired<'_>, observed: Option<&SynapseUser>) -> UserPlan {
         if desired.email_held && observed.emails() != emails {
             change.emails = Some(emails);
         }
-        if observed.locked != spec.locked {
+        if observed.locked != spec.locked && !unlock_waits(desired, Some(observed)) {
             change.locked = Some(spec.locked);
         }
     }
@@ -298,7 +313,9 @@ pub fn plan(desired: &Desired<'_>, observed: Option<&SynapseUser>) -> UserPlan {
     // before a lock is lifted, so that none from before it comes back even
     // when ending them failed after the lock landed, or the lock was made
     // out of band. A deactivation ends them by itself.
-    let lock_flips = !spec.deactivated && observed.locked != spec.locked;
+    let lock_flips = !spec.deactivated
+        && observed.locked != spec.locked
+        && !unlock_waits(desired, Some(observed));
     let mut actions = Vec::new();
     if lock_flips && !spec.locked {
         actions.push(UserAction::EndSessions);
@@ -387,6 +404,7 @@ mod tests {
             adoption_allowed: false,
             email_held: true,
             create_pending: false,
+            unlock_allowed: true,
         }
     }
 
