@@ -178,7 +178,7 @@ pub mod keys {
             keys.push(subject(s));
         }
         match refused(u) {
-            Some("EmailConflict") if u.spec.email.is_some() => keys.push(REFUSED_EMAIL.to_string()),
+            Some("EmailConflict") => keys.extend(u.spec.email.as_deref().map(refused_email)),
             Some("SubjectConflict") => keys.push(refused_subject(u.spec.subject.as_deref())),
             _ => {}
         }
@@ -200,7 +200,11 @@ pub mod keys {
         format!("subject/{subject}")
     }
 
-    pub const REFUSED_EMAIL: &str = "refused/EmailConflict";
+    /// Objects refused `email`: a change to a claimant of that address
+    /// wakes them, and no one else.
+    pub fn refused_email(email: &str) -> String {
+        format!("refused/EmailConflict/{}", email.to_lowercase())
+    }
 
     pub fn refused_subject(subject: Option<&str>) -> String {
         format!("refused/SubjectConflict/{}", subject.unwrap_or_default())

@@ -80,14 +80,24 @@ pub async fn run<A, B>(
         memo: Default::default(),
     });
     let evict = ctx.clone();
+    // Each object's email as last seen: a claimant that changes its address
+    // frees the old one.
+    let emails: std::sync::Mutex<std::collections::HashMap<String, String>> = Default::default();
     Controller::for_shared_stream(triggers.objects, caches.users)
         .watches_shared_stream(triggers.peers, move |changed: Arc<MatrixUser>| {
             let gone = peers.get(&ObjectRef::from_obj(changed.as_ref())).is_none();
             if gone {
                 evict.forget(&key(changed.as_ref()));
             }
+            let previous = {
+                let mut emails = emails.lock().unwrap_or_else(|e| e.into_inner());
+                match changed.spec.email.as_ref().filter(|_| !gone) {
+                    Some(email) => emails.insert(key(changed.as_ref()), email.clone()),
+                    None => emails.remove(&key(changed.as_ref())),
+                }
+            };
             let rivals = |key: &str| index.get(&peers, key);
-            claim_peers(rivals, &changed, gone)
+            claim_peers(rivals, &changed, gone, previous.as_deref())
         })
         .with_config(super::controller_config(&ctx.config, Duration::ZERO))
         .graceful_shutdown_on(shutdown)
@@ -98,16 +108,25 @@ pub async fn run<A, B>(
 
 /// The objects whose claims `changed` may have freed: when a claimant of a
 /// localpart goes away, the others claiming it; when one changes in any way,
-/// those currently refused its email or subject (the holder may have let go).
-/// Other changes cannot move a localpart claim: newcomers are younger.
+/// those currently refused its email (the address it has, or had before:
+/// `previous`) or its subject (the holder may have let go). Other changes
+/// cannot move a localpart claim: newcomers are younger.
 fn claim_peers(
     rivals: impl Fn(&str) -> Vec<Arc<MatrixUser>>,
     changed: &MatrixUser,
     gone: bool,
+    previous: Option<&str>,
 ) -> Vec<ObjectRef<MatrixUser>> {
     let me = ObjectRef::from_obj(changed);
     let leaving = changed.metadata.deletion_timestamp.is_some() || gone;
-    let mut peers = rivals(keys::REFUSED_EMAIL);
+    let mut peers: Vec<Arc<MatrixUser>> = changed
+        .spec
+        .email
+        .as_deref()
+        .into_iter()
+        .chain(previous)
+        .flat_map(|email| rivals(&keys::refused_email(email)))
+        .collect();
     peers.extend(rivals(&keys::refused_subject(
         changed.spec.subject.as_deref(),
     )));
@@ -291,7 +310,11 @@ async fn apply(
 
     let outcome = converge(user, api, &user_id, &mut desired, ctx).await;
     match outcome {
-        Ok(Ok((pending_version, unlock_waits))) => {
+        Ok(Ok(Converged {
+            pending_version,
+            unlock_waits,
+            email_releasing,
+        })) => {
             ctx.backoff.reset(&key(user));
             let locked = !user.spec.deactivated && (user.spec.locked || unlock_waits);
             let ready = if unlock_waits {
@@ -346,10 +369,12 @@ async fn apply(
             if unlock_waits {
                 return Ok(Action::requeue(lock.until_lifted()));
             }
-            if conflict {
-                // The other holder may let go: look again well before the resync.
-                return Ok(Action::requeue(jitter(Duration::from_secs(30))));
+            if email_releasing {
+                // Its holder is letting go of it this very moment.
+                return Ok(Action::requeue(jitter(Duration::from_secs(2))));
             }
+            // A refused email is looked at again when a claimant of that
+            // address changes (see `claim_peers`), or at the resync.
             ctx.memo.record(
                 &key(user),
                 [own_version, pending_version, version],
@@ -377,9 +402,10 @@ async fn converge(
     user_id: &ruma::UserId,
     desired: &mut Desired<'_>,
     ctx: &Context,
-) -> Result<Result<(Option<String>, bool), Blocked>, Error> {
+) -> Result<Result<Converged, Blocked>, Error> {
     let observed = ctx.synapse.get_user(user_id).await?;
     let mut planned = plan(desired, observed.as_ref());
+    let mut email_releasing = false;
     if let UserPlan::Converge { actions, .. } = &planned {
         let writes = global_writes(actions, observed.as_ref(), desired.sso_provider);
         if let Some(subject) = &writes.sso_subject {
@@ -394,9 +420,10 @@ async fn converge(
         }
         for email in &writes.emails {
             let holder = ctx.synapse.user_by_email(email).await?;
-            if holder.is_some_and(|h| h != user_id.as_str()) {
+            if let Some(holder) = holder.filter(|h| h != user_id.as_str()) {
                 tracing::info!(user = %key(user), "email held by another account in Synapse");
                 desired.email_held = false;
+                email_releasing |= releasing(ctx, &holder, email);
             }
         }
         if !desired.email_held {
@@ -429,12 +456,36 @@ async fn converge(
                 ctx.synapse.upsert_user(user_id, change).await?;
                 record_mutation(user, ctx, verb, user_id.as_str(), change);
             }
-            Ok(Ok((
+            Ok(Ok(Converged {
                 pending_version,
-                unlock_waits(desired, observed.as_ref()),
-            )))
+                unlock_waits: unlock_waits(desired, observed.as_ref()),
+                email_releasing,
+            }))
         }
     }
+}
+
+/// What a convergence that went through leaves for the status.
+struct Converged {
+    /// The resourceVersion of the pending-create record written, if any.
+    pending_version: Option<String>,
+    /// The spec lifts a lock that must stay a while longer.
+    unlock_waits: bool,
+    /// The email is held in Synapse by an account whose object no longer
+    /// claims it: its own reconcile is releasing it right now.
+    email_releasing: bool,
+}
+
+/// Whether the account `holder` holds `email` only until its object's
+/// reconcile writes the address it now declares.
+fn releasing(ctx: &Context, holder: &str, email: &str) -> bool {
+    let Ok(holder) = ruma::UserId::parse(holder) else {
+        return false;
+    };
+    ctx.user_index
+        .get(&ctx.users, &keys::localpart(holder.localpart()))
+        .iter()
+        .any(|u| u.spec.email.as_deref().map(str::to_lowercase) != Some(email.to_lowercase()))
 }
 
 /// Deletes every device of the account, which ends its sessions (their
@@ -881,7 +932,7 @@ mod tests {
     fn a_claimant_leaving_or_changing_wakes_those_it_held_back() {
         let holder = user(
             "holder",
-            serde_json::json!({"localpart": "a", "subject": "s"}),
+            serde_json::json!({"localpart": "a", "subject": "s", "email": "X@y.z"}),
             None,
         );
         let all = vec![
@@ -902,6 +953,11 @@ mod tests {
                 Some("SubjectConflict"),
             ),
             user("bystander", serde_json::json!({"localpart": "d"}), None),
+            user(
+                "other-address-loser",
+                serde_json::json!({"localpart": "e", "email": "other@y.z"}),
+                Some("EmailConflict"),
+            ),
         ];
         // The cache and its index, fed the same watch events.
         let (store, mut writer) = kube::runtime::reflector::store::<MatrixUser>();
@@ -919,11 +975,24 @@ mod tests {
             );
         }
         let rivals = |key: &str| index.get(&store, key);
-        // A change in place: email and subject losers look again.
+        // A change in place: the losers of its email and subject look
+        // again, not those refused another address.
         assert_eq!(
-            names(claim_peers(rivals, &holder, false)),
+            names(claim_peers(rivals, &holder, false, None)),
             ["email-loser", "subject-loser"]
         );
+        // It moved to another address: the losers of the old one look again.
+        let moved = user(
+            "holder",
+            serde_json::json!({"localpart": "a", "subject": "s", "email": "new@y.z"}),
+            None,
+        );
+        assert_eq!(
+            names(claim_peers(rivals, &moved, false, Some("x@y.z"))),
+            ["email-loser", "subject-loser"]
+        );
+        let unrelated = user("bystander", serde_json::json!({"localpart": "d"}), None);
+        assert!(claim_peers(rivals, &unrelated, false, None).is_empty());
         // Gone from the cache: the localpart is free too.
         feed(
             kube::runtime::watcher::Event::Delete(holder.as_ref().clone()),
@@ -931,7 +1000,7 @@ mod tests {
         );
         let rivals = |key: &str| index.get(&store, key);
         assert_eq!(
-            names(claim_peers(rivals, &holder, true)),
+            names(claim_peers(rivals, &holder, true, None)),
             ["email-loser", "same-localpart", "subject-loser"]
         );
     }
