@@ -90,7 +90,7 @@ async fn a_host_can_neither_take_nor_retire_the_room_and_a_changed_marker_is_rep
 #[tokio::test]
 async fn a_refused_power_levels_write_does_not_stop_a_kick() {
     let env = TestEnv::new("refused").await;
-    let ids = users(&env, &["peer", "leaver"]).await;
+    let ids = users(&env, &["peer", "leaver", "newcomer"]).await;
     let alias = unique("refused");
     // Held back (its space does not exist yet), so the operator creates nothing.
     let object: MatrixRoom = env
@@ -123,23 +123,27 @@ async fn a_refused_power_levels_write_does_not_stop_a_kick() {
         panic!("alias taken")
     };
     let parsed = ruma::RoomId::parse(&old_id).unwrap();
-    for user in &ids {
+    for user in &ids[..2] {
         let user = ruma::UserId::parse(user).unwrap();
         env.synapse.admin_join(&parsed, &user).await.unwrap();
     }
     // The peer is declared a Moderator (a demotion Synapse refuses), the
     // leaver not at all (a kick).
     perm(&env, 0, "peer", "old", "peer", json!({"role": "Moderator"})).await;
+    perm(&env, 0, "newcomer", "old", "newcomer", json!({})).await;
     env.create::<MatrixRoom>(
         0,
         "later",
         json!({"alias": unique("later"), "type": "Space"}),
     )
     .await;
-    wait_for("the undeclared member kicked", || async {
-        let s = env.synapse.room_state(&old_id).await.ok()??;
-        (membership(&s, &ids[1]) == "leave").then_some(())
-    })
+    wait_for(
+        "the undeclared member kicked, the newcomer joined",
+        || async {
+            let s = env.synapse.room_state(&old_id).await.ok()??;
+            (membership(&s, &ids[1]) == "leave" && membership(&s, &ids[2]) == "join").then_some(())
+        },
+    )
     .await;
     let s = env.synapse.room_state(&old_id).await.unwrap().unwrap();
     assert_eq!(
@@ -147,12 +151,18 @@ async fn a_refused_power_levels_write_does_not_stop_a_kick() {
         100
     );
     assert_eq!(membership(&s, &ids[0]), "join");
-    // The refusal is reported on the room, not hidden.
-    wait_for("the refusal reported", || async {
-        let room = env.api::<MatrixRoom>(0).get("old").await.ok()?;
-        let status = room.status?;
-        let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
-        (ready.status == "False" && ready.reason != "ParentNotFound").then_some(())
-    })
-    .await;
+    // The refusal is reported on the room and on the permission it
+    // concerns; the newcomer's permission says it converged.
+    let room: MatrixRoom = env.wait_condition(0, "old", false, "SynapseRejected").await;
+    let ready = room.status.unwrap().conditions;
+    let ready = ready.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(
+        ready.message.contains("m.room.power_levels"),
+        "{}",
+        ready.message
+    );
+    env.wait_condition::<RoomPermission>(0, "peer", false, "SynapseRejected")
+        .await;
+    env.wait_condition::<RoomPermission>(0, "newcomer", true, "Converged")
+        .await;
 }

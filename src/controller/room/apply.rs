@@ -14,6 +14,7 @@ use crate::synapse::rooms::{CreateOutcome, MembershipAction};
 use crate::synapse::SynapseError;
 use kube::runtime::events::EventType;
 use ruma::{RoomId, UserId};
+use std::collections::BTreeMap;
 
 /// A room this reconcile found (or made), planned and applied. Its fields
 /// are private to this module: holding one proves the apply step ran.
@@ -22,6 +23,63 @@ pub(super) struct Applied {
     canonical_alias: String,
     joined_members: u64,
     published: Option<Condition>,
+    refused: Refusals,
+}
+
+/// The writes Synapse refused for good (4xx), by whom they concern: a
+/// member's own membership change, the power levels (every member with a
+/// level), or the room's settings. Every other write was still made.
+#[derive(Debug, Default)]
+pub(super) struct Refusals {
+    /// User id → what was refused and why.
+    pub members: BTreeMap<String, String>,
+    pub power_levels: Option<String>,
+    pub settings: Vec<String>,
+}
+
+impl Refusals {
+    fn record(&mut self, action: &RoomAction, error: &Error) {
+        let what = format!("{}: {error}", action.describe());
+        match action {
+            RoomAction::Join(u)
+            | RoomAction::Invite(u)
+            | RoomAction::Kick(u)
+            | RoomAction::Ban(u)
+            | RoomAction::Unban(u) => {
+                self.members.insert(u.clone(), what);
+            }
+            RoomAction::SetPowerLevels(_) => self.power_levels = Some(what),
+            _ => self.settings.push(what),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.power_levels.is_none() && self.settings.is_empty()
+    }
+
+    /// What a member's permission reports: its own refusal, or the power
+    /// levels' when it has a level there.
+    pub fn of_member(&self, user_id: &str, power_level: i64) -> Option<&str> {
+        self.members
+            .get(user_id)
+            .or(self.power_levels.as_ref().filter(|_| power_level != 0))
+            .map(String::as_str)
+    }
+
+    pub fn summary(&self) -> String {
+        let all: Vec<&str> = self
+            .settings
+            .iter()
+            .chain(&self.power_levels)
+            .chain(self.members.values())
+            .map(String::as_str)
+            .collect();
+        format!(
+            "Synapse refused {} of the writes: {}",
+            all.len(),
+            all.join("; ")
+        )
+    }
 }
 
 impl Applied {
@@ -41,6 +99,11 @@ impl Applied {
     /// The Published condition, when publication is the operator's to report.
     pub fn published(&self) -> Option<&Condition> {
         self.published.as_ref()
+    }
+
+    /// What Synapse refused for good (the rest was applied).
+    pub fn refused(&self) -> &Refusals {
+        &self.refused
     }
 }
 
@@ -117,7 +180,8 @@ pub(super) async fn apply(
     // Every action is tried: one refused write (a power-levels event an
     // adopted room will not take) never keeps a kick or a ban from Synapse.
     let mut confirmed = Vec::with_capacity(room_plan.actions.len());
-    let mut first_error = None;
+    let mut first_transient = None;
+    let mut refused = Refusals::default();
     for action in &room_plan.actions {
         match apply_action(&room_id, &room_id_parsed, action, ctx).await {
             Ok(()) => {
@@ -126,7 +190,11 @@ pub(super) async fn apply(
             }
             Err(error) => {
                 tracing::warn!(room = %key(room), room_id = %room_id, action = %action.describe(), %error, "action failed");
-                first_error.get_or_insert(error);
+                if error.is_transient() {
+                    first_transient.get_or_insert(error);
+                } else {
+                    refused.record(action, &error);
+                }
             }
         }
     }
@@ -140,7 +208,8 @@ pub(super) async fn apply(
         };
         record(room, ctx, EventType::Normal, reason, &summary.join("; "));
     }
-    if let Some(error) = first_error {
+    if let Some(error) = first_transient {
+        // Tried again as a whole, with backoff.
         return Err(error);
     }
     if wanted.removals_only() {
@@ -150,6 +219,7 @@ pub(super) async fn apply(
             canonical_alias: wanted.alias.to_string(),
             joined_members,
             published: None,
+            refused,
         });
     }
     if wanted.desired.direct && (created || !ctx.memo.same_desired(&key(room), fingerprint)) {
@@ -163,6 +233,7 @@ pub(super) async fn apply(
         canonical_alias: wanted.alias.to_string(),
         joined_members,
         published,
+        refused,
     })
 }
 

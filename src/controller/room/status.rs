@@ -62,18 +62,44 @@ pub(super) async fn converged(
     outcomes: &BTreeMap<String, PermissionOutcome>,
     applied: Applied,
 ) -> Result<Option<String>, Error> {
-    let mut next = vec![Condition::new(
-        READY,
-        true,
-        "Converged",
-        "room matches the spec",
-        room.metadata.generation,
-    )];
+    let refused = applied.refused();
+    let ready = if refused.is_empty() {
+        Condition::new(
+            READY,
+            true,
+            "Converged",
+            "room matches the spec",
+            room.metadata.generation,
+        )
+    } else {
+        // The rest was applied; what was refused waits for a change.
+        let ready = Condition::new(
+            READY,
+            false,
+            SYNAPSE_REJECTED,
+            refused.summary(),
+            room.metadata.generation,
+        );
+        if previous_reason(room) != Some(SYNAPSE_REJECTED) {
+            record(
+                room,
+                ctx,
+                EventType::Warning,
+                SYNAPSE_REJECTED,
+                &ready.message,
+            );
+        }
+        ready
+    };
+    let mut next = vec![ready];
     next.extend(applied.published().cloned());
     let version = write_room_status(room, api, Facts::Applied(&applied), next).await?;
-    write_permission_statuses(ctx, perms, outcomes, &RoomReadiness::Converged).await?;
+    write_permission_statuses(ctx, perms, outcomes, &RoomReadiness::Converged(refused)).await?;
     Ok(version)
 }
+
+/// The reason of a write Synapse refused for good.
+const SYNAPSE_REJECTED: &str = "SynapseRejected";
 
 /// Records a blocked room: condition, a Warning on transition, and its
 /// permissions waiting for it. Returns the resourceVersion the status write
@@ -227,8 +253,9 @@ async fn write_room_status(
 }
 
 /// How the room's own reconcile went, which its permissions' statuses follow.
-enum RoomReadiness {
-    Converged,
+enum RoomReadiness<'a> {
+    /// Applied; each member's own refusals (if any) say more than the room.
+    Converged(&'a super::apply::Refusals),
     /// The room is blocked or failed: every permission waits for it.
     NotReady(String),
 }
@@ -240,7 +267,7 @@ async fn write_permission_statuses(
     ctx: &RoomContext,
     perms: &[Arc<RoomPermission>],
     outcomes: &BTreeMap<String, PermissionOutcome>,
-    room: &RoomReadiness,
+    room: &RoomReadiness<'_>,
 ) -> Result<(), Error> {
     // Collected first: a lazy iterator's closure in the stream trips the
     // compiler's proof that the reconcile's future is Send.
@@ -268,7 +295,7 @@ async fn write_permission_statuses(
 fn permission_ready(
     p: &RoomPermission,
     outcome: Option<&PermissionOutcome>,
-    room: &RoomReadiness,
+    room: &RoomReadiness<'_>,
 ) -> Option<(Condition, Option<i64>)> {
     let generation = p.metadata.generation;
     Some(match (room, outcome) {
@@ -285,22 +312,28 @@ fn permission_ready(
             None,
         ),
         (
-            RoomReadiness::Converged,
+            RoomReadiness::Converged(refused),
             Some(PermissionOutcome::Applied {
                 user_id,
                 power_level,
             }),
-        ) => (
-            Condition::new(
-                READY,
-                true,
-                "Converged",
-                format!("{user_id} has power level {power_level}"),
-                generation,
+        ) => match refused.of_member(user_id, *power_level) {
+            Some(why) => (
+                Condition::new(READY, false, SYNAPSE_REJECTED, why, generation),
+                None,
             ),
-            Some(*power_level),
-        ),
-        (RoomReadiness::Converged, None) => return None,
+            None => (
+                Condition::new(
+                    READY,
+                    true,
+                    "Converged",
+                    format!("{user_id} has power level {power_level}"),
+                    generation,
+                ),
+                Some(*power_level),
+            ),
+        },
+        (RoomReadiness::Converged(_), None) => return None,
     })
 }
 
@@ -368,12 +401,13 @@ spec: {roomRef: {name: r}, userRef: {name: alice}}
     #[test]
     fn a_permission_follows_its_own_outcome_first_then_the_room() {
         let p = permission();
+        let none = super::super::apply::Refusals::default();
         let applied = PermissionOutcome::Applied {
             user_id: "@alice:x".into(),
             power_level: 50,
         };
         let (ready, level) =
-            permission_ready(&p, Some(&applied), &RoomReadiness::Converged).unwrap();
+            permission_ready(&p, Some(&applied), &RoomReadiness::Converged(&none)).unwrap();
         assert_eq!(
             (ready.reason.as_str(), ready.is_true(), level),
             ("Converged", true, Some(50))
@@ -391,6 +425,32 @@ spec: {roomRef: {name: r}, userRef: {name: alice}}
             "its own refusal says more than the room's"
         );
 
-        assert!(permission_ready(&p, None, &RoomReadiness::Converged).is_none());
+        assert!(permission_ready(&p, None, &RoomReadiness::Converged(&none)).is_none());
+
+        // Its own member's refusal, or the power levels' when it has a level.
+        let mut refused = super::super::apply::Refusals::default();
+        refused
+            .members
+            .insert("@bob:x".into(), "join @bob:x: refused".into());
+        let (ready, _) =
+            permission_ready(&p, Some(&applied), &RoomReadiness::Converged(&refused)).unwrap();
+        assert_eq!(
+            (ready.reason.as_str(), ready.is_true()),
+            ("Converged", true)
+        );
+        refused.power_levels = Some("set m.room.power_levels: refused".into());
+        let (ready, level) =
+            permission_ready(&p, Some(&applied), &RoomReadiness::Converged(&refused)).unwrap();
+        assert_eq!(
+            (ready.reason.as_str(), ready.message.as_str(), level),
+            ("SynapseRejected", "set m.room.power_levels: refused", None)
+        );
+        let member = PermissionOutcome::Applied {
+            user_id: "@bob:x".into(),
+            power_level: 0,
+        };
+        let (ready, _) =
+            permission_ready(&p, Some(&member), &RoomReadiness::Converged(&refused)).unwrap();
+        assert_eq!(ready.message, "join @bob:x: refused");
     }
 }
