@@ -792,7 +792,7 @@ async fn main() {
             println!("full no-op resync: {resync_writes} writes, {resync_reads} reads ({users} users + {rooms} rooms) in {:.1}s", resync_time.as_secs_f64());
             let reverted: Vec<f64> = drift.iter().map(|d| d.reverted_ms).collect();
             println!(
-                "drift reverted after out-of-band power-level change ({} samples): p50 {:.0} ms, p99 {:.0} ms from the client's change",
+                "drift reverted after an out-of-band rename ({} samples): p50 {:.0} ms, p99 {:.0} ms from the client's change",
                 drift.len(),
                 percentile(&reverted, 0.50),
                 percentile(&reverted, 0.99)

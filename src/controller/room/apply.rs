@@ -2,10 +2,9 @@
 //! converged room (its `m.direct` listing, its directory publication). The
 //! only place an [`Applied`] is made.
 
-use super::desired::Wanted;
-use super::observe::{joined_count, locate_by_alias, Found};
+use super::model::{Blocked, Found, Refusals, Wanted};
+use super::observe::{joined_count, locate_by_alias};
 use super::plan::{create_body, RoomAction, RoomPlan};
-use super::status::Blocked;
 use super::{audit, direct, publish, record, RoomContext};
 use crate::api::conditions::Condition;
 use crate::api::MatrixRoom;
@@ -14,7 +13,6 @@ use crate::synapse::rooms::{CreateOutcome, MembershipAction};
 use crate::synapse::SynapseError;
 use kube::runtime::events::EventType;
 use ruma::{RoomId, UserId};
-use std::collections::BTreeMap;
 
 /// A room this reconcile found (or made), planned and applied. Its fields
 /// are private to this module: holding one proves the apply step ran.
@@ -24,62 +22,6 @@ pub(super) struct Applied {
     joined_members: u64,
     published: Option<Condition>,
     refused: Refusals,
-}
-
-/// The writes Synapse refused for good (4xx), by whom they concern: a
-/// member's own membership change, the power levels (every member with a
-/// level), or the room's settings. Every other write was still made.
-#[derive(Debug, Default)]
-pub(super) struct Refusals {
-    /// User id → what was refused and why.
-    pub members: BTreeMap<String, String>,
-    pub power_levels: Option<String>,
-    pub settings: Vec<String>,
-}
-
-impl Refusals {
-    fn record(&mut self, action: &RoomAction, error: &Error) {
-        let what = format!("{}: {error}", action.describe());
-        match action {
-            RoomAction::Join(u)
-            | RoomAction::Invite(u)
-            | RoomAction::Kick(u)
-            | RoomAction::Ban(u)
-            | RoomAction::Unban(u) => {
-                self.members.insert(u.clone(), what);
-            }
-            RoomAction::SetPowerLevels(_) => self.power_levels = Some(what),
-            _ => self.settings.push(what),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.members.is_empty() && self.power_levels.is_none() && self.settings.is_empty()
-    }
-
-    /// What a member's permission reports: its own refusal, or the power
-    /// levels' when it has a level there.
-    pub fn of_member(&self, user_id: &str, power_level: i64) -> Option<&str> {
-        self.members
-            .get(user_id)
-            .or(self.power_levels.as_ref().filter(|_| power_level != 0))
-            .map(String::as_str)
-    }
-
-    pub fn summary(&self) -> String {
-        let all: Vec<&str> = self
-            .settings
-            .iter()
-            .chain(&self.power_levels)
-            .chain(self.members.values())
-            .map(String::as_str)
-            .collect();
-        format!(
-            "Synapse refused {} of the writes: {}",
-            all.len(),
-            all.join("; ")
-        )
-    }
 }
 
 impl Applied {

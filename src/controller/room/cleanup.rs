@@ -4,7 +4,8 @@
 
 use super::apply::apply_action;
 use super::desired::{desired, full_alias, holds_alias};
-use super::observe::{locate, Located};
+use super::model::Located;
+use super::observe::locate;
 use super::plan::{plan_close, DesiredRoom, RoomAction};
 use super::{audit, record, status, RoomContext};
 use crate::api::room::RoomDeletionPolicy;

@@ -1,78 +1,21 @@
 //! The desired room, folded from the object, the permissions naming it and
 //! the caches: nothing here reads Synapse.
 
-use super::fold::{self, fold, PermissionOutcome, UserRefState};
+use super::fold::{self, fold, UserRefState};
+use super::model::{Blocked, Enforce, Held, Wanted};
 use super::plan::{DesiredRoom, Thresholds};
-use super::status::Blocked;
 use super::{direct, tree, RoomContext};
 use crate::api::conditions;
 use crate::api::{MatrixRoom, RoomPermission};
 use crate::controller::index::keys;
-use crate::controller::memo::fingerprint;
 use crate::controller::{claims, key, Error};
 use kube::runtime::reflector::ObjectRef;
 use kube::ResourceExt;
 use ruma::{OwnedRoomAliasId, RoomAliasId};
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// What the room should be, with what its permissions came to.
-pub(super) struct Wanted {
-    pub desired: DesiredRoom,
-    /// Each permission's outcome, by name: written to its status.
-    pub outcomes: BTreeMap<String, PermissionOutcome>,
-    pub alias: OwnedRoomAliasId,
-    /// Members whose `m.direct` cannot be written now (see [`direct`]).
-    pub unlistable: BTreeSet<String>,
-    /// Why the room cannot fully converge now, if it cannot: a room that
-    /// exists still enforces what it can (see [`Enforce`]).
-    pub held: Option<Held>,
-}
-
-impl Wanted {
-    /// Everything a convergence depends on. Permission outcomes are part of
-    /// it: a new Pending or Duplicate permission changes no member, but its
-    /// status must still be written.
-    pub fn fingerprint(&self, room: &MatrixRoom) -> u64 {
-        fingerprint(&(
-            &self.desired,
-            &self.outcomes,
-            room.spec.publish_to_directory,
-            room.metadata.generation,
-            &self.unlistable,
-            &self.held,
-        ))
-    }
-
-    /// Whether only removals may be applied.
-    pub fn removals_only(&self) -> bool {
-        self.held
-            .as_ref()
-            .is_some_and(|h| h.enforce == Enforce::RemovalsOnly)
-    }
-}
-
-/// Why the room cannot be converged yet, found before any Synapse read.
-#[derive(Clone, Debug)]
-pub(super) struct Held {
-    pub blocked: Blocked,
-    /// Resolves by itself: look again after this long instead of at the resync.
-    pub retry: Option<Duration>,
-    /// What a room that exists still does meanwhile.
-    pub enforce: Enforce,
-}
-
-/// How a held room that exists keeps converging: enforcement never pauses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Enforce {
-    /// Kicks and bans only: nothing is added, no setting changes.
-    RemovalsOnly,
-    /// Its parent space is gone: everything converges, as a standalone room
-    /// (no `m.space.parent`, a restricted join rule falls back to invite).
-    Standalone,
-}
 
 /// Folds the desired room, or says why it is held back. An older object
 /// holding the alias is the only hold before Synapse: the room is not this

@@ -3,15 +3,18 @@
 //!
 //! The reconcile below reads top to bottom: fold the desired room from the
 //! caches (`desired`), find the room in Synapse (`observe`), plan (`plan`),
-//! apply (`apply`, with `direct` and `publish`), write the status (`status`).
-//! Deletion is `cleanup`; `triggers` maps watch events to the rooms they
-//! concern.
+//! apply (`apply`, with `direct` and `publish`), write the status from the
+//! one `status::Ending` that came out (`status::write`, the only place).
+//! The values the steps hand each other live in `model`, so no step
+//! imports another's types and the modules form no circle. Deletion is
+//! `cleanup`; `triggers` maps watch events to the rooms they concern.
 
 mod apply;
 mod cleanup;
 mod desired;
 mod direct;
 pub mod fold;
+mod model;
 mod observe;
 pub mod plan;
 mod publish;
@@ -37,8 +40,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
-use observe::{Found, Located};
-use status::{Blocked, ALIAS_CONFLICT};
+use model::{Blocked, Found, Located, ALIAS_CONFLICT};
+use status::Ending;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -94,7 +97,9 @@ fn error_policy(room: Arc<MatrixRoom>, error: &Error, ctx: Arc<RoomContext>) -> 
     super::retry_after(room.as_ref(), error, &ctx.backoff, &ctx.stats.room_failures)
 }
 
-/// Converges one room: fold the desired room, observe, plan, apply, status.
+/// Converges one room, as one pipeline: fold the desired room, observe,
+/// plan and apply (`converge`), then write the status from the one
+/// [`Ending`] that came out of it.
 async fn apply(
     room: &MatrixRoom,
     api: &Api<MatrixRoom>,
@@ -106,37 +111,31 @@ async fn apply(
     let wanted = match desired::fold_desired(room, ctx, &perms)? {
         Ok(wanted) => wanted,
         Err(held) => {
-            status::blocked(room, api, ctx, &perms, &held.blocked).await?;
+            let no_outcomes = Default::default();
+            let ending = Ending::Blocked(held.blocked);
+            status::write(room, api, ctx, &perms, &no_outcomes, &ending).await?;
             return Ok(held.retry.map_or(resync, Action::requeue));
         }
     };
+    // A held room comes back by itself (its parent's changes trigger it); the requeue is a fallback.
     let next = wanted
         .held
         .as_ref()
         .and_then(|h| h.retry)
         .map_or_else(|| resync.clone(), Action::requeue);
-    if let Some(held) = &wanted.held {
-        if room_id_of(room).is_none() {
-            // Nothing in Synapse to enforce: wait without touching it.
-            status::blocked(room, api, ctx, &perms, &held.blocked).await?;
-            return Ok(next);
-        }
-    }
     tracing::debug!(room = %key(room), version = ?room.metadata.resource_version, members = wanted.desired.members.len(), held = ?wanted.held, "room reconcile");
-    let ns = room.namespace().unwrap_or_default();
     if wanted.held.is_none() {
-        if let Some(wait) = users_in_flight(&perms, ctx, &ns) {
+        if let Some(wait) = users_in_flight(&perms, ctx, &room.namespace().unwrap_or_default()) {
             tracing::debug!(room = %key(room), "waiting for users in flight");
             // Users being created right now: fold them in one go, not one write each.
             return Ok(Action::requeue(wait));
         }
     }
     let fingerprint = wanted.fingerprint(room);
-    let version = room.metadata.resource_version.as_deref();
     let mark = drift_mark(room);
     if ctx.memo.is_fresh(
         &key(room),
-        version,
+        room.metadata.resource_version.as_deref(),
         fingerprint,
         mark.as_deref(),
         super::freshness(&ctx.config),
@@ -145,27 +144,22 @@ async fn apply(
         tracing::debug!(room = %key(room), "fresh: nothing changed since the last convergence");
         return Ok(next);
     }
-    match converge(room, ctx, &wanted, fingerprint).await {
-        Ok(Ok(applied)) => {
+    let ending = match (&wanted.held, room_id_of(room)) {
+        // Held, and nothing in Synapse to enforce yet: wait without touching it.
+        (Some(held), None) => Ending::Blocked(held.blocked.clone()),
+        _ => converge(room, ctx, &wanted, fingerprint).await.into(),
+    };
+    let version = status::write(room, api, ctx, &perms, &wanted.outcomes, &ending).await?;
+    match ending {
+        Ending::Applied(_) => {
             ctx.backoff.reset(&key(room));
-            let version = match &wanted.held {
-                None => {
-                    status::converged(room, api, ctx, &perms, &wanted.outcomes, applied).await?
-                }
-                // Enforced what it could; still held back.
-                Some(held) => status::blocked(room, api, ctx, &perms, &held.blocked).await?,
-            };
             ctx.memo
                 .record(&key(room), [own_version, version], fingerprint, mark);
             Ok(next)
         }
-        Ok(Err(blocked)) => {
-            status::blocked(room, api, ctx, &perms, &blocked).await?;
-            Ok(resync)
-        }
-        Err(error) => {
+        Ending::Blocked(_) => Ok(next),
+        Ending::Failed(error) => {
             ctx.memo.forget(&key(room));
-            status::failed(room, api, ctx, &perms, &wanted.outcomes, &error).await;
             if error.is_transient() {
                 return Err(error);
             }
@@ -190,9 +184,9 @@ fn room_id_of(room: &MatrixRoom) -> Option<&str> {
 async fn converge(
     room: &MatrixRoom,
     ctx: &RoomContext,
-    wanted: &desired::Wanted,
+    wanted: &model::Wanted,
     fingerprint: u64,
-) -> Result<Result<apply::Applied, Blocked>, Error> {
+) -> Result<Result<status::AppliedEnding, Blocked>, Error> {
     // After an alias conflict the room may be found under the alias only.
     let resolve = status::previous_reason(room) == Some(ALIAS_CONFLICT);
     let alias = &wanted.alias;
@@ -243,9 +237,11 @@ async fn converge(
     if removals_only {
         room_plan = plan::removals_only(room_plan);
     }
-    apply::apply(room, ctx, wanted, found, room_plan, fingerprint)
-        .await
-        .map(Ok)
+    let applied = apply::apply(room, ctx, wanted, found, room_plan, fingerprint).await?;
+    Ok(Ok(status::AppliedEnding {
+        applied,
+        held: wanted.held.as_ref().map(|h| h.blocked.clone()),
+    }))
 }
 
 /// One audit line per Synapse mutation of this room.

@@ -2,6 +2,7 @@
 //! this object's is the marker's say.
 
 use super::desired::marker;
+use super::model::Located;
 use super::plan::{self, marker_matches, RoomAction};
 use super::RoomContext;
 use crate::api::MatrixRoom;
@@ -9,14 +10,6 @@ use crate::controller::{key, Error};
 use crate::synapse::rooms::RoomState;
 use ruma::{RoomAliasId, RoomId};
 use std::collections::BTreeSet;
-
-/// The room this object converges, as read before any write.
-pub(super) struct Found {
-    pub room_id: String,
-    pub state: RoomState,
-    /// Made by this reconcile (its creation is not drift).
-    pub created: bool,
-}
 
 /// A room's state as the admin account sees it. A `createRoom` cut short
 /// right after the create event leaves a room the admin account is not even
@@ -49,13 +42,6 @@ fn is_ours(room: &MatrixRoom, state: &RoomState, ctx: &RoomContext) -> bool {
         tracing::info!(room = %key(room), "completing a room whose creation was cut short");
     }
     unfinished
-}
-
-/// Where the room is, if it exists and is this object's.
-pub(super) enum Located {
-    Ours(String, RoomState),
-    Absent,
-    Foreign(String),
 }
 
 /// Finds the room: by status, else (when `resolve` is set) by alias; the

@@ -4,6 +4,7 @@
 
 use super::apply::Applied;
 use super::fold::PermissionOutcome;
+use super::model::{Blocked, Refusals};
 use super::{record, RoomContext};
 use crate::api::conditions::{self, Condition, READY};
 use crate::api::{MatrixRoom, MatrixRoomStatus, RoomPermission, RoomPermissionStatus};
@@ -18,32 +19,6 @@ use std::sync::Arc;
 /// Permission status writes in flight at once for one room.
 const PERMISSION_WRITES: usize = 8;
 
-/// The Ready reason of a room whose alias another object (or a foreign room) holds.
-pub(super) const ALIAS_CONFLICT: &str = "AliasConflict";
-
-/// Why a room cannot converge: written as Ready=False, nothing written to Synapse.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct Blocked {
-    pub reason: &'static str,
-    pub message: String,
-}
-
-impl Blocked {
-    pub fn new(reason: &'static str, message: String) -> Self {
-        Blocked { reason, message }
-    }
-
-    pub fn alias_conflict(message: String) -> Self {
-        Blocked::new(ALIAS_CONFLICT, message)
-    }
-
-    /// An alias conflict means the room is not (or no longer) this
-    /// object's: its status must not name it. Any other block keeps it.
-    fn keeps_room(&self) -> bool {
-        self.reason != ALIAS_CONFLICT
-    }
-}
-
 /// The Ready reason the object's status had before this reconcile.
 pub(super) fn previous_reason(room: &MatrixRoom) -> Option<&str> {
     room.status
@@ -52,15 +27,65 @@ pub(super) fn previous_reason(room: &MatrixRoom) -> Option<&str> {
         .map(|c| c.reason.as_str())
 }
 
-/// Writes the converged status from what was applied, then the permissions'.
-/// Returns the resourceVersion the status write produced (our own write).
-pub(super) async fn converged(
+/// How a room's reconcile ended: the one value its status is written from.
+pub(super) enum Ending {
+    /// Applied to Synapse (what Synapse refused for good is in it); still
+    /// held back when `held` says why.
+    Applied(Box<AppliedEnding>),
+    /// Nothing applied: why not.
+    Blocked(Blocked),
+    /// The convergence failed (a transient failure is retried).
+    Failed(Error),
+}
+
+pub(super) struct AppliedEnding {
+    pub applied: Applied,
+    pub held: Option<Blocked>,
+}
+
+impl From<Result<Result<AppliedEnding, Blocked>, Error>> for Ending {
+    fn from(result: Result<Result<AppliedEnding, Blocked>, Error>) -> Self {
+        match result {
+            Ok(Ok(applied)) => Ending::Applied(Box::new(applied)),
+            Ok(Err(blocked)) => Ending::Blocked(blocked),
+            Err(error) => Ending::Failed(error),
+        }
+    }
+}
+
+/// The one place a room's status (and its permissions') is written from.
+/// Returns the resourceVersion our own write produced, if any.
+pub(super) async fn write(
     room: &MatrixRoom,
     api: &Api<MatrixRoom>,
     ctx: &RoomContext,
     perms: &[Arc<RoomPermission>],
     outcomes: &BTreeMap<String, PermissionOutcome>,
-    applied: Applied,
+    ending: &Ending,
+) -> Result<Option<String>, Error> {
+    match ending {
+        Ending::Applied(ending) => match &ending.held {
+            None => converged(room, api, ctx, perms, outcomes, &ending.applied).await,
+            // Enforced what it could; still held back.
+            Some(held) => blocked(room, api, ctx, perms, held).await,
+        },
+        Ending::Blocked(held) => blocked(room, api, ctx, perms, held).await,
+        Ending::Failed(error) => {
+            failed(room, api, ctx, perms, outcomes, error).await;
+            Ok(None)
+        }
+    }
+}
+
+/// Writes the converged status from what was applied, then the permissions'.
+/// Returns the resourceVersion the status write produced (our own write).
+async fn converged(
+    room: &MatrixRoom,
+    api: &Api<MatrixRoom>,
+    ctx: &RoomContext,
+    perms: &[Arc<RoomPermission>],
+    outcomes: &BTreeMap<String, PermissionOutcome>,
+    applied: &Applied,
 ) -> Result<Option<String>, Error> {
     let refused = applied.refused();
     let ready = if refused.is_empty() {
@@ -93,7 +118,7 @@ pub(super) async fn converged(
     };
     let mut next = vec![ready];
     next.extend(applied.published().cloned());
-    let version = write_room_status(room, api, Facts::Applied(&applied), next).await?;
+    let version = write_room_status(room, api, Facts::Applied(applied), next).await?;
     write_permission_statuses(ctx, perms, outcomes, &RoomReadiness::Converged(refused)).await?;
     Ok(version)
 }
@@ -104,7 +129,7 @@ const SYNAPSE_REJECTED: &str = "SynapseRejected";
 /// Records a blocked room: condition, a Warning on transition, and its
 /// permissions waiting for it. Returns the resourceVersion the status write
 /// produced (our own write).
-pub(super) async fn blocked(
+async fn blocked(
     room: &MatrixRoom,
     api: &Api<MatrixRoom>,
     ctx: &RoomContext,
@@ -145,7 +170,7 @@ pub(super) async fn blocked(
 /// costs one write per room, not one per permission. A failure that waits
 /// for a change sets Ready=False on the room and its permissions, with a
 /// Warning Event.
-pub(super) async fn failed(
+async fn failed(
     room: &MatrixRoom,
     api: &Api<MatrixRoom>,
     ctx: &RoomContext,
@@ -255,7 +280,7 @@ async fn write_room_status(
 /// How the room's own reconcile went, which its permissions' statuses follow.
 enum RoomReadiness<'a> {
     /// Applied; each member's own refusals (if any) say more than the room.
-    Converged(&'a super::apply::Refusals),
+    Converged(&'a Refusals),
     /// The room is blocked or failed: every permission waits for it.
     NotReady(String),
 }
@@ -401,7 +426,7 @@ spec: {roomRef: {name: r}, userRef: {name: alice}}
     #[test]
     fn a_permission_follows_its_own_outcome_first_then_the_room() {
         let p = permission();
-        let none = super::super::apply::Refusals::default();
+        let none = Refusals::default();
         let applied = PermissionOutcome::Applied {
             user_id: "@alice:x".into(),
             power_level: 50,
@@ -428,7 +453,7 @@ spec: {roomRef: {name: r}, userRef: {name: alice}}
         assert!(permission_ready(&p, None, &RoomReadiness::Converged(&none)).is_none());
 
         // Its own member's refusal, or the power levels' when it has a level.
-        let mut refused = super::super::apply::Refusals::default();
+        let mut refused = Refusals::default();
         refused
             .members
             .insert("@bob:x".into(), "join @bob:x: refused".into());
