@@ -567,30 +567,50 @@ async fn a_direct_room_with_a_locked_member_converges_and_lists_it_on_unlock() {
     .await;
 }
 
-#[tokio::test]
-async fn a_room_whose_space_is_gone_stands_alone_and_keeps_enforcing() {
-    let env = TestEnv::new("orphan").await;
-    let ids = users(&env, &["banned", "stays", "newcomer"]).await;
+/// A group's space `group` and its event room `e1` (with `extra` in its
+/// spec), with two members, each `(MatrixUser name, user id)`: the space's
+/// and the event room's ids, once both members have joined.
+async fn group_with_event(
+    env: &TestEnv,
+    extra: Value,
+    members: [(&str, &str); 2],
+) -> (String, String) {
     env.create::<MatrixRoom>(
         0,
         "group",
         json!({"alias": unique("group"), "type": "Space"}),
     )
     .await;
-    env.create::<MatrixRoom>(
-        0,
-        "e1",
-        json!({"alias": unique("e1"), "joinRule": "restricted", "parentRef": {"name": "group"}}),
-    )
-    .await;
-    perm(&env, 0, "banned", "e1", "banned", json!({})).await;
-    perm(&env, 0, "stays", "e1", "stays", json!({})).await;
-    let space_id = converged_id(&env, "group").await;
-    let child_id = converged_id(&env, "e1").await;
+    let mut spec = json!({"alias": unique("e1"), "parentRef": {"name": "group"}});
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    env.create::<MatrixRoom>(0, "e1", spec).await;
+    for (name, _) in members {
+        perm(env, 0, name, "e1", name, json!({})).await;
+    }
+    let space_id = converged_id(env, "group").await;
+    let child_id = converged_id(env, "e1").await;
     wait_for("both members joined", || async {
-        let s = state_of(&env, &child_id).await;
-        (membership(&s, &ids[0]) == "join" && membership(&s, &ids[1]) == "join").then_some(())
+        let s = state_of(env, &child_id).await;
+        members
+            .iter()
+            .all(|(_, id)| membership(&s, id) == "join")
+            .then_some(())
     })
+    .await;
+    (space_id, child_id)
+}
+
+#[tokio::test]
+async fn a_room_whose_space_is_gone_stands_alone_and_keeps_enforcing() {
+    let env = TestEnv::new("orphan").await;
+    let ids = users(&env, &["banned", "stays", "newcomer"]).await;
+    let (space_id, child_id) = group_with_event(
+        &env,
+        json!({"joinRule": "restricted"}),
+        [("banned", &ids[0]), ("stays", &ids[1])],
+    )
     .await;
 
     // The group's space goes away: the event room stands alone.
@@ -633,26 +653,8 @@ async fn a_room_whose_space_is_gone_stands_alone_and_keeps_enforcing() {
 async fn a_room_held_back_applies_removals_and_nothing_else() {
     let env = TestEnv::new("held").await;
     let ids = users(&env, &["leaver", "stays", "newcomer"]).await;
-    env.create::<MatrixRoom>(
-        0,
-        "group",
-        json!({"alias": unique("group"), "type": "Space"}),
-    )
-    .await;
-    env.create::<MatrixRoom>(
-        0,
-        "e1",
-        json!({"alias": unique("e1"), "parentRef": {"name": "group"}}),
-    )
-    .await;
-    perm(&env, 0, "leaver", "e1", "leaver", json!({})).await;
-    perm(&env, 0, "stays", "e1", "stays", json!({})).await;
-    let child_id = converged_id(&env, "e1").await;
-    wait_for("both members joined", || async {
-        let s = state_of(&env, &child_id).await;
-        (membership(&s, &ids[0]) == "join" && membership(&s, &ids[1]) == "join").then_some(())
-    })
-    .await;
+    let (_, child_id) =
+        group_with_event(&env, json!({}), [("leaver", &ids[0]), ("stays", &ids[1])]).await;
 
     // Moved under a space that has no room (an older object holds its alias).
     let taken = unique("taken");
