@@ -362,25 +362,6 @@ async fn synapse_get(path: &str, query: &[(&str, &str)]) -> Result<Value, String
     Err(last)
 }
 
-async fn restart_synapse(down_seconds: u64) -> Result<Duration, String> {
-    let stack = Stack::get();
-    let started = Instant::now();
-    let status = tokio::process::Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/stack/restart-synapse.sh"
-    ))
-    .arg(format!("{}/stack.env", stack.var("STACK_DIR")))
-    .args(["--down", &down_seconds.to_string()])
-    .status()
-    .await
-    .map_err(|e| e.to_string())?;
-    if status.success() {
-        Ok(started.elapsed())
-    } else {
-        Err(format!("restart-synapse.sh: {status}"))
-    }
-}
-
 // --- readiness ------------------------------------------------------------------
 
 /// Objects of one kind that are not Ready=True for their current generation,
@@ -921,7 +902,7 @@ async fn main() {
         tokio::spawn(async move {
             tokio::time::sleep(at).await;
             let began = started.elapsed();
-            (began, restart_synapse(down).await)
+            (began, harness::restart_synapse(down).await)
         })
     };
 

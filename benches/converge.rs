@@ -730,6 +730,11 @@ async fn main() {
     } else {
         None
     };
+    let outage = if shortfall.is_none() {
+        Some(outage(&env).await)
+    } else {
+        None
+    };
 
     let total: u64 = requests.values().map(|(c, _)| c).sum();
     println!("\n=== make bench: {users} users, {rooms} rooms, {permission_count} permissions, Synapse concurrency {CONCURRENCY} ===");
@@ -814,6 +819,16 @@ async fn main() {
         }
         None => println!("full no-op resync and drift: not measured (not converged)"),
     }
+    match &outage {
+        Some(writes) => {
+            let line: Vec<String> = writes.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            println!(
+                "status writes and Events during a {OUTAGE_SECONDS} s Synapse outage met by a controller taking over, until it converged again: {}",
+                if line.is_empty() { "none".to_string() } else { line.join(", ") }
+            );
+        }
+        None => println!("outage: not measured (not converged)"),
+    }
     let objects = (users + rooms + permission_count) as f64;
     println!(
         "controller peak resident memory: {:.1} MiB ({:.1} KiB per object)",
@@ -882,6 +897,45 @@ async fn resync_and_drift(
 
     drop(resync);
     ((resync_writes, resync_reads, resync_time), drift)
+}
+
+/// How long the outage keeps Synapse down.
+const OUTAGE_SECONDS: u64 = 15;
+
+/// A Synapse outage met by a controller taking over (as after a leader
+/// hand-over, it reconciles every object, and every reconcile fails): the
+/// status writes and Events it costs, from the outage until every object
+/// is Ready again, by resource and verb. Nothing changed in the tenant, so
+/// the budget is none.
+async fn outage(env: &TestEnv) -> BTreeMap<String, u64> {
+    let before = api_requests_by_kind().await;
+    let down = tokio::spawn(harness::restart_synapse(OUTAGE_SECONDS));
+    // restart-synapse.sh has stopped Synapse well within this.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let takeover = start_controller(env).await;
+    down.await
+        .expect("restart task")
+        .expect("Synapse restarted");
+    // Its backoff (up to 16 s between tries by now) brings every object
+    // back; then nothing moves for 30 s.
+    let (mut last, mut still) = (BTreeMap::new(), 0);
+    for _ in 0..300 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = api_requests_by_kind().await;
+        still = if now == last { still + 1 } else { 0 };
+        if still == 15 {
+            break;
+        }
+        last = now;
+    }
+    drop(takeover);
+    last.into_iter()
+        .filter(|(kind, _)| kind.contains("/status ") || kind.starts_with("events "))
+        .filter_map(|(kind, n)| {
+            let added = n.saturating_sub(before.get(&kind).copied().unwrap_or(0));
+            (added > 0).then_some((kind, added))
+        })
+        .collect()
 }
 
 fn percentile(samples: &[f64], q: f64) -> f64 {

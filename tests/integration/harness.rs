@@ -734,3 +734,26 @@ async fn pipe(
     }
     let _ = to.shutdown().await;
 }
+
+/// Stops the stack's Synapse, keeps it down `down_seconds`, starts it again
+/// on the same port and database (`tests/stack/restart-synapse.sh`), and
+/// returns once it answers: how long that took.
+#[allow(dead_code)] // the benches'
+pub async fn restart_synapse(down_seconds: u64) -> Result<Duration, String> {
+    let stack = Stack::get();
+    let started = Instant::now();
+    let status = tokio::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/stack/restart-synapse.sh"
+    ))
+    .arg(format!("{}/stack.env", stack.var("STACK_DIR")))
+    .args(["--down", &down_seconds.to_string()])
+    .status()
+    .await
+    .map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(started.elapsed())
+    } else {
+        Err(format!("restart-synapse.sh: {status}"))
+    }
+}

@@ -633,6 +633,17 @@ async fn fail(
 ) -> Result<Action, Error> {
     ctx.memo.forget(&key(user));
     let user_id = user.status.as_ref().and_then(|s| s.user_id.clone());
+    let verdict = user
+        .status
+        .as_ref()
+        .is_some_and(|s| conditions::find(&s.conditions, READY).is_some());
+    if error.is_transient() && verdict {
+        // A blip or a hand-over: the last verdict stands, the retry is noted.
+        if let Err(status_error) = note_retry(user, api, &error).await {
+            tracing::warn!(user = %key(user), error = %status_error, "could not record the retry in status");
+        }
+        return Err(error);
+    }
     let ready = Condition::new(
         READY,
         false,
@@ -657,6 +668,30 @@ async fn fail(
         error.to_string(),
     );
     Ok(Action::requeue(jitter(ctx.config.resync_interval)))
+}
+
+/// Notes a transient failure in `Reconciling`, keeping every other
+/// condition (the last `Ready` stands); nothing is written when the note
+/// is already there.
+async fn note_retry(user: &MatrixUser, api: &Api<MatrixUser>, error: &Error) -> Result<(), Error> {
+    let existing = user.status.clone().unwrap_or_default();
+    let note = Condition::new(
+        conditions::RECONCILING,
+        true,
+        error.reason(),
+        format!("retrying: {error}"),
+        user.metadata.generation,
+    );
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let status = MatrixUserStatus {
+        conditions: conditions::merge(&existing.conditions, vec![note], now),
+        ..existing.clone()
+    };
+    if status != existing {
+        super::apply_status(api, user, &status).await?;
+    }
+    Ok(())
 }
 
 /// Server-side applies the status, skipping the write when nothing changed.
