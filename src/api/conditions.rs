@@ -171,6 +171,14 @@ pub fn merge(existing: &[Condition], next: Vec<Condition>, now: Time) -> Vec<Con
     merged
 }
 
+/// Whether `Ready` is True for `generation`: the object converged for its
+/// current spec.
+pub fn current_and_true(conditions: Option<&[Condition]>, generation: Option<i64>) -> bool {
+    conditions
+        .and_then(|c| find(c, READY))
+        .is_some_and(|r| r.is_true() && r.observed_generation == generation)
+}
+
 /// Finds a condition by type.
 pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
@@ -178,6 +186,20 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn converged_means_ready_for_the_current_generation() {
+        let ready = |status: bool, generation: i64| {
+            vec![Condition::new(READY, status, "R", "", Some(generation))]
+        };
+        assert!(current_and_true(Some(&ready(true, 2)), Some(2)));
+        assert!(
+            !current_and_true(Some(&ready(true, 1)), Some(2)),
+            "a newer spec waits"
+        );
+        assert!(!current_and_true(Some(&ready(false, 2)), Some(2)));
+        assert!(!current_and_true(None, Some(2)));
+    }
+
     use super::*;
 
     fn types(conditions: &[Condition]) -> Vec<(&str, &str)> {

@@ -179,6 +179,13 @@ async fn failed(
     error: &Error,
 ) {
     if error.is_transient() {
+        if conditions::current_and_true(
+            room.status.as_ref().map(|s| &s.conditions[..]),
+            room.metadata.generation,
+        ) {
+            // Converged for this generation: nothing waits on the retry.
+            return;
+        }
         let note = Condition::new(
             conditions::RECONCILING,
             true,

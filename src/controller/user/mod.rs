@@ -638,7 +638,15 @@ async fn fail(
         .as_ref()
         .is_some_and(|s| conditions::find(&s.conditions, READY).is_some());
     if error.is_transient() && verdict {
-        // A blip or a hand-over: the last verdict stands, the retry is noted.
+        // A blip or a hand-over: the last verdict stands, and the retry is
+        // noted only when a change waits on it.
+        let converged = conditions::current_and_true(
+            user.status.as_ref().map(|s| &s.conditions[..]),
+            user.metadata.generation,
+        );
+        if converged {
+            return Err(error);
+        }
         if let Err(status_error) = note_retry(user, api, &error).await {
             tracing::warn!(user = %key(user), error = %status_error, "could not record the retry in status");
         }
