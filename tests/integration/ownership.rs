@@ -2,10 +2,11 @@
 //! being enforced: asserted on Synapse.
 
 use crate::harness::{unique, wait_for, TestEnv};
-use crate::rooms::{as_user, login_as, membership, perm, state, urlencode, users};
+use crate::rooms::{
+    as_user, login_as, membership, perm, room_made_before, state, urlencode, users,
+};
 use kube::api::DeleteParams;
 use openmeet_matrix_operator::api::{MatrixRoom, RoomPermission};
-use openmeet_matrix_operator::synapse::rooms::CreateOutcome;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -107,21 +108,13 @@ async fn a_refused_power_levels_write_does_not_stop_a_kick() {
     let mut levels = serde_json::Map::new();
     levels.insert(env.synapse.admin_user_id().to_string(), json!(100));
     levels.insert(ids[0].clone(), json!(100));
-    let created = env
-        .synapse
-        .create_room(&json!({
-            "room_alias_name": format!("openmeet-{alias}"),
-            "room_version": "10",
-            "preset": "private_chat",
-            "initial_state": [{"type": "net.openmeet.owner", "state_key": "",
-                               "content": marker_of(&env, "old", &object)}],
-            "power_level_content_override": {"users": levels},
-        }))
-        .await
-        .unwrap();
-    let CreateOutcome::Created(old_id) = created else {
-        panic!("alias taken")
-    };
+    let old_id = room_made_before(
+        &env,
+        &object,
+        "10",
+        json!({"power_level_content_override": {"users": levels}}),
+    )
+    .await;
     let parsed = ruma::RoomId::parse(&old_id).unwrap();
     for user in &ids[..2] {
         let user = ruma::UserId::parse(user).unwrap();

@@ -63,6 +63,33 @@ pub(crate) fn membership(state: &RoomState, user: &str) -> String {
         .unwrap_or_else(|| "none".into())
 }
 
+/// A room that appears under the managed alias of `object` (in namespace
+/// 0) before the operator made one, as an earlier version of the platform
+/// would have: of `version`, carrying the object's marker, with `extra` in
+/// the `createRoom` body. Its room id.
+pub(crate) async fn room_made_before(
+    env: &TestEnv,
+    object: &MatrixRoom,
+    version: &str,
+    extra: Value,
+) -> String {
+    let marker = json!({"namespace": env.ns(0), "name": object.metadata.name.clone().unwrap(),
+                        "uid": object.metadata.uid.clone().unwrap()});
+    let mut body = json!({
+        "room_alias_name": format!("openmeet-{}", object.spec.alias),
+        "room_version": version,
+        "preset": "private_chat",
+        "initial_state": [{"type": "net.openmeet.owner", "state_key": "", "content": marker}],
+    });
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    match env.synapse.create_room(&body).await.unwrap() {
+        openmeet_matrix_operator::synapse::rooms::CreateOutcome::Created(id) => id,
+        _ => panic!("alias taken"),
+    }
+}
+
 /// An access token for a local user, minted through the admin API.
 pub(crate) async fn login_as(user_id: &str) -> String {
     login_as_for(user_id, 3_600_000).await

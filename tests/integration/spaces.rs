@@ -484,21 +484,7 @@ async fn an_adopted_room_too_old_for_restricted_joins_is_refused_untouched() {
         .await;
     // Meanwhile an older room of this object's appears under its alias
     // (say, made by an earlier version of the platform): room version 7.
-    let marker = json!({"namespace": env.ns(0), "name": "old",
-                        "uid": child.metadata.uid.clone().unwrap()});
-    let created = env
-        .synapse
-        .create_room(&json!({
-            "room_alias_name": format!("openmeet-{alias}"),
-            "room_version": "7",
-            "preset": "private_chat",
-            "initial_state": [{"type": "net.openmeet.owner", "state_key": "", "content": marker}],
-        }))
-        .await
-        .unwrap();
-    let openmeet_matrix_operator::synapse::rooms::CreateOutcome::Created(old_id) = created else {
-        panic!("alias taken")
-    };
+    let old_id = crate::rooms::room_made_before(&env, &child, "7", json!({})).await;
     env.create::<MatrixRoom>(
         0,
         "later",
