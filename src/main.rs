@@ -5,6 +5,7 @@ use kube::Client;
 use openmeet_matrix_operator::controller::own_joins::OwnJoins;
 use openmeet_matrix_operator::controller::{appservice, leader, Operator, OperatorConfig};
 use openmeet_matrix_operator::registration::{Registration, RegistrationParams};
+use openmeet_matrix_operator::mas::{MasClient, MasConfig};
 use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig, WriteGate};
 use openmeet_matrix_operator::{api, metrics, secrets, sidecar, telemetry};
 use std::collections::BTreeSet;
@@ -59,10 +60,74 @@ struct ServerArgs {
     sender_localpart: String,
 }
 
+/// Where accounts, logins and access tokens live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum AuthMode {
+    /// Synapse's own: accounts through its admin API, SSO through its
+    /// `oidc_providers`, credentials by login-as-user.
+    Synapse,
+    /// The Matrix Authentication Service: accounts through MAS's admin API.
+    Mas,
+}
+
+#[derive(Args)]
+struct MasArgs {
+    /// Where accounts live: Synapse's legacy login, or MAS (Synapse with
+    /// `matrix_authentication_service` enabled).
+    #[arg(long = "auth", env = "MATRIX_AUTH", value_enum, default_value = "synapse")]
+    auth: AuthMode,
+    /// MAS's base URL (MAS mode).
+    #[arg(long, env = "MAS_URL", required_if_eq("auth", "mas"))]
+    mas_url: Option<String>,
+    /// The operator's OAuth client in MAS (a ULID, listed in MAS's
+    /// `policy.data.admin_clients`).
+    #[arg(long, env = "MAS_CLIENT_ID", required_if_eq("auth", "mas"))]
+    mas_client_id: Option<String>,
+    /// File holding that client's secret (mounted from a Secret).
+    #[arg(long, env = "MAS_CLIENT_SECRET_FILE", required_if_eq("auth", "mas"))]
+    mas_client_secret_file: Option<PathBuf>,
+    /// The id (a ULID) of MAS's upstream OAuth provider that is the sidecar:
+    /// SSO subjects are linked on it.
+    #[arg(long, env = "MAS_UPSTREAM_PROVIDER", required_if_eq("auth", "mas"))]
+    mas_upstream_provider: Option<String>,
+}
+
+impl MasArgs {
+    /// The MAS client in MAS mode; `None` in Synapse mode.
+    fn client(&self, timeout: Duration) -> Result<Option<MasClient>, MainError> {
+        if self.auth != AuthMode::Mas {
+            return Ok(None);
+        }
+        let missing = |flag: &str| MainError::Config(format!("--auth mas needs {flag}"));
+        let secret_file = self
+            .mas_client_secret_file
+            .as_ref()
+            .ok_or_else(|| missing("--mas-client-secret-file"))?;
+        let client_secret = secrets::read_secret_file(secret_file)?;
+        let client = MasClient::new(MasConfig {
+            url: self.mas_url.clone().ok_or_else(|| missing("--mas-url"))?,
+            client_id: self
+                .mas_client_id
+                .clone()
+                .ok_or_else(|| missing("--mas-client-id"))?,
+            client_secret,
+            upstream_provider: self
+                .mas_upstream_provider
+                .clone()
+                .ok_or_else(|| missing("--mas-upstream-provider"))?,
+            timeout,
+        })
+        .map_err(|e| MainError::Config(e.to_string()))?;
+        Ok(Some(client))
+    }
+}
+
 #[derive(Args)]
 struct ControllerArgs {
     #[command(flatten)]
     server: ServerArgs,
+    #[command(flatten)]
+    mas: MasArgs,
     /// Base URL of Synapse's client API.
     #[arg(long, env = "SYNAPSE_URL")]
     synapse_url: String,
@@ -430,14 +495,24 @@ async fn kube_client() -> Result<Client, MainError> {
 async fn controller(args: ControllerArgs) -> Result<(), MainError> {
     let client = kube_client().await?;
     let as_token = read_token(&client, &args.as_token_secret, "as_token").await?;
-    let synapse = SynapseClient::new(SynapseConfig {
+    let timeout = Duration::from_secs(args.synapse_timeout_seconds);
+    let mut synapse = SynapseClient::new(SynapseConfig {
         url: args.synapse_url,
         server_name: args.server.server_name,
         admin_localpart: args.server.admin_localpart.clone(),
         as_token,
-        timeout: Duration::from_secs(args.synapse_timeout_seconds),
+        timeout,
     })?
     .with_request_limit(args.synapse_concurrency.into());
+    if let Some(mas) = args.mas.client(timeout)? {
+        // Said at start-up, and by /readyz until fixed; account writes
+        // wait for a token meanwhile, so nothing is written.
+        match mas.check_credentials().await {
+            Ok(()) => tracing::info!(mas = ?mas, "MAS mode: accounts through MAS's admin API"),
+            Err(e) => tracing::error!(error = %e, "MAS mode: the operator's MAS client cannot get a token"),
+        }
+        synapse = synapse.with_mas(mas);
+    }
     let mut reserved = OperatorConfig::builtin_reserved(
         &args.server.admin_localpart,
         &args.server.sender_localpart,

@@ -28,6 +28,8 @@ pub struct Sources {
     pub feed: Option<Arc<crate::controller::appservice::AppserviceStats>>,
 }
 
+const SYNAPSE_UNREACHABLE: &str = "Synapse is unreachable";
+
 /// What `/readyz` means: Synapse answers, and — on the replica that
 /// reconciles — the controllers' caches are complete. A standby replica is
 /// ready once Synapse answers: it serves the application-service endpoint.
@@ -35,7 +37,7 @@ pub struct Readiness {
     pub leading: std::sync::atomic::AtomicBool,
     pub synced: Arc<std::sync::atomic::AtomicBool>,
     pub synapse: crate::synapse::SynapseClient,
-    last_probe: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
+    last_probe: std::sync::Mutex<Option<(std::time::Instant, Result<(), &'static str>)>>,
 }
 
 impl Readiness {
@@ -57,19 +59,32 @@ impl Readiness {
             return Err("caches are syncing");
         }
         let cached = *self.last_probe.lock().expect("probe lock");
-        let reachable = match cached {
-            Some((at, ok)) if at.elapsed() < std::time::Duration::from_secs(5) => ok,
+        match cached {
+            Some((at, verdict)) if at.elapsed() < std::time::Duration::from_secs(5) => verdict,
             _ => {
-                let ok = self.synapse.reachable().await;
+                let verdict = self.probe().await;
                 *self.last_probe.lock().expect("probe lock") =
-                    Some((std::time::Instant::now(), ok));
-                ok
+                    Some((std::time::Instant::now(), verdict));
+                verdict
             }
-        };
-        if reachable {
-            Ok(())
-        } else {
-            Err("Synapse is unreachable")
+        }
+    }
+
+    /// Synapse answers; in MAS mode MAS answers too and grants the
+    /// operator's client a token (a wrong secret says so here).
+    async fn probe(&self) -> Result<(), &'static str> {
+        if !self.synapse.reachable().await {
+            return Err(SYNAPSE_UNREACHABLE);
+        }
+        match self.synapse.mas().map(|mas| mas.check_credentials()) {
+            None => Ok(()),
+            Some(check) => match check.await {
+                Ok(()) => Ok(()),
+                Err(crate::mas::MasError::Credentials(_)) => {
+                    Err("MAS refused the operator's client credentials")
+                }
+                Err(_) => Err("MAS is unreachable"),
+            },
         }
     }
 }
@@ -168,7 +183,8 @@ pub fn render(sources: &Sources) -> String {
         );
         // From the readiness probe's last answer; no sample before the first.
         let reachable = Family::<Labels, Gauge>::default();
-        if let Some((_, ok)) = *readiness.last_probe.lock().expect("probe lock") {
+        if let Some((_, verdict)) = *readiness.last_probe.lock().expect("probe lock") {
+            let ok = verdict != Err(SYNAPSE_UNREACHABLE);
             reachable.get_or_create(&Vec::new()).set(ok as i64);
         }
         registry.register(

@@ -57,6 +57,8 @@ pub const OWNER_PROVIDER: &str = "net.openmeet.owner";
 pub enum Error {
     #[error(transparent)]
     Synapse(#[from] SynapseError),
+    #[error(transparent)]
+    Mas(#[from] crate::mas::MasError),
     #[error("Kubernetes API error: {0}")]
     Kube(#[from] kube::Error),
     #[error("finalizer error: {0}")]
@@ -71,6 +73,9 @@ impl Error {
         match self {
             Error::Synapse(e) if e.is_transient() => "SynapseUnavailable",
             Error::Synapse(_) => "SynapseRejected",
+            Error::Mas(crate::mas::MasError::Credentials(_)) => "MasCredentialsRejected",
+            Error::Mas(e) if e.is_transient() => "MasUnavailable",
+            Error::Mas(_) => "MasRejected",
             Error::Kube(_) | Error::Finalizer(_) => "KubernetesError",
             Error::Invalid(_) => "InvalidSpec",
         }
@@ -80,6 +85,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Synapse(e) => e.is_transient(),
+            Error::Mas(e) => e.is_transient(),
             Error::Kube(_) | Error::Finalizer(_) => true,
             Error::Invalid(_) => false,
         }

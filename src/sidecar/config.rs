@@ -31,6 +31,9 @@ pub struct SidecarConfig {
     pub handles: HandlesConfig,
     #[serde(default)]
     pub pending_account: PendingAccountConfig,
+    /// MAS mode: credentials are MAS personal sessions.
+    #[serde(default)]
+    pub mas: Option<MasConfig>,
     /// Only `MatrixUser`s in this namespace (default: all).
     pub namespace: Option<String>,
     /// Only `MatrixUser`s matching this label selector.
@@ -109,6 +112,18 @@ pub struct HomeserverConfig {
     pub as_token_secret: Option<String>,
     /// Or a file holding it.
     pub as_token_file: Option<PathBuf>,
+}
+
+/// MAS, when the homeserver delegates authentication to it: the credential
+/// API mints MAS personal sessions through the operator's admin client.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MasConfig {
+    pub url: String,
+    /// The operator's OAuth client (a ULID in MAS's admin clients).
+    pub client_id: String,
+    /// A file holding its secret.
+    pub client_secret_file: PathBuf,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -1,7 +1,9 @@
 //! The credential API: a platform JWT in, a short-lived Matrix access token
 //! for that user's own account out. Tokens are minted with Synapse's
-//! login-as-user (always with `valid_until_ms`), reused until close to
-//! expiry, and logged out as soon as the account stops being usable.
+//! login-as-user (always with `valid_until_ms`), or in MAS mode as MAS
+//! personal sessions (with an expiry and a device of their own, listed in
+//! the user's sessions), reused until close to expiry, and ended as soon as
+//! the account stops being usable.
 
 use super::directory::{Account, Directory, LookupError};
 use super::platform::{PlatformError, PlatformVerifier};
@@ -43,6 +45,14 @@ struct Minted {
     account: Account,
     access_token: String,
     expires_at: SystemTime,
+    /// MAS mode: the personal session and its device, ended to revoke it.
+    session: Option<Session>,
+}
+
+#[derive(Clone)]
+struct Session {
+    id: String,
+    device_id: String,
 }
 
 pub struct CredentialService {
@@ -160,11 +170,42 @@ impl CredentialService {
             .synapse
             .user_id(&account.localpart)
             .map_err(synapse_error)?;
-        let access_token = self
-            .synapse
-            .login_as(&user_id, valid_until_ms)
-            .await
-            .map_err(synapse_error)?;
+        let (access_token, session) = match self.synapse.mas() {
+            Some(mas) => {
+                // A personal session in MAS, with a device of its own so
+                // that revoking it ends the token in Synapse at once.
+                let user = mas
+                    .user_by_username(&account.localpart)
+                    .await
+                    .map_err(mas_error)?
+                    .ok_or_else(|| {
+                        ApiError::new(409, "user_not_ready", "the account is not in MAS yet")
+                    })?;
+                let device_id = device_id();
+                let minted = mas
+                    .personal_session(
+                        &user.id,
+                        "OpenMeet credential API",
+                        &device_id,
+                        self.settings.token_lifetime,
+                    )
+                    .await
+                    .map_err(mas_error)?;
+                let session = Session {
+                    id: minted.session_id,
+                    device_id,
+                };
+                (minted.access_token, Some(session))
+            }
+            None => {
+                let token = self
+                    .synapse
+                    .login_as(&user_id, valid_until_ms)
+                    .await
+                    .map_err(synapse_error)?;
+                (token, None)
+            }
+        };
         tracing::info!(user = %account.user_id, object = %key, "credentials: token minted");
         let answer = self.answer(&account.user_id, &access_token, expires_at);
         let replaced = self.cache.lock().expect("cache lock").insert(
@@ -173,6 +214,7 @@ impl CredentialService {
                 account: account.clone(),
                 access_token,
                 expires_at,
+                session,
             },
         );
         // The token it replaces is close to expiry; end it now rather than
@@ -181,7 +223,7 @@ impl CredentialService {
             if old.expires_at > now {
                 let synapse = self.synapse.clone();
                 tokio::spawn(async move {
-                    let _ = synapse.logout_token(&old.access_token).await;
+                    let _ = end(&synapse, &old).await;
                 });
             }
         }
@@ -245,7 +287,7 @@ impl CredentialService {
         let mut revoked = 0;
         let mut retry = Vec::new();
         for minted in work {
-            match self.synapse.logout_token(&minted.access_token).await {
+            match end(&self.synapse, &minted).await {
                 Ok(()) => {
                     revoked += 1;
                     tracing::info!(
@@ -289,6 +331,58 @@ impl CredentialService {
             }
             self.revoke_unusable().await;
         }
+    }
+}
+
+/// Ends a minted token: a logout in Synapse mode; in MAS mode the
+/// personal session is revoked and its device deleted (Synapse caches
+/// MAS's answer about a token, but checks its device on every request).
+async fn end(synapse: &SynapseClient, minted: &Minted) -> Result<(), String> {
+    match (synapse.mas(), &minted.session) {
+        (Some(mas), Some(session)) => {
+            mas.end_session(crate::mas::SessionKind::Personal, &session.id)
+                .await
+                .map_err(|e| e.to_string())?;
+            let user_id = synapse
+                .user_id(&minted.account.localpart)
+                .map_err(|e| e.to_string())?;
+            synapse
+                .delete_devices(&user_id, std::slice::from_ref(&session.device_id))
+                .await
+                .map_err(|e| e.to_string())
+        }
+        _ => synapse
+            .logout_token(&minted.access_token)
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// A fresh device id for a personal session (Matrix device ids are opaque).
+fn device_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut rng = rand::rng();
+    let tail: String = (0..10)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("OPENMEET{tail}")
+}
+
+fn mas_error(e: crate::mas::MasError) -> ApiError {
+    tracing::warn!(error = %untrusted(&e), "credentials: MAS call failed");
+    if e.is_transient() {
+        ApiError::new(
+            503,
+            "homeserver_unavailable",
+            "the homeserver is unavailable",
+        )
+    } else {
+        ApiError::new(
+            502,
+            "homeserver_refused",
+            "the homeserver refused to issue a token",
+        )
     }
 }
 

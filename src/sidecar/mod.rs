@@ -225,6 +225,8 @@ pub struct Settings {
     pub platform: platform::PlatformSettings,
     pub login: Option<oidc::LoginRedirect>,
     pub synapse: SynapseConfig,
+    /// MAS mode: credentials are MAS personal sessions.
+    pub mas: Option<crate::mas::MasConfig>,
     pub homeserver_public_url: String,
     pub credentials: credentials::CredentialSettings,
     pub handles: handles::HandleSettings,
@@ -349,6 +351,17 @@ impl Settings {
             }
         };
         let url = required(hs.url, "homeserver.url")?;
+        let mas = match config.mas {
+            Some(m) => Some(crate::mas::MasConfig {
+                url: m.url,
+                client_id: m.client_id,
+                client_secret: read_secret_file(&m.client_secret_file)?,
+                // The sidecar makes no links.
+                upstream_provider: String::new(),
+                timeout: Duration::from_secs(10),
+            }),
+            None => None,
+        };
         let c = config.credentials;
         let o = config.oidc;
         let defaults = oidc::Lifetimes::default();
@@ -409,6 +422,7 @@ impl Settings {
                 as_token,
                 timeout: Duration::from_secs(10),
             },
+            mas,
             credentials,
             handles,
             pending: pending::PendingSettings {
@@ -696,7 +710,12 @@ pub async fn run(
     let keys = keys::Keys::open(settings.keys_dir.clone(), settings.active_kid.clone())?;
     let verifier = platform::PlatformVerifier::new(settings.platform.clone());
     let (directory, watches) = directory::Directory::start(kube.clone(), &settings.scope);
-    let synapse = SynapseClient::new(settings.synapse.clone())?;
+    let mut synapse = SynapseClient::new(settings.synapse.clone())?;
+    if let Some(mas) = settings.mas.clone() {
+        let mas =
+            crate::mas::MasClient::new(mas).map_err(|e| Error::Config(format!("mas: {e}")))?;
+        synapse = synapse.with_mas(mas);
+    }
     let metrics = SidecarMetrics::new(synapse.stats_handle());
     // Several replicas share the record of redeemed codes through Leases.
     let redemptions = match &settings.state_namespace {

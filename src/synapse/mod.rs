@@ -129,6 +129,8 @@ pub struct SynapseClient {
     write_gate: Option<WriteGate>,
     /// Bounds the requests this client and its clones have in flight.
     in_flight: Option<Arc<tokio::sync::Semaphore>>,
+    /// MAS, in MAS mode: accounts, logins and tokens live there.
+    mas: Option<crate::mas::MasClient>,
 }
 
 /// Whether writes may leave this process: the controller's client holds one
@@ -211,13 +213,33 @@ impl SynapseClient {
             stats: Arc::default(),
             write_gate: None,
             in_flight: None,
+            mas: None,
         })
     }
 
-    /// The same client with its writes going through `gate`.
+    /// The same client with its writes going through `gate` (MAS's too).
     pub fn with_write_gate(mut self, gate: WriteGate) -> Self {
+        if let Some(mas) = &mut self.mas {
+            mas.set_write_gate(gate.clone());
+        }
         self.write_gate = Some(gate);
         self
+    }
+
+    /// The same client in MAS mode: account calls go to `mas`, which shares
+    /// this client's counters, write gate and limit on requests in flight.
+    pub fn with_mas(mut self, mas: crate::mas::MasClient) -> Self {
+        self.mas = Some(mas.sharing(
+            self.stats.clone(),
+            self.write_gate.clone(),
+            self.in_flight.clone(),
+        ));
+        self
+    }
+
+    /// MAS, when the homeserver delegates authentication to it.
+    pub fn mas(&self) -> Option<&crate::mas::MasClient> {
+        self.mas.as_ref()
     }
 
     /// The same client with at most `limit` requests in flight, shared by

@@ -43,6 +43,21 @@ pub enum RequestKind {
     DeleteDevices,
     GetAccountData,
     PutAccountData,
+    /// MAS (in MAS mode): the admin client's token.
+    MasToken,
+    MasGetUser,
+    MasCreateUser,
+    /// Lock, unlock, set-admin, deactivate.
+    MasSetUser,
+    MasListEmails,
+    MasAddEmail,
+    MasDeleteEmail,
+    MasListLinks,
+    MasAddLink,
+    MasDeleteLink,
+    MasListSessions,
+    MasEndSession,
+    MasAddPersonalSession,
 }
 
 impl RequestKind {
@@ -59,6 +74,11 @@ impl RequestKind {
                 | RequestKind::FindUserByExternalId
                 | RequestKind::ListDevices
                 | RequestKind::GetAccountData
+                | RequestKind::MasToken
+                | RequestKind::MasGetUser
+                | RequestKind::MasListEmails
+                | RequestKind::MasListLinks
+                | RequestKind::MasListSessions
         )
     }
 
@@ -93,6 +113,19 @@ impl RequestKind {
             RequestKind::DeleteDevices => "delete_devices",
             RequestKind::GetAccountData => "get_account_data",
             RequestKind::PutAccountData => "put_account_data",
+            RequestKind::MasToken => "mas_token",
+            RequestKind::MasGetUser => "mas_get_user",
+            RequestKind::MasCreateUser => "mas_create_user",
+            RequestKind::MasSetUser => "mas_set_user",
+            RequestKind::MasListEmails => "mas_list_emails",
+            RequestKind::MasAddEmail => "mas_add_email",
+            RequestKind::MasDeleteEmail => "mas_delete_email",
+            RequestKind::MasListLinks => "mas_list_links",
+            RequestKind::MasAddLink => "mas_add_link",
+            RequestKind::MasDeleteLink => "mas_delete_link",
+            RequestKind::MasListSessions => "mas_list_sessions",
+            RequestKind::MasEndSession => "mas_end_session",
+            RequestKind::MasAddPersonalSession => "mas_add_personal_session",
         }
     }
 }

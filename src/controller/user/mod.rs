@@ -1,5 +1,6 @@
 //! `MatrixUser` controller: the I/O shell around [`plan`].
 
+pub mod account;
 pub mod handle;
 pub mod plan;
 
@@ -14,6 +15,7 @@ use super::{Context, Deps, Error, OWNER_PROVIDER};
 use crate::api::conditions::{self, Condition, READY};
 use crate::api::{MatrixUser, MatrixUserStatus};
 use crate::synapse::{ExternalId, UserUpsert};
+use account::Accounts;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
@@ -273,7 +275,9 @@ async fn apply(
         unlock_allowed: false,
     };
     let lock = LockRecord::of(user, ctx.config.credential_token_lifetime);
-    desired.unlock_allowed = lock.may_lift();
+    // Where every session can be found and ended (MAS), a lock lifts at once.
+    desired.unlock_allowed =
+        lock.may_lift() || Accounts::of(&ctx.synapse).sessions_are_enumerable();
     if let Some(blocked) = precheck(&desired) {
         block(user, api, ctx, blocked).await?;
         return Ok(resync);
@@ -403,33 +407,36 @@ async fn converge(
     desired: &mut Desired<'_>,
     ctx: &Context,
 ) -> Result<Result<Converged, Blocked>, Error> {
-    let observed = ctx.synapse.get_user(user_id).await?;
-    let mut planned = plan(desired, observed.as_ref());
+    let accounts = Accounts::of(&ctx.synapse);
+    let observed = account::observe(accounts, user_id, desired.sso_provider).await?;
+    let view = observed.as_ref().map(|o| &o.view);
+    let mut planned = plan(desired, view);
     let mut email_releasing = false;
     if let UserPlan::Converge { actions, .. } = &planned {
-        let writes = global_writes(actions, observed.as_ref(), desired.sso_provider);
+        let writes = global_writes(actions, view, desired.sso_provider);
         if let Some(subject) = &writes.sso_subject {
-            let holder = ctx
-                .synapse
-                .user_by_external_id(desired.sso_provider, subject)
-                .await?;
+            let holder =
+                account::subject_holder(accounts, observed.as_ref(), desired.sso_provider, subject)
+                    .await?;
             if holder.is_some_and(|h| h != user_id.as_str()) {
-                tracing::info!(user = %key(user), "SSO subject linked to another account in Synapse");
+                tracing::info!(user = %key(user), "SSO subject linked to another account");
                 return Ok(Err(Blocked::SubjectConflict));
             }
         }
         for email in &writes.emails {
-            let holder = ctx.synapse.user_by_email(email).await?;
+            let holder = account::email_holder(accounts, observed.as_ref(), email).await?;
             if let Some(holder) = holder.filter(|h| h != user_id.as_str()) {
-                tracing::info!(user = %key(user), "email held by another account in Synapse");
+                tracing::info!(user = %key(user), "email held by another account");
                 desired.email_held = false;
                 email_releasing |= releasing(ctx, &holder, email);
             }
         }
         if !desired.email_held {
-            planned = plan(desired, observed.as_ref());
+            planned = plan(desired, view);
         }
     }
+    let unlock_waits = unlock_waits(desired, view);
+    let mut mas_account = observed.and_then(|o| o.mas);
     match planned {
         UserPlan::Blocked(blocked) => Ok(Err(blocked)),
         UserPlan::Converge { actions, adopts } => {
@@ -449,16 +456,38 @@ async fn converge(
                         change,
                     ),
                     UserAction::EndSessions => {
-                        end_sessions(user, user_id, ctx).await?;
+                        end_sessions(user, user_id, ctx, accounts, mas_account.as_ref()).await?;
                         continue;
                     }
                 };
-                ctx.synapse.upsert_user(user_id, change).await?;
+                match accounts {
+                    Accounts::Synapse(synapse) => synapse.upsert_user(user_id, change).await?,
+                    Accounts::Mas(mas, synapse) => {
+                        let change = match &action {
+                            UserAction::Create(create) => {
+                                mas_account =
+                                    Some(account::create_in_mas(mas, user_id, create).await?);
+                                // Name and avatar went with the create.
+                                UserUpsert {
+                                    displayname: None,
+                                    avatar_url: None,
+                                    ..create.clone()
+                                }
+                            }
+                            _ => change.clone(),
+                        };
+                        let Some(account) = mas_account.as_ref() else {
+                            return Err(Error::Invalid("no MAS account to update".into()));
+                        };
+                        let calls = account::mas_calls(&change, account, desired.sso_provider);
+                        account::apply_mas(mas, synapse, user_id, account, &calls).await?;
+                    }
+                }
                 record_mutation(user, ctx, verb, user_id.as_str(), change);
             }
             Ok(Ok(Converged {
                 pending_version,
-                unlock_waits: unlock_waits(desired, observed.as_ref()),
+                unlock_waits,
                 email_releasing,
             }))
         }
@@ -488,24 +517,37 @@ fn releasing(ctx: &Context, holder: &str, email: &str) -> bool {
         .any(|u| u.spec.email.as_deref().map(str::to_lowercase) != Some(email.to_lowercase()))
 }
 
-/// Deletes every device of the account, which ends its sessions (their
-/// access tokens die). Nothing is written when it has none.
+/// Ends every session of the account: in Synapse mode by deleting its
+/// devices (their access tokens die), in MAS mode by ending its MAS
+/// sessions and then its devices. Nothing is written when it has none.
 async fn end_sessions(
     user: &MatrixUser,
     user_id: &ruma::UserId,
     ctx: &Context,
+    accounts: Accounts<'_>,
+    mas_account: Option<&account::MasAccount>,
 ) -> Result<(), Error> {
-    let devices = ctx.synapse.list_devices(user_id).await?;
-    if devices.is_empty() {
+    let count = match (accounts, mas_account) {
+        (Accounts::Mas(mas, synapse), Some(account)) => {
+            account::end_mas_sessions(mas, synapse, user_id, account).await?
+        }
+        _ => {
+            let devices = ctx.synapse.list_devices(user_id).await?;
+            if !devices.is_empty() {
+                ctx.synapse.delete_devices(user_id, &devices).await?;
+            }
+            devices.len()
+        }
+    };
+    if count == 0 {
         return Ok(());
     }
-    ctx.synapse.delete_devices(user_id, &devices).await?;
     audit::mutation(
         user,
         "SessionsEnded",
         Subject::Sessions {
             user_id: user_id.as_str(),
-            count: devices.len(),
+            count,
         },
     );
     publish(
@@ -514,7 +556,7 @@ async fn end_sessions(
         EventType::Normal,
         "SessionsEnded",
         "Converge",
-        format!("{user_id}: ended {} session(s)", devices.len()),
+        format!("{user_id}: ended {count} session(s)"),
     );
     Ok(())
 }
@@ -530,18 +572,23 @@ async fn cleanup(
     }
     let result: Result<(), Error> = async {
         let user_id = ctx.synapse.user_id(&user.spec.localpart)?;
-        let observed = ctx.synapse.get_user(&user_id).await?;
+        let accounts = Accounts::of(&ctx.synapse);
+        let sso_provider = ctx.config.sso_provider();
+        let observed = account::observe(accounts, &user_id, &sso_provider).await?;
         let (erase, verb) = match plan_cleanup(
             user.spec.deletion_policy,
             &owner_marker(user),
             legacy_marker(user, user_id.as_str()).as_ref(),
-            observed.as_ref(),
+            observed.as_ref().map(|o| &o.view),
         ) {
             CleanupAction::Nothing => return Ok(()),
             CleanupAction::Deactivate => (false, "AccountDeactivated"),
             CleanupAction::Erase => (true, "AccountErased"),
         };
-        ctx.synapse.deactivate_user(&user_id, erase).await?;
+        match (accounts, observed.and_then(|o| o.mas)) {
+            (Accounts::Mas(mas, _), Some(account)) => mas.deactivate(&account.user.id, erase).await?,
+            _ => ctx.synapse.deactivate_user(&user_id, erase).await?,
+        }
         let change = UserUpsert {
             deactivated: Some(true),
             ..Default::default()
