@@ -14,6 +14,7 @@ use openmeet_matrix_operator::api::conditions::{find, READY};
 use openmeet_matrix_operator::api::MatrixUser;
 use openmeet_matrix_operator::controller::own_joins::OwnJoins;
 use openmeet_matrix_operator::controller::{appservice, Operator, OperatorConfig, ReconcileStats};
+use openmeet_matrix_operator::mas::{MasClient, MasConfig};
 use openmeet_matrix_operator::sidecar;
 use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig};
 use rand::distr::{Alphanumeric, SampleString};
@@ -290,6 +291,38 @@ impl Stack {
     pub fn synapse(&self) -> SynapseClient {
         self.synapse_at(self.var("SYNAPSE_URL"))
     }
+
+    /// Whether the stack runs Synapse with MAS (`MATRIX_AUTH=mas`).
+    pub fn is_mas(&self) -> bool {
+        self.env.get("MATRIX_AUTH").map(String::as_str) == Some("mas")
+    }
+
+    /// The operator's MAS admin client, in MAS mode.
+    pub fn mas(&self) -> Option<MasClient> {
+        if !self.is_mas() {
+            return None;
+        }
+        let secret = std::fs::read_to_string(self.var("MAS_CLIENT_SECRET_FILE"))
+            .expect("MAS client secret");
+        Some(
+            MasClient::new(MasConfig {
+                url: self.var("MAS_URL").to_string(),
+                client_id: self.var("MAS_CLIENT_ID").to_string(),
+                client_secret: secret.trim().to_string(),
+                upstream_provider: self.var("MAS_UPSTREAM_PROVIDER").to_string(),
+                timeout: Duration::from_secs(10),
+            })
+            .expect("MAS client"),
+        )
+    }
+
+    /// `synapse` as the operator holds it in the stack's auth mode.
+    pub fn in_auth_mode(&self, synapse: SynapseClient) -> SynapseClient {
+        match self.mas() {
+            Some(mas) => synapse.with_mas(mas),
+            None => synapse,
+        }
+    }
 }
 
 fn start_stack() -> (String, Option<Child>) {
@@ -411,7 +444,7 @@ impl TestEnv {
         };
         let operator = Operator::new(
             client.clone(),
-            operator_synapse.clone().with_request_limit(16),
+            stack.in_auth_mode(operator_synapse.clone().with_request_limit(16)),
             config,
         )
         // The test process's endpoint serves every in-process operator.
@@ -655,6 +688,17 @@ pub fn controller_command(env: &TestEnv) -> tokio::process::Command {
         .env("METRICS_LISTEN", "127.0.0.1:0")
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true);
+    if stack.is_mas() {
+        for key in [
+            "MATRIX_AUTH",
+            "MAS_URL",
+            "MAS_CLIENT_ID",
+            "MAS_CLIENT_SECRET_FILE",
+            "MAS_UPSTREAM_PROVIDER",
+        ] {
+            cmd.env(key, stack.var(key));
+        }
+    }
     cmd
 }
 

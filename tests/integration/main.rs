@@ -9,6 +9,7 @@ mod ha;
 mod hardening;
 mod harm;
 mod harness;
+mod mas;
 mod health;
 mod ownership;
 mod platform_kit;
