@@ -4,8 +4,8 @@ use clap::{Args, Parser, Subcommand};
 use kube::Client;
 use openmeet_matrix_operator::controller::own_joins::OwnJoins;
 use openmeet_matrix_operator::controller::{appservice, leader, Operator, OperatorConfig};
-use openmeet_matrix_operator::registration::{Registration, RegistrationParams};
 use openmeet_matrix_operator::mas::{MasClient, MasConfig};
+use openmeet_matrix_operator::registration::{Registration, RegistrationParams};
 use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig, WriteGate};
 use openmeet_matrix_operator::{api, metrics, secrets, sidecar, telemetry};
 use std::collections::BTreeSet;
@@ -74,7 +74,12 @@ enum AuthMode {
 struct MasArgs {
     /// Where accounts live: Synapse's legacy login, or MAS (Synapse with
     /// `matrix_authentication_service` enabled).
-    #[arg(long = "auth", env = "MATRIX_AUTH", value_enum, default_value = "synapse")]
+    #[arg(
+        long = "auth",
+        env = "MATRIX_AUTH",
+        value_enum,
+        default_value = "synapse"
+    )]
     auth: AuthMode,
     /// MAS's base URL (MAS mode).
     #[arg(long, env = "MAS_URL", required_if_eq("auth", "mas"))]
@@ -509,7 +514,9 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
         // wait for a token meanwhile, so nothing is written.
         match mas.check_credentials().await {
             Ok(()) => tracing::info!(mas = ?mas, "MAS mode: accounts through MAS's admin API"),
-            Err(e) => tracing::error!(error = %e, "MAS mode: the operator's MAS client cannot get a token"),
+            Err(e) => {
+                tracing::error!(error = %e, "MAS mode: the operator's MAS client cannot get a token")
+            }
         }
         synapse = synapse.with_mas(mas);
     }

@@ -302,8 +302,8 @@ impl Stack {
         if !self.is_mas() {
             return None;
         }
-        let secret = std::fs::read_to_string(self.var("MAS_CLIENT_SECRET_FILE"))
-            .expect("MAS client secret");
+        let secret =
+            std::fs::read_to_string(self.var("MAS_CLIENT_SECRET_FILE")).expect("MAS client secret");
         Some(
             MasClient::new(MasConfig {
                 url: self.var("MAS_URL").to_string(),

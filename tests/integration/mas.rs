@@ -13,7 +13,6 @@ use openmeet_matrix_operator::synapse::ExternalId;
 use reqwest::StatusCode;
 use serde_json::json;
 
-
 fn mas() -> MasClient {
     Stack::get()
         .mas()
@@ -78,7 +77,10 @@ async fn a_user_lives_in_mas_and_synapse_mirrors_it_through_every_change() {
     let user_id = env.user_id(&localpart);
     let mirror = env.synapse.get_user(&user_id).await.unwrap().unwrap();
     assert_eq!(mirror.displayname.as_deref(), Some("Alice"));
-    assert_eq!(mirror.avatar_url.as_deref(), Some("mxc://openmeet.test/abc"));
+    assert_eq!(
+        mirror.avatar_url.as_deref(),
+        Some("mxc://openmeet.test/abc")
+    );
     assert_eq!(mirror.external_ids, [marker(&env, 0, "alice").await]);
     env.wait_event(0, "alice", "AccountCreated", 1).await;
 
@@ -190,7 +192,7 @@ async fn global_claims_and_tenant_qualified_subjects_hold_in_mas() {
     env.wait_ready(1, "second", false, "EmailConflict").await;
     let second = mas_user(&second_lp).await.unwrap();
     assert!(mas_emails(&second).await.is_empty());
-    assert_eq!(mas_emails(&first).await, [email.clone()]);
+    assert_eq!(mas_emails(&first).await, [email]);
     // Equal platform subjects in two tenants never collide.
     assert_eq!(
         mas_links(&first).await,
@@ -203,7 +205,10 @@ async fn global_claims_and_tenant_qualified_subjects_hold_in_mas() {
 
     // An account made in MAS by someone else is not adopted, nor touched.
     let foreign = unique("foreign");
-    let made = mas().create_user(&foreign, Some("Theirs"), None).await.unwrap();
+    let made = mas()
+        .create_user(&foreign, Some("Theirs"), None)
+        .await
+        .unwrap();
     env.create_user(
         0,
         "foreign",
@@ -235,7 +240,10 @@ async fn credentials_are_mas_personal_sessions_that_a_lock_ends_for_good() {
     assert_eq!(status, StatusCode::OK, "{creds}");
     let access = creds["access_token"].as_str().unwrap().to_string();
     let (status, me) = whoami(synapse, &access).await;
-    assert_eq!((status, me["user_id"].as_str()), (StatusCode::OK, Some(user_id.as_str())));
+    assert_eq!(
+        (status, me["user_id"].as_str()),
+        (StatusCode::OK, Some(user_id.as_str()))
+    );
     // Visible to the user (and to MAS's admins) as a session of theirs.
     let user = mas_user(&localpart).await.unwrap();
     let sessions = mas()
@@ -284,9 +292,21 @@ async fn rooms_and_permissions_converge_unchanged_in_mas_mode() {
         env.wait_condition::<MatrixUser>(0, name, true, "Converged")
             .await;
     }
-    env.create::<MatrixRoom>(0, "meetup", json!({"alias": unique("mas-room"), "name": "Meetup"}))
-        .await;
-    perm(&env, 0, "p-host", "meetup", "host", json!({"role": "Admin"})).await;
+    env.create::<MatrixRoom>(
+        0,
+        "meetup",
+        json!({"alias": unique("mas-room"), "name": "Meetup"}),
+    )
+    .await;
+    perm(
+        &env,
+        0,
+        "p-host",
+        "meetup",
+        "host",
+        json!({"role": "Admin"}),
+    )
+    .await;
     perm(&env, 0, "p-guest", "meetup", "guest", json!({})).await;
     for p in ["p-host", "p-guest"] {
         env.wait_condition::<RoomPermission>(0, p, true, "Converged")
@@ -296,8 +316,14 @@ async fn rooms_and_permissions_converge_unchanged_in_mas_mode() {
         .wait_condition::<MatrixRoom>(0, "meetup", true, "Converged")
         .await;
     let s = state(&env, &room).await;
-    assert_eq!(s.memberships().get(&ids[0]).map(String::as_str), Some("join"));
-    assert_eq!(s.memberships().get(&ids[1]).map(String::as_str), Some("join"));
+    assert_eq!(
+        s.memberships().get(&ids[0]).map(String::as_str),
+        Some("join")
+    );
+    assert_eq!(
+        s.memberships().get(&ids[1]).map(String::as_str),
+        Some("join")
+    );
     let power = &s.get("m.room.power_levels", "").unwrap()["users"];
     assert_eq!(power[&ids[0]], 100);
 

@@ -586,7 +586,9 @@ async fn cleanup(
             CleanupAction::Erase => (true, "AccountErased"),
         };
         match (accounts, observed.and_then(|o| o.mas)) {
-            (Accounts::Mas(mas, _), Some(account)) => mas.deactivate(&account.user.id, erase).await?,
+            (Accounts::Mas(mas, _), Some(account)) => {
+                mas.deactivate(&account.user.id, erase).await?
+            }
             _ => ctx.synapse.deactivate_user(&user_id, erase).await?,
         }
         let change = UserUpsert {
