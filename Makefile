@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := $(or $(CARGO_TARGET_DIR),target)/debug/openmeet-matrix-operator
 
-.PHONY: all build test lint fmt-check clippy crds crd-check unit integration integration-postgres dev stack-tools clean bench chart chaos \
+.PHONY: all build test lint fmt-check clippy crds crd-check unit integration integration-postgres dev stack-tools mas-tools clean bench chart chaos \
 	ts-deps ts-types ts-types-check ts-unit
 
 all: build
@@ -74,6 +74,11 @@ stack-tools:
 	@tests/stack/install-synapse.sh >/dev/null
 	@tests/stack/build-helm.sh >/dev/null
 	@tests/stack/build-health.sh >/dev/null
+
+## Build (once, cached by version) the Matrix Authentication Service, its
+## policy and its stand-in assets, for MATRIX_AUTH=mas stacks (MAS_SRC: its source).
+mas-tools:
+	@tests/stack/build-mas.sh >/dev/null
 
 CHART := charts/openmeet-matrix-operator
 
