@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := $(or $(CARGO_TARGET_DIR),target)/debug/openmeet-matrix-operator
 
-.PHONY: all build test lint fmt-check clippy crds crd-check unit integration integration-postgres dev stack-tools mas-tools clean bench chart chaos \
+.PHONY: all build test lint fmt-check clippy crds crd-check unit integration integration-postgres integration-mas dev stack-tools mas-tools clean bench chart chaos \
 	ts-deps ts-types ts-types-check ts-unit
 
 all: build
@@ -66,6 +66,12 @@ integration: stack-tools ts-deps
 integration-postgres: stack-tools ts-deps
 	@SYNAPSE_DATABASE=postgres tests/stack/install-synapse.sh >/dev/null
 	SYNAPSE_DATABASE=postgres $(CARGO) test --test integration
+
+## The integration tests under mas::, with Synapse delegating authentication to
+## the Matrix Authentication Service on PostgreSQL (tests/stack/build-mas.sh
+## builds it; not part of `make test`).
+integration-mas: stack-tools mas-tools ts-deps
+	MATRIX_AUTH=mas $(CARGO) test --test integration mas::
 
 ## Build (once, cached by version) kube-apiserver, etcd, kubectl, Synapse,
 ## helm and the health tool (kstatus + Argo CD's Lua interpreter).
