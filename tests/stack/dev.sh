@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make dev`: start the local stack, run the controller and the sidecar (the
-# OIDC provider Synapse's SSO uses, and the credential API) against it, with a
-# stand-in platform login page, apply config/samples/, show the result, and
-# keep running until interrupted. Everything stops on Ctrl-C.
+# OIDC provider Synapse's SSO uses, or with MATRIX_AUTH=mas MAS's upstream
+# provider, and the credential API) against it, with a stand-in platform login
+# page, apply config/samples/, show the result, and keep running until
+# interrupted. Everything stops on Ctrl-C.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -58,20 +59,31 @@ for kind in matrixusers matrixrooms roompermissions; do
 done
 
 PATH="$STACK_BIN:$PATH"
+if [[ "${MATRIX_AUTH:-synapse}" == mas ]]; then
+  mas_line="
+    MAS:     $MAS_URL  (Matrix Authentication Service; config $MAS_CONFIG)"
+  sign_in="Sign in with a Matrix client: homeserver $SYNAPSE_URL; sign-in goes
+  through MAS at $MAS_URL, \"Continue with OpenMeet\" (its upstream provider,
+  the sidecar), accept the stack CA's certificate for $SIDECAR_URL (or import
+  $STACK_CA), pick a sample user on the dev login page."
+else
+  mas_line=""
+  sign_in="Sign in with a Matrix client: homeserver $SYNAPSE_URL, \"Continue with
+  OpenMeet\", accept the stack CA's certificate for $SIDECAR_URL (or import
+  $STACK_CA), pick a sample user on the dev login page."
+fi
 cat <<MSG
 
   Local stack is up.
     export KUBECONFIG=$KUBECONFIG
     export PATH=$STACK_BIN:\$PATH      # kubectl built for this stack
     Synapse: $SYNAPSE_URL  (server name $MATRIX_SERVER_NAME)
-    Sidecar: $SIDECAR_URL  (OIDC issuer; CA: $STACK_CA)
+    Sidecar: $SIDECAR_URL  (OIDC issuer; CA: $STACK_CA)$mas_line
     Platform login (dev stand-in): http://127.0.0.1:$platform_port/login
     Metrics: controller http://$controller_metrics/metrics (also /healthz, /readyz)
              sidecar    http://$sidecar_metrics/metrics
 
-  Sign in with a Matrix client: homeserver $SYNAPSE_URL, "Continue with
-  OpenMeet", accept the stack CA's certificate for $SIDECAR_URL (or import
-  $STACK_CA), pick a sample user on the dev login page.
+  $sign_in
 
   Matrix credentials through the credential API:
     set -a; source $env_file; set +a
@@ -81,6 +93,19 @@ cat <<MSG
 MSG
 "$KUBECTL" get matrix -A
 echo
+if [[ "${MATRIX_AUTH:-synapse}" == mas ]]; then
+  # With MAS, Synapse's admin API takes only tokens with urn:synapse:admin:*
+  # (not the as_token): ask MAS's admin API, as the operator's client.
+  echo "Accounts in MAS (admin API):"
+  token="$(curl -fsS -u "$MAS_CLIENT_ID:$(cat "$MAS_CLIENT_SECRET_FILE")" -d grant_type=client_credentials \
+    -d scope=urn:mas:admin "$MAS_URL/oauth2/token" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')"
+  for u in $("$KUBECTL" get matrixusers -A -o jsonpath='{.items[*].status.userId}'); do
+    localpart="${u#@}"; localpart="${localpart%%:*}"
+    curl -fsS -H "Authorization: Bearer $token" "$MAS_URL/api/admin/v1/users/by-username/$localpart" \
+      | python3 -c 'import json,sys; u=json.load(sys.stdin)["data"]["attributes"]; print("  %-28s locked=%s deactivated=%s" % (u["username"], u["locked_at"] is not None, u["deactivated_at"] is not None))' \
+      || echo "  $u: not in MAS"
+  done
+else
 echo "Accounts in Synapse (admin API):"
 token="$(grep '^AS_TOKEN=' "$dir/synapse/appservice.env" | cut -d= -f2)"
 for u in $("$KUBECTL" get matrixusers -A -o jsonpath='{.items[*].status.userId}'); do
@@ -88,6 +113,7 @@ for u in $("$KUBECTL" get matrixusers -A -o jsonpath='{.items[*].status.userId}'
     "$SYNAPSE_URL/_synapse/admin/v2/users/$u?user_id=@$MATRIX_ADMIN_LOCALPART:$MATRIX_SERVER_NAME" \
     | python3 -c 'import json,sys; u=json.load(sys.stdin); print("  %-28s displayname=%-30r locked=%s deactivated=%s" % (u["name"], u["displayname"], u["locked"], u["deactivated"]))'
 done
+fi
 echo
 echo "Press Ctrl-C to stop."
 wait "${pids[0]}"
