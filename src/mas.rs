@@ -97,6 +97,9 @@ pub struct MasClient {
     client_secret: Arc<str>,
     upstream_provider: String,
     token: Arc<tokio::sync::Mutex<Option<Token>>>,
+    /// A Synapse admin token for the operator's admin account (see
+    /// [`MasClient::synapse_admin_token`]) and the session it belongs to.
+    admin_token: Arc<tokio::sync::Mutex<Option<(Token, String)>>>,
     stats: Arc<RequestStats>,
     write_gate: Option<WriteGate>,
     in_flight: Option<Arc<tokio::sync::Semaphore>>,
@@ -295,6 +298,7 @@ impl MasClient {
             client_secret: config.client_secret.into(),
             upstream_provider: config.upstream_provider,
             token: Default::default(),
+            admin_token: Default::default(),
             stats: Arc::default(),
             write_gate: None,
             in_flight: None,
@@ -327,6 +331,47 @@ impl MasClient {
     /// Checks the operator's client credentials by obtaining a token.
     pub async fn check_credentials(&self) -> Result<(), MasError> {
         self.access_token().await.map(|_| ())
+    }
+
+    /// A token Synapse takes as a server admin's, for its admin API. In MAS
+    /// mode Synapse grants admin only to tokens MAS issued with the
+    /// `urn:synapse:admin:*` scope (an application service's token never
+    /// has it), so the operator's admin account (`admin_username`, made in
+    /// MAS at bootstrap) holds a personal session with that scope, owned by
+    /// the operator's client. It lives an hour, is renewed ten minutes
+    /// before it ends, and the session it replaces is revoked.
+    pub async fn synapse_admin_token(&self, admin_username: &str) -> Result<String, MasError> {
+        let mut cached = self.admin_token.lock().await;
+        if let Some((token, _)) = cached.as_ref().filter(|(t, _)| Instant::now() < t.renew_at) {
+            return Ok(token.value.clone());
+        }
+        let admin = self.user_by_username(admin_username).await?.ok_or_else(|| {
+            MasError::Rejected {
+                status: 404,
+                message: format!(
+                    "the operator's admin account {admin_username:?} does not exist in MAS"
+                ),
+            }
+        })?;
+        let lifetime = Duration::from_secs(3600);
+        let minted = self
+            .add_personal_session(
+                &admin.id,
+                "openmeet-matrix-operator: Synapse admin API",
+                "urn:matrix:client:api:* urn:synapse:admin:*",
+                lifetime,
+                RequestKind::MasAdminToken,
+            )
+            .await?;
+        let token = Token {
+            value: minted.access_token.clone(),
+            renew_at: Instant::now() + lifetime - Duration::from_secs(600),
+        };
+        if let Some((_, previous)) = cached.replace((token, minted.session_id)) {
+            // Nothing waits on it: an old token still works until it expires.
+            let _ = self.end_session(SessionKind::Personal, &previous).await;
+        }
+        Ok(minted.access_token)
     }
 
     /// Whether MAS answers at all (its health endpoint), for readiness.
@@ -388,7 +433,7 @@ impl MasClient {
         body: Option<serde_json::Value>,
         kind: RequestKind,
     ) -> Result<bytes::Bytes, MasError> {
-        if kind.is_write() && self.write_gate.as_ref().is_some_and(|g| !g.is_open()) {
+        if gated(kind) && self.write_gate.as_ref().is_some_and(|g| !g.is_open()) {
             return Err(MasError::NotLeader);
         }
         let token = self.access_token().await?;
@@ -431,7 +476,7 @@ impl MasClient {
             }
             None => None,
         };
-        if kind.is_write() && self.write_gate.as_ref().is_some_and(|g| !g.is_open()) {
+        if gated(kind) && self.write_gate.as_ref().is_some_and(|g| !g.is_open()) {
             return Err(MasError::NotLeader);
         }
         let started = Instant::now();
@@ -755,6 +800,24 @@ impl MasClient {
         lifetime: Duration,
     ) -> Result<PersonalToken, MasError> {
         let scope = format!("urn:matrix:client:api:* urn:matrix:client:device:{device_id}");
+        self.add_personal_session(
+            user,
+            name,
+            &scope,
+            lifetime,
+            RequestKind::MasAddPersonalSession,
+        )
+        .await
+    }
+
+    async fn add_personal_session(
+        &self,
+        user: &str,
+        name: &str,
+        scope: &str,
+        lifetime: Duration,
+        kind: RequestKind,
+    ) -> Result<PersonalToken, MasError> {
         let body = self
             .call(
                 reqwest::Method::POST,
@@ -766,7 +829,7 @@ impl MasClient {
                     "scope": scope,
                     "expires_in": lifetime.as_secs().max(1),
                 })),
-                RequestKind::MasAddPersonalSession,
+                kind,
             )
             .await?;
         let minted = decode::<Single<PersonalAttributes>>(&body)?;
@@ -780,6 +843,12 @@ impl MasClient {
             access_token,
         })
     }
+}
+
+/// Writes stop when leadership is lost, except the operator's own admin
+/// token, which a standby's reads of Synapse's admin API need too.
+fn gated(kind: RequestKind) -> bool {
+    kind.is_write() && kind != RequestKind::MasAdminToken
 }
 
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, MasError> {

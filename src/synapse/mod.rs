@@ -48,6 +48,9 @@ pub enum SynapseError {
     Decode(String),
     #[error("could not build the request: {0}")]
     Request(String),
+    /// MAS mode: no admin token could be had from MAS for the admin API.
+    #[error("no Synapse admin token from MAS: {0}")]
+    AdminToken(String),
     /// This replica no longer holds the leader Lease: no write may leave it.
     #[error("not the leader: writes to Synapse are stopped")]
     NotLeader,
@@ -76,6 +79,7 @@ impl SynapseError {
             SynapseError::Unreachable(_)
                 | SynapseError::Server { .. }
                 | SynapseError::RateLimited { .. }
+                | SynapseError::AdminToken(_)
                 | SynapseError::NotLeader
         )
     }
@@ -339,9 +343,23 @@ impl SynapseClient {
 
     async fn execute(
         &self,
-        request: reqwest::Request,
+        mut request: reqwest::Request,
         kind: RequestKind,
     ) -> Result<(u16, bytes::Bytes), SynapseError> {
+        if let Some(mas) = &self.mas {
+            if request.url().path().starts_with("/_synapse/admin/") {
+                // MAS mode: the admin API takes only MAS-issued admin tokens.
+                let token = mas
+                    .synapse_admin_token(self.admin.localpart())
+                    .await
+                    .map_err(|e| SynapseError::AdminToken(e.to_string()))?;
+                let value = http::HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|e| SynapseError::Request(e.to_string()))?;
+                request
+                    .headers_mut()
+                    .insert(http::header::AUTHORIZATION, value);
+            }
+        }
         // The semaphore is never closed: acquiring only waits.
         let _slot = match &self.in_flight {
             Some(slots) => {

@@ -58,6 +58,8 @@ pub enum RequestKind {
     MasListSessions,
     MasEndSession,
     MasAddPersonalSession,
+    /// The operator's own Synapse admin token (a personal session).
+    MasAdminToken,
 }
 
 impl RequestKind {
@@ -126,6 +128,7 @@ impl RequestKind {
             RequestKind::MasListSessions => "mas_list_sessions",
             RequestKind::MasEndSession => "mas_end_session",
             RequestKind::MasAddPersonalSession => "mas_add_personal_session",
+            RequestKind::MasAdminToken => "mas_admin_token",
         }
     }
 }

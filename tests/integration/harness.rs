@@ -460,7 +460,7 @@ impl TestEnv {
             client,
             run_id,
             namespaces,
-            synapse: stack.synapse(),
+            synapse: stack.in_auth_mode(stack.synapse()),
             operator_synapse,
             stats,
             stop: Some(stop),
