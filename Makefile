@@ -67,11 +67,11 @@ integration-postgres: stack-tools ts-deps
 	@SYNAPSE_DATABASE=postgres tests/stack/install-synapse.sh >/dev/null
 	SYNAPSE_DATABASE=postgres $(CARGO) test --test integration
 
-## The integration tests under mas::, with Synapse delegating authentication to
-## the Matrix Authentication Service on PostgreSQL (tests/stack/build-mas.sh
-## builds it; not part of `make test`).
+## The MAS-mode tests (mas::, mas_signin::; ignored by the default runs), with
+## Synapse delegating authentication to the Matrix Authentication Service on
+## PostgreSQL (tests/stack/build-mas.sh builds it once, from MAS_SRC).
 integration-mas: stack-tools mas-tools ts-deps
-	MATRIX_AUTH=mas $(CARGO) test --test integration mas::
+	MATRIX_AUTH=mas $(CARGO) test --test integration -- --include-ignored mas:: mas_signin::
 
 ## Build (once, cached by version) kube-apiserver, etcd, kubectl, Synapse,
 ## helm and the health tool (kstatus + Argo CD's Lua interpreter).
@@ -96,9 +96,10 @@ chart:
 	       -f $(CHART)/ci/test-values.yaml >/dev/null \
 	  && echo "chart: lint and template clean"
 
-## Everything CI runs: fmt, clippy, CRD and TypeScript-type drift, unit tests, and
-## the integration suite twice (Synapse on SQLite, then on PostgreSQL).
-test: lint unit integration integration-postgres
+## Everything CI runs: fmt, clippy, CRD and TypeScript-type drift, unit tests, the
+## integration suite twice (Synapse on SQLite, then on PostgreSQL), and the
+## MAS-mode tests (Synapse with MAS).
+test: lint unit integration integration-postgres integration-mas
 
 ## Run the operator against a local stack with the samples applied.
 dev: build stack-tools

@@ -299,14 +299,22 @@ impl Stack {
 
     /// The operator's MAS admin client, in MAS mode.
     pub fn mas(&self) -> Option<MasClient> {
+        self.mas_with(None, None)
+    }
+
+    /// The same, at another URL or with another secret.
+    pub fn mas_with(&self, url: Option<&str>, secret: Option<&str>) -> Option<MasClient> {
         if !self.is_mas() {
             return None;
         }
-        let secret =
-            std::fs::read_to_string(self.var("MAS_CLIENT_SECRET_FILE")).expect("MAS client secret");
+        let secret = match secret {
+            Some(s) => s.to_string(),
+            None => std::fs::read_to_string(self.var("MAS_CLIENT_SECRET_FILE"))
+                .expect("MAS client secret"),
+        };
         Some(
             MasClient::new(MasConfig {
-                url: self.var("MAS_URL").to_string(),
+                url: url.unwrap_or(self.var("MAS_URL")).to_string(),
                 client_id: self.var("MAS_CLIENT_ID").to_string(),
                 client_secret: secret.trim().to_string(),
                 upstream_provider: self.var("MAS_UPSTREAM_PROVIDER").to_string(),
@@ -390,6 +398,10 @@ pub struct Options {
     pub synapse_url: Option<String>,
     /// Do not start an operator.
     pub no_operator: bool,
+    /// MAS mode: point the operator at this URL instead of MAS.
+    pub mas_url: Option<String>,
+    /// MAS mode: give the operator this client secret instead of its own.
+    pub mas_secret: Option<String>,
 }
 
 impl TestEnv {
@@ -444,7 +456,13 @@ impl TestEnv {
         };
         let operator = Operator::new(
             client.clone(),
-            stack.in_auth_mode(operator_synapse.clone().with_request_limit(16)),
+            match stack.mas_with(options.mas_url.as_deref(), options.mas_secret.as_deref()) {
+                Some(mas) => operator_synapse
+                    .clone()
+                    .with_request_limit(16)
+                    .with_mas(mas),
+                None => operator_synapse.clone().with_request_limit(16),
+            },
             config,
         )
         // The test process's endpoint serves every in-process operator.

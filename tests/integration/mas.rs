@@ -339,3 +339,157 @@ async fn rooms_and_permissions_converge_unchanged_in_mas_mode() {
     })
     .await;
 }
+
+#[tokio::test]
+#[ignore = "MAS mode: make integration-mas"]
+async fn an_unreachable_mas_is_transient_and_leaves_nothing_half_made() {
+    let port = crate::proxy::closed_port();
+    let env = TestEnv::with(
+        "mas-down",
+        crate::harness::Options {
+            mas_url: Some(format!("http://127.0.0.1:{port}")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let localpart = unique("waiting");
+    env.create_user(
+        0,
+        "waiting",
+        json!({"localpart": localpart, "displayName": "Waiting", "subject": "s"}),
+    )
+    .await;
+    let down = env.wait_ready(0, "waiting", false, "MasUnavailable").await;
+    let message = &down.status.unwrap().conditions[0].message;
+    assert!(message.contains("MAS is unreachable"), "{message}");
+    assert!(
+        !message.contains("127.0.0.1"),
+        "no internal address: {message}"
+    );
+    assert!(mas_user(&localpart).await.is_none());
+    assert!(env
+        .synapse
+        .get_user(&env.user_id(&localpart))
+        .await
+        .unwrap()
+        .is_none());
+
+    // MAS comes back: the retry (with backoff) makes the whole account.
+    let target = Stack::get()
+        .var("MAS_URL")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let forwarder = crate::proxy::forward(port, target).await;
+    env.wait_ready(0, "waiting", true, "Converged").await;
+    let user = mas_user(&localpart).await.unwrap();
+    assert_eq!(mas_links(&user).await, [format!("{}/s", env.ns(0))]);
+    let mirror = env
+        .synapse
+        .get_user(&env.user_id(&localpart))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(mirror.external_ids, [marker(&env, 0, "waiting").await]);
+    forwarder.abort();
+}
+
+#[tokio::test]
+#[ignore = "MAS mode: make integration-mas"]
+async fn mas_refusals_and_wrong_credentials_say_so_and_write_nothing() {
+    // An address MAS refuses (its parser takes no parentheses) that the
+    // schema's looser pattern lets through: the account is made and marked,
+    // the refusal is MAS's own words, and nothing retries in a loop.
+    let env = TestEnv::new("mas-refuse").await;
+    let localpart = unique("odd");
+    env.create_user(
+        0,
+        "odd",
+        json!({"localpart": localpart, "email": "odd(mail)@example.org"}),
+    )
+    .await;
+    let user = env.wait_ready(0, "odd", false, "MasRejected").await;
+    let ready = &user.status.unwrap().conditions[0];
+    assert!(
+        ready.message.contains("is not valid"),
+        "MAS's message: {}",
+        ready.message
+    );
+    let made = mas_user(&localpart).await.unwrap();
+    assert!(mas_emails(&made).await.is_empty());
+    let mirror = env
+        .synapse
+        .get_user(&env.user_id(&localpart))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(mirror.external_ids, [marker(&env, 0, "odd").await]);
+    let failures = env
+        .stats
+        .user_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        env.stats
+            .user_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        failures,
+        "stalled on the spec: no retry loop"
+    );
+
+    // The operator's client with a wrong secret: nothing reaches MAS or Synapse.
+    let env = TestEnv::with(
+        "mas-badcred",
+        crate::harness::Options {
+            mas_secret: Some("not-the-secret".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let localpart = unique("nocred");
+    env.create_user(0, "nocred", json!({"localpart": localpart}))
+        .await;
+    let user = env
+        .wait_ready(0, "nocred", false, "MasCredentialsRejected")
+        .await;
+    let message = &user.status.unwrap().conditions[0].message;
+    assert!(message.contains("client credentials"), "{message}");
+    assert!(mas_user(&localpart).await.is_none());
+}
+
+/// The controller binary with a wrong MAS client secret says so at
+/// start-up and in `/readyz`.
+#[tokio::test]
+#[ignore = "MAS mode: make integration-mas"]
+async fn the_controller_reports_wrong_mas_credentials_in_readyz() {
+    let env = TestEnv::with(
+        "mas-readyz",
+        crate::harness::Options {
+            no_operator: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let dir = std::env::temp_dir().join(unique("mas-secret"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let wrong = dir.join("client_secret");
+    std::fs::write(&wrong, "not-the-secret").unwrap();
+    let port = crate::harness::free_port();
+    let _controller = crate::harness::controller_command(&env)
+        .env("METRICS_LISTEN", format!("127.0.0.1:{port}"))
+        .env("MAS_CLIENT_SECRET_FILE", &wrong)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let reason = wait_for("/readyz to blame the MAS credentials", || async {
+        let r = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .ok()?;
+        let status = r.status();
+        let text = r.text().await.ok()?;
+        (status == StatusCode::SERVICE_UNAVAILABLE && text.contains("MAS")).then_some(text)
+    })
+    .await;
+    assert_eq!(reason, "MAS refused the operator's client credentials");
+    let _ = std::fs::remove_dir_all(dir);
+}
