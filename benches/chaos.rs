@@ -335,6 +335,13 @@ fn enc(s: &str) -> String {
 }
 
 /// GET with the appservice token, masquerading as the admin account.
+/// The audit's own MAS client, in MAS mode (one, so one admin token).
+fn audit_mas() -> Option<&'static openmeet_matrix_operator::mas::MasClient> {
+    static MAS: std::sync::OnceLock<Option<openmeet_matrix_operator::mas::MasClient>> =
+        std::sync::OnceLock::new();
+    MAS.get_or_init(|| Stack::get().mas()).as_ref()
+}
+
 async fn synapse_get(path: &str, query: &[(&str, &str)]) -> Result<Value, String> {
     let stack = Stack::get();
     let admin = format!(
@@ -344,11 +351,19 @@ async fn synapse_get(path: &str, query: &[(&str, &str)]) -> Result<Value, String
     );
     let mut last = String::new();
     for _ in 0..5 {
+        // Under MAS, Synapse's admin API takes only a MAS-issued admin token.
+        let token = match audit_mas() {
+            Some(mas) if path.starts_with("/_synapse/admin/") => mas
+                .synapse_admin_token(stack.var("MATRIX_ADMIN_LOCALPART"))
+                .await
+                .map_err(|e| e.to_string())?,
+            _ => stack.as_token.clone(),
+        };
         let response = http()
             .get(format!("{}{path}", stack.var("SYNAPSE_URL")))
             .query(&[("user_id", admin.as_str())])
             .query(query)
-            .bearer_auth(&stack.as_token)
+            .bearer_auth(&token)
             .send()
             .await;
         match response {
@@ -714,6 +729,28 @@ async fn audit(
         .take(20)
     {
         audit.lines.push(format!("         {d}"));
+    }
+    // MAS mode: every declared account is in MAS, active (Synapse's
+    // accounts above are MAS's mirrors: an account MAS made that no
+    // object marked shows there as unexpected or wrongly marked).
+    if let Some(mas) = audit_mas() {
+        let (mut absent, mut inactive) = (Vec::new(), Vec::new());
+        for u in 0..USERS {
+            let localpart = format!("{run}-u{u}");
+            match mas.user_by_username(&localpart).await.map_err(|e| e.to_string())? {
+                None => absent.push(localpart),
+                Some(user) if user.deactivated || user.locked => inactive.push(localpart),
+                Some(_) => {}
+            }
+        }
+        audit.figure(
+            absent.is_empty() && inactive.is_empty(),
+            format!(
+                "MAS accounts: {USERS} declared; missing {}, locked or deactivated {}",
+                absent.len(),
+                inactive.len()
+            ),
+        );
     }
 
     // Membership history, current members and power levels of each marked room.

@@ -345,14 +345,15 @@ impl MasClient {
         if let Some((token, _)) = cached.as_ref().filter(|(t, _)| Instant::now() < t.renew_at) {
             return Ok(token.value.clone());
         }
-        let admin = self.user_by_username(admin_username).await?.ok_or_else(|| {
-            MasError::Rejected {
+        let admin = self
+            .user_by_username(admin_username)
+            .await?
+            .ok_or_else(|| MasError::Rejected {
                 status: 404,
                 message: format!(
                     "the operator's admin account {admin_username:?} does not exist in MAS"
                 ),
-            }
-        })?;
+            })?;
         let lifetime = Duration::from_secs(3600);
         let minted = self
             .add_personal_session(
