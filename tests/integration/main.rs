@@ -11,6 +11,7 @@ mod harm;
 mod harness;
 mod health;
 mod mas;
+mod mas_signin;
 mod ownership;
 mod platform_kit;
 mod proxy;
