@@ -644,7 +644,13 @@ async fn audit(
     let mut accounts = Vec::new();
     let mut from: Option<String> = None;
     for _ in 0..100 {
-        let mut query = vec![("name", run), ("deactivated", "true"), ("limit", "500")];
+        // No guests (the operator makes none, and under MAS Synapse refuses the parameter's default).
+        let mut query = vec![
+            ("name", run),
+            ("deactivated", "true"),
+            ("guests", "false"),
+            ("limit", "500"),
+        ];
         if let Some(token) = &from {
             query.push(("from", token));
         }
@@ -737,7 +743,11 @@ async fn audit(
         let (mut absent, mut inactive) = (Vec::new(), Vec::new());
         for u in 0..USERS {
             let localpart = format!("{run}-u{u}");
-            match mas.user_by_username(&localpart).await.map_err(|e| e.to_string())? {
+            match mas
+                .user_by_username(&localpart)
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 None => absent.push(localpart),
                 Some(user) if user.deactivated || user.locked => inactive.push(localpart),
                 Some(_) => {}

@@ -536,13 +536,20 @@ impl MasClient {
     }
 
     /// Creates a user; MAS provisions it in Synapse before answering.
+    /// `over_homeserver_account` skips MAS's check that Synapse has no
+    /// account of that name (for an account MAS provisioned in a create
+    /// that never committed).
     pub async fn create_user(
         &self,
         username: &str,
         displayname: Option<&str>,
         avatar_url: Option<&str>,
+        over_homeserver_account: bool,
     ) -> Result<MasUser, MasError> {
         let mut body = serde_json::json!({ "username": username });
+        if over_homeserver_account {
+            body["skip_homeserver_check"] = true.into();
+        }
         if let Some(name) = displayname {
             body["displayname"] = name.into();
         }

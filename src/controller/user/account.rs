@@ -273,18 +273,60 @@ async fn matrix_id_of(
     }
 }
 
-/// Creates an account in MAS with the create's name and avatar; the rest of
-/// the create is applied as an update of the account it returns.
+/// What Synapse holds under a name MAS has no user for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HomeserverOnly {
+    /// Nothing: the name is free.
+    None,
+    /// What this object's own create left when cut short (see below).
+    OwnCreate,
+    /// Someone's account (made before MAS, or by another).
+    Another,
+}
+
+/// MAS provisions the Synapse account before it commits its own user, and
+/// drops the request when its caller goes away: a create cut short (the
+/// operator killed, a timeout) can leave a Synapse account with no MAS
+/// user. When this object recorded that create (`create_pending`) and the
+/// account is exactly what such a create leaves, the create resumes over
+/// it; any other account of that name is never taken.
+pub async fn homeserver_only(
+    synapse: &SynapseClient,
+    user_id: &UserId,
+    create_pending: bool,
+) -> Result<HomeserverOnly, Error> {
+    Ok(match synapse.get_user(user_id).await? {
+        None => HomeserverOnly::None,
+        Some(mirror) if create_pending && left_by_own_create(&mirror) => HomeserverOnly::OwnCreate,
+        Some(_) => HomeserverOnly::Another,
+    })
+}
+
+/// Whether a Synapse account with no MAS user is what a create of MAS's
+/// leaves when cut short: active, and with no external id (no owner
+/// marker: nobody's yet).
+pub fn left_by_own_create(mirror: &SynapseUser) -> bool {
+    mirror.external_ids.is_empty() && !mirror.deactivated
+}
+
+/// Creates an account in MAS with the create's name and avatar (over the
+/// Synapse account a cut-short create of ours left, when `resume`); the
+/// rest of the create is applied as an update of the account it returns.
 pub async fn create_in_mas(
     mas: &MasClient,
     user_id: &UserId,
     create: &UserUpsert,
+    resume: bool,
 ) -> Result<MasAccount, Error> {
+    if resume {
+        tracing::info!(user = %user_id, "resuming a MAS create cut short after Synapse had the account");
+    }
     let user = mas
         .create_user(
             user_id.localpart(),
             create.displayname.as_deref(),
             create.avatar_url.as_deref(),
+            resume,
         )
         .await?;
     Ok(MasAccount {
@@ -443,6 +485,21 @@ mod tests {
                 MasCall::Deactivate,
             ]
         );
+    }
+
+    #[test]
+    fn only_an_unmarked_active_account_is_taken_for_a_cut_short_create() {
+        assert!(left_by_own_create(&SynapseUser::default()));
+        let marked = SynapseUser {
+            external_ids: vec![marker()],
+            ..Default::default()
+        };
+        assert!(!left_by_own_create(&marked), "someone's account");
+        let deactivated = SynapseUser {
+            deactivated: true,
+            ..Default::default()
+        };
+        assert!(!left_by_own_create(&deactivated), "never revived");
     }
 
     #[test]

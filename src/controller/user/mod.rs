@@ -410,6 +410,17 @@ async fn converge(
     let accounts = Accounts::of(&ctx.synapse);
     let observed = account::observe(accounts, user_id, desired.sso_provider).await?;
     let view = observed.as_ref().map(|o| &o.view);
+    // MAS mode, no MAS user: Synapse may still hold the name (see
+    // `account::homeserver_only`): resume our own cut-short create over it,
+    // never take anyone else's.
+    let mut resume = false;
+    if let (Accounts::Mas(_, synapse), None) = (accounts, view) {
+        match account::homeserver_only(synapse, user_id, desired.create_pending).await? {
+            account::HomeserverOnly::None => {}
+            account::HomeserverOnly::OwnCreate => resume = true,
+            account::HomeserverOnly::Another => return Ok(Err(Blocked::OnlyInSynapse)),
+        }
+    }
     let mut planned = plan(desired, view);
     let mut email_releasing = false;
     if let UserPlan::Converge { actions, .. } = &planned {
@@ -465,8 +476,9 @@ async fn converge(
                     Accounts::Mas(mas, synapse) => {
                         let change = match &action {
                             UserAction::Create(create) => {
-                                mas_account =
-                                    Some(account::create_in_mas(mas, user_id, create).await?);
+                                mas_account = Some(
+                                    account::create_in_mas(mas, user_id, create, resume).await?,
+                                );
                                 // Name and avatar went with the create.
                                 UserUpsert {
                                     displayname: None,
@@ -617,6 +629,9 @@ fn blocked_message(blocked: Blocked, user: &MatrixUser) -> String {
         Blocked::AdminNotAllowed => "server admin is not allowed in this namespace; the account is left as it was".into(),
         Blocked::AccountExists => format!(
             "account @{localpart} exists and was not created by the operator; adoption is not allowed in this namespace"
+        ),
+        Blocked::OnlyInSynapse => format!(
+            "account @{localpart} exists in Synapse but not in MAS; the operator never takes it over"
         ),
         Blocked::OwnedByAnother => format!(
             "account @{localpart} belongs to another MatrixUser (an earlier object of this name counts as another); it is never adopted"

@@ -18,6 +18,9 @@ pub enum Blocked {
     /// The account carries another object's owner marker (a deleted object's,
     /// or one of the same name but another uid): never adopted.
     OwnedByAnother,
+    /// MAS mode: Synapse has an account of that name that MAS does not (made
+    /// before MAS, or by someone else): never taken over.
+    OnlyInSynapse,
     /// The account is deactivated in Synapse while the spec wants it active:
     /// deactivated (and erased) accounts are never reactivated or adopted.
     AccountDeactivated,
@@ -32,7 +35,9 @@ impl Blocked {
             Blocked::ReservedLocalpart => "ReservedLocalpart",
             Blocked::LocalpartConflict => "LocalpartConflict",
             Blocked::AdminNotAllowed => "AdminNotAllowed",
-            Blocked::AccountExists | Blocked::OwnedByAnother => "AccountExists",
+            Blocked::AccountExists | Blocked::OwnedByAnother | Blocked::OnlyInSynapse => {
+                "AccountExists"
+            }
             Blocked::AccountDeactivated => "AccountDeactivated",
             Blocked::SubjectConflict => "SubjectConflict",
         }
