@@ -26,6 +26,9 @@ pub struct SynapseUser {
     pub threepids: Vec<Threepid>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub external_ids: Vec<ExternalId>,
+    /// When the account was made, in seconds since the epoch.
+    #[serde(default)]
+    pub creation_ts: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -541,9 +541,11 @@ async fn a_create_cut_short_between_synapse_and_mas_is_finished_by_its_own_objec
         .await
         .unwrap();
     provision(own.clone()).await;
-    // Someone else's: the same leftover, with no create of this object's.
+    // Someone else's: the same leftover, older than the object that claims
+    // the name, with no create of that object's.
     let other = unique("stray");
     provision(other.clone()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     env.create_user(0, "stray", json!({"localpart": other}))
         .await;
     assert!(mas_user(&own).await.is_none() && mas_user(&other).await.is_none());

@@ -132,6 +132,7 @@ impl MasAccount {
                 })
                 .collect(),
             external_ids,
+            creation_ts: mirror.and_then(|m| m.creation_ts),
         }
     }
 }
@@ -273,68 +274,70 @@ async fn matrix_id_of(
     }
 }
 
-/// What Synapse holds under a name MAS has no user for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HomeserverOnly {
-    /// Nothing: the name is free.
-    None,
-    /// What this object's own create left when cut short (see below).
-    OwnCreate,
-    /// Someone's account (made before MAS, or by another).
-    Another,
-}
-
+/// Creates an account in MAS with the create's name and avatar; the rest of
+/// the create is applied as an update of the account it returns.
+///
 /// MAS provisions the Synapse account before it commits its own user, and
 /// drops the request when its caller goes away: a create cut short (the
 /// operator killed, a timeout) can leave a Synapse account with no MAS
-/// user. When this object recorded that create (`create_pending`) and the
-/// account is exactly what such a create leaves, the create resumes over
-/// it; any other account of that name is never taken.
-pub async fn homeserver_only(
-    synapse: &SynapseClient,
-    user_id: &UserId,
-    create_pending: bool,
-) -> Result<HomeserverOnly, Error> {
-    Ok(match synapse.get_user(user_id).await? {
-        None => HomeserverOnly::None,
-        Some(mirror) if create_pending && left_by_own_create(&mirror) => HomeserverOnly::OwnCreate,
-        Some(_) => HomeserverOnly::Another,
-    })
-}
-
-/// Whether a Synapse account with no MAS user is what a create of MAS's
-/// leaves when cut short: active, and with no external id (no owner
-/// marker: nobody's yet).
-pub fn left_by_own_create(mirror: &SynapseUser) -> bool {
-    mirror.external_ids.is_empty() && !mirror.deactivated
-}
-
-/// Creates an account in MAS with the create's name and avatar (over the
-/// Synapse account a cut-short create of ours left, when `resume`); the
-/// rest of the create is applied as an update of the account it returns.
+/// user, and MAS then refuses the name ("reserved by the homeserver", 409).
+/// On that refusal the Synapse account is read: when this object recorded
+/// a create (`create_pending`) and the account is exactly what such a
+/// create leaves ([`left_by_own_create`]), the create resumes over it; any
+/// other account of that name is `OnlyInSynapse`, never taken. Checking on
+/// the refusal, not before every create, keeps a create at three requests.
 pub async fn create_in_mas(
     mas: &MasClient,
+    synapse: &SynapseClient,
     user_id: &UserId,
     create: &UserUpsert,
-    resume: bool,
-) -> Result<MasAccount, Error> {
-    if resume {
-        tracing::info!(user = %user_id, "resuming a MAS create cut short after Synapse had the account");
-    }
-    let user = mas
-        .create_user(
-            user_id.localpart(),
-            create.displayname.as_deref(),
-            create.avatar_url.as_deref(),
-            resume,
-        )
-        .await?;
-    Ok(MasAccount {
+    create_pending: bool,
+    object_created: Option<i64>,
+) -> Result<Result<MasAccount, super::plan::Blocked>, Error> {
+    let (name, avatar) = (create.displayname.as_deref(), create.avatar_url.as_deref());
+    let user = match mas
+        .create_user(user_id.localpart(), name, avatar, false)
+        .await
+    {
+        Ok(user) => user,
+        Err(crate::mas::MasError::Rejected { status: 409, .. }) => {
+            match synapse.get_user(user_id).await? {
+                Some(mirror) if create_pending && left_by_own_create(&mirror, object_created) => {
+                    tracing::info!(user = %user_id, "resuming a MAS create cut short after Synapse had the account");
+                    mas.create_user(user_id.localpart(), name, avatar, true)
+                        .await?
+                }
+                Some(_) => return Ok(Err(super::plan::Blocked::OnlyInSynapse)),
+                // Made in MAS meanwhile: the next look sees it.
+                None => {
+                    return Err(crate::mas::MasError::Server {
+                        status: 409,
+                        message: "the account appeared in MAS while being created".into(),
+                    }
+                    .into())
+                }
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Ok(MasAccount {
         user,
         emails: Vec::new(),
         links: Vec::new(),
         marker: Vec::new(),
-    })
+    }))
+}
+
+/// Whether a Synapse account with no MAS user is what a create of this
+/// object's leaves when cut short: active, with no external id (no owner
+/// marker: nobody's yet), and made after the object was (`object_created`,
+/// seconds): an account from before the object is someone else's.
+pub fn left_by_own_create(mirror: &SynapseUser, object_created: Option<i64>) -> bool {
+    let after_object = match (mirror.creation_ts, object_created) {
+        (Some(made), Some(object)) => made >= object,
+        _ => false,
+    };
+    mirror.external_ids.is_empty() && !mirror.deactivated && after_object
 }
 
 /// Applies the calls of one change.
@@ -489,17 +492,34 @@ mod tests {
 
     #[test]
     fn only_an_unmarked_active_account_is_taken_for_a_cut_short_create() {
-        assert!(left_by_own_create(&SynapseUser::default()));
+        let object = Some(1_000);
+        let bare = SynapseUser {
+            creation_ts: Some(1_000),
+            ..Default::default()
+        };
+        assert!(left_by_own_create(&bare, object));
+        let older = SynapseUser {
+            creation_ts: Some(999),
+            ..Default::default()
+        };
+        assert!(
+            !left_by_own_create(&older, object),
+            "made before the object"
+        );
         let marked = SynapseUser {
             external_ids: vec![marker()],
-            ..Default::default()
+            ..bare.clone()
         };
-        assert!(!left_by_own_create(&marked), "someone's account");
+        assert!(!left_by_own_create(&marked, object), "someone's account");
         let deactivated = SynapseUser {
             deactivated: true,
-            ..Default::default()
+            ..bare.clone()
         };
-        assert!(!left_by_own_create(&deactivated), "never revived");
+        assert!(!left_by_own_create(&deactivated, object), "never revived");
+        assert!(
+            !left_by_own_create(&SynapseUser::default(), object),
+            "no age"
+        );
     }
 
     #[test]

@@ -410,17 +410,6 @@ async fn converge(
     let accounts = Accounts::of(&ctx.synapse);
     let observed = account::observe(accounts, user_id, desired.sso_provider).await?;
     let view = observed.as_ref().map(|o| &o.view);
-    // MAS mode, no MAS user: Synapse may still hold the name (see
-    // `account::homeserver_only`): resume our own cut-short create over it,
-    // never take anyone else's.
-    let mut resume = false;
-    if let (Accounts::Mas(_, synapse), None) = (accounts, view) {
-        match account::homeserver_only(synapse, user_id, desired.create_pending).await? {
-            account::HomeserverOnly::None => {}
-            account::HomeserverOnly::OwnCreate => resume = true,
-            account::HomeserverOnly::Another => return Ok(Err(Blocked::OnlyInSynapse)),
-        }
-    }
     let mut planned = plan(desired, view);
     let mut email_releasing = false;
     if let UserPlan::Converge { actions, .. } = &planned {
@@ -476,9 +465,24 @@ async fn converge(
                     Accounts::Mas(mas, synapse) => {
                         let change = match &action {
                             UserAction::Create(create) => {
-                                mas_account = Some(
-                                    account::create_in_mas(mas, user_id, create, resume).await?,
-                                );
+                                let object_created = user
+                                    .metadata
+                                    .creation_timestamp
+                                    .as_ref()
+                                    .map(|t| t.0.as_second());
+                                match account::create_in_mas(
+                                    mas,
+                                    synapse,
+                                    user_id,
+                                    create,
+                                    desired.create_pending,
+                                    object_created,
+                                )
+                                .await?
+                                {
+                                    Ok(made) => mas_account = Some(made),
+                                    Err(blocked) => return Ok(Err(blocked)),
+                                }
                                 // Name and avatar went with the create.
                                 UserUpsert {
                                     displayname: None,
