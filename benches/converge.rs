@@ -6,6 +6,7 @@
 //! `BENCH_SCALE=10` multiplies the tenant (10,000 users, 1,000 rooms,
 //! 20,000 permissions); `BENCH_USERS` / `BENCH_ROOMS` set it directly.
 //! `SYNAPSE_DATABASE=postgres` runs it against Synapse on PostgreSQL.
+//! `MATRIX_AUTH=mas` runs it against Synapse with MAS (accounts in MAS).
 //! `BENCH_MINIMAL=0` skips replaying the minimal sequence (it doubles a
 //! large run; the ratio is then taken from the smaller size).
 //! `STACK_CONTROL_PLANE_CPUS=1` pins etcd and kube-apiserver to CPU 1, so
@@ -738,6 +739,9 @@ async fn main() {
 
     let total: u64 = requests.values().map(|(c, _)| c).sum();
     println!("\n=== make bench: {users} users, {rooms} rooms, {permission_count} permissions, Synapse concurrency {CONCURRENCY} ===");
+    if bench_mas().is_some() {
+        println!("MAS mode (MATRIX_AUTH=mas): accounts through MAS's admin API; MAS's requests count with Synapse's");
+    }
     if let Ok(cpus) = std::env::var("STACK_CONTROL_PLANE_CPUS") {
         println!("etcd and kube-apiserver pinned to CPUs {cpus} (STACK_CONTROL_PLANE_CPUS); everything else unpinned");
     }
@@ -947,6 +951,56 @@ fn percentile(samples: &[f64], q: f64) -> f64 {
     s[((s.len() as f64 - 1.0) * q).round() as usize]
 }
 
+/// The bench's own MAS client, in MAS mode (one, so one admin token).
+fn bench_mas() -> Option<&'static openmeet_matrix_operator::mas::MasClient> {
+    static MAS: std::sync::OnceLock<Option<openmeet_matrix_operator::mas::MasClient>> =
+        std::sync::OnceLock::new();
+    MAS.get_or_init(|| Stack::get().mas()).as_ref()
+}
+
+/// The token for a call to `path`: under MAS, Synapse's admin API takes
+/// only a MAS-issued admin token; everything else goes as the
+/// application service.
+async fn token_for(path: &str) -> String {
+    let stack = Stack::get();
+    match bench_mas() {
+        Some(mas) if path.starts_with("/_synapse/admin/") => mas
+            .synapse_admin_token(stack.var("MATRIX_ADMIN_LOCALPART"))
+            .await
+            .expect("Synapse admin token from MAS"),
+        _ => stack.as_token.clone(),
+    }
+}
+
+/// An access token of `user_id`'s own: login-as-user, or under MAS (where
+/// Synapse has no login-as) a personal session.
+async fn user_token(user_id: &str) -> String {
+    match bench_mas() {
+        Some(mas) => {
+            let localpart = user_id.trim_start_matches('@').split(':').next().unwrap();
+            let user = mas.user_by_username(localpart).await.unwrap().unwrap();
+            mas.personal_session(
+                &user.id,
+                "bench",
+                &format!("BENCH{}", user.id),
+                Duration::from_secs(3600),
+            )
+            .await
+            .unwrap()
+            .access_token
+        }
+        None => synapse_call(
+            reqwest::Method::POST,
+            &format!("/_synapse/admin/v1/users/{}/login", enc(user_id)),
+            Some(json!({"valid_until_ms": 4_102_444_800_000u64})),
+        )
+        .await["access_token"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    }
+}
+
 async fn synapse_call(method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
     let stack = Stack::get();
     let admin = format!(
@@ -957,7 +1011,7 @@ async fn synapse_call(method: reqwest::Method, path: &str, body: Option<Value>) 
     let mut request = http()
         .request(method, format!("{}{path}", stack.var("SYNAPSE_URL")))
         .query(&[("user_id", admin.as_str())])
-        .bearer_auth(&stack.as_token);
+        .bearer_auth(token_for(path).await);
     if let Some(b) = body {
         request = request.json(&b);
     }
@@ -979,7 +1033,8 @@ fn enc(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// Per user: one existence check and one create. Per room: one create with
+/// Per user: one existence check and one create (in MAS mode: in MAS, and
+/// the owner marker on Synapse's account). Per room: one create with
 /// its initial state and power levels, one state read; per member: one admin
 /// join. Same concurrency as the operator.
 async fn minimal_sequence(run: &str, users: usize, rooms: usize) -> (Duration, u64) {
@@ -993,6 +1048,16 @@ async fn minimal_sequence(run: &str, users: usize, rooms: usize) -> (Duration, u
         tasks.push(tokio::spawn(async move {
             let _p = gate.acquire().await.unwrap();
             let path = format!("/_synapse/admin/v2/users/{}", enc(&id));
+            let marker = json!({"external_ids": [{"auth_provider": "bench", "external_id": id}]});
+            if let Some(mas) = bench_mas() {
+                // MAS mode: MAS holds the account (and provisions Synapse's
+                // before it answers); the marker goes on Synapse's.
+                let localpart = id.trim_start_matches('@').split(':').next().unwrap();
+                assert!(mas.user_by_username(localpart).await.unwrap().is_none());
+                mas.create_user(localpart, None, None, false).await.unwrap();
+                synapse_call(reqwest::Method::PUT, &path, Some(marker)).await;
+                return;
+            }
             let stack = Stack::get();
             let admin = format!(
                 "@{}:{}",
@@ -1008,12 +1073,7 @@ async fn minimal_sequence(run: &str, users: usize, rooms: usize) -> (Duration, u
                 .unwrap()
                 .status();
             assert_eq!(status, 404);
-            synapse_call(
-                reqwest::Method::PUT,
-                &path,
-                Some(json!({"external_ids": [{"auth_provider": "bench", "external_id": id}]})),
-            )
-            .await;
+            synapse_call(reqwest::Method::PUT, &path, Some(marker)).await;
         }));
     }
     for t in tasks.drain(..) {
@@ -1054,9 +1114,11 @@ async fn minimal_sequence(run: &str, users: usize, rooms: usize) -> (Duration, u
     for t in tasks {
         t.await.unwrap();
     }
+    // Per user: an existence check and a create (MAS mode: and the marker).
+    let per_user = if bench_mas().is_some() { 3 } else { 2 };
     (
         started.elapsed(),
-        users as u64 * 2 + rooms as u64 * 2 + joins,
+        users as u64 * per_user + rooms as u64 * 2 + joins,
     )
 }
 
@@ -1091,15 +1153,7 @@ async fn drift_samples(env: &TestEnv, run: &str, samples: usize) -> Vec<DriftSam
             .unwrap();
         let room_id = room.status.unwrap().room_id.unwrap();
         let admin_user = format!("@{run}-u{i}:{server}");
-        let token = synapse_call(
-            reqwest::Method::POST,
-            &format!("/_synapse/admin/v1/users/{}/login", enc(&admin_user)),
-            Some(json!({"valid_until_ms": 4_102_444_800_000u64})),
-        )
-        .await["access_token"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let token = user_token(&admin_user).await;
         let client_api = format!("{}/_matrix/client/v3", stack.var("SYNAPSE_URL"));
         let state_path = format!("{client_api}/rooms/{}/state/m.room.name/", enc(&room_id));
         let filter = json!({
