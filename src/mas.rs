@@ -853,10 +853,10 @@ impl MasClient {
     }
 }
 
-/// Writes stop when leadership is lost, except the operator's own admin
-/// token, which a standby's reads of Synapse's admin API need too.
+/// Writes stop when leadership is lost (the operator's own tokens are not
+/// writes: a standby's reads of Synapse's admin API need them too).
 fn gated(kind: RequestKind) -> bool {
-    kind.is_write() && kind != RequestKind::MasAdminToken
+    kind.is_write()
 }
 
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, MasError> {

@@ -76,7 +76,10 @@ impl RequestKind {
                 | RequestKind::FindUserByExternalId
                 | RequestKind::ListDevices
                 | RequestKind::GetAccountData
+                // The operator's own credentials (MAS's client-credentials
+                // token, its Synapse admin token) change nobody's account.
                 | RequestKind::MasToken
+                | RequestKind::MasAdminToken
                 | RequestKind::MasGetUser
                 | RequestKind::MasListEmails
                 | RequestKind::MasListLinks
