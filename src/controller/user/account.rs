@@ -152,9 +152,8 @@ pub enum MasCall {
 }
 
 /// The calls that apply `change` to an existing MAS account, in order: the
-/// marker first (what makes the account the operator's), links and emails
-/// (removals before additions: an address moves between its forms), then
-/// flags, deactivation last.
+/// marker first (what makes the account the operator's), then links and
+/// emails (removals before additions), then flags, deactivation last.
 pub fn mas_calls(change: &UserUpsert, account: &MasAccount, sso_provider: &str) -> Vec<MasCall> {
     let mut calls = Vec::new();
     // Synapse's external ids hold only the marker in this mode.
