@@ -818,6 +818,24 @@ impl MasClient {
         .await
     }
 
+    /// A session of `user` for one short job of the operator's (no device:
+    /// nothing is synced with it), expiring after `lifetime`.
+    pub async fn short_session(
+        &self,
+        user: &str,
+        name: &str,
+        lifetime: Duration,
+    ) -> Result<PersonalToken, MasError> {
+        self.add_personal_session(
+            user,
+            name,
+            "urn:matrix:client:api:*",
+            lifetime,
+            RequestKind::MasAddPersonalSession,
+        )
+        .await
+    }
+
     async fn add_personal_session(
         &self,
         user: &str,

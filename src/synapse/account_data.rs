@@ -4,8 +4,9 @@
 //! (`GET /_synapse/admin/v1/users/<id>/accountdata`) but offers no admin
 //! write, and the application service may masquerade only as users of its
 //! own namespace (the admin account alone). So a write goes out as the user
-//! with a login-as-user token: minted for a minute (`valid_until_ms`), used
-//! for the one `PUT`, logged out at once and never stored. The admin read
+//! with a token minted for a minute, used for the one `PUT`, ended at once
+//! and never stored: a login-as-user token (`valid_until_ms`), or in MAS
+//! mode (where Synapse has no login-as) a MAS personal session. The admin read
 //! comes first, so a list that already names the room costs no token.
 //! Matrix account data has no compare-and-swap: the read-modify-write keeps
 //! every other entry, and the window between the two is one request.
@@ -50,12 +51,7 @@ impl SynapseClient {
         user_id: &UserId,
         content: &Value,
     ) -> Result<(), SynapseError> {
-        let until = SystemTime::now() + TOKEN_LIFETIME;
-        let until_ms = until
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or_default();
-        let token = self.login_as(user_id, until_ms).await?;
+        let (token, session) = self.one_call_token(user_id).await?;
         let mut url =
             url::Url::parse(&self.base).map_err(|e| SynapseError::Request(e.to_string()))?;
         url.path_segments_mut()
@@ -84,9 +80,44 @@ impl SynapseClient {
                 .map(|_| ()),
             Err(e) => Err(e),
         };
-        // Logged out whatever the write did: the token is never kept.
-        let logged_out = self.logout_token(&token).await;
-        written.and(logged_out)
+        // Ended whatever the write did: the token is never kept.
+        let ended = match (&self.mas, session) {
+            (Some(mas), Some(session)) => mas
+                .end_session(crate::mas::SessionKind::Personal, &session)
+                .await
+                .map_err(|e| SynapseError::Mas(e.to_string())),
+            _ => self.logout_token(&token).await,
+        };
+        written.and(ended)
+    }
+
+    /// A token of the user's for one call, and in MAS mode its session.
+    async fn one_call_token(
+        &self,
+        user_id: &UserId,
+    ) -> Result<(String, Option<String>), SynapseError> {
+        let Some(mas) = &self.mas else {
+            let until_ms = (SystemTime::now() + TOKEN_LIFETIME)
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default();
+            return Ok((self.login_as(user_id, until_ms).await?, None));
+        };
+        let mas_error = |e: crate::mas::MasError| SynapseError::Mas(e.to_string());
+        let user = mas
+            .user_by_username(user_id.localpart())
+            .await
+            .map_err(mas_error)?
+            .ok_or_else(|| SynapseError::Mas(format!("{user_id} is not in MAS")))?;
+        let minted = mas
+            .short_session(
+                &user.id,
+                "openmeet-matrix-operator: m.direct",
+                TOKEN_LIFETIME,
+            )
+            .await
+            .map_err(mas_error)?;
+        Ok((minted.access_token, Some(minted.session_id)))
     }
 }
 

@@ -48,9 +48,9 @@ pub enum SynapseError {
     Decode(String),
     #[error("could not build the request: {0}")]
     Request(String),
-    /// MAS mode: no admin token could be had from MAS for the admin API.
-    #[error("no Synapse admin token from MAS: {0}")]
-    AdminToken(String),
+    /// MAS mode: a token this call needs could not be had from MAS.
+    #[error("no token from MAS: {0}")]
+    Mas(String),
     /// This replica no longer holds the leader Lease: no write may leave it.
     #[error("not the leader: writes to Synapse are stopped")]
     NotLeader,
@@ -79,7 +79,7 @@ impl SynapseError {
             SynapseError::Unreachable(_)
                 | SynapseError::Server { .. }
                 | SynapseError::RateLimited { .. }
-                | SynapseError::AdminToken(_)
+                | SynapseError::Mas(_)
                 | SynapseError::NotLeader
         )
     }
@@ -352,7 +352,7 @@ impl SynapseClient {
                 let token = mas
                     .synapse_admin_token(self.admin.localpart())
                     .await
-                    .map_err(|e| SynapseError::AdminToken(e.to_string()))?;
+                    .map_err(|e| SynapseError::Mas(e.to_string()))?;
                 let value = http::HeaderValue::from_str(&format!("Bearer {token}"))
                     .map_err(|e| SynapseError::Request(e.to_string()))?;
                 request

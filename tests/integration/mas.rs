@@ -577,3 +577,42 @@ async fn a_create_cut_short_between_synapse_and_mas_is_finished_by_its_own_objec
         .unwrap();
     assert!(mirror.external_ids.is_empty(), "untouched: {mirror:?}");
 }
+
+/// A direct room's `m.direct` is written as each user: Synapse under MAS
+/// has no login-as, so the operator takes a one-call MAS session instead.
+#[tokio::test]
+#[ignore = "MAS mode: make integration-mas"]
+async fn a_direct_room_is_listed_in_both_users_m_direct_in_mas_mode() {
+    let env = TestEnv::new("mas-dm").await;
+    let mut ids = Vec::new();
+    for name in ["ann", "ben"] {
+        let localpart = unique(name);
+        env.create::<MatrixUser>(0, name, json!({"localpart": localpart}))
+            .await;
+        ids.push(env.user_id(&localpart));
+    }
+    perm(&env, 0, "ann", "dm", "ann", json!({})).await;
+    perm(&env, 0, "ben", "dm", "ben", json!({})).await;
+    env.create::<MatrixRoom>(
+        0,
+        "dm",
+        json!({"alias": unique("dm"), "source": {"kind": "Direct", "slug": "ann-ben"}}),
+    )
+    .await;
+    let dm: MatrixRoom = env.wait_condition(0, "dm", true, "Converged").await;
+    let room_id = dm.status.unwrap().room_id.unwrap();
+    let (ann, ben) = (&ids[0], &ids[1]);
+    let listed = env.synapse.direct_rooms(ann).await.unwrap();
+    assert_eq!(listed[ben.as_str()], json!([room_id]), "{listed}");
+    let listed = env.synapse.direct_rooms(ben).await.unwrap();
+    assert_eq!(listed[ann.as_str()], json!([room_id]), "{listed}");
+    // The one-call sessions are gone.
+    for localpart in [ann.localpart(), ben.localpart()] {
+        let user = mas_user(localpart).await.unwrap();
+        assert!(mas()
+            .active_sessions(&user.id, SessionKind::Personal)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+}
