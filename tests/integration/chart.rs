@@ -205,6 +205,18 @@ async fn chart_lints_renders_and_applies_with_server_side_dry_run() {
             vec![],
             2,
         ),
+        // MAS mode: the same objects, MAS's settings added.
+        (
+            mas_values(),
+            vec![
+                "ClusterRole",
+                "ConfigMap",
+                "PodDisruptionBudget",
+                "Namespace",
+            ],
+            vec![],
+            2,
+        ),
         (
             json!({"watchNamespace": ns, "sidecar": {"enabled": false}, "replicas": 1}),
             // Namespaces are cluster-scoped: the controller reads tenant labels.
@@ -282,6 +294,36 @@ async fn chart_lints_renders_and_applies_with_server_side_dry_run() {
         missing.contains("/synapse") && missing.contains("url"),
         "{missing}"
     );
+    // MAS mode needs MAS's URL, the client, its Secret and the provider.
+    let no_mas = template(&dir, "bad", ns, &json!({"auth": {"mode": "mas"}})).unwrap_err();
+    assert!(no_mas.contains("/auth"), "{no_mas}");
+    // And hands them to both binaries.
+    let manifest = template(&dir, "mas", ns, &mas_values()).expect("helm template");
+    let docs = documents(&manifest);
+    let controller = of_kind(&docs, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["labels"]["app.kubernetes.io/component"] == "controller")
+        .expect("controller Deployment");
+    let env_of = |name: &str| {
+        controller["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(env_of("MATRIX_AUTH"), Some(json!("mas")));
+    assert_eq!(env_of("MAS_UPSTREAM_PROVIDER"), Some(json!(MAS_PROVIDER)));
+    assert_eq!(
+        env_of("MAS_CLIENT_SECRET_FILE"),
+        Some(json!("/var/run/secrets/openmeet/mas/client_secret"))
+    );
+    let sidecar_config = of_kind(&docs, "ConfigMap")
+        .into_iter()
+        .find_map(|c| c["data"]["sidecar.yaml"].as_str().map(str::to_string))
+        .expect("sidecar ConfigMap");
+    let config: Value = serde_yaml::from_str(&sidecar_config).unwrap();
+    assert_eq!(config["mas"]["clientId"], json!(MAS_CLIENT));
     let unknown = template(&dir, "bad", ns, &json!({"controler": {}})).unwrap_err();
     assert!(unknown.contains("controler"), "{unknown}");
     // The sidecar's records never share the leader Lease's namespace.
@@ -294,6 +336,16 @@ async fn chart_lints_renders_and_applies_with_server_side_dry_run() {
     .unwrap_err();
     assert!(shared.contains("stateNamespace"), "{shared}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+const MAS_CLIENT: &str = "01JC8ZQ3V6N4T2H7K9D5RWXY0A";
+const MAS_PROVIDER: &str = "01JC8ZQ3V6N4T2H7K9D5RWXY0B";
+
+/// Chart values for MAS mode.
+fn mas_values() -> Value {
+    json!({"auth": {"mode": "mas", "mas": {
+        "url": "http://mas.matrix.svc:8080", "clientId": MAS_CLIENT,
+        "existingSecret": "mas-client", "upstreamProviderId": MAS_PROVIDER}}})
 }
 
 #[test]
