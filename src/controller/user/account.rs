@@ -339,6 +339,50 @@ pub fn left_by_own_create(mirror: &SynapseUser, object_created: Option<i64>) -> 
     mirror.external_ids.is_empty() && !mirror.deactivated && after_object
 }
 
+/// Applies one planned create or update in MAS mode. A create makes the
+/// MAS account first (with the name and avatar), then the rest goes the
+/// update's way; `account` holds the MAS account from then on.
+pub async fn apply_in_mas(
+    (mas, synapse): (&MasClient, &SynapseClient),
+    user_id: &UserId,
+    action: &super::plan::UserAction,
+    desired: &super::plan::Desired<'_>,
+    object_created: Option<i64>,
+    account: &mut Option<MasAccount>,
+) -> Result<Result<(), super::plan::Blocked>, Error> {
+    use super::plan::UserAction;
+    let change = match action {
+        UserAction::Create(create) => {
+            let made = create_in_mas(
+                mas,
+                synapse,
+                user_id,
+                create,
+                desired.create_pending,
+                object_created,
+            )
+            .await?;
+            match made {
+                Ok(made) => *account = Some(made),
+                Err(blocked) => return Ok(Err(blocked)),
+            }
+            UserUpsert {
+                displayname: None,
+                avatar_url: None,
+                ..create.clone()
+            }
+        }
+        UserAction::Update(change) => change.clone(),
+        UserAction::EndSessions => return Ok(Ok(())),
+    };
+    let Some(held) = account.as_ref() else {
+        return Err(Error::Invalid("no MAS account to update".into()));
+    };
+    let calls = mas_calls(&change, held, desired.sso_provider);
+    apply_mas(mas, synapse, user_id, held, &calls).await?;
+    Ok(Ok(()))
+}
+
 /// Applies the calls of one change.
 pub async fn apply_mas(
     mas: &MasClient,

@@ -463,40 +463,23 @@ async fn converge(
                 match accounts {
                     Accounts::Synapse(synapse) => synapse.upsert_user(user_id, change).await?,
                     Accounts::Mas(mas, synapse) => {
-                        let change = match &action {
-                            UserAction::Create(create) => {
-                                let object_created = user
-                                    .metadata
-                                    .creation_timestamp
-                                    .as_ref()
-                                    .map(|t| t.0.as_second());
-                                match account::create_in_mas(
-                                    mas,
-                                    synapse,
-                                    user_id,
-                                    create,
-                                    desired.create_pending,
-                                    object_created,
-                                )
-                                .await?
-                                {
-                                    Ok(made) => mas_account = Some(made),
-                                    Err(blocked) => return Ok(Err(blocked)),
-                                }
-                                // Name and avatar went with the create.
-                                UserUpsert {
-                                    displayname: None,
-                                    avatar_url: None,
-                                    ..create.clone()
-                                }
-                            }
-                            _ => change.clone(),
-                        };
-                        let Some(account) = mas_account.as_ref() else {
-                            return Err(Error::Invalid("no MAS account to update".into()));
-                        };
-                        let calls = account::mas_calls(&change, account, desired.sso_provider);
-                        account::apply_mas(mas, synapse, user_id, account, &calls).await?;
+                        let object_created = user
+                            .metadata
+                            .creation_timestamp
+                            .as_ref()
+                            .map(|t| t.0.as_second());
+                        let applied = account::apply_in_mas(
+                            (mas, synapse),
+                            user_id,
+                            &action,
+                            desired,
+                            object_created,
+                            &mut mas_account,
+                        )
+                        .await?;
+                        if let Err(blocked) = applied {
+                            return Ok(Err(blocked));
+                        }
                     }
                 }
                 record_mutation(user, ctx, verb, user_id.as_str(), change);
