@@ -335,13 +335,6 @@ fn enc(s: &str) -> String {
 }
 
 /// GET with the appservice token, masquerading as the admin account.
-/// The audit's own MAS client, in MAS mode (one, so one admin token).
-fn audit_mas() -> Option<&'static openmeet_matrix_operator::mas::MasClient> {
-    static MAS: std::sync::OnceLock<Option<openmeet_matrix_operator::mas::MasClient>> =
-        std::sync::OnceLock::new();
-    MAS.get_or_init(|| Stack::get().mas()).as_ref()
-}
-
 async fn synapse_get(path: &str, query: &[(&str, &str)]) -> Result<Value, String> {
     let stack = Stack::get();
     let admin = format!(
@@ -352,7 +345,7 @@ async fn synapse_get(path: &str, query: &[(&str, &str)]) -> Result<Value, String
     let mut last = String::new();
     for _ in 0..5 {
         // Under MAS, Synapse's admin API takes only a MAS-issued admin token.
-        let token = match audit_mas() {
+        let token = match Stack::get().shared_mas() {
             Some(mas) if path.starts_with("/_synapse/admin/") => mas
                 .synapse_admin_token(stack.var("MATRIX_ADMIN_LOCALPART"))
                 .await
@@ -739,7 +732,7 @@ async fn audit(
     // MAS mode: every declared account is in MAS, active (Synapse's
     // accounts above are MAS's mirrors: an account MAS made that no
     // object marked shows there as unexpected or wrongly marked).
-    if let Some(mas) = audit_mas() {
+    if let Some(mas) = Stack::get().shared_mas() {
         let (mut absent, mut inactive) = (Vec::new(), Vec::new());
         for u in 0..USERS {
             let localpart = format!("{run}-u{u}");

@@ -739,7 +739,7 @@ async fn main() {
 
     let total: u64 = requests.values().map(|(c, _)| c).sum();
     println!("\n=== make bench: {users} users, {rooms} rooms, {permission_count} permissions, Synapse concurrency {CONCURRENCY} ===");
-    if bench_mas().is_some() {
+    if Stack::get().shared_mas().is_some() {
         println!("MAS mode (MATRIX_AUTH=mas): accounts through MAS's admin API; MAS's requests count with Synapse's");
     }
     if let Ok(cpus) = std::env::var("STACK_CONTROL_PLANE_CPUS") {
@@ -875,7 +875,11 @@ async fn resync_and_drift(
     let resync_started = Instant::now();
     // A user is one read (Synapse), or in MAS mode four (MAS's user, its
     // emails and links, Synapse's mirror); a room one.
-    let per_user = if bench_mas().is_some() { 4 } else { 1 };
+    let per_user = if Stack::get().shared_mas().is_some() {
+        4
+    } else {
+        1
+    };
     let expected_reads = (users * per_user + rooms) as u64;
     let resync_requests = loop {
         let r = resync.requests().await;
@@ -954,19 +958,12 @@ fn percentile(samples: &[f64], q: f64) -> f64 {
     s[((s.len() as f64 - 1.0) * q).round() as usize]
 }
 
-/// The bench's own MAS client, in MAS mode (one, so one admin token).
-fn bench_mas() -> Option<&'static openmeet_matrix_operator::mas::MasClient> {
-    static MAS: std::sync::OnceLock<Option<openmeet_matrix_operator::mas::MasClient>> =
-        std::sync::OnceLock::new();
-    MAS.get_or_init(|| Stack::get().mas()).as_ref()
-}
-
 /// The token for a call to `path`: under MAS, Synapse's admin API takes
 /// only a MAS-issued admin token; everything else goes as the
 /// application service.
 async fn token_for(path: &str) -> String {
     let stack = Stack::get();
-    match bench_mas() {
+    match Stack::get().shared_mas() {
         Some(mas) if path.starts_with("/_synapse/admin/") => mas
             .synapse_admin_token(stack.var("MATRIX_ADMIN_LOCALPART"))
             .await
@@ -978,7 +975,7 @@ async fn token_for(path: &str) -> String {
 /// An access token of `user_id`'s own: login-as-user, or under MAS (where
 /// Synapse has no login-as) a personal session.
 async fn user_token(user_id: &str) -> String {
-    match bench_mas() {
+    match Stack::get().shared_mas() {
         Some(mas) => {
             let localpart = user_id.trim_start_matches('@').split(':').next().unwrap();
             let user = mas.user_by_username(localpart).await.unwrap().unwrap();
@@ -1052,7 +1049,7 @@ async fn minimal_sequence(run: &str, users: usize, rooms: usize) -> (Duration, u
             let _p = gate.acquire().await.unwrap();
             let path = format!("/_synapse/admin/v2/users/{}", enc(&id));
             let marker = json!({"external_ids": [{"auth_provider": "bench", "external_id": id}]});
-            if let Some(mas) = bench_mas() {
+            if let Some(mas) = Stack::get().shared_mas() {
                 // MAS mode: MAS holds the account (and provisions Synapse's
                 // before it answers); the marker goes on Synapse's.
                 let localpart = id.trim_start_matches('@').split(':').next().unwrap();
@@ -1118,7 +1115,11 @@ async fn minimal_sequence(run: &str, users: usize, rooms: usize) -> (Duration, u
         t.await.unwrap();
     }
     // Per user: an existence check and a create (MAS mode: and the marker).
-    let per_user = if bench_mas().is_some() { 3 } else { 2 };
+    let per_user = if Stack::get().shared_mas().is_some() {
+        3
+    } else {
+        2
+    };
     (
         started.elapsed(),
         users as u64 * per_user + rooms as u64 * 2 + joins,

@@ -324,6 +324,13 @@ impl Stack {
         )
     }
 
+    /// One MAS client for a whole process (so one Synapse admin token), in
+    /// MAS mode: what the benches' own reads of Synapse's admin API use.
+    pub fn shared_mas(&'static self) -> Option<&'static MasClient> {
+        static MAS: OnceLock<Option<MasClient>> = OnceLock::new();
+        MAS.get_or_init(|| self.mas()).as_ref()
+    }
+
     /// `synapse` as the operator holds it in the stack's auth mode.
     pub fn in_auth_mode(&self, synapse: SynapseClient) -> SynapseClient {
         match self.mas() {

@@ -13,9 +13,9 @@ use openmeet_matrix_operator::synapse::ExternalId;
 use reqwest::StatusCode;
 use serde_json::json;
 
-fn mas() -> MasClient {
+fn mas() -> &'static MasClient {
     Stack::get()
-        .mas()
+        .shared_mas()
         .expect("these tests need the stack in MAS mode (MATRIX_AUTH=mas)")
 }
 
