@@ -41,15 +41,7 @@ pub enum MasError {
 
 impl MasError {
     fn unreachable(e: reqwest::Error) -> Self {
-        let e = e.without_url();
-        let mut text = e.to_string();
-        let mut cause = std::error::Error::source(&e);
-        while let Some(c) = cause {
-            text.push_str(": ");
-            text.push_str(&c.to_string());
-            cause = c.source();
-        }
-        MasError::Unreachable(text)
+        MasError::Unreachable(crate::synapse::transport_failure(e))
     }
 
     /// Transient failures are retried with backoff. Wrong credentials are
@@ -499,6 +491,32 @@ impl MasClient {
         outcome
     }
 
+    /// One page of a collection (see [`PAGE`]) matching `filter`.
+    async fn list<A: DeserializeOwned>(
+        &self,
+        collection: &str,
+        filter: &[(&str, &str)],
+        kind: RequestKind,
+    ) -> Result<Vec<Resource<A>>, MasError> {
+        let mut query = filter.to_vec();
+        query.push(("page[first]", PAGE));
+        let body = self
+            .call(reqwest::Method::GET, &[collection], &query, None, kind)
+            .await?;
+        Ok(decode::<Page<A>>(&body)?.data)
+    }
+
+    /// Deletes one resource; already gone counts as done.
+    async fn delete(&self, collection: &str, id: &str, kind: RequestKind) -> Result<(), MasError> {
+        match self
+            .call(reqwest::Method::DELETE, &[collection, id], &[], None, kind)
+            .await
+        {
+            Ok(_) | Err(MasError::Rejected { status: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The user with this username (the Matrix localpart), if any.
     pub async fn user_by_username(&self, username: &str) -> Result<Option<MasUser>, MasError> {
         match self
@@ -622,19 +640,9 @@ impl MasClient {
     }
 
     async fn list_emails(&self, filter: &[(&str, &str)]) -> Result<Vec<MasEmail>, MasError> {
-        let mut query = filter.to_vec();
-        query.push(("page[first]", PAGE));
-        let body = self
-            .call(
-                reqwest::Method::GET,
-                &["user-emails"],
-                &query,
-                None,
-                RequestKind::MasListEmails,
-            )
-            .await?;
-        Ok(decode::<Page<EmailAttributes>>(&body)?
-            .data
+        Ok(self
+            .list::<EmailAttributes>("user-emails", filter, RequestKind::MasListEmails)
+            .await?
             .into_iter()
             .map(|r| MasEmail {
                 id: r.id,
@@ -657,19 +665,8 @@ impl MasClient {
     }
 
     pub async fn delete_email(&self, id: &str) -> Result<(), MasError> {
-        match self
-            .call(
-                reqwest::Method::DELETE,
-                &["user-emails", id],
-                &[],
-                None,
-                RequestKind::MasDeleteEmail,
-            )
+        self.delete("user-emails", id, RequestKind::MasDeleteEmail)
             .await
-        {
-            Ok(_) | Err(MasError::Rejected { status: 404, .. }) => Ok(()),
-            Err(e) => Err(e),
-        }
     }
 
     /// A user's upstream links on the sidecar's provider.
@@ -694,19 +691,9 @@ impl MasClient {
     }
 
     async fn list_links(&self, filter: &[(&str, &str)]) -> Result<Vec<MasLink>, MasError> {
-        let mut query = filter.to_vec();
-        query.push(("page[first]", PAGE));
-        let body = self
-            .call(
-                reqwest::Method::GET,
-                &["upstream-oauth-links"],
-                &query,
-                None,
-                RequestKind::MasListLinks,
-            )
-            .await?;
-        Ok(decode::<Page<LinkAttributes>>(&body)?
-            .data
+        Ok(self
+            .list::<LinkAttributes>("upstream-oauth-links", filter, RequestKind::MasListLinks)
+            .await?
             .into_iter()
             .map(|r| MasLink {
                 id: r.id,
@@ -735,19 +722,8 @@ impl MasClient {
     }
 
     pub async fn delete_link(&self, id: &str) -> Result<(), MasError> {
-        match self
-            .call(
-                reqwest::Method::DELETE,
-                &["upstream-oauth-links", id],
-                &[],
-                None,
-                RequestKind::MasDeleteLink,
-            )
+        self.delete("upstream-oauth-links", id, RequestKind::MasDeleteLink)
             .await
-        {
-            Ok(_) | Err(MasError::Rejected { status: 404, .. }) => Ok(()),
-            Err(e) => Err(e),
-        }
     }
 
     /// The ids of a user's active sessions of one kind.
@@ -756,21 +732,10 @@ impl MasClient {
         user: &str,
         kind: SessionKind,
     ) -> Result<Vec<String>, MasError> {
-        let body = self
-            .call(
-                reqwest::Method::GET,
-                &[kind.collection()],
-                &[
-                    (kind.user_filter(), user),
-                    ("filter[status]", "active"),
-                    ("page[first]", PAGE),
-                ],
-                None,
-                RequestKind::MasListSessions,
-            )
-            .await?;
-        Ok(decode::<Page<Ignored>>(&body)?
-            .data
+        let filter = [(kind.user_filter(), user), ("filter[status]", "active")];
+        Ok(self
+            .list::<Ignored>(kind.collection(), &filter, RequestKind::MasListSessions)
+            .await?
             .into_iter()
             .map(|r| r.id)
             .collect())

@@ -371,19 +371,7 @@ fn device_id() -> String {
 
 fn mas_error(e: crate::mas::MasError) -> ApiError {
     tracing::warn!(error = %untrusted(&e), "credentials: MAS call failed");
-    if e.is_transient() {
-        ApiError::new(
-            503,
-            "homeserver_unavailable",
-            "the homeserver is unavailable",
-        )
-    } else {
-        ApiError::new(
-            502,
-            "homeserver_refused",
-            "the homeserver refused to issue a token",
-        )
-    }
+    super::homeserver_failure(e.is_transient(), "the homeserver refused to issue a token")
 }
 
 fn lookup_error(e: LookupError) -> ApiError {
@@ -412,19 +400,7 @@ fn lookup_error(e: LookupError) -> ApiError {
 
 fn synapse_error(e: SynapseError) -> ApiError {
     tracing::warn!(error = %untrusted(&e), "credentials: Synapse call failed");
-    if e.is_transient() {
-        ApiError::new(
-            503,
-            "homeserver_unavailable",
-            "the homeserver is unavailable",
-        )
-    } else {
-        ApiError::new(
-            502,
-            "homeserver_refused",
-            "the homeserver refused to issue a token",
-        )
-    }
+    super::homeserver_failure(e.is_transient(), "the homeserver refused to issue a token")
 }
 
 pub async fn handler(

@@ -144,19 +144,7 @@ impl HandleService {
         };
         let observed = self.synapse.get_user(&user_id).await.map_err(|e| {
             tracing::warn!(error = %e, "handles: Synapse call failed");
-            if e.is_transient() {
-                ApiError::new(
-                    503,
-                    "homeserver_unavailable",
-                    "the homeserver is unavailable",
-                )
-            } else {
-                ApiError::new(
-                    502,
-                    "homeserver_refused",
-                    "the homeserver refused the lookup",
-                )
-            }
+            super::homeserver_failure(e.is_transient(), "the homeserver refused the lookup")
         })?;
         Ok(handle::with_account(localpart, observed.as_ref()))
     }

@@ -116,6 +116,21 @@ pub fn api_answer<T: serde::Serialize>(result: Result<T, ApiError>, api: &'stati
 }
 
 /// The `Authorization: Bearer` token, if any.
+/// The answer to a homeserver call (Synapse or MAS) that failed: 503 when
+/// it may work on a retry, 502 with `refused` when it will not. Never the
+/// homeserver's own words: they may name internal addresses.
+pub fn homeserver_failure(transient: bool, refused: &'static str) -> ApiError {
+    if transient {
+        ApiError::new(
+            503,
+            "homeserver_unavailable",
+            "the homeserver is unavailable",
+        )
+    } else {
+        ApiError::new(502, "homeserver_refused", refused)
+    }
+}
+
 pub fn bearer(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;

@@ -60,15 +60,7 @@ impl SynapseError {
     /// A transport failure, told by its causes (connection refused, timed
     /// out…), never by the internal address it was sent to.
     fn unreachable(e: reqwest::Error) -> Self {
-        let e = e.without_url();
-        let mut text = e.to_string();
-        let mut cause = std::error::Error::source(&e);
-        while let Some(c) = cause {
-            text.push_str(": ");
-            text.push_str(&c.to_string());
-            cause = c.source();
-        }
-        SynapseError::Unreachable(text)
+        SynapseError::Unreachable(transport_failure(e))
     }
 
     /// Transient failures are retried with backoff; the rest need a change
@@ -93,6 +85,20 @@ impl SynapseError {
             _ => None,
         }
     }
+}
+
+/// A transport error and its causes (connection refused, timed out…),
+/// without the request's URL: the text reaches tenants' status conditions.
+pub(crate) fn transport_failure(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 #[derive(Deserialize)]

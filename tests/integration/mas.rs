@@ -7,9 +7,10 @@
 use crate::harness::{unique, wait_for, Stack, TestEnv};
 use crate::rooms::{perm, state};
 use crate::sidecar::{credentials, platform_token, ready_user, whoami};
+use crate::users::marker;
 use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
 use openmeet_matrix_operator::mas::{MasClient, MasUser, SessionKind};
-use openmeet_matrix_operator::synapse::ExternalId;
+use openmeet_matrix_operator::synapse::SynapseUser;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -45,12 +46,13 @@ async fn mas_links(user: &MasUser) -> Vec<String> {
         .collect()
 }
 
-async fn marker(env: &TestEnv, ns: usize, name: &str) -> ExternalId {
-    let uid = env.users(ns).get(name).await.unwrap().metadata.uid.unwrap();
-    ExternalId {
-        auth_provider: "net.openmeet.owner".into(),
-        external_id: format!("{}/{name}/{uid}", env.ns(ns)),
-    }
+/// Synapse's mirror of an account, which must exist.
+async fn synapse_account(env: &TestEnv, localpart: &str) -> SynapseUser {
+    env.synapse
+        .get_user(&env.user_id(localpart))
+        .await
+        .unwrap()
+        .expect("Synapse has the account")
 }
 
 #[tokio::test]
@@ -218,12 +220,7 @@ async fn global_claims_and_tenant_qualified_subjects_hold_in_mas() {
     env.wait_ready(0, "foreign", false, "AccountExists").await;
     let untouched = mas().user(&made.id).await.unwrap().unwrap();
     assert!(mas_emails(&untouched).await.is_empty() && mas_links(&untouched).await.is_empty());
-    let mirror = env
-        .synapse
-        .get_user(&env.user_id(&foreign))
-        .await
-        .unwrap()
-        .unwrap();
+    let mirror = synapse_account(&env, &foreign).await;
     assert!(mirror.external_ids.is_empty(), "{mirror:?}");
 }
 
@@ -384,12 +381,7 @@ async fn an_unreachable_mas_is_transient_and_leaves_nothing_half_made() {
     env.wait_ready(0, "waiting", true, "Converged").await;
     let user = mas_user(&localpart).await.unwrap();
     assert_eq!(mas_links(&user).await, [format!("{}/s", env.ns(0))]);
-    let mirror = env
-        .synapse
-        .get_user(&env.user_id(&localpart))
-        .await
-        .unwrap()
-        .unwrap();
+    let mirror = synapse_account(&env, &localpart).await;
     assert_eq!(mirror.external_ids, [marker(&env, 0, "waiting").await]);
     forwarder.abort();
 }
@@ -417,12 +409,7 @@ async fn mas_refusals_and_wrong_credentials_say_so_and_write_nothing() {
     );
     let made = mas_user(&localpart).await.unwrap();
     assert!(mas_emails(&made).await.is_empty());
-    let mirror = env
-        .synapse
-        .get_user(&env.user_id(&localpart))
-        .await
-        .unwrap()
-        .unwrap();
+    let mirror = synapse_account(&env, &localpart).await;
     assert_eq!(mirror.external_ids, [marker(&env, 0, "odd").await]);
     let failures = env
         .stats
@@ -557,25 +544,15 @@ async fn a_create_cut_short_between_synapse_and_mas_is_finished_by_its_own_objec
     env.wait_ready(0, "cut", true, "Converged").await;
     let user = mas_user(&own).await.expect("the create finished in MAS");
     assert_eq!(mas_links(&user).await, [format!("{}/s", env.ns(0))]);
-    let mirror = env
-        .synapse
-        .get_user(&env.user_id(&own))
-        .await
-        .unwrap()
-        .unwrap();
+    let mirror = synapse_account(&env, &own).await;
     assert_eq!(mirror.external_ids, [marker(&env, 0, "cut").await]);
 
     let stray = env.wait_ready(0, "stray", false, "AccountExists").await;
     let message = &stray.status.unwrap().conditions[0].message;
     assert!(message.contains("not in MAS"), "{message}");
     assert!(mas_user(&other).await.is_none());
-    let mirror = env
-        .synapse
-        .get_user(&env.user_id(&other))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(mirror.external_ids.is_empty(), "untouched: {mirror:?}");
+    let stray = synapse_account(&env, &other).await;
+    assert!(stray.external_ids.is_empty(), "untouched: {stray:?}");
 }
 
 /// A direct room's `m.direct` is written as each user: Synapse under MAS

@@ -8,7 +8,7 @@ use serde_json::json;
 use std::time::Duration;
 
 /// The owner marker of the object `name` in `ns`, as it is now (its uid).
-async fn marker(env: &TestEnv, ns: usize, name: &str) -> ExternalId {
+pub(crate) async fn marker(env: &TestEnv, ns: usize, name: &str) -> ExternalId {
     let uid = env.users(ns).get(name).await.unwrap().metadata.uid.unwrap();
     ExternalId {
         auth_provider: "net.openmeet.owner".into(),
