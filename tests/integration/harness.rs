@@ -826,3 +826,76 @@ pub async fn restart_synapse(down_seconds: u64) -> Result<Duration, String> {
         Err(format!("restart-synapse.sh: {status}"))
     }
 }
+
+/// The Python of a virtualenv with `requirement` (`name==version`, from
+/// PyPI) installed, made once per machine outside the repository (in
+/// `~/.cache/openmeet-matrix-operator/<name>-<version>-py<X.Y>`) and
+/// checked by importing `module`.
+pub async fn python_venv(name: &str, version: &str, module: &str) -> std::path::PathBuf {
+    // One install at a time in this process: concurrent tests wait for it.
+    static INSTALLING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let requirement = format!("{name}=={version}");
+    let python_version = tokio::process::Command::new("python3")
+        .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("python3 is needed to run {name}: {e}"));
+    let python_version = String::from_utf8(python_version.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
+        .join("openmeet-matrix-operator");
+    let dir = format!("{name}-{version}-py{python_version}");
+    let venv = cache.join(&dir);
+    let python = venv.join("bin/python");
+    let ready = |python: std::path::PathBuf| async move {
+        tokio::process::Command::new(python)
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .await
+            .is_ok_and(|o| o.status.success())
+    };
+    let _installing = INSTALLING.lock().await;
+    if ready(python.clone()).await {
+        return python;
+    }
+    // Made aside, then moved into place: a half-made venv is never used.
+    let partial = cache.join(format!("{dir}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&cache).unwrap();
+    let run = |cmd: &mut tokio::process::Command| {
+        let out = cmd.output();
+        let requirement = &requirement;
+        async move {
+            let out = out.await.expect("running python3");
+            assert!(
+                out.status.success(),
+                "installing {requirement}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    run(tokio::process::Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&partial))
+    .await;
+    run(tokio::process::Command::new(partial.join("bin/python"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg(&requirement))
+    .await;
+    if std::fs::rename(&partial, &venv).is_err() {
+        // Another test process made it meanwhile.
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    assert!(ready(python.clone()).await, "{requirement} in {venv:?}");
+    python
+}

@@ -2,6 +2,7 @@
 //! and Synapse, started by `tests/stack/up.sh`.
 
 mod binary;
+mod browser;
 mod chart;
 mod crds;
 mod feed;

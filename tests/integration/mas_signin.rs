@@ -7,7 +7,7 @@
 //! library (matrix-nio) to sync and send; then a lock, which must kill both
 //! tokens within a second of the MatrixUser saying so, for good.
 
-use crate::harness::{https_client, unique, wait_for, Stack, TestEnv};
+use crate::harness::{https_client, python_venv, unique, wait_for, Stack, TestEnv};
 use crate::rooms::perm;
 use crate::sidecar::{credentials, platform_token, query, ready_user, whoami};
 use base64::Engine;
@@ -377,73 +377,6 @@ async fn sign_in(synapse: &str, subject: &str, tenant: &str, device: &str) -> Va
     token
 }
 
-/// A venv with matrix-nio, made once per machine (outside the repository).
-async fn nio_python() -> std::path::PathBuf {
-    let version = tokio::process::Command::new("python3")
-        .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
-        .output()
-        .await
-        .expect("python3 is needed to run matrix-nio");
-    let version = String::from_utf8(version.stdout)
-        .unwrap()
-        .trim()
-        .to_string();
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache"))
-        .join("openmeet-matrix-operator");
-    let venv = cache.join(format!("nio-{NIO_VERSION}-py{version}"));
-    let python = venv.join("bin/python");
-    let ready = |python: std::path::PathBuf| async move {
-        tokio::process::Command::new(python)
-            .args(["-c", "import nio"])
-            .output()
-            .await
-            .is_ok_and(|o| o.status.success())
-    };
-    if ready(python.clone()).await {
-        return python;
-    }
-    // Made aside, then moved into place: a half-made venv is never used.
-    let partial = cache.join(format!(
-        "nio-{NIO_VERSION}-py{version}.partial-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&cache).unwrap();
-    let run = |cmd: &mut tokio::process::Command| {
-        let out = cmd.output();
-        async move {
-            let out = out.await.expect("running python3");
-            assert!(
-                out.status.success(),
-                "installing matrix-nio: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    };
-    run(tokio::process::Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&partial))
-    .await;
-    run(tokio::process::Command::new(partial.join("bin/python"))
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .arg(format!("matrix-nio=={NIO_VERSION}")))
-    .await;
-    if std::fs::rename(&partial, &venv).is_err() {
-        // Another test process made it meanwhile.
-        let _ = std::fs::remove_dir_all(&partial);
-    }
-    assert!(ready(python.clone()).await, "matrix-nio in {venv:?}");
-    python
-}
-
 /// Syncs and sends `body` into `room` with matrix-nio; the event id.
 async fn nio_sync_send(
     synapse: &str,
@@ -453,7 +386,7 @@ async fn nio_sync_send(
     room: &str,
     body: &str,
 ) -> String {
-    let python = nio_python().await;
+    let python = python_venv("matrix-nio", NIO_VERSION, "nio").await;
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/nio_sync_send.py"
