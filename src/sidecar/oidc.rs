@@ -477,8 +477,8 @@ async fn authorize(p: &Provider, headers: &HeaderMap, mut request: AuthorizeRequ
                 tenant = %untrusted(&tenant), reason = %untrusted(&e),
                 "authorize: no usable account"
             );
-            let (status, detail) = lookup_page(&e);
-            return refuse_page(status, "No chat account", detail);
+            let (status, title, detail) = lookup_page(&e);
+            return refuse_page(status, title, detail);
         }
     };
     // 5. A single-use code bound to client, redirect and PKCE challenge,
@@ -511,20 +511,34 @@ fn platform_message(e: &PlatformError) -> String {
     }
 }
 
-fn lookup_page(e: &LookupError) -> (StatusCode, &'static str) {
+/// The refusal page for an identity with no usable account: its status,
+/// heading and text. The heading names what is wrong: "No chat account"
+/// only to someone who has none.
+fn lookup_page(e: &LookupError) -> (StatusCode, &'static str, &'static str) {
     match e {
         LookupError::UnknownTenant(_) | LookupError::UserNotFound | LookupError::Deleted => (
             StatusCode::FORBIDDEN,
+            "No chat account",
             "You have no chat account here. Ask the organisers to add you.",
         ),
         LookupError::NotReady(_) => (
             StatusCode::CONFLICT,
+            "Chat account not ready",
             "Your chat account is not ready yet. Try again in a moment.",
         ),
-        LookupError::Locked => (StatusCode::FORBIDDEN, "Your chat account is locked."),
-        LookupError::Deactivated => (StatusCode::FORBIDDEN, "Your chat account is deactivated."),
+        LookupError::Locked => (
+            StatusCode::FORBIDDEN,
+            "Chat account locked",
+            "Your chat account is locked. Ask the organisers if you think this is a mistake.",
+        ),
+        LookupError::Deactivated => (
+            StatusCode::FORBIDDEN,
+            "Chat account deactivated",
+            "Your chat account is deactivated.",
+        ),
         LookupError::Loading => (
             StatusCode::SERVICE_UNAVAILABLE,
+            "Sign-in is starting",
             "Sign-in is starting up. Try again in a moment.",
         ),
     }
@@ -830,6 +844,27 @@ async fn userinfo(State(p): State<Arc<Provider>>, headers: HeaderMap) -> Respons
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_someone_without_an_account_is_told_they_have_none() {
+        for e in [
+            LookupError::UnknownTenant("t".into()),
+            LookupError::UserNotFound,
+            LookupError::Deleted,
+        ] {
+            assert_eq!(lookup_page(&e).1, "No chat account", "{e:?}");
+        }
+        for e in [
+            LookupError::NotReady("x".into()),
+            LookupError::Locked,
+            LookupError::Deactivated,
+            LookupError::Loading,
+        ] {
+            let (_, title, detail) = lookup_page(&e);
+            assert_ne!(title, "No chat account", "{e:?}");
+            assert!(!detail.contains("no chat account"), "{e:?}: {detail}");
+        }
+    }
 
     #[test]
     fn pkce_values_follow_rfc7636() {

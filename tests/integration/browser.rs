@@ -498,7 +498,13 @@ async fn a_locked_user_gets_the_refusal_page_in_the_browser() {
     browser.page("platform-login").await;
     let refusal = browser.page("sidecar-refusal").await;
     assert_eq!(refusal["status"], 403);
-    assert_eq!(refusal["title"], "No chat account");
+    // Its heading says what is wrong, as its text does (not "No chat
+    // account" to someone who has one).
+    assert_eq!(refusal["title"], "Chat account locked");
+    assert!(
+        text(&refusal).starts_with("Chat account locked\n"),
+        "{refusal:#}"
+    );
     assert!(
         text(&refusal).contains("Your chat account is locked."),
         "{refusal:#}"
