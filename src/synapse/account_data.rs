@@ -2,22 +2,14 @@
 //!
 //! Synapse lets an admin read any user's account data
 //! (`GET /_synapse/admin/v1/users/<id>/accountdata`) but offers no admin
-//! write, and the application service may masquerade only as users of its
-//! own namespace (the admin account alone). So a write goes out as the user
-//! with a token minted for a minute, used for the one `PUT`, ended at once
-//! and never stored: a login-as-user token (`valid_until_ms`), or in MAS
-//! mode (where Synapse has no login-as) a MAS personal session. The admin read
-//! comes first, so a list that already names the room costs no token.
+//! write: a write goes out as the user ([`super::as_member`]). The admin
+//! read comes first, so a list that already names the room costs no token.
 //! Matrix account data has no compare-and-swap: the read-modify-write keeps
 //! every other entry, and the window between the two is one request.
 
 use super::{RequestKind, SynapseClient, SynapseError};
 use ruma::UserId;
 use serde_json::{json, Value};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// How long a token minted for one account-data write may live.
-const TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
 impl SynapseClient {
     /// The user's `m.direct` content (`{}` when never set).
@@ -44,20 +36,17 @@ impl SynapseClient {
             .unwrap_or_else(|| json!({})))
     }
 
-    /// Writes the user's `m.direct` as the user, with a token that lives for
-    /// this one call.
+    /// Writes the user's `m.direct` as the user (see [`super::as_member`]).
     pub async fn set_direct_rooms(
         &self,
         user_id: &UserId,
         content: &Value,
     ) -> Result<(), SynapseError> {
-        let (token, session) = self.one_call_token(user_id).await?;
-        let mut url =
-            url::Url::parse(&self.base).map_err(|e| SynapseError::Request(e.to_string()))?;
-        url.path_segments_mut()
-            .map_err(|_| SynapseError::Request("Synapse URL cannot be a base".into()))?
-            .pop_if_empty()
-            .extend([
+        self.send_as_member(
+            user_id,
+            "m.direct",
+            reqwest::Method::PUT,
+            &[
                 "_matrix",
                 "client",
                 "v3",
@@ -65,59 +54,12 @@ impl SynapseClient {
                 user_id.as_str(),
                 "account_data",
                 "m.direct",
-            ]);
-        let request = self
-            .http
-            .put(url)
-            .bearer_auth(&token)
-            .json(content)
-            .build()
-            .map_err(|e| SynapseError::Request(e.to_string()));
-        let written = match request {
-            Ok(request) => self
-                .execute(request, RequestKind::PutAccountData)
-                .await
-                .map(|_| ()),
-            Err(e) => Err(e),
-        };
-        // Ended whatever the write did: the token is never kept.
-        let ended = match (&self.mas, session) {
-            (Some(mas), Some(session)) => mas
-                .end_session(crate::mas::SessionKind::Personal, &session)
-                .await
-                .map_err(|e| SynapseError::Mas(e.to_string())),
-            _ => self.logout_token(&token).await,
-        };
-        written.and(ended)
-    }
-
-    /// A token of the user's for one call, and in MAS mode its session.
-    async fn one_call_token(
-        &self,
-        user_id: &UserId,
-    ) -> Result<(String, Option<String>), SynapseError> {
-        let Some(mas) = &self.mas else {
-            let until_ms = (SystemTime::now() + TOKEN_LIFETIME)
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or_default();
-            return Ok((self.login_as(user_id, until_ms).await?, None));
-        };
-        let mas_error = |e: crate::mas::MasError| SynapseError::Mas(e.to_string());
-        let user = mas
-            .user_by_username(user_id.localpart())
-            .await
-            .map_err(mas_error)?
-            .ok_or_else(|| SynapseError::Mas(format!("{user_id} is not in MAS")))?;
-        let minted = mas
-            .short_session(
-                &user.id,
-                "openmeet-matrix-operator: m.direct",
-                TOKEN_LIFETIME,
-            )
-            .await
-            .map_err(mas_error)?;
-        Ok((minted.access_token, Some(minted.session_id)))
+            ],
+            content,
+            RequestKind::PutAccountData,
+        )
+        .await
+        .map(|_| ())
     }
 }
 
@@ -139,6 +81,36 @@ pub fn with_direct_room(current: &Value, other: &str, room_id: &str) -> Option<V
     Some(Value::Object(content))
 }
 
+/// `m.direct` without `room_id` under any user (an entry it leaves empty is
+/// dropped), every other entry kept; `None` when no entry lists it.
+pub fn without_direct_room(current: &Value, room_id: &str) -> Option<Value> {
+    let content = current.as_object()?;
+    let listed = |rooms: &Value| {
+        rooms
+            .as_array()
+            .is_some_and(|l| l.iter().any(|r| r.as_str() == Some(room_id)))
+    };
+    if !content.values().any(listed) {
+        return None;
+    }
+    let kept = content
+        .iter()
+        .filter_map(|(user, rooms)| {
+            if !listed(rooms) {
+                return Some((user.clone(), rooms.clone()));
+            }
+            let rest: Vec<Value> = rooms
+                .as_array()?
+                .iter()
+                .filter(|r| r.as_str() != Some(room_id))
+                .cloned()
+                .collect();
+            (!rest.is_empty()).then(|| (user.clone(), Value::Array(rest)))
+        })
+        .collect();
+    Some(Value::Object(kept))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +128,19 @@ mod tests {
             with_direct_room(&json!({}), "@bob:x", "!dm:x"),
             Some(json!({"@bob:x": ["!dm:x"]}))
         );
+    }
+
+    #[test]
+    fn the_room_is_removed_and_other_entries_kept() {
+        let current = json!({"@carol:x": [], "@bob:x": ["!a:x", "!dm:x"], "@dan:x": ["!dm:x"]});
+        assert_eq!(
+            without_direct_room(&current, "!dm:x"),
+            Some(json!({"@carol:x": [], "@bob:x": ["!a:x"]}))
+        );
+        assert_eq!(
+            without_direct_room(&json!({"@bob:x": ["!a:x"]}), "!dm:x"),
+            None
+        );
+        assert_eq!(without_direct_room(&json!({}), "!dm:x"), None);
     }
 }

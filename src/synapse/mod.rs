@@ -7,6 +7,7 @@
 //! accounts, which the crate's `UserDetails` cannot represent.
 
 pub mod account_data;
+mod as_member;
 pub mod rooms;
 mod stats;
 pub mod users;

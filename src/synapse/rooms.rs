@@ -253,6 +253,48 @@ impl SynapseClient {
         self.send(request, RequestKind::AdminJoin).await.map(|_| ())
     }
 
+    /// Invites a user to a direct conversation: the member event carries
+    /// `is_direct`, which the invite endpoint cannot send.
+    pub async fn invite_direct(&self, room_id: &str, user_id: &UserId) -> Result<(), SynapseError> {
+        let content = json!({"membership": "invite", "is_direct": true});
+        self.send_json(
+            Method::PUT,
+            &[
+                "_matrix",
+                "client",
+                "v3",
+                "rooms",
+                room_id,
+                "state",
+                "m.room.member",
+                user_id.as_str(),
+            ],
+            Some(&content),
+            RequestKind::Invite,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Joins an invited user as themselves, so that the invite they joined
+    /// from stays the last one they received (see [`super::as_member`]).
+    pub async fn join_as_member(
+        &self,
+        room_id: &str,
+        user_id: &UserId,
+    ) -> Result<(), SynapseError> {
+        self.send_as_member(
+            user_id,
+            "join",
+            Method::POST,
+            &["_matrix", "client", "v3", "rooms", room_id, "join"],
+            &json!({}),
+            RequestKind::JoinAsMember,
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// invite / kick / ban / unban as the admin account.
     pub async fn membership(
         &self,

@@ -24,6 +24,8 @@ pub enum RequestKind {
     PutState,
     PutPowerLevels,
     AdminJoin,
+    /// A member joining as themselves (a direct room's members).
+    JoinAsMember,
     Invite,
     Kick,
     Ban,
@@ -99,6 +101,7 @@ impl RequestKind {
             RequestKind::PutState => "put_state",
             RequestKind::PutPowerLevels => "put_power_levels",
             RequestKind::AdminJoin => "admin_join",
+            RequestKind::JoinAsMember => "join_as_member",
             RequestKind::Invite => "invite",
             RequestKind::Kick => "kick",
             RequestKind::Ban => "ban",

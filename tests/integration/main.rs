@@ -5,6 +5,7 @@ mod binary;
 mod browser;
 mod chart;
 mod crds;
+mod direct;
 mod feed;
 mod ha;
 mod hardening;

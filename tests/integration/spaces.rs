@@ -4,7 +4,7 @@
 use crate::harness::{unique, wait_for, Stack, TestEnv};
 use crate::rooms::{as_user, login_as, membership, perm, urlencode, users};
 use kube::api::{Patch, PatchParams};
-use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
+use openmeet_matrix_operator::api::{MatrixRoom, RoomPermission};
 use openmeet_matrix_operator::synapse::rooms::RoomState;
 use openmeet_matrix_operator::synapse::RequestKind;
 use serde_json::{json, Value};
@@ -299,128 +299,6 @@ async fn cycles_missing_and_plain_parents_are_refused() {
         .await;
 }
 
-/// A user's global account data, through the admin API.
-async fn account_data(user_id: &str) -> Value {
-    let stack = Stack::get();
-    let url = format!(
-        "{}/_synapse/admin/v1/users/{}/accountdata",
-        stack.var("SYNAPSE_URL"),
-        urlencode(user_id)
-    );
-    let v: Value = reqwest::Client::new()
-        .get(url)
-        .query(&[("user_id", stack.admin_user_id())])
-        .bearer_auth(&stack.as_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["account_data"]["global"].clone()
-}
-
-/// The room's events as the admin API lists them, oldest first.
-async fn room_events(room_id: &str) -> Vec<Value> {
-    let stack = Stack::get();
-    let url = format!(
-        "{}/_synapse/admin/v1/rooms/{}/messages",
-        stack.var("SYNAPSE_URL"),
-        urlencode(room_id)
-    );
-    let v: Value = reqwest::Client::new()
-        .get(url)
-        .query(&[
-            ("user_id", stack.admin_user_id().as_str()),
-            ("dir", "f"),
-            ("limit", "100"),
-        ])
-        .bearer_auth(&stack.as_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["chunk"].as_array().cloned().unwrap_or_default()
-}
-
-#[tokio::test]
-async fn a_direct_room_is_a_dm_for_both_and_needs_exactly_two_members() {
-    let env = TestEnv::new("direct").await;
-    let ids = users(&env, &["ann", "ben", "cat"]).await;
-    // Ann already has a DM elsewhere: it stays listed.
-    let ann = login_as(&ids[0]).await;
-    let earlier = json!({"@someone:elsewhere": ["!old:elsewhere"]});
-    let path = format!("/user/{}/account_data/m.direct", urlencode(&ids[0]));
-    assert!(as_user(&ann, reqwest::Method::PUT, &path, earlier)
-        .await
-        .is_success());
-
-    perm(&env, 0, "ann", "dm", "ann", json!({})).await;
-    perm(&env, 0, "ben", "dm", "ben", json!({})).await;
-    env.create::<MatrixRoom>(
-        0,
-        "dm",
-        json!({"alias": unique("dm"), "source": {"kind": "Direct", "slug": "ann-ben"}}),
-    )
-    .await;
-    let dm: MatrixRoom = env.wait_condition(0, "dm", true, "Converged").await;
-    let id = room_id(&dm);
-    let s = state_of(&env, &id).await;
-    let admin = Stack::get().admin_user_id();
-    let joined: Vec<String> = s
-        .memberships()
-        .into_iter()
-        .filter(|(u, m)| m == "join" && *u != admin)
-        .map(|(u, _)| u)
-        .collect();
-    assert_eq!(joined, {
-        let mut two = vec![ids[0].clone(), ids[1].clone()];
-        two.sort();
-        two
-    });
-    assert!(
-        s.get("m.room.encryption", "").is_some(),
-        "encrypted by default"
-    );
-    // Both were invited as to a DM.
-    let events = room_events(&id).await;
-    for user in &ids[..2] {
-        assert!(
-            events.iter().any(|e| e["type"] == "m.room.member"
-                && e["state_key"] == json!(user)
-                && e["content"]["membership"] == "invite"
-                && e["content"]["is_direct"] == true),
-            "{user} invited with is_direct"
-        );
-    }
-    wait_for("both users list the DM", || async {
-        let a = account_data(&ids[0]).await;
-        let b = account_data(&ids[1]).await;
-        (a["m.direct"][&ids[1]] == json!([id])
-            && a["m.direct"]["@someone:elsewhere"] == json!(["!old:elsewhere"])
-            && b["m.direct"][&ids[0]] == json!([id]))
-        .then_some(())
-    })
-    .await;
-
-    // A third member is refused, and no room is made for it.
-    for (p, u) in [("x-ann", "ann"), ("x-ben", "ben"), ("x-cat", "cat")] {
-        perm(&env, 0, p, "trio", u, json!({})).await;
-    }
-    env.create::<MatrixRoom>(
-        0,
-        "trio",
-        json!({"alias": unique("trio"), "source": {"kind": "Direct", "slug": "trio"}}),
-    )
-    .await;
-    let trio: MatrixRoom = env
-        .wait_condition(0, "trio", false, "DirectMemberCount")
-        .await;
-    assert!(trio.status.unwrap().room_id.is_none());
-}
-
 #[tokio::test]
 async fn resync_of_a_converged_space_and_child_reads_once_and_writes_nothing() {
     let env = TestEnv::new("spacenoop").await;
@@ -500,57 +378,6 @@ async fn an_adopted_room_too_old_for_restricted_joins_is_refused_untouched() {
         "invite"
     );
     assert!(s.events.keys().all(|(kind, _)| kind != "m.space.parent"));
-}
-
-/// A locked member cannot be logged in as, so its `m.direct` cannot be
-/// written: the DM still converges (the other member's list names it), and
-/// the locked member's list names it once the account is unlocked.
-#[tokio::test]
-async fn a_direct_room_with_a_locked_member_converges_and_lists_it_on_unlock() {
-    let env = TestEnv::new("direct-locked").await;
-    let ids = users(&env, &["eve"]).await;
-    let localpart = unique("fay");
-    env.create::<MatrixUser>(
-        0,
-        "fay",
-        json!({"localpart": localpart, "displayName": "fay", "locked": true}),
-    )
-    .await;
-    let fay = env.user_id(&localpart).to_string();
-    env.wait_condition::<MatrixUser>(0, "fay", true, "Converged")
-        .await;
-
-    perm(&env, 0, "eve", "dm", "eve", json!({})).await;
-    perm(&env, 0, "fay", "dm", "fay", json!({})).await;
-    env.create::<MatrixRoom>(
-        0,
-        "dm",
-        json!({"alias": unique("dm"), "source": {"kind": "Direct", "slug": "eve-fay"}}),
-    )
-    .await;
-    let dm: MatrixRoom = env.wait_condition(0, "dm", true, "Converged").await;
-    let id = room_id(&dm);
-    wait_for("eve lists the DM", || async {
-        (account_data(&ids[0]).await["m.direct"][&fay] == json!([id])).then_some(())
-    })
-    .await;
-    assert!(
-        account_data(&fay).await["m.direct"].is_null(),
-        "nothing written for the locked account"
-    );
-
-    env.api::<MatrixUser>(0)
-        .patch(
-            "fay",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"locked": false}})),
-        )
-        .await
-        .expect("unlock");
-    wait_for("fay lists the DM once unlocked", || async {
-        (account_data(&fay).await["m.direct"][&ids[0]] == json!([id])).then_some(())
-    })
-    .await;
 }
 
 /// A group's space `group` and its event room `e1` (with `extra` in its

@@ -206,6 +206,12 @@ pub(super) async fn apply_action(
             ctx.own_joins.expect(room_id, user_id.as_str());
             s.admin_join(parsed, &user_id).await?
         }
+        RoomAction::InviteDirect(u) => s.invite_direct(room_id, &user(u)?).await?,
+        RoomAction::JoinAsMember(u) => {
+            let user_id = user(u)?;
+            ctx.own_joins.expect(room_id, user_id.as_str());
+            s.join_as_member(room_id, &user_id).await?
+        }
         RoomAction::Invite(u) => {
             s.membership(
                 room_id,

@@ -7,7 +7,7 @@ use super::desired::{desired, full_alias, holds_alias};
 use super::model::Located;
 use super::observe::locate;
 use super::plan::{plan_close, DesiredRoom, RoomAction};
-use super::{audit, record, status, RoomContext};
+use super::{audit, direct, record, status, RoomContext};
 use crate::api::room::RoomDeletionPolicy;
 use crate::api::MatrixRoom;
 use crate::controller::finalizer::Cleanup;
@@ -33,6 +33,8 @@ pub(super) fn purge_polls() -> crate::controller::backoff::Backoff {
 /// One write of a cleanup.
 #[derive(Clone, Debug, PartialEq)]
 enum Step {
+    /// Take a direct room out of these local members' `m.direct`.
+    Unlist(Vec<String>),
     /// Unlink the room from its spaces, or remove a member.
     Room(RoomAction),
     /// Drop the alias, if it still points at this room.
@@ -64,16 +66,28 @@ impl CleanupPlan {
     }
 }
 
-/// Closing: unlinked from its spaces, every local member but the admin
-/// removed, the alias dropped, the admin gone. A room the admin has left
-/// already was closed by an earlier, interrupted cleanup.
+/// A direct room's local members (every one with a membership event, the
+/// admin aside), whose `m.direct` lists it while it exists.
+fn unlist(d: &DesiredRoom, state: &RoomState) -> Option<Step> {
+    let members: Vec<String> = state
+        .memberships()
+        .into_keys()
+        .filter(|user| *user != d.admin && user.ends_with(&d.server_suffix))
+        .collect();
+    (d.direct && !members.is_empty()).then_some(Step::Unlist(members))
+}
+
+/// Closing: a direct room taken out of its members' `m.direct`, unlinked
+/// from its spaces, every local member but the admin removed, the alias
+/// dropped, the admin gone. A room the admin has left already was closed by
+/// an earlier, interrupted cleanup.
 fn close(d: &DesiredRoom, state: &RoomState, room_id: &str) -> CleanupPlan {
     if state.memberships().get(&d.admin).map(String::as_str) != Some("join") {
         return CleanupPlan::done();
     }
-    let steps = plan_close(d, state)
+    let steps = unlist(d, state)
         .into_iter()
-        .map(Step::Room)
+        .chain(plan_close(d, state).into_iter().map(Step::Room))
         .chain([Step::DropAlias, Step::Leave])
         .collect();
     CleanupPlan {
@@ -161,13 +175,19 @@ async fn clean(room: &MatrixRoom, ctx: &RoomContext) -> Result<Cleanup, Error> {
                 RoomDeletionPolicy::Close => {
                     close(&desired(room, ctx, BTreeMap::new(), None), &state, &room_id)
                 }
-                RoomDeletionPolicy::Purge => purge(None, &room_id, poll()),
+                RoomDeletionPolicy::Purge => {
+                    let mut plan = purge(None, &room_id, poll());
+                    let d = desired(room, ctx, BTreeMap::new(), None);
+                    plan.steps.splice(0..0, unlist(&d, &state));
+                    plan
+                }
             };
             (room_id, plan)
         }
     };
     for step in &plan.steps {
         match step {
+            Step::Unlist(members) => direct::unlist(room, &room_id, members, ctx).await?,
             Step::Room(action) => {
                 let parsed = RoomId::parse(&room_id).map_err(|e| Error::Invalid(e.to_string()))?;
                 apply_action(&room_id, &parsed, action, ctx).await?;
@@ -255,6 +275,31 @@ mod tests {
         );
         assert_eq!(plan.then, Cleanup::Done);
         assert_eq!(plan.finished, Some(("RoomClosed", "closed !r:x".into())));
+    }
+
+    #[test]
+    fn closing_a_direct_room_unlists_it_for_its_local_members_first() {
+        let s = state(&[
+            (ADMIN, "join"),
+            ("@alice:x", "join"),
+            ("@bob:x", "leave"),
+            ("@remote:y", "join"),
+        ]);
+        let d = DesiredRoom {
+            direct: true,
+            ..desired_room()
+        };
+        let plan = close(&d, &s, "!r:x");
+        assert_eq!(
+            plan.steps,
+            [
+                Step::Unlist(vec!["@alice:x".into(), "@bob:x".into()]),
+                Step::Room(RoomAction::Kick("@alice:x".into())),
+                Step::DropAlias,
+                Step::Leave,
+            ]
+        );
+        assert_eq!(unlist(&desired_room(), &s), None, "only a direct room");
     }
 
     #[test]

@@ -71,8 +71,9 @@ pub(super) fn fold_desired(
             held = hold("DirectMemberCount", message, None, Enforce::RemovalsOnly);
         }
     }
-    let desired = desired(room, ctx, members, parent);
+    let mut desired = desired(room, ctx, members, parent);
     let unlistable = direct::unlistable_members(&desired, perms, ctx, &ns);
+    direct::invite_until_unlocked(&mut desired, &unlistable);
     Ok(Ok(Wanted {
         desired,
         outcomes,

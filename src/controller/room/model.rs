@@ -126,7 +126,9 @@ impl Refusals {
         let what = format!("{}: {error}", action.describe());
         match action {
             RoomAction::Join(u)
+            | RoomAction::JoinAsMember(u)
             | RoomAction::Invite(u)
+            | RoomAction::InviteDirect(u)
             | RoomAction::Kick(u)
             | RoomAction::Ban(u)
             | RoomAction::Unban(u) => {

@@ -136,7 +136,7 @@ pub(super) fn joined_count(state: &RoomState, confirmed: &[&RoomAction]) -> u64 
         .collect();
     for action in confirmed {
         match action {
-            RoomAction::Join(u) => {
+            RoomAction::Join(u) | RoomAction::JoinAsMember(u) => {
                 joined.insert(u.clone());
             }
             RoomAction::Kick(u) | RoomAction::Ban(u) => {

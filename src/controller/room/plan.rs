@@ -34,6 +34,10 @@ pub const OWNERSHIP_STATE: [&str; 7] = [
     SPACE_CHILD,
 ];
 const ENCRYPTION_ALGORITHM: &str = "m.megolm.v1.aes-sha2";
+const CANONICAL_ALIAS: &str = "m.room.canonical_alias";
+/// Where clients look for service members: Element's convention, and its
+/// proposed standard form (MSC4171).
+pub const SERVICE_MEMBER_STATE: [&str; 2] = ["io.element.functional_members", "m.member_hints"];
 
 /// Power levels from the spec's thresholds (Matrix defaults where unset).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,6 +127,11 @@ pub enum RoomAction {
     Unban(String),
     Join(String),
     Invite(String),
+    /// Invite to a direct conversation: the invite carries `is_direct`.
+    InviteDirect(String),
+    /// A direct room's member joins from their `is_direct` invite as
+    /// themselves (an admin join would invite them again, without it).
+    JoinAsMember(String),
     Kick(String),
     Ban(String),
 }
@@ -144,6 +153,8 @@ impl RoomAction {
             RoomAction::Unban(u) => format!("unban {u}"),
             RoomAction::Join(u) => format!("join {u}"),
             RoomAction::Invite(u) => format!("invite {u}"),
+            RoomAction::InviteDirect(u) => format!("invite {u} to a direct conversation"),
+            RoomAction::JoinAsMember(u) => format!("join {u} from their invite"),
             RoomAction::Kick(u) => format!("kick {u}"),
             RoomAction::Ban(u) => format!("ban {u}"),
         }
@@ -328,6 +339,17 @@ fn desired_state(d: &DesiredRoom) -> Vec<(&'static str, Value)> {
             json!({"algorithm": ENCRYPTION_ALGORITHM}),
         ));
     }
+    if d.direct {
+        // Named after the other person: no alias for clients to show (the
+        // alias stays bound, as the creation lock, but unpublished), and the
+        // operator's account marked as a service member, which clients leave
+        // out of the room's name, avatar and DM detection.
+        state.push((CANONICAL_ALIAS, json!({})));
+        let service = json!({"service_members": [d.admin]});
+        for kind in SERVICE_MEMBER_STATE {
+            state.push((kind, service.clone()));
+        }
+    }
     state
 }
 
@@ -480,6 +502,8 @@ fn state_matches(observed: Option<&Value>, desired: &Value) -> bool {
             .is_some_and(|o| o.values().all(|v| v.as_str() == Some("")));
     };
     match (observed.as_object(), desired.as_object()) {
+        // Empty content (no canonical alias) is matched only by empty content.
+        (Some(o), Some(d)) if d.is_empty() => o.is_empty(),
         (Some(o), Some(d)) => d
             .iter()
             .all(|(k, v)| o.get(k) == Some(v) || (v.as_str() == Some("") && o.get(k).is_none())),
@@ -549,23 +573,25 @@ fn plan_members(
     let observed = state.memberships();
     for (user, (membership, _)) in &d.members {
         let current = observed.get(user).map(String::as_str).unwrap_or("leave");
+        if current == "ban" && *membership != Membership::Ban {
+            additions.push(RoomAction::Unban(user.clone()));
+        }
         match (membership, current) {
             (Membership::Join, "join")
             | (Membership::Invite, "join" | "invite")
             | (Membership::Ban, "ban") => {}
-            (Membership::Join, _) => {
-                if current == "ban" {
-                    additions.push(RoomAction::Unban(user.clone()));
-                }
-                additions.push(RoomAction::Join(user.clone()));
-            }
-            (Membership::Invite, _) => {
-                if current == "ban" {
-                    additions.push(RoomAction::Unban(user.clone()));
-                }
-                additions.push(RoomAction::Invite(user.clone()));
-            }
             (Membership::Ban, _) => removals.push(RoomAction::Ban(user.clone())),
+            (Membership::Join, _) if d.direct => {
+                if !(current == "invite" && invited_as_direct(state, user)) {
+                    additions.push(RoomAction::InviteDirect(user.clone()));
+                }
+                additions.push(RoomAction::JoinAsMember(user.clone()));
+            }
+            (Membership::Join, _) => additions.push(RoomAction::Join(user.clone())),
+            (Membership::Invite, _) if d.direct => {
+                additions.push(RoomAction::InviteDirect(user.clone()))
+            }
+            (Membership::Invite, _) => additions.push(RoomAction::Invite(user.clone())),
         }
     }
     if d.membership_policy == MembershipPolicy::Exclusive {
@@ -585,6 +611,15 @@ fn plan_members(
         }
     }
     (removals, additions)
+}
+
+/// Whether the user's pending invite carries `is_direct`.
+fn invited_as_direct(state: &RoomState, user: &str) -> bool {
+    state
+        .get("m.room.member", user)
+        .and_then(|m| m.get("is_direct"))
+        .and_then(Value::as_bool)
+        == Some(true)
 }
 
 /// What a room held back may still do: remove members (kicks and bans).
@@ -1230,11 +1265,108 @@ pub(super) mod tests {
         let body = create_body(&dm);
         assert_eq!(body["is_direct"], true);
         assert_eq!(body["invite"], json!(["@alice:x", "@bob:x"]));
+        let initial = body["initial_state"].as_array().unwrap();
+        // Synapse sends the alias as the canonical alias unless the initial
+        // state says otherwise: here, that there is none.
+        assert!(initial
+            .contains(&json!({"type": "m.room.canonical_alias", "state_key": "", "content": {}})));
+        for kind in SERVICE_MEMBER_STATE {
+            assert!(initial.contains(&json!({"type": kind, "state_key": "",
+                "content": {"service_members": [ADMIN]}})));
+        }
         // An ordinary room's body is what it always was.
         let plain = create_body(&desired());
         assert!(["creation_content", "is_direct", "invite"]
             .iter()
             .all(|k| plain.get(*k).is_none()));
+        let initial = plain["initial_state"].as_array().unwrap();
+        assert!(initial.iter().all(|e| e["type"] != "m.room.canonical_alias"
+            && !SERVICE_MEMBER_STATE.contains(&e["type"].as_str().unwrap())));
+    }
+
+    fn direct() -> DesiredRoom {
+        DesiredRoom {
+            direct: true,
+            encrypted: true,
+            ..desired()
+        }
+    }
+
+    #[test]
+    fn direct_members_join_from_an_is_direct_invite_as_themselves() {
+        let d = direct();
+        let mut state = converged(&d);
+        // Alice is invited as to a DM (createRoom's invite), Bob left.
+        state.events.insert(
+            ("m.room.member".into(), "@alice:x".into()),
+            json!({"membership": "invite", "is_direct": true}),
+        );
+        set_member(&mut state, "@bob:x", "leave");
+        assert_eq!(
+            plan(&d, &state).actions,
+            [
+                RoomAction::JoinAsMember("@alice:x".into()),
+                RoomAction::InviteDirect("@bob:x".into()),
+                RoomAction::JoinAsMember("@bob:x".into()),
+            ]
+        );
+        // An invite without is_direct (an adopted room's) is sent again with it.
+        set_member(&mut state, "@bob:x", "invite");
+        assert_eq!(
+            plan(&d, &state).actions[1..],
+            [
+                RoomAction::InviteDirect("@bob:x".into()),
+                RoomAction::JoinAsMember("@bob:x".into()),
+            ]
+        );
+        // A banned member let back, and one who is only invited.
+        let mut d = d;
+        d.members.get_mut("@bob:x").unwrap().0 = Membership::Invite;
+        set_member(&mut state, "@bob:x", "ban");
+        assert_eq!(
+            plan(&d, &state).actions[1..],
+            [
+                RoomAction::Unban("@bob:x".into()),
+                RoomAction::InviteDirect("@bob:x".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_direct_room_shows_no_alias_and_names_the_operator_a_service_member() {
+        let d = direct();
+        let mut state = converged(&d);
+        assert!(plan(&d, &state).actions.is_empty());
+        // A room made with its alias as the canonical alias (or one someone
+        // set later) loses it; the service members are restored.
+        state.events.insert(
+            ("m.room.canonical_alias".into(), String::new()),
+            json!({"alias": "#openmeet-dm:x"}),
+        );
+        state
+            .events
+            .remove(&("io.element.functional_members".into(), String::new()));
+        assert_eq!(
+            plan(&d, &state).actions,
+            [
+                RoomAction::SetState {
+                    kind: "m.room.canonical_alias".into(),
+                    content: json!({}),
+                },
+                RoomAction::SetState {
+                    kind: "io.element.functional_members".into(),
+                    content: json!({"service_members": [ADMIN]}),
+                },
+            ]
+        );
+        // Other rooms' aliases and service members are not the operator's.
+        let d = desired();
+        let mut state = converged(&d);
+        state.events.insert(
+            ("m.room.canonical_alias".into(), String::new()),
+            json!({"alias": "#openmeet-meetup:x"}),
+        );
+        assert!(plan(&d, &state).actions.is_empty());
     }
 
     #[test]
