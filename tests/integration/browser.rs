@@ -332,7 +332,14 @@ fn origin(url: &str) -> String {
 /// `whoami` with the access token it got. Synapse's `/login` answer.
 async fn log_in_with(token: &str) -> Value {
     let synapse = Stack::get().var("SYNAPSE_URL");
-    let r = reqwest::Client::new()
+    // From an address of the client's own, as a real client's: Synapse
+    // limits logins per address (`rc_login.address`, a burst of 5), and
+    // the rest of the suite's SSO logins come from 127.0.0.1.
+    let client = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let r = client
         .post(format!("{synapse}/_matrix/client/v3/login"))
         .json(&json!({"type": "m.login.token", "token": token}))
         .send()
