@@ -151,9 +151,19 @@ struct ControllerArgs {
     /// Namespaces whose users may be server admins (comma-separated).
     #[arg(long, env = "ADMIN_NAMESPACES", value_delimiter = ',')]
     admin_namespaces: Vec<String>,
-    /// Seconds between periodic resyncs (jittered).
+    /// Seconds between periodic resyncs (jittered): each object is folded
+    /// again from the caches; Synapse is read only for a change or the sweep.
     #[arg(long, env = "RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
+    /// Seconds a converged, unchanged object is trusted before the sweep
+    /// reads it again: the longest an out-of-band change no event reports
+    /// (an account edited through the admin API) stays uncorrected.
+    #[arg(long, env = "SWEEP_PERIOD_SECONDS", default_value_t = 21_600)]
+    sweep_period_seconds: u64,
+    /// Synapse requests per second the sweep may spend, spread evenly (a
+    /// tenant too large for the period at this budget is swept more slowly).
+    #[arg(long, env = "SWEEP_BUDGET", default_value_t = 1.0)]
+    sweep_budget: f64,
     /// Watch only this namespace.
     #[arg(long, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
@@ -540,6 +550,8 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
         adopt_namespaces: set(args.adopt_namespaces),
         admin_namespaces: set(args.admin_namespaces),
         resync_interval: Duration::from_secs(args.resync_seconds.max(1)),
+        sweep_period: Duration::from_secs(args.sweep_period_seconds.max(1)),
+        sweep_budget: args.sweep_budget,
         namespace: args.namespace,
         label_selector: args.selector,
         instance: args.instance,

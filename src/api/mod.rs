@@ -4,11 +4,13 @@
 //! admission-time validation (patterns, enums, ranges, CEL rules) lives here.
 
 pub mod conditions;
+pub mod confirmed;
 pub mod permission;
 pub mod room;
 pub mod user;
 
 pub use conditions::Condition;
+pub use confirmed::Confirmed;
 pub use permission::{RoomPermission, RoomPermissionSpec, RoomPermissionStatus};
 pub use room::{MatrixRoom, MatrixRoomSpec, MatrixRoomStatus};
 pub use user::{MatrixUser, MatrixUserSpec, MatrixUserStatus, UserDeletionPolicy};

@@ -295,4 +295,7 @@ pub struct MatrixRoomStatus {
     /// The `metadata.generation` last acted upon (0: not yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// What the last convergence confirmed in Synapse, and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed: Option<super::Confirmed>,
 }

@@ -138,6 +138,9 @@ pub struct MatrixUserStatus {
     /// no owner marker, which this record lets the next reconcile finish.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_account: Option<String>,
+    /// What the last convergence confirmed in Synapse, and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed: Option<super::Confirmed>,
 }
 
 /// The grammar rule a localpart breaks: exactly the rules of the CRD's

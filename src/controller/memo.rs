@@ -1,88 +1,80 @@
-//! What each object was last converged to. A reconcile whose only cause is
-//! the operator's own status write (same resourceVersion, same desired
-//! state, recently converged) skips Synapse entirely; the periodic resync is
-//! always older than the freshness window, so it still reads.
+//! What each object was last converged to in this process: tells drift
+//! (the same desired state, yet Synapse needs writes) from a spec change,
+//! and remembers a failure so that the status's confirmation, written
+//! before it, is not trusted until a convergence succeeds again.
 
-use std::collections::hash_map::DefaultHasher;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 #[derive(Debug, Default)]
 pub struct ConvergedMemo {
     entries: Mutex<HashMap<String, Entry>>,
 }
 
-#[derive(Debug, Clone)]
-struct Entry {
-    /// resourceVersions our own writes produced (finalizer, status).
-    own_versions: Vec<String>,
-    fingerprint: u64,
-    /// The out-of-band change (drift mark) the convergence answered: one
-    /// marked meanwhile is never taken for our own status write.
-    mark: Option<String>,
-    at: Instant,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Converged(u64),
+    Failed,
 }
 
-/// A stable digest of the desired state.
+/// A digest of the desired state, stable across processes and releases of
+/// the compiler (it is persisted in status): SHA-256 of its `Debug` form,
+/// whose maps are all ordered.
 pub fn fingerprint(desired: &impl std::fmt::Debug) -> u64 {
-    let mut h = DefaultHasher::new();
-    format!("{desired:?}").hash(&mut h);
-    h.finish()
+    let hash = Sha256::digest(format!("{desired:?}").as_bytes());
+    u64::from_be_bytes(hash[..8].try_into().expect("8 bytes"))
+}
+
+/// What a status confirmation records: the desired state's fingerprint and
+/// the drift mark the convergence answered (a newer mark makes it differ).
+pub fn digest(fingerprint: u64, mark: Option<&str>) -> String {
+    match mark {
+        None => format!("{fingerprint:016x}"),
+        Some(mark) => format!("{fingerprint:016x}-{:016x}", self::fingerprint(&mark)),
+    }
+}
+
+/// Whether a recorded digest was made for this fingerprint (whatever mark).
+pub fn digest_answers(digest: &str, fingerprint: u64) -> bool {
+    digest.get(..16) == Some(format!("{fingerprint:016x}").as_str())
 }
 
 impl ConvergedMemo {
-    /// Whether nothing can have changed since the last convergence.
-    pub fn is_fresh(
-        &self,
-        key: &str,
-        resource_version: Option<&str>,
-        fingerprint: u64,
-        mark: Option<&str>,
-        window: Duration,
-    ) -> bool {
-        let entries = self.entries.lock().expect("memo lock");
-        entries.get(key).is_some_and(|e| {
-            resource_version.is_some_and(|v| e.own_versions.iter().any(|o| o == v))
-                && e.fingerprint == fingerprint
-                && e.mark.as_deref() == mark
-                && e.at.elapsed() < window
-        })
-    }
-
     /// Whether `fingerprint` is what the object was last converged to
     /// (changes found now were then made out of band).
     pub fn same_desired(&self, key: &str, fingerprint: u64) -> bool {
-        self.entries
-            .lock()
-            .expect("memo lock")
-            .get(key)
-            .is_some_and(|e| e.fingerprint == fingerprint)
+        self.get(key) == Some(Entry::Converged(fingerprint))
     }
 
-    pub fn record(
-        &self,
-        key: &str,
-        own_versions: impl IntoIterator<Item = Option<String>>,
-        fingerprint: u64,
-        mark: Option<String>,
-    ) {
-        let own_versions = own_versions.into_iter().flatten().collect();
-        let entry = Entry {
-            own_versions,
-            fingerprint,
-            mark,
-            at: Instant::now(),
-        };
+    /// Whether the last convergence in this process failed: the status may
+    /// still hold the confirmation of an earlier one.
+    pub fn failed_last(&self, key: &str) -> bool {
+        self.get(key) == Some(Entry::Failed)
+    }
+
+    pub fn record(&self, key: &str, fingerprint: u64) {
+        self.set(key, Entry::Converged(fingerprint));
+    }
+
+    pub fn record_failure(&self, key: &str) {
+        self.set(key, Entry::Failed);
+    }
+
+    /// Forgets an object that is gone.
+    pub fn forget(&self, key: &str) {
+        self.entries.lock().expect("memo lock").remove(key);
+    }
+
+    fn get(&self, key: &str) -> Option<Entry> {
+        self.entries.lock().expect("memo lock").get(key).copied()
+    }
+
+    fn set(&self, key: &str, entry: Entry) {
         self.entries
             .lock()
             .expect("memo lock")
             .insert(key.to_string(), entry);
-    }
-
-    pub fn forget(&self, key: &str) {
-        self.entries.lock().expect("memo lock").remove(key);
     }
 }
 
@@ -91,38 +83,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fresh_only_for_same_version_and_desired_within_window() {
+    fn remembers_the_last_convergence_or_failure() {
         let memo = ConvergedMemo::default();
-        let window = Duration::from_secs(60);
-        assert!(!memo.is_fresh("a", Some("1"), 7, None, window));
-        memo.record("a", [Some("0".into()), Some("1".into())], 7, None);
-        assert!(
-            memo.is_fresh("a", Some("0"), 7, None, window),
-            "our finalizer write"
-        );
-        assert!(memo.is_fresh("a", Some("1"), 7, None, window));
-        assert!(
-            !memo.is_fresh("a", Some("2"), 7, None, window),
-            "someone else wrote the object"
-        );
-        assert!(
-            !memo.is_fresh("a", Some("1"), 8, None, window),
-            "desired state moved"
-        );
-        assert!(
-            !memo.is_fresh("a", Some("1"), 7, None, Duration::ZERO),
-            "periodic resync reads"
-        );
-        // Drift marked while the convergence ran: the object the reconcile
-        // runs again on carries our status write's version, and the new mark.
-        assert!(
-            !memo.is_fresh("a", Some("1"), 7, Some("$drift"), window),
-            "a drift mark the convergence did not answer"
-        );
-        memo.record("a", [Some("3".into())], 7, Some("$drift".into()));
-        assert!(memo.is_fresh("a", Some("3"), 7, Some("$drift"), window));
-        assert!(memo.same_desired("a", 7));
+        assert!(!memo.same_desired("a", 7) && !memo.failed_last("a"));
+        memo.record("a", 7);
+        assert!(memo.same_desired("a", 7) && !memo.same_desired("a", 8));
+        memo.record_failure("a");
+        assert!(memo.failed_last("a") && !memo.same_desired("a", 7));
+        memo.record("a", 7);
+        assert!(!memo.failed_last("a"));
         memo.forget("a");
         assert!(!memo.same_desired("a", 7));
+    }
+
+    #[test]
+    fn fingerprints_and_digests_are_stable_and_follow_the_mark() {
+        // Persisted in status: the same value in every process and release
+        // (SHA-256 of `("room", 1)`, its first eight bytes).
+        assert_eq!(fingerprint(&("room", 1)), 0x279c_5ec2_8543_08da);
+        assert_eq!(digest(0xab, None), "00000000000000ab");
+        assert_ne!(digest(0xab, Some("$e1")), digest(0xab, Some("$e2")));
+        assert!(digest_answers(&digest(0xab, Some("$e1")), 0xab));
+        assert!(digest_answers(&digest(0xab, None), 0xab));
+        assert!(!digest_answers(&digest(0xac, None), 0xab));
     }
 }

@@ -17,6 +17,7 @@ pub mod room;
 #[cfg(test)]
 pub(crate) mod scripted;
 pub mod shared;
+pub mod sweep;
 pub mod tally;
 pub mod user;
 
@@ -103,8 +104,15 @@ pub struct OperatorConfig {
     pub adopt_namespaces: BTreeSet<String>,
     /// Namespaces whose users may be server admins.
     pub admin_namespaces: BTreeSet<String>,
-    /// Periodic resync: the safety net behind watches.
+    /// Periodic resync: the safety net behind watches. It re-folds each
+    /// object from the caches; Synapse is read only when something changed
+    /// or the sweep is due.
     pub resync_interval: Duration,
+    /// How long a converged, unchanged object is trusted without a Synapse
+    /// read (the longest an out-of-band change the feed cannot see waits).
+    pub sweep_period: Duration,
+    /// Synapse requests per second the sweep may spend, spread evenly.
+    pub sweep_budget: f64,
     /// Watch one namespace only (namespaced install); all when `None`.
     pub namespace: Option<String>,
     /// Watch only objects with these labels.
@@ -322,6 +330,8 @@ pub struct Deps {
     pub stats: Arc<ReconcileStats>,
     /// Admin joins in flight, for this process's application-service endpoint.
     pub own_joins: Arc<own_joins::OwnJoins>,
+    /// One sweep, and one budget, for every kind.
+    pub sweep: Arc<sweep::Sweep>,
 }
 
 /// Shared by every reconcile.
@@ -338,6 +348,7 @@ pub struct Context {
     pub backoff: Backoff,
     pub stats: Arc<ReconcileStats>,
     pub memo: memo::ConvergedMemo,
+    pub sweep: Arc<sweep::Sweep>,
 }
 
 impl Context {
@@ -406,6 +417,10 @@ impl Operator {
             recorder: Recorder::new(self.client.clone(), reporter),
             stats: self.stats.clone(),
             own_joins: self.own_joins.clone(),
+            sweep: Arc::new(sweep::Sweep::new(
+                self.config.sweep_period,
+                self.config.sweep_budget,
+            )),
         };
         let shutdown: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(shutdown);
         let shutdown = shutdown.shared();
@@ -694,11 +709,6 @@ pub fn controller_config(
     kube::runtime::controller::Config::default()
         .concurrency(config.concurrency)
         .debounce(debounce)
-}
-
-/// How long a convergence counts as fresh: well under the periodic resync.
-pub fn freshness(config: &OperatorConfig) -> Duration {
-    config.resync_interval / 2
 }
 
 /// Backoff bounds for transient failures.

@@ -177,6 +177,8 @@ pub fn config() -> super::OperatorConfig {
         adopt_namespaces: Default::default(),
         admin_namespaces: Default::default(),
         resync_interval: Duration::from_secs(300),
+        sweep_period: Duration::from_secs(6 * 3600),
+        sweep_budget: 1.0,
         namespace: None,
         label_selector: None,
         instance: None,

@@ -391,6 +391,9 @@ pub struct TestEnv {
     pub operator_synapse: SynapseClient,
     pub stats: Arc<ReconcileStats>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    running: Option<tokio::task::JoinHandle<()>>,
+    config: OperatorConfig,
+    options: Options,
 }
 
 /// Knobs a test may turn on its operator.
@@ -409,6 +412,8 @@ pub struct Options {
     pub mas_url: Option<String>,
     /// MAS mode: give the operator this client secret instead of its own.
     pub mas_secret: Option<String>,
+    /// The sweep period (default: the product's six hours).
+    pub sweep_period: Option<Duration>,
 }
 
 impl TestEnv {
@@ -447,6 +452,10 @@ impl TestEnv {
             adopt_namespaces: pick(&options.adopt),
             admin_namespaces: pick(&options.admin),
             resync_interval: Duration::from_secs(300),
+            sweep_period: options
+                .sweep_period
+                .unwrap_or(Duration::from_secs(6 * 3600)),
+            sweep_budget: 20.0,
             namespace: None,
             label_selector: Some(format!("{LABEL}={run_id}")),
             instance: Some(run_id.clone()),
@@ -461,34 +470,63 @@ impl TestEnv {
             Some(url) => stack.synapse_at(url),
             None => stack.synapse(),
         };
-        let operator = Operator::new(
-            client.clone(),
-            match stack.mas_with(options.mas_url.as_deref(), options.mas_secret.as_deref()) {
-                Some(mas) => operator_synapse
-                    .clone()
-                    .with_request_limit(16)
-                    .with_mas(mas),
-                None => operator_synapse.clone().with_request_limit(16),
-            },
-            config,
-        )
-        // The test process's endpoint serves every in-process operator.
-        .with_own_joins(stack.own_joins.clone());
-        let stats = operator.stats();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        if !options.no_operator {
-            tokio::spawn(operator.run(async move {
-                let _ = stopped.await;
-            }));
-        }
-        TestEnv {
+        let mut env = TestEnv {
             client,
             run_id,
             namespaces,
             synapse: stack.in_auth_mode(stack.synapse()),
             operator_synapse,
-            stats,
-            stop: Some(stop),
+            stats: Default::default(),
+            stop: None,
+            running: None,
+            config,
+            options,
+        };
+        if !env.options.no_operator {
+            env.start_operator();
+        }
+        env
+    }
+
+    /// Starts an operator in this process (the test's one).
+    fn start_operator(&mut self) {
+        let stack = Stack::get();
+        let options = &self.options;
+        let synapse = self.operator_synapse.clone().with_request_limit(16);
+        let operator = Operator::new(
+            self.client.clone(),
+            match stack.mas_with(options.mas_url.as_deref(), options.mas_secret.as_deref()) {
+                Some(mas) => synapse.with_mas(mas),
+                None => synapse,
+            },
+            self.config.clone(),
+        )
+        // The test process's endpoint serves every in-process operator.
+        .with_own_joins(stack.own_joins.clone());
+        self.stats = operator.stats();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        self.stop = Some(stop);
+        self.running = Some(tokio::spawn(operator.run(async move {
+            let _ = stopped.await;
+        })));
+    }
+
+    /// Stops the operator (its reconciles in flight finish) and starts a new
+    /// one, which remembers nothing but what the API server holds. Its
+    /// Synapse requests count on with `operator_synapse.stats()`; `stats`
+    /// are the new one's.
+    pub async fn restart_operator(&mut self) {
+        self.stop_operator().await;
+        self.start_operator();
+    }
+
+    /// Stops the operator; its reconciles in flight finish first.
+    pub async fn stop_operator(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(running) = self.running.take() {
+            running.await.expect("operator task");
         }
     }
 

@@ -12,6 +12,7 @@ mod hardening;
 mod harm;
 mod harness;
 mod health;
+mod idle;
 mod mas;
 mod mas_signin;
 mod ownership;

@@ -22,6 +22,8 @@ pub(super) struct Applied {
     joined_members: u64,
     published: Option<Condition>,
     refused: Refusals,
+    /// The desired state this convergence answered.
+    fingerprint: u64,
 }
 
 impl Applied {
@@ -46,6 +48,10 @@ impl Applied {
     /// What Synapse refused for good (the rest was applied).
     pub fn refused(&self) -> &Refusals {
         &self.refused
+    }
+
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 }
 
@@ -116,7 +122,7 @@ pub(super) async fn apply(
     // The same desired state converged before, yet something must be
     // written: someone changed the room behind the operator's back.
     let drift =
-        !created && !room_plan.actions.is_empty() && ctx.memo.same_desired(&key(room), fingerprint);
+        !created && !room_plan.actions.is_empty() && super::converged_to(room, ctx, fingerprint);
     let room_id_parsed =
         RoomId::parse(&room_id).map_err(|e| Error::Invalid(format!("room id {room_id:?}: {e}")))?;
     // Every action is tried: one refused write (a power-levels event an
@@ -162,9 +168,10 @@ pub(super) async fn apply(
             joined_members,
             published: None,
             refused,
+            fingerprint,
         });
     }
-    if wanted.desired.direct && (created || !ctx.memo.same_desired(&key(room), fingerprint)) {
+    if wanted.desired.direct && (created || !super::converged_to(room, ctx, fingerprint)) {
         // Checked when the room or its members change, not on every
         // resync: a user's own later edits to their DM list are theirs.
         direct::list_as_direct(room, &room_id, &wanted.desired, &wanted.unlistable, ctx).await?;
@@ -176,6 +183,7 @@ pub(super) async fn apply(
         joined_members,
         published,
         refused,
+        fingerprint,
     })
 }
 

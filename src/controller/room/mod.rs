@@ -29,7 +29,9 @@ use super::audit::Subject;
 use super::backoff::jitter;
 use super::events::Recorder;
 use super::index::Index;
+use super::memo;
 use super::outcome::{self, Outcome};
+use super::sweep::Trust;
 use super::{key, Error, OperatorConfig, ReconcileStats};
 use crate::api::conditions::{self, READY};
 use crate::api::room::JoinRule;
@@ -44,6 +46,7 @@ use model::{Blocked, Found, Located, ALIAS_CONFLICT};
 use status::Ending;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Annotation the application-service endpoint sets to signal drift.
 pub const DRIFT_ANNOTATION: &str = "matrix.openmeet.net/drift-event";
@@ -69,9 +72,11 @@ pub struct RoomContext {
     pub stats: Arc<ReconcileStats>,
     /// Admin joins in flight: their membership events are not drift.
     pub own_joins: Arc<super::own_joins::OwnJoins>,
-    /// What each room was last converged to: skips reconciles our own status
-    /// writes cause, and tells drift from spec changes.
+    /// What each room was last converged to here: tells drift from spec
+    /// changes, and a failure from a confirmation written before it.
     memo: super::memo::ConvergedMemo,
+    /// When a converged room is read again.
+    pub sweep: Arc<super::sweep::Sweep>,
 }
 
 pub async fn reconcile(room: Arc<MatrixRoom>, ctx: Arc<RoomContext>) -> Result<Action, Error> {
@@ -80,7 +85,7 @@ pub async fn reconcile(room: Arc<MatrixRoom>, ctx: Arc<RoomContext>) -> Result<A
     let (result, written) = outcome::noting(super::finalizer::reconcile(
         &api,
         room.as_ref(),
-        |own_version| apply(&room, &api, &ctx, own_version),
+        |_| apply(&room, &api, &ctx),
         || cleanup::cleanup(&room, &api, &ctx),
     ))
     .await;
@@ -104,7 +109,6 @@ async fn apply(
     room: &MatrixRoom,
     api: &Api<MatrixRoom>,
     ctx: &RoomContext,
-    own_version: Option<String>,
 ) -> Result<Action, Error> {
     let resync = Action::requeue(jitter(ctx.config.resync_interval));
     let perms = permissions_of(room, ctx);
@@ -132,34 +136,29 @@ async fn apply(
         }
     }
     let fingerprint = wanted.fingerprint(room);
-    let mark = drift_mark(room);
-    if ctx.memo.is_fresh(
-        &key(room),
-        room.metadata.resource_version.as_deref(),
-        fingerprint,
-        mark.as_deref(),
-        super::freshness(&ctx.config),
-    ) {
-        // Only our own status writes happened since the last convergence.
-        tracing::debug!(room = %key(room), "fresh: nothing changed since the last convergence");
-        return Ok(next);
+    let digest = memo::digest(fingerprint, drift_mark(room).as_deref());
+    if let Some(wait) = trusted_for(room, ctx, &digest) {
+        // Converged to this very digest, and not due: nothing to read.
+        tracing::debug!(room = %key(room), "trusted: confirmed for this digest");
+        return Ok(Action::requeue(
+            wait.min(jitter(ctx.config.resync_interval)),
+        ));
     }
     let ending = match (&wanted.held, room_id_of(room)) {
         // Held, and nothing in Synapse to enforce yet: wait without touching it.
         (Some(held), None) => Ending::Blocked(held.blocked.clone()),
         _ => converge(room, ctx, &wanted, fingerprint).await.into(),
     };
-    let version = status::write(room, api, ctx, &perms, &wanted.outcomes, &ending).await?;
+    status::write(room, api, ctx, &perms, &wanted.outcomes, &ending).await?;
     match ending {
         Ending::Applied(_) => {
             ctx.backoff.reset(&key(room));
-            ctx.memo
-                .record(&key(room), [own_version, version], fingerprint, mark);
+            ctx.memo.record(&key(room), fingerprint);
             Ok(next)
         }
         Ending::Blocked(_) => Ok(next),
         Ending::Failed(error) => {
-            ctx.memo.forget(&key(room));
+            ctx.memo.record_failure(&key(room));
             if error.is_transient() {
                 return Err(error);
             }
@@ -169,8 +168,35 @@ async fn apply(
 }
 
 /// The last drift mark the feed set on the object.
-fn drift_mark(room: &MatrixRoom) -> Option<String> {
+pub(super) fn drift_mark(room: &MatrixRoom) -> Option<String> {
     room.annotations().get(DRIFT_ANNOTATION).cloned()
+}
+
+/// Whether the room was last converged to this desired state, in this
+/// process or (after a restart) as its status's confirmation records.
+fn converged_to(room: &MatrixRoom, ctx: &RoomContext, fingerprint: u64) -> bool {
+    ctx.memo.same_desired(&key(room), fingerprint)
+        || room
+            .status
+            .as_ref()
+            .and_then(|s| s.confirmed.as_ref())
+            .is_some_and(|c| memo::digest_answers(&c.digest, fingerprint))
+}
+
+/// How long the room may go unread: its status confirms this digest, no
+/// failure came after, and the sweep is not due (or has no slot for it
+/// yet). `None`: read Synapse now.
+fn trusted_for(room: &MatrixRoom, ctx: &RoomContext, digest: &str) -> Option<Duration> {
+    if ctx.memo.failed_last(&key(room)) {
+        return None;
+    }
+    let confirmed = room.status.as_ref().and_then(|s| s.confirmed.as_ref());
+    match ctx.sweep.judge(confirmed, digest) {
+        Trust::Trusted { due_in } => Some(due_in),
+        // One state read.
+        Trust::Due => ctx.sweep.reserve(&key(room), 1),
+        Trust::Unconfirmed => None,
+    }
 }
 
 /// The room id the object's status names.
@@ -331,6 +357,10 @@ spec: {{roomRef: {{name: r}}, userRef: {{name: {user}}}}}
             stats: Default::default(),
             own_joins: Default::default(),
             memo: Default::default(),
+            sweep: Arc::new(crate::controller::sweep::Sweep::new(
+                std::time::Duration::from_secs(3600),
+                1.0,
+            )),
         })
     }
 

@@ -7,9 +7,9 @@ use super::fold::PermissionOutcome;
 use super::model::{Blocked, Refusals};
 use super::{record, RoomContext};
 use crate::api::conditions::{self, Condition, READY};
-use crate::api::{MatrixRoom, MatrixRoomStatus, RoomPermission, RoomPermissionStatus};
+use crate::api::{Confirmed, MatrixRoom, MatrixRoomStatus, RoomPermission, RoomPermissionStatus};
 use crate::controller::events::{self, Recorder};
-use crate::controller::{self, audit, key, outcome, Error};
+use crate::controller::{self, audit, key, memo, outcome, Error};
 use futures::StreamExt;
 use kube::runtime::events::EventType;
 use kube::{Api, Client, ResourceExt};
@@ -251,6 +251,12 @@ async fn write_room_status(
         outcome::note(ready);
     }
     let existing = room.status.clone().unwrap_or_default();
+    // What Synapse was read and written for (refusals included: they are
+    // for good, and come back with the next change or the sweep).
+    let facts_confirm = match &facts {
+        Facts::Applied(applied) => Some(applied.fingerprint()),
+        _ => None,
+    };
     let (room_id, canonical_alias, joined_members) = match facts {
         Facts::Applied(applied) => (
             Some(applied.room_id().to_string()),
@@ -271,12 +277,20 @@ async fn write_room_status(
             _ => vec![c],
         })
         .collect();
+    // A converged room's confirmation; any other ending withdraws it.
+    let confirmed = facts_confirm.map(|fingerprint| {
+        Confirmed::now(memo::digest(
+            fingerprint,
+            super::drift_mark(room).as_deref(),
+        ))
+    });
     let status = MatrixRoomStatus {
         room_id,
         canonical_alias,
         joined_members,
         conditions: conditions::merge(&existing.conditions, next, now()),
         observed_generation: room.metadata.generation,
+        confirmed,
     };
     if status == existing {
         return Ok(room.resource_version());

@@ -53,6 +53,7 @@ pub async fn run<A, B, C, D>(
         recorder,
         stats,
         own_joins,
+        sweep,
     } = deps;
     let ctx = Arc::new(RoomContext {
         client,
@@ -69,6 +70,7 @@ pub async fn run<A, B, C, D>(
         stats,
         own_joins,
         memo: Default::default(),
+        sweep,
     });
     let (perms_for_users, perms_by_user) = (caches.permissions, caches.permission_index);
     let (rooms_for_claims, rooms_by_alias) = (caches.rooms.clone(), caches.room_index);

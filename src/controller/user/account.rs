@@ -31,6 +31,15 @@ impl<'a> Accounts<'a> {
         }
     }
 
+    /// Requests one [`observe`] costs: what the sweep budgets for a user.
+    pub fn reads_per_observe(self) -> u32 {
+        match self {
+            Accounts::Synapse(_) => 1,
+            // MAS's user, emails and links, and Synapse's mirror.
+            Accounts::Mas(..) => 4,
+        }
+    }
+
     /// Whether every session of an account can be found and ended, so a
     /// lock may lift at once. Synapse cannot list login-as tokens (owned by
     /// the operator's account); MAS lists every session, personal ones too.

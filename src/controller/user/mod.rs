@@ -10,10 +10,11 @@ use super::finalizer::Cleanup;
 use super::index::{keys, Index};
 use super::memo::fingerprint;
 use super::outcome::{self, Outcome};
+use super::sweep::Trust;
 use super::{claims, key};
 use super::{Context, Deps, Error, OWNER_PROVIDER};
 use crate::api::conditions::{self, Condition, READY};
-use crate::api::{MatrixUser, MatrixUserStatus};
+use crate::api::{Confirmed, MatrixUser, MatrixUserStatus};
 use crate::synapse::{ExternalId, UserUpsert};
 use account::Accounts;
 use futures::{Stream, StreamExt};
@@ -68,6 +69,7 @@ pub async fn run<A, B>(
         stats,
         // Joins are the room controller's.
         own_joins: _,
+        sweep,
     } = deps;
     let ctx = Arc::new(Context {
         client,
@@ -80,6 +82,7 @@ pub async fn run<A, B>(
         backoff: super::default_backoff(),
         stats,
         memo: Default::default(),
+        sweep,
     });
     let evict = ctx.clone();
     // Each object's email as last seen: a claimant that changes its address
@@ -152,7 +155,7 @@ pub async fn reconcile(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Actio
     let (result, written) = outcome::noting(super::finalizer::reconcile(
         &api,
         user.as_ref(),
-        |own_version| apply(&user, &api, &ctx, own_version),
+        |_| apply(&user, &api, &ctx),
         || cleanup(&user, &api, &ctx),
     ))
     .await;
@@ -233,12 +236,7 @@ fn holds_email(user: &MatrixUser, ctx: &Context) -> Result<(), String> {
     })
 }
 
-async fn apply(
-    user: &MatrixUser,
-    api: &Api<MatrixUser>,
-    ctx: &Context,
-    own_version: Option<String>,
-) -> Result<Action, Error> {
+async fn apply(user: &MatrixUser, api: &Api<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
     let ns = user.namespace().unwrap_or_default();
     let resync = Action::requeue(jitter(ctx.config.resync_interval));
 
@@ -300,22 +298,17 @@ async fn apply(
         (desired.adoption_allowed, desired.email_held),
         user.metadata.generation,
     ));
-    let fresh = super::freshness(&ctx.config);
-    if ctx.memo.is_fresh(
-        &key(user),
-        user.metadata.resource_version.as_deref(),
-        fingerprint,
-        None,
-        fresh,
-    ) {
-        // Only our own status write happened since the last convergence.
-        return Ok(resync);
+    let digest = super::memo::digest(fingerprint, None);
+    if let Some(wait) = trusted_for(user, ctx, &digest) {
+        // Converged to this very digest, and not due: nothing to read.
+        return Ok(Action::requeue(
+            wait.min(jitter(ctx.config.resync_interval)),
+        ));
     }
 
     let outcome = converge(user, api, &user_id, &mut desired, ctx).await;
     match outcome {
         Ok(Ok(Converged {
-            pending_version,
             unlock_waits,
             email_releasing,
         })) => {
@@ -360,14 +353,17 @@ async fn apply(
             if conflict {
                 warn_on_transition(user, ctx, &ready);
             }
+            // Confirmed, unless it must be looked at again soon.
+            let confirmed = (!unlock_waits && !email_releasing).then(|| Confirmed::now(&digest));
             // Converged: no create is pending any more.
-            let version = write_status(
+            write_status(
                 user,
                 api,
                 Some(user_id.to_string()),
                 ready,
                 None,
                 Some(locked),
+                confirmed,
             )
             .await?;
             if unlock_waits {
@@ -378,13 +374,8 @@ async fn apply(
                 return Ok(Action::requeue(jitter(Duration::from_secs(2))));
             }
             // A refused email is looked at again when a claimant of that
-            // address changes (see `claim_peers`), or at the resync.
-            ctx.memo.record(
-                &key(user),
-                [own_version, pending_version, version],
-                fingerprint,
-                None,
-            );
+            // address changes (see `claim_peers`), or at the sweep.
+            ctx.memo.record(&key(user), fingerprint);
             Ok(resync)
         }
         Ok(Err(blocked)) => {
@@ -440,10 +431,9 @@ async fn converge(
     match planned {
         UserPlan::Blocked(blocked) => Ok(Err(blocked)),
         UserPlan::Converge { actions, adopts } => {
-            let mut pending_version = None;
             for action in actions {
                 if let UserAction::Create(_) = &action {
-                    pending_version = record_pending_create(user, api, user_id).await?;
+                    record_pending_create(user, api, user_id).await?;
                 }
                 let (verb, change) = match &action {
                     UserAction::Create(change) => ("AccountCreated", change),
@@ -485,7 +475,6 @@ async fn converge(
                 record_mutation(user, ctx, verb, user_id.as_str(), change);
             }
             Ok(Ok(Converged {
-                pending_version,
                 unlock_waits,
                 email_releasing,
             }))
@@ -495,8 +484,6 @@ async fn converge(
 
 /// What a convergence that went through leaves for the status.
 struct Converged {
-    /// The resourceVersion of the pending-create record written, if any.
-    pending_version: Option<String>,
     /// The spec lifts a lock that must stay a while longer.
     unlock_waits: bool,
     /// The email is held in Synapse by an account whose object no longer
@@ -651,7 +638,7 @@ async fn block(
         .keeps_account()
         .then(|| user.status.as_ref().and_then(|s| s.user_id.clone()))
         .flatten();
-    write_status(user, api, user_id, ready, pending_account(user), None)
+    write_status(user, api, user_id, ready, pending_account(user), None, None)
         .await
         .map(|_| ())
 }
@@ -675,6 +662,24 @@ fn warn_on_transition(user: &MatrixUser, ctx: &Context, ready: &Condition) {
     }
 }
 
+/// How long the account may go unread: its status confirms this digest,
+/// no failure came after, and the sweep is not due (or has no slot for it
+/// yet). `None`: read Synapse now.
+fn trusted_for(user: &MatrixUser, ctx: &Context, digest: &str) -> Option<Duration> {
+    if ctx.memo.failed_last(&key(user)) {
+        return None;
+    }
+    let confirmed = user.status.as_ref().and_then(|s| s.confirmed.as_ref());
+    match ctx.sweep.judge(confirmed, digest) {
+        Trust::Trusted { due_in } => Some(due_in),
+        Trust::Due => {
+            let cost = Accounts::of(&ctx.synapse).reads_per_observe();
+            ctx.sweep.reserve(&key(user), cost)
+        }
+        Trust::Unconfirmed => None,
+    }
+}
+
 /// Records a failure as a condition; transient ones back off, the rest wait for a change.
 async fn fail(
     user: &MatrixUser,
@@ -682,7 +687,7 @@ async fn fail(
     ctx: &Context,
     error: Error,
 ) -> Result<Action, Error> {
-    ctx.memo.forget(&key(user));
+    ctx.memo.record_failure(&key(user));
     let user_id = user.status.as_ref().and_then(|s| s.user_id.clone());
     let verdict = user
         .status
@@ -711,7 +716,7 @@ async fn fail(
         user.metadata.generation,
     );
     if let Err(status_error) =
-        write_status(user, api, user_id, ready, pending_account(user), None).await
+        write_status(user, api, user_id, ready, pending_account(user), None, None).await
     {
         tracing::warn!(user = %key(user), error = %status_error, "could not record failure in status");
     }
@@ -763,6 +768,7 @@ async fn write_status(
     ready: Condition,
     pending_account: Option<String>,
     locked: Option<bool>,
+    confirmed: Option<Confirmed>,
 ) -> Result<Option<String>, Error> {
     outcome::note(&ready);
     let existing = user.status.clone().unwrap_or_default();
@@ -787,6 +793,7 @@ async fn write_status(
         conditions: conditions::merge(&existing.conditions, next, now),
         observed_generation: user.metadata.generation,
         pending_account,
+        confirmed,
     };
     if status == existing {
         return Ok(user.resource_version());
@@ -942,6 +949,10 @@ spec: {{localpart: {localpart}}}
             backoff: crate::controller::default_backoff(),
             stats: Default::default(),
             memo: Default::default(),
+            sweep: Arc::new(crate::controller::sweep::Sweep::new(
+                Duration::from_secs(3600),
+                1.0,
+            )),
         })
     }
 

@@ -26,6 +26,22 @@ export type MatrixRoomStatus = {
    */
   conditions?: Condition[];
   /**
+   * What the last convergence confirmed in Synapse, and when.
+   */
+  confirmed?: {
+    /**
+     * When Synapse was last read and found (or made) to match. The sweep
+     * reads the object again once this is a sweep period old.
+     */
+    at: string;
+    /**
+     * Digest of everything the convergence answered: the spec, what was
+     * folded into it (permissions, users, the parent space) and the last
+     * drift mark. Any change makes it differ.
+     */
+    digest: string;
+  } | null;
+  /**
    * Members joined in Synapse at the last convergence, the operator's
    * account included: the room state read then, changed by the
    * joins, kicks and bans Synapse confirmed.
@@ -54,6 +70,22 @@ export type MatrixUserStatus = {
    * Default: `[]`.
    */
   conditions?: Condition[];
+  /**
+   * What the last convergence confirmed in Synapse, and when.
+   */
+  confirmed?: {
+    /**
+     * When Synapse was last read and found (or made) to match. The sweep
+     * reads the object again once this is a sweep period old.
+     */
+    at: string;
+    /**
+     * Digest of everything the convergence answered: the spec, what was
+     * folded into it (permissions, users, the parent space) and the last
+     * drift mark. Any change makes it differ.
+     */
+    digest: string;
+  } | null;
   /**
    * The `metadata.generation` last acted upon (0: not yet).
    */
