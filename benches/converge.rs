@@ -9,6 +9,7 @@
 //! `MATRIX_AUTH=mas` runs it against Synapse with MAS (accounts in MAS).
 //! `BENCH_MINIMAL=0` skips replaying the minimal sequence (it doubles a
 //! large run; the ratio is then taken from the smaller size).
+//! `BENCH_IDLE_SECS` sets the idle window measured after a restart (600).
 //! `STACK_CONTROL_PLANE_CPUS=1` pins etcd and kube-apiserver to CPU 1, so
 //! they cannot take Synapse's core; the header says so when it is set.
 
@@ -721,13 +722,13 @@ async fn main() {
         Some((time, requests, StackCpu::now().since(before), profile))
     };
 
-    // --- a full no-op resync, then drift (a fresh controller) ---------------
+    // --- a restart, idle, then drift (a fresh controller) -------------------
     let rss_kib = controller.peak_rss_kib();
     drop(Arc::into_inner(controller).expect("the sampler has stopped"));
     // Both need a converged tenant: a fresh controller would otherwise
     // carry on converging, and drift would be measured against that.
-    let resync_and_drift = if shortfall.is_none() {
-        Some(resync_and_drift(&env, &run, users, rooms).await)
+    let quiet_and_drift = if shortfall.is_none() {
+        Some(restart_idle_and_drift(&env, &run, users, rooms).await)
     } else {
         None
     };
@@ -796,9 +797,22 @@ async fn main() {
     if let Some((.., profile)) = &minimal {
         print_stack_cpu("minimal sequence", profile);
     }
-    match &resync_and_drift {
-        Some(((resync_writes, resync_reads, resync_time), drift)) => {
-            println!("full no-op resync: {resync_writes} writes, {resync_reads} reads ({users} users + {rooms} rooms) in {:.1}s", resync_time.as_secs_f64());
+    let objects = (users + rooms + permission_count) as f64;
+    match &quiet_and_drift {
+        Some((quiet, drift)) => {
+            let (writes, reads) = quiet.first_minute;
+            println!(
+                "restart: a fresh controller's first minute: {writes} writes, {reads} reads ({:.1} % of {objects} objects)",
+                reads as f64 * 100.0 / objects
+            );
+            let (writes, reads) = quiet.idle;
+            let secs = quiet.idle_for.as_secs_f64();
+            let rate = (writes + reads) as f64 / secs;
+            println!(
+                "idle: {} Synapse requests in {secs:.0} s ({rate:.3}/s, {:.3}/s per 1,000 objects; {writes} writes)",
+                writes + reads,
+                rate * 1000.0 / objects
+            );
             let reverted: Vec<f64> = drift.iter().map(|d| d.reverted_ms).collect();
             println!(
                 "drift reverted after an out-of-band rename ({} samples): p50 {:.0} ms, p99 {:.0} ms from the client's change",
@@ -821,7 +835,7 @@ async fn main() {
                 marked.len()
             );
         }
-        None => println!("full no-op resync and drift: not measured (not converged)"),
+        None => println!("restart, idle and drift: not measured (not converged)"),
     }
     match &outage {
         Some(writes) => {
@@ -833,7 +847,6 @@ async fn main() {
         }
         None => println!("outage: not measured (not converged)"),
     }
-    let objects = (users + rooms + permission_count) as f64;
     println!(
         "controller peak resident memory: {:.1} MiB ({:.1} KiB per object)",
         rss_kib as f64 / 1024.0,
@@ -863,51 +876,56 @@ async fn main() {
     );
 }
 
-/// A full no-op resync (a fresh controller reconciles everything once:
-/// writes, reads, time), then drift samples (revert times in ms).
-async fn resync_and_drift(
+/// Synapse writes and reads among a controller's requests so far.
+fn split(requests: &BTreeMap<String, (u64, bool)>) -> (u64, u64) {
+    let sum = |write: bool| {
+        requests
+            .values()
+            .filter(|(_, w)| *w == write)
+            .map(|(c, _)| c)
+            .sum()
+    };
+    (sum(true), sum(false))
+}
+
+/// What the converged tenant costs a fresh controller (a restart, no memory
+/// but the API server's): its first minute, then `idle` more of nothing
+/// changing.
+struct Quiet {
+    first_minute: (u64, u64),
+    idle: (u64, u64),
+    idle_for: Duration,
+}
+
+/// A restart (a fresh controller's first minute), the idle window after
+/// it, then drift samples (revert times in ms) against that controller.
+async fn restart_idle_and_drift(
     env: &TestEnv,
     run: &str,
     users: usize,
     rooms: usize,
-) -> ((u64, u64, Duration), Vec<DriftSample>) {
-    let resync = start_controller(env).await;
-    let resync_started = Instant::now();
-    // A user is one read (Synapse), or in MAS mode four (MAS's user, its
-    // emails and links, Synapse's mirror); a room one.
-    let per_user = if Stack::get().shared_mas().is_some() {
-        4
-    } else {
-        1
-    };
-    let expected_reads = (users * per_user + rooms) as u64;
-    let resync_requests = loop {
-        let r = resync.requests().await;
-        let reads: u64 = r.values().filter(|(_, w)| !w).map(|(c, _)| c).sum();
-        if reads >= expected_reads || resync_started.elapsed() > Duration::from_secs(300) {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            break resync.requests().await;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let resync_writes: u64 = resync_requests
-        .values()
-        .filter(|(_, w)| *w)
-        .map(|(c, _)| c)
-        .sum();
-    let resync_reads: u64 = resync_requests
-        .values()
-        .filter(|(_, w)| !w)
-        .map(|(c, _)| c)
-        .sum();
-    let resync_time = resync_started.elapsed();
+) -> (Quiet, Vec<DriftSample>) {
+    let fresh = start_controller(env).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let first_minute = split(&fresh.requests().await);
+    let idle_for = Duration::from_secs(env_usize("BENCH_IDLE_SECS", 600) as u64);
+    tokio::time::sleep(idle_for).await;
+    let (writes, reads) = split(&fresh.requests().await);
+    let idle = (writes - first_minute.0, reads - first_minute.1);
 
     // Drift: out-of-band power-level changes, reverted via the feed.
     // One sample per room (its admin changes it), at most one per ten users.
     let drift = drift_samples(env, run, DRIFT_SAMPLES.min(users / 10).min(rooms)).await;
 
-    drop(resync);
-    ((resync_writes, resync_reads, resync_time), drift)
+    drop(fresh);
+    (
+        Quiet {
+            first_minute,
+            idle,
+            idle_for,
+        },
+        drift,
+    )
 }
 
 /// How long the outage keeps Synapse down.
