@@ -3,7 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use kube::Client;
 use openmeet_matrix_operator::controller::own_joins::OwnJoins;
-use openmeet_matrix_operator::controller::{appservice, leader, Operator, OperatorConfig};
+use openmeet_matrix_operator::controller::{appservice, leader, Leading, Operator, OperatorConfig};
 use openmeet_matrix_operator::mas::{MasClient, MasConfig};
 use openmeet_matrix_operator::registration::{Registration, RegistrationParams};
 use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig, WriteGate};
@@ -666,40 +666,60 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
             operator.run(shutdown.clone()).await;
             return Ok(());
         };
-        // Stand by (serving health and the transaction endpoint) until leader.
-        let held_since = tokio::select! {
-            acquired = leader::acquire(&client, &lease) => acquired.map_err(MainError::Leader)?,
-            _ = shutdown.clone() => return Ok(()),
-        };
-        write_gate.open_until(leader::held_until(held_since, &lease));
-        readiness.leading.store(true, Ordering::Release);
+        // A standby runs its watches, caches and queues from the start; its
+        // reconciles wait for the lease (and read nothing from Synapse).
+        let (lead, leading) = Leading::channel();
         let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
-        let keeper = {
-            let (client, lease, gate) = (client.clone(), lease.clone(), write_gate.clone());
-            tokio::spawn(async move {
-                let _ = lost_tx.send(leader::keep(&client, &lease, held_since, &gate).await);
-            })
-        };
-        let lost = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
+        let lost = Arc::new(std::sync::Mutex::new(None));
         let stop = {
             let (shutdown, lost) = (shutdown.clone(), lost.clone());
             async move {
                 tokio::select! {
                     _ = shutdown => {},
                     Ok(e) = lost_rx => { *lost.lock().expect("lost lock") = Some(e); },
+                    Ok(()) = failed_rx => {},
                 }
             }
         };
+        let warm = operator.with_leading(leading).run(stop);
+        let win = async {
+            let held_since = tokio::select! {
+                acquired = leader::acquire(&client, &lease) => match acquired {
+                    Ok(at) => at,
+                    Err(e) => {
+                        let _ = failed_tx.send(());
+                        return Err(MainError::Leader(e));
+                    }
+                },
+                _ = shutdown.clone() => return Ok(None),
+            };
+            write_gate.open_until(leader::held_until(held_since, &lease));
+            readiness.leading.store(true, Ordering::Release);
+            lead.send_replace(true);
+            let (client, lease, gate) = (client.clone(), lease.clone(), write_gate.clone());
+            // Keeps the failure sender alive while leading: dropping it is no stop.
+            let keeper = tokio::spawn(async move {
+                let _failed = failed_tx;
+                let _ = lost_tx.send(leader::keep(&client, &lease, held_since, &gate).await);
+            });
+            Ok(Some(keeper))
+        };
         // In-flight reconciles finish before `run` returns; after a loss the
         // closed gate fails their next write.
-        operator.run(stop).await;
-        keeper.abort();
+        let ((), won) = tokio::join!(warm, win);
         write_gate.close();
+        let keeper = won?;
+        if let Some(keeper) = &keeper {
+            keeper.abort();
+        }
         if let Some(e) = lost.lock().expect("lost lock").take() {
             // Another replica may lead now: never reconcile on.
             return Err(MainError::Leader(e));
         }
-        leader::release(&client, &lease).await;
+        if keeper.is_some() {
+            leader::release(&client, &lease).await;
+        }
         Ok(())
     };
     // The first error (a lost lease among them) ends the process: the other

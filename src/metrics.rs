@@ -181,6 +181,13 @@ pub fn render(sources: &Sources) -> String {
             "1 on the replica that holds the leader Lease and reconciles, else 0",
             leader,
         );
+        let synced = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        synced.set(readiness.synced.load(Ordering::Acquire) as i64);
+        registry.register(
+            "openmeet_caches_synced",
+            "1 once the controllers' caches are complete (a standby's too: it takes over warm)",
+            synced,
+        );
         // From the readiness probe's last answer; no sample before the first.
         let reachable = Family::<Labels, Gauge>::default();
         if let Some((_, verdict)) = *readiness.last_probe.lock().expect("probe lock") {

@@ -32,7 +32,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
-use kube::runtime::reflector::{self, reflector, Store};
+use kube::runtime::reflector::{self, reflector, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
@@ -332,6 +332,41 @@ pub struct Deps {
     pub own_joins: Arc<own_joins::OwnJoins>,
     /// One sweep, and one budget, for every kind.
     pub sweep: Arc<sweep::Sweep>,
+    /// Reconciles wait for it.
+    pub leading: Leading,
+}
+
+/// Whether this replica leads. Reconciles wait for it, so a standby runs
+/// its watches, caches and queues warm and starts converging the moment it
+/// wins the lease.
+#[derive(Clone, Debug)]
+pub struct Leading(tokio::sync::watch::Receiver<bool>);
+
+impl Leading {
+    /// Leads from the start (no leader election).
+    pub fn always() -> Self {
+        Leading(tokio::sync::watch::channel(true).1)
+    }
+
+    /// Waits to lead until the sender says so.
+    pub fn channel() -> (tokio::sync::watch::Sender<bool>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, Leading(rx))
+    }
+
+    /// The object to reconcile once this replica leads: at once while it
+    /// leads; after a wait, as the cache has it by then (`None`: gone, or
+    /// the process is ending).
+    pub async fn current<K>(&self, obj: Arc<K>, store: &Store<K>) -> Option<Arc<K>>
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    {
+        if *self.0.borrow() {
+            return Some(obj);
+        }
+        self.0.clone().wait_for(|leads| *leads).await.ok()?;
+        store.get(&ObjectRef::from_obj(obj.as_ref()))
+    }
 }
 
 /// Shared by every reconcile.
@@ -349,6 +384,7 @@ pub struct Context {
     pub stats: Arc<ReconcileStats>,
     pub memo: memo::ConvergedMemo,
     pub sweep: Arc<sweep::Sweep>,
+    pub leading: Leading,
 }
 
 impl Context {
@@ -368,6 +404,7 @@ pub struct Operator {
     stats: Arc<ReconcileStats>,
     synced: Arc<std::sync::atomic::AtomicBool>,
     own_joins: Arc<own_joins::OwnJoins>,
+    leading: Leading,
 }
 
 impl Operator {
@@ -379,7 +416,15 @@ impl Operator {
             stats: Arc::default(),
             synced: Arc::default(),
             own_joins: Arc::default(),
+            leading: Leading::always(),
         }
+    }
+
+    /// Reconciles wait until `leading` says so (leader election); the
+    /// watches and caches run from the start.
+    pub fn with_leading(mut self, leading: Leading) -> Self {
+        self.leading = leading;
+        self
     }
 
     /// The joins this operator makes, for the application-service endpoint
@@ -421,6 +466,7 @@ impl Operator {
                 self.config.sweep_period,
                 self.config.sweep_budget,
             )),
+            leading: self.leading.clone(),
         };
         let shutdown: Pin<Box<dyn Future<Output = ()> + Send + Sync>> = Box::pin(shutdown);
         let shutdown = shutdown.shared();

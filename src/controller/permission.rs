@@ -18,9 +18,11 @@ use std::time::Duration;
 
 struct Ctx {
     client: Client,
+    permissions: Store<RoomPermission>,
     rooms: Store<MatrixRoom>,
     recorder: Recorder,
     stats: Arc<ReconcileStats>,
+    leading: super::Leading,
 }
 
 /// The shared watch subscriptions that trigger permission reconciles.
@@ -54,7 +56,7 @@ pub async fn run<A, B>(
         index,
         rooms,
     } = caches;
-    Controller::for_shared_stream(triggers.objects, permissions)
+    Controller::for_shared_stream(triggers.objects, permissions.clone())
         // A room appeared or went away: the permissions naming it.
         .watches_shared_stream(triggers.rooms, move |room: Arc<MatrixRoom>| {
             let ns = room.namespace().unwrap_or_default();
@@ -66,9 +68,11 @@ pub async fn run<A, B>(
             |_, _, _| Action::requeue(Duration::from_secs(5)),
             Arc::new(Ctx {
                 client: deps.client,
+                permissions,
                 rooms,
                 recorder: deps.recorder,
                 stats: deps.stats,
+                leading: deps.leading,
             }),
         )
         .for_each(|_| futures::future::ready(()))
@@ -76,6 +80,9 @@ pub async fn run<A, B>(
 }
 
 async fn reconcile(p: Arc<RoomPermission>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let Some(p) = ctx.leading.current(p, &ctx.permissions).await else {
+        return Ok(Action::await_change());
+    };
     ctx.stats
         .permission_reconciles
         .fetch_add(1, Ordering::Relaxed);
@@ -145,8 +152,10 @@ spec: {roomRef: {name: r}, userRef: {name: alice}}
         Arc::new(Ctx {
             recorder: scripted::recorder(client.clone()),
             client,
+            permissions: reflector::store().0,
             rooms: store,
             stats: Default::default(),
+            leading: crate::controller::Leading::always(),
         })
     }
 

@@ -53,6 +53,19 @@ async fn leader_gauge(r: &Replica) -> Option<u64> {
         .find_map(|l| l.strip_prefix("openmeet_leader ")?.parse().ok())
 }
 
+/// A gauge or the sum of a counter's samples, from the replica's /metrics.
+async fn metric(r: &Replica, name: &str) -> u64 {
+    scrape(r)
+        .await
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// The replica's count of MatrixUser reconciles, from its /metrics.
 async fn user_reconciles(r: &Replica) -> u64 {
     let text = scrape(r).await;
@@ -99,16 +112,36 @@ async fn one_leader_reconciles_and_a_standby_takes_over() {
     assert_eq!(holder(&env, &lease).await.as_deref(), Some("replica-a"));
     assert_eq!(leader_gauge(&a).await, Some(1), "the leader says so");
     assert_eq!(leader_gauge(&b).await, Some(0), "the standby says so");
+    // The standby is warm: its caches are complete, and it has asked
+    // Synapse nothing.
+    wait_for("the standby's caches", || async {
+        (metric(&b, "openmeet_caches_synced").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&b, "openmeet_synapse_requests_total").await, 0);
 
-    // The leader dies without a word; the standby takes over once the lease lapses.
+    // The leader dies without a word; the standby takes over once the lease
+    // lapses, trusting what the leader converged: it reads nothing of it.
     a.child.start_kill().unwrap();
     a.child.wait().await.unwrap();
     let killed = Instant::now();
+    wait_for(
+        "replica-b to take over and look at the converged user",
+        || async {
+            (holder(&env, &lease).await.as_deref() == Some("replica-b")
+                && user_reconciles(&b).await > 0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(&b, "openmeet_synapse_requests_total").await,
+        0,
+        "the converged user is trusted from its status"
+    );
     env.create_user(0, "second", json!({"localpart": unique("second")}))
         .await;
     env.wait_ready(0, "second", true, "Converged").await;
-    assert_eq!(holder(&env, &lease).await.as_deref(), Some("replica-b"));
-    assert!(user_reconciles(&b).await > 0);
     assert_eq!(leader_gauge(&b).await, Some(1), "the new leader says so");
     assert!(
         killed.elapsed() < Duration::from_secs(30),

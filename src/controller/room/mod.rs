@@ -77,9 +77,13 @@ pub struct RoomContext {
     memo: super::memo::ConvergedMemo,
     /// When a converged room is read again.
     pub sweep: Arc<super::sweep::Sweep>,
+    pub leading: super::Leading,
 }
 
 pub async fn reconcile(room: Arc<MatrixRoom>, ctx: Arc<RoomContext>) -> Result<Action, Error> {
+    let Some(room) = ctx.leading.current(room, &ctx.rooms).await else {
+        return Ok(Action::await_change());
+    };
     let timer = ctx.stats.start("MatrixRoom");
     let api: Api<MatrixRoom> = super::own_namespace(&ctx.client, room.as_ref())?;
     let (result, written) = outcome::noting(super::finalizer::reconcile(
@@ -361,6 +365,7 @@ spec: {{roomRef: {{name: r}}, userRef: {{name: {user}}}}}
                 std::time::Duration::from_secs(3600),
                 1.0,
             )),
+            leading: crate::controller::Leading::always(),
         })
     }
 

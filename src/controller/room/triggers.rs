@@ -54,6 +54,7 @@ pub async fn run<A, B, C, D>(
         stats,
         own_joins,
         sweep,
+        leading,
     } = deps;
     let ctx = Arc::new(RoomContext {
         client,
@@ -71,6 +72,7 @@ pub async fn run<A, B, C, D>(
         own_joins,
         memo: Default::default(),
         sweep,
+        leading,
     });
     let (perms_for_users, perms_by_user) = (caches.permissions, caches.permission_index);
     let (rooms_for_claims, rooms_by_alias) = (caches.rooms.clone(), caches.room_index);

@@ -70,6 +70,7 @@ pub async fn run<A, B>(
         // Joins are the room controller's.
         own_joins: _,
         sweep,
+        leading,
     } = deps;
     let ctx = Arc::new(Context {
         client,
@@ -83,6 +84,7 @@ pub async fn run<A, B>(
         stats,
         memo: Default::default(),
         sweep,
+        leading,
     });
     let evict = ctx.clone();
     // Each object's email as last seen: a claimant that changes its address
@@ -150,6 +152,9 @@ fn claim_peers(
 
 /// The finalizer is the only top-level branch: apply, or clean up.
 pub async fn reconcile(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let Some(user) = ctx.leading.current(user, &ctx.users).await else {
+        return Ok(Action::await_change());
+    };
     let timer = ctx.stats.start("MatrixUser");
     let api: Api<MatrixUser> = super::own_namespace(&ctx.client, user.as_ref())?;
     let (result, written) = outcome::noting(super::finalizer::reconcile(
@@ -953,6 +958,7 @@ spec: {{localpart: {localpart}}}
                 Duration::from_secs(3600),
                 1.0,
             )),
+            leading: crate::controller::Leading::always(),
         })
     }
 
