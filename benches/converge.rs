@@ -10,6 +10,8 @@
 //! `BENCH_MINIMAL=0` skips replaying the minimal sequence (it doubles a
 //! large run; the ratio is then taken from the smaller size).
 //! `BENCH_IDLE_SECS` sets the idle window measured after a restart (600).
+//! After it: drift samples, a failover (the leader SIGKILLed while a warm
+//! standby waits), and a Synapse outage met by a controller taking over.
 //! `STACK_CONTROL_PLANE_CPUS=1` pins etcd and kube-apiserver to CPU 1, so
 //! they cannot take Synapse's core; the header says so when it is set.
 
@@ -69,8 +71,16 @@ fn feed_endpoint() -> std::net::SocketAddr {
 }
 
 async fn start_controller(env: &TestEnv) -> Controller {
+    start_replica(env, None).await
+}
+
+/// A controller; with `lease` (its name and this replica's), a replica
+/// electing its leader there, at the product's lease settings. Only a
+/// replica without a lease, or the one named `standby`, serves the feed.
+async fn start_replica(env: &TestEnv, lease: Option<(&str, &str)>) -> Controller {
+    let serves_feed = lease.is_none_or(|(_, name)| name == "standby");
     // The previous controller, killed, may hold the feed's port a moment longer.
-    while std::net::TcpListener::bind(feed_endpoint()).is_err() {
+    while serves_feed && std::net::TcpListener::bind(feed_endpoint()).is_err() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -78,8 +88,18 @@ async fn start_controller(env: &TestEnv) -> Controller {
         .local_addr()
         .unwrap()
         .port();
-    let child = harness::controller_command(env)
-        .env("APPSERVICE_LISTEN", feed_endpoint().to_string())
+    let mut command = harness::controller_command(env);
+    if let Some((lease, name)) = lease {
+        command
+            .env("LEADER_ELECT", "true")
+            .env("LEASE_NAME", lease)
+            .env("POD_NAMESPACE", env.ns(0))
+            .env("POD_NAME", name);
+    }
+    if serves_feed {
+        command.env("APPSERVICE_LISTEN", feed_endpoint().to_string());
+    }
+    let child = command
         .env("SYNAPSE_CONCURRENCY", CONCURRENCY.to_string())
         // The periodic resync (every 240 to 360 s) is not part of converging
         // and would fall inside a slow run; it is measured on its own below.
@@ -732,6 +752,11 @@ async fn main() {
     } else {
         None
     };
+    let failover = if shortfall.is_none() {
+        Some(failover(&env, &run, rooms).await)
+    } else {
+        None
+    };
     let outage = if shortfall.is_none() {
         Some(outage(&env).await)
     } else {
@@ -837,6 +862,23 @@ async fn main() {
         }
         None => println!("restart, idle and drift: not measured (not converged)"),
     }
+    match &failover {
+        Some(f) => {
+            let first_write = f.first_write.map_or("none within 120 s".to_string(), |t| {
+                format!("{:.1} s", t.as_secs_f64())
+            });
+            let reverted: Vec<f64> = f.drift.iter().map(|d| d.reverted_ms).collect();
+            println!(
+                "failover (leader SIGKILLed, warm standby, lease {} s): first write after {first_write}, {} Synapse reads in the first minute ({:.1} % of {objects} objects), drift p99 {:.0} ms ({} samples once it led)",
+                f.lease.as_secs(),
+                f.reads_first_minute,
+                f.reads_first_minute as f64 * 100.0 / objects,
+                percentile(&reverted, 0.99),
+                f.drift.len()
+            );
+        }
+        None => println!("failover: not measured (not converged)"),
+    }
     match &outage {
         Some(writes) => {
             let line: Vec<String> = writes.iter().map(|(k, n)| format!("{k} {n}")).collect();
@@ -926,6 +968,106 @@ async fn restart_idle_and_drift(
         },
         drift,
     )
+}
+
+/// The product's lease duration (`--lease-duration-seconds`).
+const LEASE: Duration = Duration::from_secs(15);
+
+/// A leader SIGKILLed while a warm standby waits.
+struct Failover {
+    lease: Duration,
+    /// From the kill to the standby's first Synapse write (a rename made
+    /// right after the kill is there to be reverted).
+    first_write: Option<Duration>,
+    reads_first_minute: u64,
+    /// Drift made once the standby leads.
+    drift: Vec<DriftSample>,
+}
+
+async fn failover(env: &TestEnv, run: &str, rooms: usize) -> Failover {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let lease_name = harness::unique("bench-lease");
+    let holder = || async {
+        let leases: Api<Lease> = Api::namespaced(env.client.clone(), env.ns(0));
+        leases
+            .get_opt(&lease_name)
+            .await
+            .ok()??
+            .spec?
+            .holder_identity
+    };
+    let mut leader = start_replica(env, Some((&lease_name, "leader"))).await;
+    harness::wait_for("the first replica to lead", || async {
+        (holder().await.as_deref() == Some("leader")).then_some(())
+    })
+    .await;
+    let standby = start_replica(env, Some((&lease_name, "standby"))).await;
+    harness::wait_for("the standby's caches", || async {
+        let text = reqwest::get(&standby.metrics)
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .any(|l| l == "openmeet_caches_synced 1")
+            .then_some(())
+    })
+    .await;
+    // Let the leader's start-up pass settle.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    leader.child.start_kill().unwrap();
+    leader.child.wait().await.unwrap();
+    let killed = Instant::now();
+    rename_out_of_band(env, run, 0).await;
+    let mut first_write = None;
+    while killed.elapsed() < Duration::from_secs(120) {
+        if split(&standby.requests().await).0 > 0 {
+            first_write = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(killed.elapsed())).await;
+    let reads_first_minute = split(&standby.requests().await).1;
+    let drift = drift_samples(env, run, 20.min(rooms)).await;
+    drop(standby);
+    Failover {
+        lease: LEASE,
+        first_write,
+        reads_first_minute,
+        drift,
+    }
+}
+
+/// Renames room `r<i>` as its admin, in a client: drift for the operator.
+async fn rename_out_of_band(env: &TestEnv, run: &str, i: usize) {
+    let stack = Stack::get();
+    let room = env
+        .api::<MatrixRoom>(0)
+        .get(&format!("r{i}"))
+        .await
+        .unwrap();
+    let room_id = room.status.unwrap().room_id.unwrap();
+    let admin_user = format!("@{run}-u{i}:{}", stack.var("MATRIX_SERVER_NAME"));
+    let token = user_token(&admin_user).await;
+    let response = http()
+        .put(format!(
+            "{}/_matrix/client/v3/rooms/{}/state/m.room.name/",
+            stack.var("SYNAPSE_URL"),
+            enc(&room_id)
+        ))
+        .bearer_auth(&token)
+        .json(&json!({"name": DRIFTED_NAME}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "rename refused: {}",
+        response.status()
+    );
 }
 
 /// How long the outage keeps Synapse down.
