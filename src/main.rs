@@ -569,10 +569,24 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
         OwnJoins::recording()
     });
     let feed_stats = Arc::new(appservice::AppserviceStats::default());
+    // Writes to Synapse leave only while this replica leads.
+    let write_gate = if args.leader_elect {
+        WriteGate::default()
+    } else {
+        WriteGate::open()
+    };
+    let mut operator = Operator::new(
+        client.clone(),
+        synapse.clone().with_write_gate(write_gate.clone()),
+        config.clone(),
+    )
+    .with_own_joins(own_joins.clone());
+    // The feed maps events to rooms through the controller's own cache.
+    let feed_rooms = (args.appservice_listen != "off").then(|| operator.feed_rooms());
     let appservice = async {
-        if args.appservice_listen == "off" {
+        let Some(feed_rooms) = feed_rooms else {
             return Ok(());
-        }
+        };
         let addr: std::net::SocketAddr = args
             .appservice_listen
             .parse()
@@ -586,16 +600,15 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
                 synapse.server_name()
             ),
         ];
-        let scope = config.namespace.clone();
         let feed = appservice::Feed {
             own_senders: own,
             own_joins: own_joins.clone(),
             stats: feed_stats.clone(),
             selector: config.label_selector.clone(),
         };
-        appservice::run(
+        appservice::run_on(
             client.clone(),
-            scope,
+            feed_rooms,
             hs_token,
             feed,
             addr,
@@ -604,18 +617,6 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
         .await
         .map_err(|e| MainError::Config(e.to_string()))
     };
-    // Writes to Synapse leave only while this replica leads.
-    let write_gate = if args.leader_elect {
-        WriteGate::default()
-    } else {
-        WriteGate::open()
-    };
-    let operator = Operator::new(
-        client.clone(),
-        synapse.clone().with_write_gate(write_gate.clone()),
-        config.clone(),
-    )
-    .with_own_joins(own_joins.clone());
     let readiness = Arc::new(metrics::Readiness::new(synapse.clone(), operator.synced()));
     let sources = metrics::Sources {
         synapse: synapse.stats_handle(),

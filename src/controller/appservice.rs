@@ -657,6 +657,36 @@ pub fn router(service: Arc<Appservice>) -> Router {
         .with_state(service)
 }
 
+/// The rooms the feed maps events to: a cache, its index by room id (and
+/// by parent), and whether the cache holds its first complete list.
+pub struct FeedRooms {
+    pub store: Store<MatrixRoom>,
+    pub room_ids: Arc<Index<MatrixRoom>>,
+    pub ready: watch::Receiver<bool>,
+}
+
+/// Serves the endpoint on the controller's own watch of rooms (one list of
+/// rooms per process, running from the start whether this replica leads
+/// or not) until `shutdown` resolves.
+pub async fn run_on(
+    client: Client,
+    rooms: FeedRooms,
+    hs_token: String,
+    feed: Feed,
+    addr: SocketAddr,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AppserviceError> {
+    let service = Appservice::new(
+        hs_token,
+        feed,
+        client,
+        rooms.store,
+        rooms.room_ids,
+        rooms.ready,
+    );
+    serve(addr, service, shutdown).await
+}
+
 /// Serves the endpoint until `shutdown` resolves.
 pub async fn serve(
     addr: SocketAddr,
@@ -674,7 +704,8 @@ pub async fn serve(
 }
 
 /// Watches the rooms (to map room ids to objects) and serves the endpoint
-/// until `shutdown` resolves.
+/// until `shutdown` resolves: an endpoint standing alone (one serving the
+/// test suite's many operators); a controller serves it with [`run_on`].
 pub async fn run(
     client: Client,
     namespace: Option<String>,

@@ -405,6 +405,9 @@ pub struct Operator {
     synced: Arc<std::sync::atomic::AtomicBool>,
     own_joins: Arc<own_joins::OwnJoins>,
     leading: Leading,
+    /// The watch of rooms, made before `run` so the feed can share it.
+    rooms: SharedWatch<MatrixRoom>,
+    rooms_ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl Operator {
@@ -417,6 +420,18 @@ impl Operator {
             synced: Arc::default(),
             own_joins: Arc::default(),
             leading: Leading::always(),
+            rooms: SharedWatch::new(),
+            rooms_ready: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// The controller's cache of rooms with an index by room id, for the
+    /// application-service endpoint of this process.
+    pub fn feed_rooms(&mut self) -> appservice::FeedRooms {
+        appservice::FeedRooms {
+            store: self.rooms.store(),
+            room_ids: self.rooms.index(index::keys::room_feed),
+            ready: self.rooms_ready.subscribe(),
         }
     }
 
@@ -474,7 +489,8 @@ impl Operator {
         // One watch per kind, shared by every trigger and cache below.
         let watch = watch_config(&self.config);
         let mut users = SharedWatch::<MatrixUser>::new();
-        let mut rooms = SharedWatch::<MatrixRoom>::new();
+        let mut rooms = self.rooms;
+        let rooms_ready = self.rooms_ready;
         let mut permissions = SharedWatch::<RoomPermission>::new();
         let user_triggers = user::Triggers {
             objects: users.subscribe(),
@@ -608,7 +624,8 @@ impl Operator {
                 rooms: rooms_store.clone(),
             };
             async move {
-                // A store's readiness wakes one waiter: the room cache's is this one.
+                // A store's readiness wakes one waiter: the room cache's is
+                // this one, which tells the feed.
                 if let futures::future::Either::Right(_) = futures::future::select(
                     Box::pin(caches.rooms.wait_until_ready()),
                     shutdown.clone(),
@@ -617,6 +634,7 @@ impl Operator {
                 {
                     return;
                 }
+                rooms_ready.send_replace(true);
                 permission::run(caches, permission_triggers, deps, shutdown).await
             }
         };

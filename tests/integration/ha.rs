@@ -268,3 +268,98 @@ async fn a_leader_that_lost_its_lease_writes_nothing_more() {
         .await;
     drop(b);
 }
+
+/// A standby serves the application-service endpoint from the controller's
+/// own room cache, warm before it leads: it marks a drifted room at once,
+/// and asks Synapse nothing.
+#[tokio::test]
+async fn a_standby_marks_drift_from_its_warm_room_cache() {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use kube::api::PostParams;
+    use openmeet_matrix_operator::api::MatrixRoom;
+    use openmeet_matrix_operator::controller::room::DRIFT_ANNOTATION;
+
+    // The test's in-process operator converges the room.
+    let env = TestEnv::new("standby-feed").await;
+    env.create::<MatrixRoom>(0, "r", json!({"alias": unique("standby")}))
+        .await;
+    let room: MatrixRoom = env.wait_condition(0, "r", true, "Converged").await;
+    let room_id = room.status.unwrap().room_id.unwrap();
+
+    // Someone else holds the lease for an hour: the replica stays a standby.
+    let lease_name = unique("held");
+    let leases: Api<Lease> = Api::namespaced(env.client.clone(), env.ns(0));
+    let held = Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some(lease_name.clone()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("elsewhere".into()),
+            lease_duration_seconds: Some(3600),
+            renew_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            ..Default::default()
+        }),
+    };
+    leases.create(&PostParams::default(), &held).await.unwrap();
+    let feed = free_port();
+    let port = free_port();
+    let standby = Replica {
+        child: controller_command(&env)
+            .env("LEADER_ELECT", "true")
+            .env("LEASE_NAME", &lease_name)
+            .env("POD_NAMESPACE", env.ns(0))
+            .env("POD_NAME", "standby")
+            .env("APPSERVICE_LISTEN", format!("127.0.0.1:{feed}"))
+            .env("METRICS_LISTEN", format!("127.0.0.1:{port}"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the standby"),
+        metrics: format!("http://127.0.0.1:{port}"),
+    };
+    wait_for("the standby's caches", || async {
+        // Not listening yet, at first.
+        reqwest::get(format!("{}/metrics", standby.metrics)).await.ok()?;
+        (metric(&standby, "openmeet_caches_synced").await == 1).then_some(())
+    })
+    .await;
+
+    // Synapse's transaction, as it would push it.
+    let stack = crate::harness::Stack::get();
+    let hs_token =
+        std::fs::read_to_string(format!("{}/synapse/appservice.env", stack.var("STACK_DIR")))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("HS_TOKEN=").map(str::to_string))
+            .unwrap();
+    let body = json!({"events": [{
+        "type": "m.room.topic", "room_id": room_id, "sender": "@someone:openmeet.test",
+        "state_key": "", "event_id": "$seen-by-the-standby", "content": {"topic": "x"},
+    }]});
+    let answer = reqwest::Client::new()
+        .put(format!(
+            "http://127.0.0.1:{feed}/_matrix/app/v1/transactions/{}",
+            unique("txn")
+        ))
+        .bearer_auth(&hs_token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let marked: MatrixRoom = env.api(0).get("r").await.unwrap();
+    assert_eq!(
+        marked
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get(DRIFT_ANNOTATION)
+            .map(String::as_str),
+        Some("$seen-by-the-standby"),
+        "marked before the answer"
+    );
+    assert_eq!(leader_gauge(&standby).await, Some(0));
+    assert_eq!(metric(&standby, "openmeet_synapse_requests_total").await, 0);
+    drop(standby);
+}
