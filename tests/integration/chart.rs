@@ -359,6 +359,29 @@ fn chart_crds_match_the_generated_ones() {
     );
 }
 
+/// One version for the crate, the image (`appVersion`), the chart and the
+/// kit, with its entry in the changelog: `helm history` and `npm` tell
+/// releases apart the same way.
+#[test]
+fn versions_move_together() {
+    let crate_version = env!("CARGO_PKG_VERSION");
+    let chart: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(format!("{CHART}/Chart.yaml")).unwrap())
+            .unwrap();
+    let kit: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{ROOT}/clients/typescript/package.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(chart["version"].as_str(), Some(crate_version), "Chart.yaml version");
+    assert_eq!(chart["appVersion"].as_str(), Some(crate_version), "Chart.yaml appVersion");
+    assert_eq!(kit["version"].as_str(), Some(crate_version), "the kit's package.json");
+    let changelog = std::fs::read_to_string(format!("{ROOT}/CHANGELOG.md")).unwrap();
+    assert!(
+        changelog.contains(&format!("## [{crate_version}] - ")),
+        "CHANGELOG.md has no entry for {crate_version}"
+    );
+}
+
 /// Deletes a release's cluster-scoped objects (there is no garbage collector).
 struct ClusterScoped(Vec<(String, String)>);
 
