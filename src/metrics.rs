@@ -162,8 +162,8 @@ pub fn health_label(health: Health) -> &'static str {
 }
 
 /// Renders every metric in the Prometheus text format.
-pub fn render(sources: &Sources) -> String {
-    let mut registry = Registry::default();
+/// `openmeet_build_info`, the same on both binaries.
+pub fn register_build_info(registry: &mut Registry) {
     let build = Family::<Labels, Gauge>::default();
     build
         .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
@@ -173,6 +173,11 @@ pub fn render(sources: &Sources) -> String {
         "The running build: always 1, labelled with its version",
         build,
     );
+}
+
+pub fn render(sources: &Sources) -> String {
+    let mut registry = Registry::default();
+    register_build_info(&mut registry);
     if let Some(readiness) = &sources.readiness {
         let leader = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         leader.set(readiness.leading.load(Ordering::Acquire) as i64);

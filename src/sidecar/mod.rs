@@ -513,6 +513,7 @@ impl SidecarMetrics {
 
     pub fn render(&self) -> String {
         let mut registry = prometheus_client::registry::Registry::default();
+        crate::metrics::register_build_info(&mut registry);
         registry.register(
             "openmeet_sidecar_requests",
             "Requests served by the sidecar, by route and status class",

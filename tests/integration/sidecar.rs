@@ -1088,6 +1088,10 @@ async fn nothing_secret_reaches_the_log() {
         "openmeet_sidecar_requests_total{endpoint=\"/token\",status=\"4xx\"} 1",
         "openmeet_sidecar_request_duration_seconds_count{endpoint=\"/authorize\"} 1",
         "openmeet_synapse_requests_total{endpoint=\"login_as_user\",status=\"2xx\",write=\"true\"} 1",
+        &format!(
+            "openmeet_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        ),
     ] {
         assert!(metrics.contains(expected), "{expected} missing from:\n{metrics}");
     }
