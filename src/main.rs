@@ -632,9 +632,12 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
             .metrics_listen
             .parse()
             .map_err(|e| MainError::Config(format!("--metrics-listen: {e}")))?;
-        metrics::serve(addr, sources, shutdown.clone())
-            .await
-            .map_err(MainError::Io)
+        // The reachability gauge stays current whether or not anyone asks.
+        let probe = readiness.probe_every(metrics::PROBE_EVERY);
+        tokio::select! {
+            served = metrics::serve(addr, sources, shutdown.clone()) => served.map_err(MainError::Io),
+            () = probe => Ok(()),
+        }
     };
     let lease = if args.leader_elect {
         let namespace = args.lease_namespace.clone().ok_or_else(|| {

@@ -29,15 +29,23 @@ pub struct Sources {
 }
 
 const SYNAPSE_UNREACHABLE: &str = "Synapse is unreachable";
+const CREDENTIALS_REFUSED: &str = "MAS refused the operator's client credentials";
+/// How often the background probe asks Synapse (and MAS).
+pub const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// What `/readyz` means: Synapse answers, and — on the replica that
-/// reconciles — the controllers' caches are complete. A standby replica is
-/// ready once Synapse answers: it serves the application-service endpoint.
+/// What `/readyz` means: this replica can do its work. On the replica that
+/// reconciles, its caches are complete; a standby is ready at once (it
+/// serves the application-service endpoint). Synapse being down makes no
+/// replica unready (there would be no replica to take Synapse's
+/// transactions when it returns, and a node drain would wait on Synapse):
+/// the background probe reports it in `openmeet_synapse_reachable`. Only
+/// what this replica's configuration gets wrong (MAS refusing its client
+/// credentials) keeps it out of service.
 pub struct Readiness {
     pub leading: std::sync::atomic::AtomicBool,
     pub synced: Arc<std::sync::atomic::AtomicBool>,
     pub synapse: crate::synapse::SynapseClient,
-    last_probe: std::sync::Mutex<Option<(std::time::Instant, Result<(), &'static str>)>>,
+    last_probe: std::sync::Mutex<Option<Result<(), &'static str>>>,
 }
 
 impl Readiness {
@@ -53,21 +61,31 @@ impl Readiness {
         }
     }
 
-    /// `Err(reason)` when not ready. Synapse is probed at most every 5 s.
-    pub async fn check(&self) -> Result<(), &'static str> {
+    /// `Ok(note)` when ready (the note says what the probe last found),
+    /// `Err(reason)` when not.
+    pub fn check(&self) -> Result<&'static str, &'static str> {
         if self.leading.load(Ordering::Acquire) && !self.synced.load(Ordering::Acquire) {
             return Err("caches are syncing");
         }
-        let cached = *self.last_probe.lock().expect("probe lock");
-        match cached {
-            Some((at, verdict)) if at.elapsed() < std::time::Duration::from_secs(5) => verdict,
-            _ => {
-                let verdict = self.probe().await;
-                *self.last_probe.lock().expect("probe lock") =
-                    Some((std::time::Instant::now(), verdict));
-                verdict
-            }
+        match *self.last_probe.lock().expect("probe lock") {
+            Some(Err(CREDENTIALS_REFUSED)) => Err(CREDENTIALS_REFUSED),
+            Some(Err(unreachable)) => Ok(unreachable),
+            Some(Ok(())) | None => Ok("ok"),
         }
+    }
+
+    /// Probes Synapse (and MAS) every `every`, until the process ends.
+    pub async fn probe_every(&self, every: std::time::Duration) {
+        loop {
+            self.probe_now().await;
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Probes Synapse (and MAS) once, for the gauge and `/readyz`.
+    pub async fn probe_now(&self) {
+        let verdict = self.probe().await;
+        *self.last_probe.lock().expect("probe lock") = Some(verdict);
     }
 
     /// Synapse answers; in MAS mode MAS answers too and grants the
@@ -80,9 +98,7 @@ impl Readiness {
             None => Ok(()),
             Some(check) => match check.await {
                 Ok(()) => Ok(()),
-                Err(crate::mas::MasError::Credentials(_)) => {
-                    Err("MAS refused the operator's client credentials")
-                }
+                Err(crate::mas::MasError::Credentials(_)) => Err(CREDENTIALS_REFUSED),
                 Err(_) => Err("MAS is unreachable"),
             },
         }
@@ -91,11 +107,11 @@ impl Readiness {
 
 async fn readyz(State(sources): State<Sources>) -> axum::response::Response {
     let verdict = match &sources.readiness {
-        Some(r) => r.check().await,
-        None => Ok(()),
+        Some(r) => r.check(),
+        None => Ok("ok"),
     };
     match verdict {
-        Ok(()) => "ok".into_response(),
+        Ok(note) => note.into_response(),
         Err(reason) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
     }
 }
@@ -195,13 +211,13 @@ pub fn render(sources: &Sources) -> String {
         );
         // From the readiness probe's last answer; no sample before the first.
         let reachable = Family::<Labels, Gauge>::default();
-        if let Some((_, verdict)) = *readiness.last_probe.lock().expect("probe lock") {
+        if let Some(verdict) = *readiness.last_probe.lock().expect("probe lock") {
             let ok = verdict != Err(SYNAPSE_UNREACHABLE);
             reachable.get_or_create(&Vec::new()).set(ok as i64);
         }
         registry.register(
             "openmeet_synapse_reachable",
-            "1 when Synapse answered this replica's last readiness probe, 0 when it did not",
+            "1 when Synapse answered this replica's last probe (every 10 s), 0 when it did not",
             reachable,
         );
     }

@@ -372,9 +372,21 @@ fn versions_move_together() {
         &std::fs::read_to_string(format!("{ROOT}/clients/typescript/package.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(chart["version"].as_str(), Some(crate_version), "Chart.yaml version");
-    assert_eq!(chart["appVersion"].as_str(), Some(crate_version), "Chart.yaml appVersion");
-    assert_eq!(kit["version"].as_str(), Some(crate_version), "the kit's package.json");
+    assert_eq!(
+        chart["version"].as_str(),
+        Some(crate_version),
+        "Chart.yaml version"
+    );
+    assert_eq!(
+        chart["appVersion"].as_str(),
+        Some(crate_version),
+        "Chart.yaml appVersion"
+    );
+    assert_eq!(
+        kit["version"].as_str(),
+        Some(crate_version),
+        "the kit's package.json"
+    );
     let changelog = std::fs::read_to_string(format!("{ROOT}/CHANGELOG.md")).unwrap();
     assert!(
         changelog.contains(&format!("## [{crate_version}] - ")),
@@ -1193,7 +1205,7 @@ async fn chart_renders_the_prometheus_rule_and_argocd_health_checks() {
         Stack::get().synapse(),
         std::sync::Arc::default(),
     ));
-    let _ = readiness.check().await;
+    readiness.probe_now().await;
     let exported = render(&Sources {
         synapse: std::sync::Arc::default(),
         reconciles: env.stats.clone(),
