@@ -8,6 +8,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -191,9 +192,95 @@ pub fn register_build_info(registry: &mut Registry) {
     );
 }
 
+/// Linux reports process times in USER_HZ ticks, 100 a second on every
+/// architecture it runs containers on.
+const USER_HZ: f64 = 100.0;
+
+/// The process's own figures, by Prometheus's conventional names, read from
+/// `/proc/self` at each scrape (nothing is exported where it cannot be read).
+#[derive(Debug, Default, PartialEq)]
+pub struct ProcessFigures {
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+    pub virtual_bytes: u64,
+    pub open_fds: u64,
+    pub start_time_seconds: f64,
+}
+
+impl ProcessFigures {
+    /// Parsed from `/proc/self/stat` and `/proc/stat` (boot time); open
+    /// descriptors are counted apart.
+    pub fn parse(stat: &str, proc_stat: &str, page_size: u64) -> Option<Self> {
+        // Fields after the command name (which may hold spaces and parens).
+        let after = stat.rsplit_once(") ")?.1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // stat(5) numbers fields from 1 with pid and comm first: utime is
+        // 14, stime 15, starttime 22, vsize 23, rss 24.
+        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+        let boot: u64 = proc_stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+        Some(ProcessFigures {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / USER_HZ,
+            start_time_seconds: boot as f64 + field(22)? as f64 / USER_HZ,
+            virtual_bytes: field(23)?,
+            resident_bytes: field(24)? * page_size,
+            open_fds: 0,
+        })
+    }
+
+    fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let proc_stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let mut figures = Self::parse(&stat, &proc_stat, 4096)?;
+        figures.open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        Some(figures)
+    }
+}
+
+/// `process_*`: CPU, memory, open descriptors and start time.
+pub fn register_process(registry: &mut Registry) {
+    let Some(p) = ProcessFigures::read() else {
+        return;
+    };
+    let gauge = |value: f64| {
+        let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        g.set(value);
+        g
+    };
+    let cpu = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+    cpu.inc_by(p.cpu_seconds);
+    registry.register(
+        "process_cpu_seconds",
+        "User and system CPU time spent, in seconds",
+        cpu,
+    );
+    registry.register(
+        "process_resident_memory_bytes",
+        "Resident memory size, in bytes",
+        gauge(p.resident_bytes as f64),
+    );
+    registry.register(
+        "process_virtual_memory_bytes",
+        "Virtual memory size, in bytes",
+        gauge(p.virtual_bytes as f64),
+    );
+    registry.register(
+        "process_open_fds",
+        "Open file descriptors",
+        gauge(p.open_fds as f64),
+    );
+    registry.register(
+        "process_start_time_seconds",
+        "Start time of the process since the Unix epoch, in seconds",
+        gauge(p.start_time_seconds),
+    );
+}
+
 pub fn render(sources: &Sources) -> String {
     let mut registry = Registry::default();
     register_build_info(&mut registry);
+    register_process(&mut registry);
     if let Some(readiness) = &sources.readiness {
         let leader = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         leader.set(readiness.leading.load(Ordering::Acquire) as i64);
@@ -269,6 +356,37 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_figures_come_from_proc() {
+        let stat = "1234 (openmeet (op)) S 1 1234 1234 0 -1 4194560 500 0 0 0 \
+                    250 50 0 0 20 0 8 0 1000 123456789 2048 18446744073709551615";
+        let figures = ProcessFigures::parse(stat, "cpu  1 2 3\nbtime 1700000000\n", 4096);
+        assert_eq!(
+            figures,
+            Some(ProcessFigures {
+                cpu_seconds: 3.0,
+                resident_bytes: 2048 * 4096,
+                virtual_bytes: 123_456_789,
+                open_fds: 0,
+                start_time_seconds: 1_700_000_010.0,
+            })
+        );
+        assert_eq!(ProcessFigures::parse("garbage", "", 4096), None);
+        // This process's own, as exported.
+        let mut registry = Registry::default();
+        register_process(&mut registry);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(out.contains(name), "{name} missing from:\n{out}");
+        }
+    }
 
     #[test]
     fn renders_counters_and_histograms_with_bounded_labels() {

@@ -514,6 +514,7 @@ impl SidecarMetrics {
     pub fn render(&self) -> String {
         let mut registry = prometheus_client::registry::Registry::default();
         crate::metrics::register_build_info(&mut registry);
+        crate::metrics::register_process(&mut registry);
         registry.register(
             "openmeet_sidecar_requests",
             "Requests served by the sidecar, by route and status class",
