@@ -8,16 +8,22 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 : "${OPERATOR_BIN:?}"
-dir="${STACK_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/openmeet-dev.XXXXXX")}"
+# A directory of its own unless STACK_DIR names one to keep.
+made_dir=0
+if [[ -n "${STACK_DIR:-}" ]]; then dir="$STACK_DIR"; else
+  dir="$(mktemp -d "${TMPDIR:-/tmp}/openmeet-dev.XXXXXX")"; made_dir=1
+fi
 
 pids=()
 cleanup() {
   trap - EXIT INT TERM
   kill "${pids[@]}" 2>/dev/null || true
   wait 2>/dev/null || true
+  if ((made_dir)); then rm -rf "$dir"; fi
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+# Ctrl-C is how `make dev` is meant to end: a clean stop, not a failure.
+trap 'cleanup; exit 0' INT TERM
 
 fifo="$dir/ready"; mkdir -p "$dir"; rm -f "$fifo"; mkfifo "$fifo"
 "$here/up.sh" --dir "$dir" > "$fifo" &
