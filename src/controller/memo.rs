@@ -1,7 +1,9 @@
 //! What each object was last converged to in this process: tells drift
-//! (the same desired state, yet Synapse needs writes) from a spec change,
-//! and remembers a failure so that the status's confirmation, written
-//! before it, is not trusted until a convergence succeeds again.
+//! (the same desired state, yet Synapse needs writes) from a spec change;
+//! confirms a convergence even to a reconcile that runs on an object read
+//! before its own status write came back through the watch; and remembers a
+//! failure so that the status's confirmation, written before it, is not
+//! trusted until a convergence succeeds again.
 
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -12,9 +14,12 @@ pub struct ConvergedMemo {
     entries: Mutex<HashMap<String, Entry>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
-    Converged(u64),
+    Converged {
+        fingerprint: u64,
+        confirmed: crate::api::Confirmed,
+    },
     Failed,
 }
 
@@ -44,7 +49,15 @@ impl ConvergedMemo {
     /// Whether `fingerprint` is what the object was last converged to
     /// (changes found now were then made out of band).
     pub fn same_desired(&self, key: &str, fingerprint: u64) -> bool {
-        self.get(key) == Some(Entry::Converged(fingerprint))
+        matches!(self.get(key), Some(Entry::Converged { fingerprint: f, .. }) if f == fingerprint)
+    }
+
+    /// The confirmation this process wrote last for the object.
+    pub fn confirmed(&self, key: &str) -> Option<crate::api::Confirmed> {
+        match self.get(key)? {
+            Entry::Converged { confirmed, .. } => Some(confirmed),
+            Entry::Failed => None,
+        }
     }
 
     /// Whether the last convergence in this process failed: the status may
@@ -53,8 +66,14 @@ impl ConvergedMemo {
         self.get(key) == Some(Entry::Failed)
     }
 
-    pub fn record(&self, key: &str, fingerprint: u64) {
-        self.set(key, Entry::Converged(fingerprint));
+    pub fn record(&self, key: &str, fingerprint: u64, confirmed: crate::api::Confirmed) {
+        self.set(
+            key,
+            Entry::Converged {
+                fingerprint,
+                confirmed,
+            },
+        );
     }
 
     pub fn record_failure(&self, key: &str) {
@@ -67,7 +86,7 @@ impl ConvergedMemo {
     }
 
     fn get(&self, key: &str) -> Option<Entry> {
-        self.entries.lock().expect("memo lock").get(key).copied()
+        self.entries.lock().expect("memo lock").get(key).cloned()
     }
 
     fn set(&self, key: &str, entry: Entry) {
@@ -86,11 +105,14 @@ mod tests {
     fn remembers_the_last_convergence_or_failure() {
         let memo = ConvergedMemo::default();
         assert!(!memo.same_desired("a", 7) && !memo.failed_last("a"));
-        memo.record("a", 7);
+        let confirmed = crate::api::Confirmed::now(digest(7, None));
+        memo.record("a", 7, confirmed.clone());
         assert!(memo.same_desired("a", 7) && !memo.same_desired("a", 8));
+        assert_eq!(memo.confirmed("a"), Some(confirmed.clone()));
         memo.record_failure("a");
         assert!(memo.failed_last("a") && !memo.same_desired("a", 7));
-        memo.record("a", 7);
+        assert_eq!(memo.confirmed("a"), None);
+        memo.record("a", 7, confirmed);
         assert!(!memo.failed_last("a"));
         memo.forget("a");
         assert!(!memo.same_desired("a", 7));

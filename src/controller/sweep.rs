@@ -51,6 +51,19 @@ pub fn judge(
     }
 }
 
+/// The later of two confirmations of `digest`.
+fn latest<'a>(
+    a: Option<&'a Confirmed>,
+    b: Option<&'a Confirmed>,
+    digest: &str,
+) -> Option<&'a Confirmed> {
+    let of_digest = |c: Option<&'a Confirmed>| c.filter(|c| c.digest == digest);
+    match (of_digest(a), of_digest(b)) {
+        (Some(a), Some(b)) => Some(if b.at.0 > a.at.0 { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The sweep's period and the pacer of its reads, shared by every
 /// controller of the process.
 #[derive(Debug)]
@@ -85,8 +98,20 @@ impl Sweep {
         self.period
     }
 
-    pub fn judge(&self, confirmed: Option<&Confirmed>, digest: &str) -> Trust {
-        judge(confirmed, digest, Timestamp::now(), self.period)
+    /// What may be trusted, from the status's confirmation and the one
+    /// this process wrote last (the status read may predate it).
+    pub fn judge(
+        &self,
+        in_status: Option<&Confirmed>,
+        here: Option<&Confirmed>,
+        digest: &str,
+    ) -> Trust {
+        judge(
+            latest(in_status, here, digest),
+            digest,
+            Timestamp::now(),
+            self.period,
+        )
     }
 
     /// A due object's turn to read `cost` requests' worth: `None` to go
@@ -152,6 +177,23 @@ mod tests {
             judge(Some(&c), "d1", at(900), period),
             Trust::Trusted { due_in: period }
         );
+    }
+
+    #[test]
+    fn the_later_confirmation_of_the_digest_counts() {
+        let (old, new, other) = (
+            confirmed("d1", 1_000),
+            confirmed("d1", 2_000),
+            confirmed("d2", 3_000),
+        );
+        assert_eq!(latest(Some(&old), Some(&new), "d1"), Some(&new));
+        assert_eq!(latest(Some(&new), Some(&old), "d1"), Some(&new));
+        assert_eq!(
+            latest(Some(&other), Some(&old), "d1"),
+            Some(&old),
+            "a status read before our write"
+        );
+        assert_eq!(latest(Some(&other), None, "d1"), None);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use super::sweep::Trust;
 use super::{key, Error, OperatorConfig, ReconcileStats};
 use crate::api::conditions::{self, READY};
 use crate::api::room::JoinRule;
-use crate::api::{MatrixRoom, MatrixUser, RoomPermission};
+use crate::api::{Confirmed, MatrixRoom, MatrixUser, RoomPermission};
 use crate::synapse::SynapseClient;
 use desired::{permissions_of, users_in_flight};
 use kube::runtime::controller::Action;
@@ -157,7 +157,8 @@ async fn apply(
     match ending {
         Ending::Applied(_) => {
             ctx.backoff.reset(&key(room));
-            ctx.memo.record(&key(room), fingerprint);
+            ctx.memo
+                .record(&key(room), fingerprint, Confirmed::now(digest));
             Ok(next)
         }
         Ending::Blocked(_) => Ok(next),
@@ -194,8 +195,9 @@ fn trusted_for(room: &MatrixRoom, ctx: &RoomContext, digest: &str) -> Option<Dur
     if ctx.memo.failed_last(&key(room)) {
         return None;
     }
-    let confirmed = room.status.as_ref().and_then(|s| s.confirmed.as_ref());
-    match ctx.sweep.judge(confirmed, digest) {
+    let in_status = room.status.as_ref().and_then(|s| s.confirmed.as_ref());
+    let here = ctx.memo.confirmed(&key(room));
+    match ctx.sweep.judge(in_status, here.as_ref(), digest) {
         Trust::Trusted { due_in } => Some(due_in),
         // One state read.
         Trust::Due => ctx.sweep.reserve(&key(room), 1),

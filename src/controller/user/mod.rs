@@ -380,7 +380,8 @@ async fn apply(user: &MatrixUser, api: &Api<MatrixUser>, ctx: &Context) -> Resul
             }
             // A refused email is looked at again when a claimant of that
             // address changes (see `claim_peers`), or at the sweep.
-            ctx.memo.record(&key(user), fingerprint);
+            ctx.memo
+                .record(&key(user), fingerprint, Confirmed::now(digest));
             Ok(resync)
         }
         Ok(Err(blocked)) => {
@@ -674,8 +675,9 @@ fn trusted_for(user: &MatrixUser, ctx: &Context, digest: &str) -> Option<Duratio
     if ctx.memo.failed_last(&key(user)) {
         return None;
     }
-    let confirmed = user.status.as_ref().and_then(|s| s.confirmed.as_ref());
-    match ctx.sweep.judge(confirmed, digest) {
+    let in_status = user.status.as_ref().and_then(|s| s.confirmed.as_ref());
+    let here = ctx.memo.confirmed(&key(user));
+    match ctx.sweep.judge(in_status, here.as_ref(), digest) {
         Trust::Trusted { due_in } => Some(due_in),
         Trust::Due => {
             let cost = Accounts::of(&ctx.synapse).reads_per_observe();
