@@ -53,19 +53,23 @@ struct Run {
     /// `(kind, name)` → `(resourceVersion, generation)`, in the order written.
     written: Vec<((String, String), (String, i64))>,
     removed: Vec<String>,
+    /// With `--wait`: how many objects the kit saw Ready.
+    ready: Option<usize>,
     stderr: String,
 }
 
 /// Runs `examples/apply-event.js` against the stack.
-fn apply_event(env: &TestEnv, args: &[String]) -> Run {
-    run_example(env, "apply-event", args)
+async fn apply_event(env: &TestEnv, args: &[String]) -> Run {
+    run_example(env, "apply-event", args).await
 }
 
 /// Runs the example `examples/<name>.js` against the stack, labelled for
 /// this test's operator.
-fn run_example(env: &TestEnv, name: &str, args: &[String]) -> Run {
+async fn run_example(env: &TestEnv, name: &str, args: &[String]) -> Run {
     let kit = built_kit();
-    let out = Command::new("node")
+    // Not blocking: the test's operator runs on this thread, and `--wait`
+    // waits for it.
+    let out = tokio::process::Command::new("node")
         .arg(kit.join(format!("dist/examples/{name}.js")))
         .args(["--namespace", env.ns(0), "--tenant", env.ns(0)])
         .args(["--label", &format!("{LABEL}={}", env.run_id)])
@@ -73,13 +77,17 @@ fn run_example(env: &TestEnv, name: &str, args: &[String]) -> Run {
         .env("KUBECONFIG", Stack::get().var("KUBECONFIG"))
         .current_dir(&kit)
         .output()
+        .await
         .expect("running node");
     let mut written = Vec::new();
     let mut removed = Vec::new();
+    let mut ready = None;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
         if let Some(name) = v["removed"].as_str() {
             removed.push(name.to_string());
+        } else if let Some(n) = v["ready"].as_u64() {
+            ready = Some(n as usize);
         } else if v.get("kind").is_some() {
             written.push((
                 (
@@ -97,6 +105,7 @@ fn run_example(env: &TestEnv, name: &str, args: &[String]) -> Run {
         ok: out.status.success(),
         written,
         removed,
+        ready,
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
@@ -169,7 +178,7 @@ async fn kit_applies_an_event_that_converges_and_reapplies_as_a_no_op() {
     ]
     .concat();
 
-    let first = apply_event(&env, &first_args);
+    let first = apply_event(&env, &first_args).await;
     assert!(first.ok, "the kit failed: {}", first.stderr);
     let users = names(&first, "MatrixUser");
     let rooms = names(&first, "MatrixRoom");
@@ -246,7 +255,7 @@ async fn kit_applies_an_event_that_converges_and_reapplies_as_a_no_op() {
     // Applying the same event again changes nothing. (First wait for the
     // controller's own status writes to settle.)
     let before = settled(&env, &first).await;
-    let again = apply_event(&env, &first_args);
+    let again = apply_event(&env, &first_args).await;
     assert!(again.ok, "the kit failed: {}", again.stderr);
     let answered: BTreeMap<_, _> = again.written.iter().cloned().collect();
     assert_eq!(answered, before, "the second apply's answers");
@@ -256,7 +265,7 @@ async fn kit_applies_an_event_that_converges_and_reapplies_as_a_no_op() {
     // The event changes: the attendee becomes a moderator, the moderator leaves.
     let changed_args: Vec<String> =
         [args.clone(), person(0, "host"), person(2, "moderator")].concat();
-    let changed = apply_event(&env, &changed_args);
+    let changed = apply_event(&env, &changed_args).await;
     assert!(changed.ok, "the kit failed: {}", changed.stderr);
     assert_eq!(
         changed.removed,
@@ -288,7 +297,8 @@ async fn kit_applies_an_event_that_converges_and_reapplies_as_a_no_op() {
     let refused = apply_event(
         &env,
         &[args.clone(), person(0, "host"), person(2, "moderator")].concat(),
-    );
+    )
+    .await;
     assert!(!refused.ok, "an apply without force wins a conflict");
     assert!(
         refused.stderr.contains("conflict") || refused.stderr.contains("Conflict"),
@@ -300,7 +310,7 @@ async fn kit_applies_an_event_that_converges_and_reapplies_as_a_no_op() {
         name_now(env.api::<MatrixRoom>(0).get(room_name).await.unwrap()).as_deref(),
         Some("Taken over")
     );
-    let forced = apply_event(&env, &changed_args);
+    let forced = apply_event(&env, &changed_args).await;
     assert!(forced.ok, "the kit failed: {}", forced.stderr);
     assert_eq!(
         name_now(env.api::<MatrixRoom>(0).get(room_name).await.unwrap()).as_deref(),
@@ -309,7 +319,7 @@ async fn kit_applies_an_event_that_converges_and_reapplies_as_a_no_op() {
 
     // Deleting the event's room: the room is closed (its default policy),
     // its permissions go with it, the accounts stay.
-    let deleted = apply_event(&env, &["--event".into(), slug.clone(), "--delete".into()]);
+    let deleted = apply_event(&env, &["--event".into(), slug.clone(), "--delete".into()]).await;
     assert!(deleted.ok, "the kit failed: {}", deleted.stderr);
     env.wait_gone(&env.api::<MatrixRoom>(0), room_name).await;
     for perm in [&perms[0], &perms[2]] {
@@ -388,13 +398,52 @@ async fn kit_applies_a_group_space_an_event_child_and_a_direct_room() {
             &format!("{}:attendee", people[2].0),
             "--direct",
             &format!("{}:{}", people[1].0, people[2].0),
+            // The kit waits, as kstatus reads the conditions, until it all converged.
+            "--wait",
+            "120",
         ]
         .iter()
         .map(|s| s.to_string()),
     );
 
-    let first = run_example(&env, "apply-group", &args);
+    let first = run_example(&env, "apply-group", &args).await;
     assert!(first.ok, "the kit failed: {}", first.stderr);
+    assert_eq!(
+        first.ready,
+        Some(first.written.len()),
+        "the kit saw all of it Ready"
+    );
+    // And it was: Ready now, without waiting here.
+    for ((kind, name), _) in &first.written {
+        let ready = |conditions: &[openmeet_matrix_operator::api::Condition]| {
+            openmeet_matrix_operator::api::conditions::find(conditions, "Ready")
+                .is_some_and(|c| c.is_true())
+        };
+        let now_ready = match kind.as_str() {
+            "MatrixUser" => env
+                .api::<MatrixUser>(0)
+                .get(name)
+                .await
+                .unwrap()
+                .status
+                .is_some_and(|s| ready(&s.conditions)),
+            "MatrixRoom" => env
+                .api::<MatrixRoom>(0)
+                .get(name)
+                .await
+                .unwrap()
+                .status
+                .is_some_and(|s| ready(&s.conditions)),
+            _ => env
+                .api::<RoomPermission>(0)
+                .get(name)
+                .await
+                .unwrap()
+                .status
+                .is_some_and(|s| ready(&s.conditions)),
+        };
+        assert!(now_ready, "{kind} {name} not Ready after the kit's wait");
+    }
     let users = names(&first, "MatrixUser");
     let rooms = names(&first, "MatrixRoom");
     let perms = names(&first, "RoomPermission");
@@ -500,7 +549,7 @@ async fn kit_applies_a_group_space_an_event_child_and_a_direct_room() {
 
     // Applying the same again changes nothing.
     let before = settled(&env, &first).await;
-    let again = run_example(&env, "apply-group", &args);
+    let again = run_example(&env, "apply-group", &args).await;
     assert!(again.ok, "the kit failed: {}", again.stderr);
     let answered: BTreeMap<_, _> = again.written.iter().cloned().collect();
     assert_eq!(answered, before, "the second apply's answers");

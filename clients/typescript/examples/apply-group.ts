@@ -16,7 +16,9 @@
 // the group): hosts and moderators get their power, attendees are joined;
 // the group's other members may join the event room from their clients.
 // --direct <user id>:<user id> (two members) applies their direct conversation.
-// Prints what was written, one JSON line per object.
+// --wait <seconds> then waits until everything written is Ready (or refused).
+// Prints what was written, one JSON line per object (and with --wait, a last
+// line {"ready": <objects>}).
 import { parseArgs } from "node:util";
 import { KubeConfig } from "@kubernetes/client-node";
 import {
@@ -25,6 +27,7 @@ import {
   roleFor,
   userObjectName,
   type MatrixResource,
+  type ObjectKey,
   type RoomApplied,
   type RoomMember,
 } from "../src/index.js";
@@ -44,6 +47,7 @@ const { values } = parseArgs({
     direct: { type: "string", multiple: true, default: [] },
     label: { type: "string", multiple: true, default: [] },
     "field-manager": { type: "string" },
+    wait: { type: "string" },
   },
 });
 
@@ -53,8 +57,11 @@ function need(name: "namespace" | "tenant" | "group"): string {
   return value;
 }
 
+const written: ObjectKey[] = [];
+
 function report(object: MatrixResource): void {
   const { kind, metadata } = object;
+  written.push({ kind, namespace: metadata.namespace as string, name: metadata.name as string });
   console.log(
     JSON.stringify({
       kind,
@@ -130,4 +137,9 @@ for (const pair of values.direct) {
   const [a, b] = pair.split(":");
   if (!a || !b) throw new Error(`--direct ${pair}: subject:subject`);
   reportRoom(await client.applyDirect(namespace, tenant, userOf(a), userOf(b)));
+}
+
+if (values.wait) {
+  await client.waitForReady(written, { timeoutMs: Number(values.wait) * 1000 });
+  console.log(JSON.stringify({ ready: written.length }));
 }

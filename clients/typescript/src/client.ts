@@ -15,6 +15,7 @@ import {
 import {
   RESOURCES,
   type MatrixKind,
+  type MatrixResource,
   type MatrixRoom,
   type MatrixRoomSpec,
   type MatrixUser,
@@ -22,6 +23,7 @@ import {
   type RoomPermission,
   type RoomPermissionSpec,
 } from "./generated/crds.js";
+import { health, NotReadyError, type NotReady, type ObjectKey } from "./health.js";
 import { permissionObjectName, roomObjectName, ROOM_LABEL, USER_LABEL } from "./naming.js";
 import {
   directRoom,
@@ -266,6 +268,51 @@ export class MatrixPlatformClient {
     const names = groupRoomNames(slug);
     await this.deleteRoom(namespace, names.chat);
     await this.deleteRoom(namespace, names.space);
+  }
+
+  /**
+   * Waits until every object is `Current` (the operator converged its
+   * current generation: `Ready=True`), reading each until it is. Rejects
+   * with a `NotReadyError` naming the objects at fault as soon as one is
+   * `Failed` (`Stalled`: it waits for a spec change, so waiting longer is
+   * pointless), or when `timeoutMs` has passed.
+   */
+  async waitForReady(
+    objects: ObjectKey[],
+    options: { timeoutMs?: number; pollMs?: number } = {},
+  ): Promise<void> {
+    const deadline = Date.now() + (options.timeoutMs ?? 120_000);
+    const pollMs = options.pollMs ?? 1_000;
+    let waiting = [...objects];
+    for (;;) {
+      const last: NotReady[] = [];
+      for (const key of waiting) {
+        const object = await this.read(key);
+        const verdict = object
+          ? health(object)
+          : { status: "InProgress" as const, reason: "NotFound", message: "not created yet" };
+        if (verdict.status === "Failed") throw new NotReadyError([{ ...key, health: verdict }], false);
+        if (verdict.status !== "Current") last.push({ ...key, health: verdict });
+      }
+      if (last.length === 0) return;
+      if (Date.now() >= deadline) throw new NotReadyError(last, true);
+      waiting = last.map(({ kind, namespace, name }) => ({ kind, namespace, name }));
+      await new Promise((resolve) => setTimeout(resolve, pollMs));
+    }
+  }
+
+  /** One object as the API server has it; undefined when there is none. */
+  async read(key: ObjectKey): Promise<MatrixResource | undefined> {
+    try {
+      return (await this.api.read({
+        apiVersion: RESOURCES[key.kind].apiVersion,
+        kind: key.kind,
+        metadata: { name: key.name, namespace: key.namespace },
+      })) as MatrixResource;
+    } catch (error) {
+      if (isNotFound(error)) return undefined;
+      throw error;
+    }
   }
 
   /** Deletes one object; false when it was already gone. */

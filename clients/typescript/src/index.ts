@@ -5,3 +5,4 @@ export * from "./naming.js";
 export * from "./roles.js";
 export * from "./structure.js";
 export * from "./client.js";
+export * from "./health.js";
