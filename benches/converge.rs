@@ -868,13 +868,17 @@ async fn main() {
                 format!("{:.1} s", t.as_secs_f64())
             });
             let reverted: Vec<f64> = f.drift.iter().map(|d| d.reverted_ms).collect();
+            let marked: Vec<f64> = f.drift.iter().filter_map(|d| d.marked_ms).collect();
             println!(
-                "failover (leader SIGKILLed, warm standby, lease {} s): first write after {first_write}, {} Synapse reads in the first minute ({:.1} % of {objects} objects), drift p99 {:.0} ms ({} samples once it led)",
+                "failover (leader SIGKILLed, warm standby, lease {} s): first write after {first_write}, {} Synapse reads in the first minute ({:.1} % of {objects} objects), drift p50 {:.0} ms, p99 {:.0} ms ({} samples once it led; {} with a mark seen, p99 {:.0} ms to the mark)",
                 f.lease.as_secs(),
                 f.reads_first_minute,
                 f.reads_first_minute as f64 * 100.0 / objects,
+                percentile(&reverted, 0.50),
                 percentile(&reverted, 0.99),
-                f.drift.len()
+                f.drift.len(),
+                marked.len(),
+                percentile(&marked, 0.99)
             );
         }
         None => println!("failover: not measured (not converged)"),

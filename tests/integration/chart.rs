@@ -1198,12 +1198,17 @@ async fn chart_renders_the_prometheus_rule_and_argocd_health_checks() {
     let runbooks = std::fs::read_to_string(format!("{ROOT}/docs/runbooks.md")).unwrap();
     for alert in &alerts {
         let name = alert["alert"].as_str().unwrap();
-        let url = alert["annotations"]["runbook_url"].as_str().unwrap_or_default();
+        let url = alert["annotations"]["runbook_url"]
+            .as_str()
+            .unwrap_or_default();
         assert!(
             url.ends_with(&format!("/docs/runbooks.md#{}", name.to_lowercase())),
             "{name}: runbook_url {url:?}"
         );
-        assert!(runbooks.contains(&format!("\n## {name}\n")), "{name} has no runbook");
+        assert!(
+            runbooks.contains(&format!("\n## {name}\n")),
+            "{name} has no runbook"
+        );
     }
 
     // What a controller replica exports once it holds an object, after one

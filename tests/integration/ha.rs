@@ -320,7 +320,9 @@ async fn a_standby_marks_drift_from_its_warm_room_cache() {
     };
     wait_for("the standby's caches", || async {
         // Not listening yet, at first.
-        reqwest::get(format!("{}/metrics", standby.metrics)).await.ok()?;
+        reqwest::get(format!("{}/metrics", standby.metrics))
+            .await
+            .ok()?;
         (metric(&standby, "openmeet_caches_synced").await == 1).then_some(())
     })
     .await;
