@@ -108,7 +108,7 @@ dev: build stack-tools
 clean:
 	$(CARGO) clean
 
-## Benchmark on the local stack (not a test): prints the figures in the README.
+## Benchmark on the local stack (not a test): prints the figures in docs/benchmarks.md.
 bench: stack-tools
 	$(CARGO) bench --bench converge
 
