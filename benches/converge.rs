@@ -71,16 +71,19 @@ fn feed_endpoint() -> std::net::SocketAddr {
 }
 
 async fn start_controller(env: &TestEnv) -> Controller {
-    start_replica(env, None).await
+    start_replica(env, None, feed_endpoint()).await
 }
 
-/// A controller; with `lease` (its name and this replica's), a replica
-/// electing its leader there, at the product's lease settings. Only a
-/// replica without a lease, or the one named `standby`, serves the feed.
-async fn start_replica(env: &TestEnv, lease: Option<(&str, &str)>) -> Controller {
-    let serves_feed = lease.is_none_or(|(_, name)| name == "standby");
+/// A controller serving the feed on `feed`; with `lease` (its name and this
+/// replica's), a replica electing its leader there, at the product's lease
+/// settings.
+async fn start_replica(
+    env: &TestEnv,
+    lease: Option<(&str, &str)>,
+    feed: std::net::SocketAddr,
+) -> Controller {
     // The previous controller, killed, may hold the feed's port a moment longer.
-    while serves_feed && std::net::TcpListener::bind(feed_endpoint()).is_err() {
+    while std::net::TcpListener::bind(feed).is_err() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -96,9 +99,7 @@ async fn start_replica(env: &TestEnv, lease: Option<(&str, &str)>) -> Controller
             .env("POD_NAMESPACE", env.ns(0))
             .env("POD_NAME", name);
     }
-    if serves_feed {
-        command.env("APPSERVICE_LISTEN", feed_endpoint().to_string());
-    }
+    command.env("APPSERVICE_LISTEN", feed.to_string());
     let child = command
         .env("SYNAPSE_CONCURRENCY", CONCURRENCY.to_string())
         // The periodic resync (every 240 to 360 s) is not part of converging
@@ -1000,12 +1001,14 @@ async fn failover(env: &TestEnv, run: &str, rooms: usize) -> Failover {
             .spec?
             .holder_identity
     };
-    let mut leader = start_replica(env, Some((&lease_name, "leader"))).await;
+    let mut leader = start_replica(env, Some((&lease_name, "leader")), feed_endpoint()).await;
     harness::wait_for("the first replica to lead", || async {
         (holder().await.as_deref() == Some("leader")).then_some(())
     })
     .await;
-    let standby = start_replica(env, Some((&lease_name, "standby"))).await;
+    // Every replica serves the feed, as behind a Service in production.
+    let standby_feed = std::net::SocketAddr::from(([127, 0, 0, 1], harness::free_port()));
+    let standby = start_replica(env, Some((&lease_name, "standby")), standby_feed).await;
     harness::wait_for("the standby's caches", || async {
         let text = reqwest::get(&standby.metrics)
             .await
@@ -1024,6 +1027,9 @@ async fn failover(env: &TestEnv, run: &str, rooms: usize) -> Failover {
     leader.child.start_kill().unwrap();
     leader.child.wait().await.unwrap();
     let killed = Instant::now();
+    // The Service's endpoints lose the dead pod: Synapse's next transaction
+    // reaches the standby.
+    harness::route_feed(Some(standby_feed));
     rename_out_of_band(env, run, 0).await;
     let mut first_write = None;
     while killed.elapsed() < Duration::from_secs(120) {
@@ -1037,6 +1043,7 @@ async fn failover(env: &TestEnv, run: &str, rooms: usize) -> Failover {
     let reads_first_minute = split(&standby.requests().await).1;
     let drift = drift_samples(env, run, 20.min(rooms)).await;
     drop(standby);
+    harness::route_feed(Some(feed_endpoint()));
     Failover {
         lease: LEASE,
         first_write,
