@@ -1166,7 +1166,8 @@ async fn chart_renders_the_prometheus_rule_and_argocd_health_checks() {
             &dir,
             "obs",
             "ops",
-            &json!({"metrics": {"prometheusRule": {"enabled": true, "labels": {"release": "kube-prometheus"}, "stalledFor": "20m"}},
+            &json!({"metrics": {"prometheusRule": {"enabled": true, "labels": {"release": "kube-prometheus"}, "stalledFor": "20m"},
+                                "grafanaDashboard": {"enabled": true}},
                     "argocd": {"healthChecks": true}}),
         )
         .unwrap(),
@@ -1223,7 +1224,7 @@ async fn chart_renders_the_prometheus_rule_and_argocd_health_checks() {
     ));
     readiness.probe_now().await;
     let exported = render(&Sources {
-        synapse: std::sync::Arc::default(),
+        synapse: env.operator_synapse.stats_handle(),
         reconciles: env.stats.clone(),
         readiness: Some(readiness),
         feed: Some(std::sync::Arc::default()),
@@ -1243,6 +1244,43 @@ async fn chart_renders_the_prometheus_rule_and_argocd_health_checks() {
         exported.contains("openmeet_synapse_reachable 1"),
         "{exported}"
     );
+
+    // The dashboard: provisioned by Grafana's sidecar, and every series it
+    // reads is one a binary exports (the controller's, as rendered above;
+    // the sidecar's, as it registers them).
+    let dashboard = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "obs-openmeet-matrix-operator-dashboard")
+        .expect("the Grafana dashboard ConfigMap");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json: Value = serde_json::from_str(
+        dashboard["data"]["openmeet-matrix-operator.json"]
+            .as_str()
+            .unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let sidecar_source = std::fs::read_to_string(format!("{ROOT}/src/sidecar/mod.rs")).unwrap();
+    let any_series = regex::Regex::new(r"(openmeet|process)_[a-z_]+").unwrap();
+    let mut read = 0;
+    for panel in json["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            assert!(expr.contains(r#"namespace="$namespace""#), "{expr}");
+            for name in any_series.find_iter(expr).map(|m| m.as_str()) {
+                let family = ["_total", "_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(name);
+                assert!(
+                    exported.contains(&format!("# TYPE {family} "))
+                        || sidecar_source.contains(&format!("\"{family}\"")),
+                    "{name} (in {expr}) is exported by neither binary"
+                );
+                read += 1;
+            }
+        }
+    }
+    assert!(read >= 14, "the dashboard reads {read} series");
 
     let health = docs
         .iter()
