@@ -571,3 +571,104 @@ async fn kit_applies_a_group_space_an_event_child_and_a_direct_room() {
         "kept: a member of the space"
     );
 }
+
+/// The kit as the npm registry would serve it: `npm pack`, then installed
+/// with its peer `@kubernetes/client-node` in a scratch project, where its
+/// exports load. The package holds the build and the sources, nothing else.
+#[tokio::test]
+async fn kit_packs_and_installs_in_a_scratch_project() {
+    let kit = built_kit();
+    let scratch = std::env::temp_dir().join(unique("kit-pack"));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let npm = |args: &[&str], dir: &std::path::Path| {
+        let out = Command::new("npm")
+            .args(args)
+            .args([
+                "--prefer-offline",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+            ])
+            .current_dir(dir)
+            .output()
+            .expect("npm");
+        assert!(
+            out.status.success(),
+            "npm {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Built once by `built_kit`: no prepack rebuild under the other tests' feet.
+    let packed = npm(
+        &[
+            "pack",
+            "--ignore-scripts",
+            "--json",
+            "--pack-destination",
+            scratch.to_str().unwrap(),
+        ],
+        &kit,
+    );
+    let packed: Value = serde_json::from_str(&packed).expect("npm pack --json");
+    let files: Vec<&str> = packed[0]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    for needed in [
+        "package.json",
+        "README.md",
+        "dist/src/index.js",
+        "dist/src/index.d.ts",
+        "src/health.ts",
+    ] {
+        assert!(files.contains(&needed), "{needed} not packed: {files:?}");
+    }
+    assert!(
+        files
+            .iter()
+            .all(|f| !f.contains("test") && !f.starts_with("node_modules")),
+        "{files:?}"
+    );
+    let tarball = scratch.join(packed[0]["filename"].as_str().unwrap());
+
+    std::fs::write(
+        scratch.join("package.json"),
+        r#"{"name": "scratch", "private": true, "type": "module"}"#,
+    )
+    .unwrap();
+    npm(
+        &[
+            "install",
+            tarball.to_str().unwrap(),
+            "@kubernetes/client-node@~1.4.0",
+        ],
+        &scratch,
+    );
+    let out = Command::new("node")
+        .args([
+            "--input-type=module",
+            "-e",
+            r#"import * as kit from "@openmeet/matrix-operator-client";
+               const room = { kind: "MatrixRoom", metadata: { generation: 1 },
+                 status: { observedGeneration: 1, conditions: [{ type: "Ready", status: "True", reason: "Converged", observedGeneration: 1 }] } };
+               console.log(JSON.stringify({ health: kit.health(room).status,
+                 client: typeof kit.MatrixPlatformClient.fromKubeConfig, name: kit.roomObjectName("Event", "x") }));"#,
+        ])
+        .current_dir(&scratch)
+        .output()
+        .expect("node");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["health"], "Current");
+    assert_eq!(seen["client"], "function");
+    assert_eq!(seen["name"], "event-x");
+    let _ = std::fs::remove_dir_all(scratch);
+}
