@@ -33,14 +33,20 @@ $(TS)/node_modules/.package-lock.json: $(TS)/package.json $(TS)/package-lock.jso
 	cd $(TS) && $(NPM) ci --prefer-offline --no-audit --no-fund --loglevel=error
 	@touch $@
 
-## Regenerate the kit's types (clients/typescript/src/generated/crds.ts) from crds/crds.yaml.
+OPENAPI_TS := node node_modules/openapi-typescript/bin/cli.js ../../docs/sidecar-openapi.yaml
+
+## Regenerate the kit's types: src/generated/crds.ts from crds/crds.yaml, and
+## src/generated/sidecar.ts from docs/sidecar-openapi.yaml (openapi-typescript).
 ts-types: ts-deps
 	cd $(TS) && node scripts/generate-types.mjs ../../crds/crds.yaml src/generated/crds.ts
+	cd $(TS) && $(OPENAPI_TS) -o src/generated/sidecar.ts
 
 ## Fail when the kit's types are stale.
 ts-types-check: ts-deps
 	@cd $(TS) && node scripts/generate-types.mjs ../../crds/crds.yaml - | diff -u src/generated/crds.ts - \
 	  || { echo "clients/typescript/src/generated/crds.ts is stale: run 'make ts-types' and commit the result" >&2; exit 1; }
+	@cd $(TS) && $(OPENAPI_TS) 2>/dev/null | diff -u src/generated/sidecar.ts - \
+	  || { echo "clients/typescript/src/generated/sidecar.ts is stale: run 'make ts-types' and commit the result" >&2; exit 1; }
 
 ## Type-check and build the kit, and run its unit tests (node --test).
 ts-unit: ts-deps

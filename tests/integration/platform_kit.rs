@@ -670,5 +670,48 @@ async fn kit_packs_and_installs_in_a_scratch_project() {
     assert_eq!(seen["health"], "Current");
     assert_eq!(seen["client"], "function");
     assert_eq!(seen["name"], "event-x");
+
+    // Its typed sidecar client, against the stack's sidecar.
+    let stack = Stack::get();
+    let sidecar = stack.sidecar().await;
+    let token = crate::sidecar::platform_token(&unique("subject"), &unique("no-such-tenant"));
+    let free = unique("free");
+    let out = tokio::process::Command::new("node")
+        .args([
+            "--input-type=module",
+            "-e",
+            r#"import { SidecarClient, SidecarError } from "@openmeet/matrix-operator-client";
+               const [base, token, free] = process.argv.slice(1);
+               const client = new SidecarClient(base);
+               const handles = {};
+               for (const h of [free, "admin", "_bad"]) handles[h] = await client.handle(token, h);
+               let refusal;
+               try { await client.credentials(token); } catch (e) {
+                 refusal = e instanceof SidecarError ? { status: e.status, code: e.code } : String(e);
+               }
+               console.log(JSON.stringify({ handles, refusal }));"#,
+            sidecar,
+            &token,
+            &free,
+        ])
+        .env("NODE_EXTRA_CA_CERTS", stack.var("STACK_CA"))
+        .current_dir(&scratch)
+        .output()
+        .await
+        .expect("node");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["handles"][&free], json!({"status": "available"}));
+    assert_eq!(seen["handles"]["admin"], json!({"status": "reserved"}));
+    assert_eq!(seen["handles"]["_bad"]["status"], "invalid");
+    assert_eq!(
+        seen["refusal"],
+        json!({"status": 404, "code": "unknown_tenant"}),
+        "a refusal as the sidecar's code"
+    );
     let _ = std::fs::remove_dir_all(scratch);
 }

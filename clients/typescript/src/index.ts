@@ -6,3 +6,4 @@ export * from "./roles.js";
 export * from "./structure.js";
 export * from "./client.js";
 export * from "./health.js";
+export * from "./sidecar.js";
