@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod controller;
+pub mod kube_metrics;
 pub mod mas;
 pub mod metrics;
 pub mod registration;

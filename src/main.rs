@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use kube::Client;
 use openmeet_matrix_operator::controller::own_joins::OwnJoins;
 use openmeet_matrix_operator::controller::{appservice, leader, Leading, Operator, OperatorConfig};
+use openmeet_matrix_operator::kube_metrics::{CountLayer, KubeRequestStats};
 use openmeet_matrix_operator::mas::{MasClient, MasConfig};
 use openmeet_matrix_operator::registration::{Registration, RegistrationParams};
 use openmeet_matrix_operator::synapse::{SynapseClient, SynapseConfig, WriteGate};
@@ -471,7 +472,8 @@ async fn read_token(client: &Client, reference: &str, key: &str) -> Result<Strin
 
 async fn run_sidecar(args: SidecarArgs) -> Result<(), MainError> {
     let config = args.into_config()?;
-    let client = kube_client().await?;
+    // The sidecar's requests are counted, not exported.
+    let client = kube_client(Arc::default()).await?;
     let settings = sidecar::Settings::resolve(config, &client).await?;
     Ok(sidecar::run(settings, client, shutdown_signal()).await?)
 }
@@ -497,18 +499,22 @@ fn dev_token(args: DevTokenArgs) -> Result<(), MainError> {
 /// The Kubernetes client, with connect and read timeouts: a hung API server
 /// must fail a call, never hold it (and with it a lease renewal) forever.
 /// The read timeout sits above the watches' 290 s server-side timeout.
-async fn kube_client() -> Result<Client, MainError> {
+/// Every request it sends is counted in `stats`.
+async fn kube_client(stats: Arc<KubeRequestStats>) -> Result<Client, MainError> {
     let mut config = kube::Config::infer()
         .await
         .map_err(|e| MainError::Config(format!("Kubernetes client configuration: {e}")))?;
     config.connect_timeout = Some(Duration::from_secs(10));
     config.read_timeout = Some(Duration::from_secs(295));
     config.reset_reader_on_write = true;
-    Ok(Client::try_from(config)?)
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&CountLayer(stats))
+        .build())
 }
 
 async fn controller(args: ControllerArgs) -> Result<(), MainError> {
-    let client = kube_client().await?;
+    let kube_stats = Arc::new(KubeRequestStats::default());
+    let client = kube_client(kube_stats.clone()).await?;
     let as_token = read_token(&client, &args.as_token_secret, "as_token").await?;
     let timeout = Duration::from_secs(args.synapse_timeout_seconds);
     let mut synapse = SynapseClient::new(SynapseConfig {
@@ -623,6 +629,7 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
         reconciles: operator.stats(),
         readiness: Some(readiness.clone()),
         feed: (args.appservice_listen != "off").then(|| feed_stats.clone()),
+        kube: Some(kube_stats),
     };
     let metrics_server = async {
         if args.metrics_listen == "off" {

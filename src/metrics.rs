@@ -27,6 +27,8 @@ pub struct Sources {
     pub readiness: Option<Arc<Readiness>>,
     /// The application-service endpoint's counters, where it is served.
     pub feed: Option<Arc<crate::controller::appservice::AppserviceStats>>,
+    /// Requests to the Kubernetes API server.
+    pub kube: Option<Arc<crate::kube_metrics::KubeRequestStats>>,
 }
 
 const SYNAPSE_UNREACHABLE: &str = "Synapse is unreachable";
@@ -313,6 +315,9 @@ pub fn render(sources: &Sources) -> String {
     if let Some(feed) = &sources.feed {
         feed.register(&mut registry);
     }
+    if let Some(kube) = &sources.kube {
+        kube.register(&mut registry);
+    }
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
         tracing::warn!(error = %e, "metrics: encoding failed");
@@ -395,6 +400,7 @@ mod tests {
             reconciles: Arc::default(),
             readiness: None,
             feed: Some(Arc::default()),
+            kube: None,
         };
         use crate::controller::outcome::Outcome;
         let timer = sources.reconciles.start("MatrixUser");

@@ -1228,6 +1228,7 @@ async fn chart_renders_the_prometheus_rule_and_argocd_health_checks() {
         reconciles: env.stats.clone(),
         readiness: Some(readiness),
         feed: Some(std::sync::Arc::default()),
+        kube: None,
     });
     let series = regex::Regex::new(r"openmeet_[a-z_]+").unwrap();
     for alert in &alerts {
