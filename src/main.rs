@@ -606,11 +606,12 @@ async fn controller(args: ControllerArgs) -> Result<(), MainError> {
                 synapse.server_name()
             ),
         ];
+        // Scoped by the controller's watch of rooms it maps events through.
         let feed = appservice::Feed {
             own_senders: own,
             own_joins: own_joins.clone(),
             stats: feed_stats.clone(),
-            selector: config.label_selector.clone(),
+            ..Default::default()
         };
         appservice::run_on(
             client.clone(),

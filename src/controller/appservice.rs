@@ -387,8 +387,9 @@ pub struct Feed {
     /// Joins the operator of this process makes (sent as the joining user).
     pub own_joins: Arc<OwnJoins>,
     pub stats: Arc<AppserviceStats>,
-    /// The controller's `--selector`: rooms outside it are not this
-    /// operator's, and their events mark nothing.
+    /// For a standalone endpoint ([`run`]), the labels of the rooms its own
+    /// watch takes: rooms outside them mark nothing. [`run_on`] maps
+    /// through the controller's watch, scoped by `--selector` already.
     pub selector: Option<String>,
 }
 

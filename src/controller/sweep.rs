@@ -94,10 +94,6 @@ impl Sweep {
         }
     }
 
-    pub fn period(&self) -> Duration {
-        self.period
-    }
-
     /// What may be trusted, from the status's confirmation and the one
     /// this process wrote last (the status read may predate it).
     pub fn judge(
