@@ -1062,23 +1062,31 @@ async fn rename_out_of_band(env: &TestEnv, run: &str, i: usize) {
         .unwrap();
     let room_id = room.status.unwrap().room_id.unwrap();
     let admin_user = format!("@{run}-u{i}:{}", stack.var("MATRIX_SERVER_NAME"));
-    let token = user_token(&admin_user).await;
+    rename(&user_token(&admin_user).await, &room_id).await;
+}
+
+/// Renames the room in a client, as `token`'s user: the change's event id.
+async fn rename(token: &str, room_id: &str) -> String {
     let response = http()
         .put(format!(
             "{}/_matrix/client/v3/rooms/{}/state/m.room.name/",
-            stack.var("SYNAPSE_URL"),
-            enc(&room_id)
+            Stack::get().var("SYNAPSE_URL"),
+            enc(room_id)
         ))
-        .bearer_auth(&token)
+        .bearer_auth(token)
         .json(&json!({"name": DRIFTED_NAME}))
         .send()
         .await
         .unwrap();
     assert!(
         response.status().is_success(),
-        "rename refused: {}",
+        "out-of-band change refused: {}",
         response.status()
     );
+    response.json::<Value>().await.unwrap()["event_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// How long the outage keeps Synapse down.
@@ -1330,7 +1338,6 @@ async fn drift_samples(env: &TestEnv, run: &str, samples: usize) -> Vec<DriftSam
         let admin_user = format!("@{run}-u{i}:{server}");
         let token = user_token(&admin_user).await;
         let client_api = format!("{}/_matrix/client/v3", stack.var("SYNAPSE_URL"));
-        let state_path = format!("{client_api}/rooms/{}/state/m.room.name/", enc(&room_id));
         let filter = json!({
             "presence": {"types": []}, "account_data": {"types": []},
             "room": {"rooms": [room_id], "timeline": {"limit": 1, "types": ["m.room.name"]},
@@ -1349,23 +1356,8 @@ async fn drift_samples(env: &TestEnv, run: &str, samples: usize) -> Vec<DriftSam
             async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
         };
         let mut since = sync(None).await["next_batch"].as_str().unwrap().to_string();
-        let response = http()
-            .put(&state_path)
-            .bearer_auth(&token)
-            .json(&json!({"name": DRIFTED_NAME}))
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            response.status().is_success(),
-            "out-of-band change refused: {}",
-            response.status()
-        );
+        let event_id = rename(&token, &room_id).await;
         let changed = Instant::now();
-        let event_id = response.json::<Value>().await.unwrap()["event_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
         // The first rename after ours that puts the declared name back.
         let reverted = 'reverted: loop {
             assert!(

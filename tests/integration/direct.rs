@@ -115,6 +115,20 @@ impl ClientView {
     }
 }
 
+/// The Direct room `dm` of two `MatrixUser`s (object names), once converged: its id.
+async fn direct_room(env: &TestEnv, a: &str, b: &str) -> String {
+    for user in [a, b] {
+        perm(env, 0, user, "dm", user, json!({})).await;
+    }
+    env.create::<MatrixRoom>(
+        0,
+        "dm",
+        json!({"alias": unique("dm"), "source": {"kind": "Direct", "slug": format!("{a}-{b}")}}),
+    )
+    .await;
+    room_id(&env.wait_condition(0, "dm", true, "Converged").await)
+}
+
 /// Every invite `user` received in the room carries `is_direct`, and their
 /// membership event, when joined, says they joined from such an invite (what
 /// matrix-js-sdk reads to tell a DM and who it is with).
@@ -204,16 +218,7 @@ async fn a_direct_room_looks_like_a_dm_to_both_members_and_needs_exactly_two() {
         .await
         .is_success());
 
-    perm(&env, 0, "ann", "dm", "ann", json!({})).await;
-    perm(&env, 0, "ben", "dm", "ben", json!({})).await;
-    env.create::<MatrixRoom>(
-        0,
-        "dm",
-        json!({"alias": unique("dm"), "source": {"kind": "Direct", "slug": "ann-ben"}}),
-    )
-    .await;
-    let dm: MatrixRoom = env.wait_condition(0, "dm", true, "Converged").await;
-    let id = room_id(&dm);
+    let id = direct_room(&env, "ann", "ben").await;
     let s = state_of(&env, &id).await;
     let admin = Stack::get().admin_user_id();
     let joined: Vec<String> = s
@@ -308,16 +313,7 @@ async fn a_direct_room_with_a_locked_member_converges_and_joins_them_on_unlock()
     env.wait_condition::<MatrixUser>(0, "fay", true, "Converged")
         .await;
 
-    perm(&env, 0, "eve", "dm", "eve", json!({})).await;
-    perm(&env, 0, "fay", "dm", "fay", json!({})).await;
-    env.create::<MatrixRoom>(
-        0,
-        "dm",
-        json!({"alias": unique("dm"), "source": {"kind": "Direct", "slug": "eve-fay"}}),
-    )
-    .await;
-    let dm: MatrixRoom = env.wait_condition(0, "dm", true, "Converged").await;
-    let id = room_id(&dm);
+    let id = direct_room(&env, "eve", "fay").await;
     wait_for("eve lists the DM", || async {
         (account_data(&ids[0]).await["m.direct"][&fay] == json!([id])).then_some(())
     })

@@ -110,6 +110,23 @@ async fn run_example(env: &TestEnv, name: &str, args: &[String]) -> Run {
     }
 }
 
+/// Whether the object is Ready=True now, as the API server has it.
+async fn ready_now<K>(env: &TestEnv, name: &str) -> bool
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let object = serde_json::to_value(env.api::<K>(0).get(name).await.unwrap()).unwrap();
+    object["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
 fn names(run: &Run, kind: &str) -> Vec<String> {
     run.written
         .iter()
@@ -415,32 +432,10 @@ async fn kit_applies_a_group_space_an_event_child_and_a_direct_room() {
     );
     // And it was: Ready now, without waiting here.
     for ((kind, name), _) in &first.written {
-        let ready = |conditions: &[openmeet_matrix_operator::api::Condition]| {
-            openmeet_matrix_operator::api::conditions::find(conditions, "Ready")
-                .is_some_and(|c| c.is_true())
-        };
         let now_ready = match kind.as_str() {
-            "MatrixUser" => env
-                .api::<MatrixUser>(0)
-                .get(name)
-                .await
-                .unwrap()
-                .status
-                .is_some_and(|s| ready(&s.conditions)),
-            "MatrixRoom" => env
-                .api::<MatrixRoom>(0)
-                .get(name)
-                .await
-                .unwrap()
-                .status
-                .is_some_and(|s| ready(&s.conditions)),
-            _ => env
-                .api::<RoomPermission>(0)
-                .get(name)
-                .await
-                .unwrap()
-                .status
-                .is_some_and(|s| ready(&s.conditions)),
+            "MatrixUser" => ready_now::<MatrixUser>(&env, name).await,
+            "MatrixRoom" => ready_now::<MatrixRoom>(&env, name).await,
+            _ => ready_now::<RoomPermission>(&env, name).await,
         };
         assert!(now_ready, "{kind} {name} not Ready after the kit's wait");
     }
