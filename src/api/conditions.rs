@@ -62,6 +62,10 @@ pub const REASONS: &[(&str, Health)] = &[
     ("DirectMemberCount", Health::Stalled),
     ("RoomTypeMismatch", Health::Stalled),
     ("RoomVersionUnsupported", Health::Stalled),
+    // A reference across namespaces that the user's namespace does not
+    // admit (no grant, or not at that power level): its grants must change.
+    ("ReferenceNotPermitted", Health::Stalled),
+    ("RoleNotPermitted", Health::Stalled),
 ];
 
 /// The health a Ready condition stands for. `Ready=True` is Ready whatever

@@ -5,12 +5,14 @@
 
 pub mod conditions;
 pub mod confirmed;
+pub mod grant;
 pub mod permission;
 pub mod room;
 pub mod user;
 
 pub use conditions::Condition;
 pub use confirmed::Confirmed;
+pub use grant::{MatrixUserGrant, MatrixUserGrantSpec, MatrixUserGrantStatus};
 pub use permission::{RoomPermission, RoomPermissionSpec, RoomPermissionStatus};
 pub use room::{MatrixRoom, MatrixRoomSpec, MatrixRoomStatus};
 pub use user::{MatrixUser, MatrixUserSpec, MatrixUserStatus, UserDeletionPolicy};
@@ -51,7 +53,12 @@ pub fn unobserved_status() -> serde_json::Value {
 pub fn crds(
 ) -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    let mut crds = vec![MatrixUser::crd(), MatrixRoom::crd(), RoomPermission::crd()];
+    let mut crds = vec![
+        MatrixUser::crd(),
+        MatrixRoom::crd(),
+        RoomPermission::crd(),
+        MatrixUserGrant::crd(),
+    ];
     for crd in &mut crds {
         for version in &mut crd.spec.versions {
             let status = version

@@ -5,7 +5,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// One user's membership and power in one room of the same namespace.
+/// One user's membership and power in one room of the same namespace. The
+/// user is of the same namespace too, unless `userRef.namespace` names
+/// another whose `MatrixUserGrant` admits this one.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[kube(
     group = "matrix.openmeet.net",
@@ -24,6 +26,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Power","type":"integer","jsonPath":".status.effectivePowerLevel"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"User Namespace","type":"string","priority":1,"description":"The user's namespace, when not this one","jsonPath":".spec.userRef.namespace"}"#,
     printcolumn = r#"{"name":"Role","type":"string","priority":1,"jsonPath":".spec.role"}"#,
     printcolumn = r#"{"name":"Level","type":"integer","priority":1,"description":"Explicit power level, when set instead of a role","jsonPath":".spec.powerLevel"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -34,9 +37,10 @@ pub struct RoomPermissionSpec {
     /// The `MatrixRoom` in this namespace. Immutable.
     #[x_kube(validation = Rule::new("self == oldSelf").message("roomRef is immutable"))]
     pub room_ref: LocalRef,
-    /// The `MatrixUser` in this namespace. Immutable.
+    /// The `MatrixUser`: in this namespace, or in the one `namespace` names
+    /// when a `MatrixUserGrant` there admits this namespace. Immutable.
     #[x_kube(validation = Rule::new("self == oldSelf").message("userRef is immutable"))]
-    pub user_ref: LocalRef,
+    pub user_ref: UserRef,
     /// Named role, mapped to a power level: `Member` = 0, `Moderator` = 50,
     /// `Admin` = 100. Set either this or `powerLevel`; with neither, 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -63,6 +67,26 @@ pub struct LocalRef {
     pub name: String,
 }
 
+/// A reference to a `MatrixUser`, of this namespace unless `namespace`
+/// says otherwise.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct UserRef {
+    /// Name of the `MatrixUser`.
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+        length(min = 1, max = 253)
+    )]
+    pub name: String,
+    /// The user's namespace, when not this one: a `MatrixUserGrant` there
+    /// must admit this namespace (`ReferenceNotPermitted` until one does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 63)
+    )]
+    pub namespace: Option<String>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Role {
     Member,
@@ -77,6 +101,24 @@ impl Role {
             Role::Moderator => 50,
             Role::Admin => 100,
         }
+    }
+}
+
+impl RoomPermission {
+    /// The referenced user's namespace.
+    pub fn user_namespace(&self) -> &str {
+        self.spec
+            .user_ref
+            .namespace
+            .as_deref()
+            .or(self.metadata.namespace.as_deref())
+            .unwrap_or_default()
+    }
+
+    /// Whether the referenced user lives in another namespace (then a grant
+    /// there must admit this one).
+    pub fn crosses_namespaces(&self) -> bool {
+        self.user_namespace() != self.metadata.namespace.as_deref().unwrap_or_default()
     }
 }
 
@@ -123,7 +165,10 @@ mod tests {
     fn explicit_power_level_wins_over_default() {
         let spec = RoomPermissionSpec {
             room_ref: LocalRef { name: "r".into() },
-            user_ref: LocalRef { name: "u".into() },
+            user_ref: UserRef {
+                name: "u".into(),
+                namespace: None,
+            },
             role: None,
             power_level: Some(42),
             membership: Membership::Join,

@@ -141,15 +141,33 @@ where
 /// The keys each kind is indexed under, in one place so that writers and
 /// readers agree.
 pub mod keys {
-    use crate::api::{MatrixRoom, MatrixUser, RoomPermission};
+    use crate::api::{MatrixRoom, MatrixUser, MatrixUserGrant, RoomPermission};
     use kube::ResourceExt;
 
     pub fn permission(p: &RoomPermission) -> Vec<String> {
         let ns = p.namespace().unwrap_or_default();
-        vec![
+        let mut keys = vec![
             permissions_of_room(&ns, &p.spec.room_ref.name),
-            permissions_of_user(&ns, &p.spec.user_ref.name),
-        ]
+            permissions_of_user(p.user_namespace(), &p.spec.user_ref.name),
+        ];
+        if p.crosses_namespaces() {
+            keys.push(permissions_into(p.user_namespace()));
+        }
+        keys
+    }
+
+    /// Permissions naming a user of `namespace` from another namespace:
+    /// the ones its grants decide.
+    pub fn permissions_into(namespace: &str) -> String {
+        format!("into/{namespace}")
+    }
+
+    pub fn grant(g: &MatrixUserGrant) -> Vec<String> {
+        vec![grants_in(&g.namespace().unwrap_or_default())]
+    }
+
+    pub fn grants_in(namespace: &str) -> String {
+        format!("grants/{namespace}")
     }
 
     pub fn permissions_of_room(namespace: &str, room: &str) -> String {

@@ -7,12 +7,14 @@ pub mod backoff;
 pub mod claims;
 pub mod events;
 pub mod finalizer;
+pub mod grant;
 pub mod index;
 pub mod leader;
 pub mod memo;
 pub mod outcome;
 pub mod own_joins;
 pub mod permission;
+pub mod reference;
 pub mod room;
 #[cfg(test)]
 pub(crate) mod scripted;
@@ -21,7 +23,7 @@ pub mod sweep;
 pub mod tally;
 pub mod user;
 
-use crate::api::{MatrixRoom, MatrixUser, RoomPermission};
+use crate::api::{MatrixRoom, MatrixUser, MatrixUserGrant, RoomPermission};
 use crate::metrics::{HistogramFamily, Labels};
 use crate::synapse::{SynapseClient, SynapseError};
 use backoff::Backoff;
@@ -492,6 +494,7 @@ impl Operator {
         let mut rooms = self.rooms;
         let rooms_ready = self.rooms_ready;
         let mut permissions = SharedWatch::<RoomPermission>::new();
+        let mut grants = SharedWatch::<MatrixUserGrant>::new();
         let user_triggers = user::Triggers {
             objects: users.subscribe(),
             peers: users.subscribe_with_deletions(),
@@ -501,16 +504,27 @@ impl Operator {
             permissions: permissions.subscribe_with_deletions(),
             users: users.subscribe_with_deletions(),
             peers: rooms.subscribe_with_deletions(),
+            grants: grants.subscribe_with_deletions(),
+        };
+        let grant_triggers = grant::Triggers {
+            objects: grants.subscribe(),
+            permissions: permissions.subscribe_with_deletions(),
+            users: users.subscribe_with_deletions(),
         };
         let user_index = users.index(index::keys::user);
+        let grant_index = grants.index(index::keys::grant);
         let permission_index = permissions.index(index::keys::permission);
         let room_index = rooms.index(index::keys::room);
         let permission_triggers = permission::Triggers {
             objects: permissions.subscribe(),
             rooms: rooms.subscribe_with_deletions(),
         };
-        let (users_store, rooms_store, permissions_store) =
-            (users.store(), rooms.store(), permissions.store());
+        let (users_store, rooms_store, permissions_store, grants_store) = (
+            users.store(),
+            rooms.store(),
+            permissions.store(),
+            grants.store(),
+        );
         self.stats.count_objects(ObjectTallies {
             users: users.tally("MatrixUser", |u| {
                 ready_bucket(u.status.as_ref().map(|s| &s.conditions))
@@ -525,11 +539,11 @@ impl Operator {
         let (namespaces, namespaces_writer) = reflector::store();
         // Metadata only: labels are all the tenant lookup needs.
         let namespaces_api: Api<PartialObjectMeta<Namespace>> = Api::all(self.client.clone());
-        let watches = tokio::spawn(futures::future::join4(
+        let watches = tokio::spawn(futures::future::join5(
             users.run(
                 scoped(&self.client, &self.config),
                 watch.clone(),
-                strip_unread::<MatrixUser>,
+                strip_unread_but_labels::<MatrixUser>,
             ),
             rooms.run(
                 scoped(&self.client, &self.config),
@@ -538,8 +552,13 @@ impl Operator {
             ),
             permissions.run(
                 scoped(&self.client, &self.config),
-                watch,
+                watch.clone(),
                 strip_unread::<RoomPermission>,
+            ),
+            grants.run(
+                scoped(&self.client, &self.config),
+                watch,
+                strip_unread::<MatrixUserGrant>,
             ),
             reflector(
                 namespaces_writer,
@@ -562,14 +581,18 @@ impl Operator {
                 shutdown.clone(),
             );
             let permission_index = permission_index.clone();
+            let (grants, grant_index) = (grants_store.clone(), grant_index.clone());
             let synced = self.synced.clone();
             async move {
                 // Folding permissions needs complete caches: an empty one would
                 // read as "no members declared" and an Exclusive room would be
                 // emptied. Awaited here, once: a store's readiness wakes only
                 // one waiter, so reconciles must not each wait on it.
-                let ready =
-                    futures::future::join(users.wait_until_ready(), permissions.wait_until_ready());
+                let ready = futures::future::join3(
+                    users.wait_until_ready(),
+                    permissions.wait_until_ready(),
+                    grants.wait_until_ready(),
+                );
                 if let futures::future::Either::Right(_) =
                     futures::future::select(Box::pin(ready), shutdown.clone()).await
                 {
@@ -583,6 +606,8 @@ impl Operator {
                         permissions,
                         permission_index,
                         room_index,
+                        grants,
+                        grant_index,
                     },
                     room_triggers,
                     deps,
@@ -590,6 +615,16 @@ impl Operator {
                 )
                 .await
             }
+        };
+        let grant_controller = {
+            let caches = grant::Caches {
+                grants: grants_store,
+                grant_index,
+                permissions: permissions_store.clone(),
+                permission_index: permission_index.clone(),
+                users: users_store.clone(),
+            };
+            grant::run(caches, grant_triggers, deps.clone(), shutdown.clone())
         };
         let user_controller = {
             let (deps, shutdown) = (deps.clone(), shutdown.clone());
@@ -638,7 +673,12 @@ impl Operator {
                 permission::run(caches, permission_triggers, deps, shutdown).await
             }
         };
-        futures::join!(user_controller, room_controller, permission_controller,);
+        futures::join!(
+            user_controller,
+            room_controller,
+            permission_controller,
+            grant_controller
+        );
         watches.abort();
     }
 }
@@ -666,6 +706,14 @@ pub fn strip_unread<K: kube::Resource>(k: &mut K) {
     meta.annotations = None;
     meta.labels = None;
     meta.owner_references = None;
+}
+
+/// The user cache: what [`strip_unread`] drops, but labels, which grants
+/// may select users by.
+pub fn strip_unread_but_labels<K: kube::Resource>(k: &mut K) {
+    let labels = k.meta_mut().labels.take();
+    strip_unread(k);
+    k.meta_mut().labels = labels;
 }
 
 /// The room cache: what [`strip_unread`] drops, but the drift mark, which

@@ -1,6 +1,7 @@
--- Argo CD health check for matrix.openmeet.net's three kinds, one script
+-- Argo CD health check for matrix.openmeet.net's four kinds, one script
 -- under each argocd-cm key: resource.customizations.health.
--- matrix.openmeet.net_MatrixUser, _MatrixRoom and _RoomPermission.
+-- matrix.openmeet.net_MatrixUser, _MatrixRoom, _RoomPermission and
+-- _MatrixUserGrant.
 -- Reads the kstatus conditions the operator writes, as kstatus does:
 -- a status about an older generation is Progressing, Stalled=True is
 -- Degraded, Ready=True is Healthy, anything else is Progressing.

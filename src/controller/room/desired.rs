@@ -6,9 +6,9 @@ use super::model::{Blocked, Enforce, Held, Wanted};
 use super::plan::{DesiredRoom, Thresholds};
 use super::{direct, tree, RoomContext};
 use crate::api::conditions;
-use crate::api::{MatrixRoom, RoomPermission};
+use crate::api::{MatrixRoom, MatrixUser, RoomPermission};
 use crate::controller::index::keys;
-use crate::controller::{claims, key, Error};
+use crate::controller::{claims, key, reference, Error};
 use kube::runtime::reflector::ObjectRef;
 use kube::ResourceExt;
 use ruma::{OwnedRoomAliasId, RoomAliasId};
@@ -59,9 +59,12 @@ pub(super) fn fold_desired(
         }
     };
     let alias = full_alias(room, ctx)?;
-    let ns = room.namespace().unwrap_or_default();
     let perm_refs: Vec<&RoomPermission> = perms.iter().map(|p| p.as_ref()).collect();
-    let (members, outcomes) = fold(&perm_refs, |name| user_state(ctx, &ns, name));
+    let fold::Folded {
+        members,
+        outcomes,
+        revoked,
+    } = fold(&perm_refs, |p| user_state(ctx, p));
     if room.spec.is_direct() {
         let declared = fold::declared_members(&perm_refs, &outcomes);
         if declared != 2 {
@@ -72,7 +75,8 @@ pub(super) fn fold_desired(
         }
     }
     let mut desired = desired(room, ctx, members, parent);
-    let unlistable = direct::unlistable_members(&desired, perms, ctx, &ns);
+    desired.revoked = revoked;
+    let unlistable = direct::unlistable_members(&desired, perms, ctx);
     direct::invite_until_unlocked(&mut desired, &unlistable);
     Ok(Ok(Wanted {
         desired,
@@ -125,8 +129,35 @@ pub(super) fn permissions_of(room: &MatrixRoom, ctx: &RoomContext) -> Vec<Arc<Ro
     ctx.permission_index.get(&ctx.permissions, &key)
 }
 
-fn user_state(ctx: &RoomContext, ns: &str, name: &str) -> UserRefState {
-    fold::user_ref_state(ctx.users.get(&ObjectRef::new(name).within(ns)).as_deref())
+/// The user a permission names, from the cache.
+pub(super) fn user_of(p: &RoomPermission, ctx: &RoomContext) -> Option<Arc<MatrixUser>> {
+    ctx.users
+        .get(&ObjectRef::new(&p.spec.user_ref.name).within(p.user_namespace()))
+}
+
+/// Resolves a permission's reference: across namespaces, judged against the
+/// grants of the user's namespace first, so a refusal tells nothing of the
+/// user.
+fn user_state(ctx: &RoomContext, p: &RoomPermission) -> UserRefState {
+    let user = user_of(p, ctx);
+    if p.crosses_namespaces() {
+        let grants = ctx
+            .grant_index
+            .get(&ctx.grants, &keys::grants_in(p.user_namespace()));
+        let verdict = reference::judge(p, user.as_deref(), grants.iter().map(|g| g.as_ref()));
+        if let reference::Verdict::Refused { reason, message } = verdict {
+            let user_id = user
+                .as_ref()
+                .and_then(|u| u.status.as_ref())
+                .and_then(|s| s.user_id.clone());
+            return UserRefState::Refused {
+                reason,
+                message,
+                user_id,
+            };
+        }
+    }
+    fold::user_ref_state(user.as_deref())
 }
 
 pub(super) fn desired(
@@ -156,6 +187,7 @@ pub(super) fn desired(
         thresholds: Thresholds::from(spec.permissions.as_ref()),
         members,
         membership_policy: spec.membership_policy,
+        revoked: Default::default(),
         admin: ctx.synapse.admin_user_id().to_string(),
         server_suffix: format!(":{}", ctx.synapse.server_name()),
         room_version: ctx.config.room_version.clone(),
@@ -183,7 +215,6 @@ fn parent_of(room: &MatrixRoom, ctx: &RoomContext) -> tree::Parent {
 pub(super) fn users_in_flight(
     perms: &[Arc<RoomPermission>],
     ctx: &RoomContext,
-    ns: &str,
 ) -> Option<Duration> {
     let now = k8s_openapi::jiff::Timestamp::now();
     let younger = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, secs: i64| {
@@ -192,10 +223,7 @@ pub(super) fn users_in_flight(
             .is_some_and(|t| now.duration_since(t.0).as_secs() < secs)
     };
     perms.iter().find_map(|p| {
-        let in_flight = match ctx
-            .users
-            .get(&ObjectRef::new(&p.spec.user_ref.name).within(ns))
-        {
+        let in_flight = match user_of(p, ctx) {
             None => younger(&p.metadata, 10),
             Some(user) => {
                 !conditions::observed(user.status.as_ref().and_then(|s| s.observed_generation))

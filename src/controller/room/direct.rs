@@ -6,7 +6,6 @@ use super::{audit, RoomContext};
 use crate::api::permission::Membership;
 use crate::api::{MatrixRoom, RoomPermission};
 use crate::controller::{key, Error};
-use kube::runtime::reflector::ObjectRef;
 use ruma::UserId;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -19,17 +18,13 @@ pub(super) fn unlistable_members(
     d: &DesiredRoom,
     perms: &[Arc<RoomPermission>],
     ctx: &RoomContext,
-    ns: &str,
 ) -> BTreeSet<String> {
     if !d.direct {
         return BTreeSet::new();
     }
     perms
         .iter()
-        .filter_map(|p| {
-            ctx.users
-                .get(&ObjectRef::new(&p.spec.user_ref.name).within(ns))
-        })
+        .filter_map(|p| super::desired::user_of(p, ctx))
         // Locked in the spec, or still in Synapse (a lock lifts a while
         // after the spec lets go of it).
         .filter(|u| {

@@ -5,7 +5,7 @@ use crate::api::permission::Membership;
 use crate::api::{MatrixUser, RoomPermission};
 use crate::controller::claims::{holder, Claim};
 use kube::ResourceExt;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What became of one permission in its room's reconcile.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,6 +16,12 @@ pub enum PermissionOutcome {
     Pending(String),
     /// An older permission names the same user in the same room.
     Duplicate(String),
+    /// The user's namespace does not admit the reference (see
+    /// `controller::reference`): `reason` is the Ready reason.
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// What the shell knows about a referenced `MatrixUser`.
@@ -27,6 +33,13 @@ pub enum UserRefState {
     NotReady,
     /// The object has its account: a member, whatever its `Ready` says.
     Ready(String),
+    /// The reference crosses into a namespace that does not admit it; the
+    /// user's account (if any) is one to take out of the room.
+    Refused {
+        reason: &'static str,
+        message: String,
+        user_id: Option<String>,
+    },
 }
 
 /// A referenced user's standing in rooms. Membership survives trouble: an
@@ -47,25 +60,42 @@ pub fn user_ref_state(user: Option<&MatrixUser>) -> UserRefState {
     }
 }
 
+/// A room's permissions, folded.
+#[derive(Debug, Default)]
+pub struct Folded {
+    /// Declared members: user id → membership and power level.
+    pub members: BTreeMap<String, (Membership, i64)>,
+    /// What became of each permission, by name.
+    pub outcomes: BTreeMap<String, PermissionOutcome>,
+    /// Accounts whose reference is refused: out of the room whatever its
+    /// membership policy (access never outlives the grant that gave it).
+    pub revoked: BTreeSet<String>,
+}
+
+/// How a permission names its user in messages: `name`, or `namespace/name`
+/// across namespaces.
+pub fn user_label(p: &RoomPermission) -> String {
+    match p.crosses_namespaces() {
+        true => format!("{}/{}", p.user_namespace(), p.spec.user_ref.name),
+        false => p.spec.user_ref.name.clone(),
+    }
+}
+
 /// Folds the permissions of one room (already filtered to it) into the
-/// desired members, and says what became of each permission (by name).
+/// desired members; `user` resolves each permission's reference.
 pub fn fold(
     permissions: &[&RoomPermission],
-    user: impl Fn(&str) -> UserRefState,
-) -> (
-    BTreeMap<String, (Membership, i64)>,
-    BTreeMap<String, PermissionOutcome>,
-) {
-    let mut by_user: BTreeMap<&str, Vec<&RoomPermission>> = BTreeMap::new();
+    user: impl Fn(&RoomPermission) -> UserRefState,
+) -> Folded {
+    let mut by_user: BTreeMap<(&str, &str), Vec<&RoomPermission>> = BTreeMap::new();
     for p in permissions {
         by_user
-            .entry(p.spec.user_ref.name.as_str())
+            .entry((p.user_namespace(), p.spec.user_ref.name.as_str()))
             .or_default()
             .push(p);
     }
-    let mut members = BTreeMap::new();
-    let mut outcomes = BTreeMap::new();
-    for (user_name, claims) in by_user {
+    let mut folded = Folded::default();
+    for claims in by_user.into_values() {
         let winner = holder(claims.iter().map(|p| Claim {
             namespace: p.metadata.namespace.as_deref().unwrap_or_default(),
             name: p.metadata.name.as_deref().unwrap_or_default(),
@@ -74,38 +104,51 @@ pub fn fold(
         .map(|c| c.name.to_string());
         for p in claims {
             let name = p.name_any();
+            let label = user_label(p);
             if Some(&name) != winner.as_ref() {
                 let message = format!(
-                    "permission {} already binds user {user_name} to this room",
+                    "permission {} already binds user {label} to this room",
                     winner.clone().unwrap_or_default()
                 );
-                outcomes.insert(name, PermissionOutcome::Duplicate(message));
+                folded
+                    .outcomes
+                    .insert(name, PermissionOutcome::Duplicate(message));
                 continue;
             }
-            let outcome = match user(user_name) {
+            let outcome = match user(p) {
                 UserRefState::Missing => PermissionOutcome::Pending(format!(
-                    "MatrixUser {user_name} does not exist, is deactivated or is being deleted"
+                    "MatrixUser {label} does not exist, is deactivated or is being deleted"
                 )),
                 UserRefState::NotReady => {
-                    PermissionOutcome::Pending(format!("MatrixUser {user_name} has no account yet"))
+                    PermissionOutcome::Pending(format!("MatrixUser {label} has no account yet"))
+                }
+                UserRefState::Refused {
+                    reason,
+                    message,
+                    user_id,
+                } => {
+                    folded.revoked.extend(user_id);
+                    PermissionOutcome::Refused { reason, message }
                 }
                 UserRefState::Ready(user_id) => {
                     let level = p.spec.desired_power_level();
-                    members.insert(user_id.clone(), (p.spec.membership, level));
+                    folded
+                        .members
+                        .insert(user_id.clone(), (p.spec.membership, level));
                     PermissionOutcome::Applied {
                         user_id,
                         power_level: level,
                     }
                 }
             };
-            outcomes.insert(name, outcome);
+            folded.outcomes.insert(name, outcome);
         }
     }
-    (members, outcomes)
+    folded
 }
 
 /// How many users the permissions declare as members (joined or invited):
-/// duplicates and bans do not count; users not ready yet do.
+/// duplicates, refusals and bans do not count; users not ready yet do.
 pub fn declared_members(
     permissions: &[&RoomPermission],
     outcomes: &BTreeMap<String, PermissionOutcome>,
@@ -116,7 +159,7 @@ pub fn declared_members(
         .filter(|p| {
             !matches!(
                 outcomes.get(&p.name_any()),
-                Some(PermissionOutcome::Duplicate(_))
+                Some(PermissionOutcome::Duplicate(_) | PermissionOutcome::Refused { .. })
             )
         })
         .count()
@@ -140,8 +183,8 @@ mod tests {
         p
     }
 
-    fn users(name: &str) -> UserRefState {
-        match name {
+    fn users(p: &RoomPermission) -> UserRefState {
+        match p.spec.user_ref.name.as_str() {
             "missing" => UserRefState::Missing,
             "pending" => UserRefState::NotReady,
             other => UserRefState::Ready(format!("@{other}:x")),
@@ -158,7 +201,9 @@ mod tests {
             serde_json::json!({"powerLevel": 20, "membership": "Invite"}),
         );
         let c = perm("c", "carol", 1, serde_json::json!({"membership": "Ban"}));
-        let (members, outcomes) = fold(&[&a, &b, &c], users);
+        let Folded {
+            members, outcomes, ..
+        } = fold(&[&a, &b, &c], users);
         assert_eq!(members["@alice:x"], (Membership::Join, 100));
         assert_eq!(members["@bob:x"], (Membership::Invite, 20));
         assert_eq!(members["@carol:x"], (Membership::Ban, 0));
@@ -175,7 +220,9 @@ mod tests {
     fn missing_or_unready_users_are_pending_and_left_out() {
         let a = perm("a", "missing", 1, serde_json::json!({}));
         let b = perm("b", "pending", 1, serde_json::json!({}));
-        let (members, outcomes) = fold(&[&a, &b], users);
+        let Folded {
+            members, outcomes, ..
+        } = fold(&[&a, &b], users);
         assert!(members.is_empty());
         assert!(
             matches!(&outcomes["a"], PermissionOutcome::Pending(m) if m.contains("does not exist"))
@@ -194,11 +241,72 @@ mod tests {
             10,
             serde_json::json!({"role": "Moderator"}),
         );
-        let (members, outcomes) = fold(&[&newer, &older], users);
+        let Folded {
+            members, outcomes, ..
+        } = fold(&[&newer, &older], users);
         assert_eq!(members["@alice:x"], (Membership::Join, 50));
         assert!(
             matches!(&outcomes["newer"], PermissionOutcome::Duplicate(m) if m.contains("older"))
         );
+    }
+
+    #[test]
+    fn the_same_name_in_two_namespaces_is_two_users() {
+        let mut own = perm("own", "alice", 1, serde_json::json!({}));
+        own.metadata.namespace = Some("b".into());
+        let mut guest = perm("guest", "alice", 2, serde_json::json!({}));
+        guest.metadata.namespace = Some("b".into());
+        guest.spec.user_ref.namespace = Some("a".into());
+        let folded = fold(&[&own, &guest], |p| {
+            UserRefState::Ready(format!(
+                "@{}-{}:x",
+                p.user_namespace(),
+                p.spec.user_ref.name
+            ))
+        });
+        assert_eq!(folded.members.len(), 2, "{folded:?}");
+        assert!(matches!(
+            folded.outcomes["guest"],
+            PermissionOutcome::Applied { .. }
+        ));
+        // Two permissions naming the same user across namespaces: one wins.
+        let mut again = perm("again", "alice", 3, serde_json::json!({}));
+        again.metadata.namespace = Some("b".into());
+        again.spec.user_ref.namespace = Some("a".into());
+        let folded = fold(&[&guest, &again], |_| UserRefState::Ready("@a:x".into()));
+        assert!(
+            matches!(&folded.outcomes["again"], PermissionOutcome::Duplicate(m)
+                if m == "permission guest already binds user a/alice to this room"),
+            "{folded:?}"
+        );
+    }
+
+    #[test]
+    fn refused_references_are_no_members_and_revoke_the_account() {
+        let ok = perm("ok", "alice", 1, serde_json::json!({}));
+        let refused = perm("refused", "bob", 1, serde_json::json!({}));
+        let unknown = perm("unknown", "ghost", 1, serde_json::json!({}));
+        let folded = fold(&[&ok, &refused, &unknown], |p| {
+            match p.spec.user_ref.name.as_str() {
+                "alice" => UserRefState::Ready("@alice:x".into()),
+                name => UserRefState::Refused {
+                    reason: "ReferenceNotPermitted",
+                    message: "no".into(),
+                    user_id: (name == "bob").then(|| "@bob:x".to_string()),
+                },
+            }
+        });
+        assert_eq!(folded.members.keys().collect::<Vec<_>>(), ["@alice:x"]);
+        assert_eq!(folded.revoked.iter().collect::<Vec<_>>(), ["@bob:x"]);
+        assert_eq!(
+            folded.outcomes["refused"],
+            PermissionOutcome::Refused {
+                reason: "ReferenceNotPermitted",
+                message: "no".into()
+            }
+        );
+        let all = [&ok, &refused, &unknown];
+        assert_eq!(declared_members(&all, &folded.outcomes), 1);
     }
 
     #[test]
@@ -213,7 +321,7 @@ mod tests {
         );
         let c = perm("c", "carol", 1, serde_json::json!({"membership": "Ban"}));
         let all = [&a, &a2, &b, &c];
-        let (_, outcomes) = fold(&all, users);
+        let outcomes = fold(&all, users).outcomes;
         assert_eq!(declared_members(&all, &outcomes), 2);
     }
 
@@ -258,7 +366,9 @@ mod tests {
             (true, "Converged"),
         ] {
             let user = user_with(Some((ready, reason)), Some("@alice:x"));
-            let (members, outcomes) = fold(&[&p], |_| user_ref_state(Some(&user)));
+            let Folded {
+                members, outcomes, ..
+            } = fold(&[&p], |_| user_ref_state(Some(&user)));
             assert_eq!(
                 members.get("@alice:x"),
                 Some(&(Membership::Join, 50)),

@@ -35,7 +35,7 @@ use super::sweep::Trust;
 use super::{key, Error, OperatorConfig, ReconcileStats};
 use crate::api::conditions::{self, READY};
 use crate::api::room::JoinRule;
-use crate::api::{Confirmed, MatrixRoom, MatrixUser, RoomPermission};
+use crate::api::{Confirmed, MatrixRoom, MatrixUser, MatrixUserGrant, RoomPermission};
 use crate::synapse::SynapseClient;
 use desired::{permissions_of, users_in_flight};
 use kube::runtime::controller::Action;
@@ -64,6 +64,9 @@ pub struct RoomContext {
     pub permissions: Store<RoomPermission>,
     /// Permissions by room and by user.
     pub permission_index: Arc<Index<RoomPermission>>,
+    /// Grants admitting references across namespaces, by namespace.
+    pub grants: Store<MatrixUserGrant>,
+    pub grant_index: Arc<Index<MatrixUserGrant>>,
     /// Rooms by alias and parent.
     pub room_index: Arc<Index<MatrixRoom>>,
     pub backoff: super::backoff::Backoff,
@@ -133,7 +136,7 @@ async fn apply(
         .map_or_else(|| resync.clone(), Action::requeue);
     tracing::debug!(room = %key(room), version = ?room.metadata.resource_version, members = wanted.desired.members.len(), held = ?wanted.held, "room reconcile");
     if wanted.held.is_none() {
-        if let Some(wait) = users_in_flight(&perms, ctx, &room.namespace().unwrap_or_default()) {
+        if let Some(wait) = users_in_flight(&perms, ctx) {
             tracing::debug!(room = %key(room), "waiting for users in flight");
             // Users being created right now: fold them in one go, not one write each.
             return Ok(Action::requeue(wait));
@@ -358,6 +361,8 @@ spec: {{roomRef: {{name: r}}, userRef: {{name: {user}}}}}
             permissions,
             permission_index,
             room_index,
+            grants: reflector::store().0,
+            grant_index: Index::new(keys::grant),
             backoff: crate::controller::default_backoff(),
             purge_polls: cleanup::purge_polls(),
             stats: Default::default(),

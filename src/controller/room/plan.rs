@@ -5,7 +5,7 @@ use crate::api::permission::Membership;
 use crate::api::room::{HistoryVisibility, JoinRule, MembershipPolicy, RoomThresholds};
 use crate::synapse::rooms::RoomState;
 use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// State event type of the ownership marker.
 pub const MARKER_TYPE: &str = "net.openmeet.owner";
@@ -82,6 +82,9 @@ pub struct DesiredRoom {
     /// Declared members: user id → membership and power level.
     pub members: BTreeMap<String, (Membership, i64)>,
     pub membership_policy: MembershipPolicy,
+    /// Accounts named by a refused cross-namespace reference: removed even
+    /// from an `Additive` room.
+    pub revoked: BTreeSet<String>,
     /// The operator's admin account.
     pub admin: String,
     /// `:<server_name>`, to tell local users from remote ones.
@@ -530,7 +533,7 @@ pub fn plan(d: &DesiredRoom, state: &RoomState) -> RoomPlan {
 pub fn plan_with(
     d: &DesiredRoom,
     state: &RoomState,
-    members_of_parent: Option<&std::collections::BTreeSet<String>>,
+    members_of_parent: Option<&BTreeSet<String>>,
 ) -> RoomPlan {
     let mut actions = Vec::new();
     let admin_creator = admin_is_creator(d, Some(state));
@@ -567,7 +570,7 @@ pub fn plan_with(
 fn plan_members(
     d: &DesiredRoom,
     state: &RoomState,
-    members_of_parent: Option<&std::collections::BTreeSet<String>>,
+    members_of_parent: Option<&BTreeSet<String>>,
 ) -> (Vec<RoomAction>, Vec<RoomAction>) {
     let (mut removals, mut additions) = (Vec::new(), Vec::new());
     let observed = state.memberships();
@@ -594,20 +597,21 @@ fn plan_members(
             (Membership::Invite, _) => additions.push(RoomAction::Invite(user.clone())),
         }
     }
-    if d.membership_policy == MembershipPolicy::Exclusive {
-        for (user, membership) in &observed {
-            let undeclared = !d.members.contains_key(user)
-                && *user != d.admin
-                && user.ends_with(&d.server_suffix);
-            let via_parent = membership == "join"
-                && d.join_rule == JoinRule::Restricted
-                && members_of_parent.is_some_and(|m| m.contains(user));
-            if via_parent {
-                continue;
-            }
-            if undeclared && (membership == "join" || membership == "invite") {
-                removals.push(RoomAction::Kick(user.clone()));
-            }
+    for (user, membership) in &observed {
+        // Additive rooms keep undeclared members, but not revoked ones.
+        let removable =
+            d.membership_policy == MembershipPolicy::Exclusive || d.revoked.contains(user);
+        let undeclared =
+            !d.members.contains_key(user) && *user != d.admin && user.ends_with(&d.server_suffix);
+        let via_parent = membership == "join"
+            && d.join_rule == JoinRule::Restricted
+            && members_of_parent.is_some_and(|m| m.contains(user));
+        if removable
+            && undeclared
+            && !via_parent
+            && (membership == "join" || membership == "invite")
+        {
+            removals.push(RoomAction::Kick(user.clone()));
         }
     }
     (removals, additions)
@@ -707,6 +711,7 @@ pub(super) mod tests {
                 ("@bob:x".to_string(), (Membership::Join, 0)),
             ]),
             membership_policy: MembershipPolicy::Exclusive,
+            revoked: BTreeSet::new(),
             admin: ADMIN.into(),
             server_suffix: ":x".into(),
             room_version: "12".into(),
@@ -882,6 +887,19 @@ pub(super) mod tests {
             ..d
         };
         assert_eq!(super::plan(&additive, &state).actions, vec![]);
+
+        // A revoked reference leaves even an Additive room; a remote user
+        // or one already gone is nothing to remove.
+        let revoked = DesiredRoom {
+            revoked: ["@invited:x", "@remote:elsewhere", "@gone:x"]
+                .map(String::from)
+                .into(),
+            ..additive
+        };
+        assert_eq!(
+            super::plan(&revoked, &state).actions,
+            vec![RoomAction::Kick("@invited:x".into())]
+        );
     }
 
     #[test]

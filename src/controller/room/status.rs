@@ -349,6 +349,10 @@ fn permission_ready(
             Condition::new(READY, false, "Duplicate", m.clone(), generation),
             None,
         ),
+        (_, Some(PermissionOutcome::Refused { reason, message })) => (
+            Condition::new(READY, false, reason, message.clone(), generation),
+            None,
+        ),
         (_, Some(PermissionOutcome::Pending(m))) => (
             Condition::new(READY, false, "Pending", m.clone(), generation),
             None,

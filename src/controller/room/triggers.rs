@@ -2,7 +2,7 @@
 //! rooms that fold into it.
 
 use super::{tree, RoomContext};
-use crate::api::{MatrixRoom, MatrixUser, RoomPermission};
+use crate::api::{MatrixRoom, MatrixUser, MatrixUserGrant, RoomPermission};
 use crate::controller::index::{keys, Index};
 use crate::controller::{self, key, Deps};
 use futures::{Stream, StreamExt};
@@ -20,10 +20,12 @@ pub struct Caches {
     pub permissions: Store<RoomPermission>,
     pub permission_index: Arc<Index<RoomPermission>>,
     pub room_index: Arc<Index<MatrixRoom>>,
+    pub grants: Store<MatrixUserGrant>,
+    pub grant_index: Arc<Index<MatrixUserGrant>>,
 }
 
 /// The shared watch subscriptions that trigger room reconciles.
-pub struct Triggers<A, B, C, D> {
+pub struct Triggers<A, B, C, D, E> {
     /// Every applied `MatrixRoom`.
     pub objects: A,
     /// Permissions, deletions included: each folds into its room.
@@ -32,12 +34,15 @@ pub struct Triggers<A, B, C, D> {
     pub users: C,
     /// Rooms, deletions included: alias claimants decide again.
     pub peers: D,
+    /// Grants, deletions included: the rooms whose permissions name a user
+    /// of the grant's namespace from another.
+    pub grants: E,
 }
 
 /// Runs the `MatrixRoom` controller until `shutdown` resolves.
-pub async fn run<A, B, C, D>(
+pub async fn run<A, B, C, D, E>(
     caches: Caches,
-    triggers: Triggers<A, B, C, D>,
+    triggers: Triggers<A, B, C, D, E>,
     deps: Deps,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) where
@@ -45,6 +50,7 @@ pub async fn run<A, B, C, D>(
     B: Stream<Item = Arc<RoomPermission>> + Send + 'static,
     C: Stream<Item = Arc<MatrixUser>> + Send + 'static,
     D: Stream<Item = Arc<MatrixRoom>> + Send + 'static,
+    E: Stream<Item = Arc<MatrixUserGrant>> + Send + 'static,
 {
     let Deps {
         client,
@@ -66,6 +72,8 @@ pub async fn run<A, B, C, D>(
         permissions: caches.permissions.clone(),
         permission_index: caches.permission_index.clone(),
         room_index: caches.room_index.clone(),
+        grants: caches.grants,
+        grant_index: caches.grant_index,
         backoff: controller::default_backoff(),
         purge_polls: super::cleanup::purge_polls(),
         stats,
@@ -75,6 +83,7 @@ pub async fn run<A, B, C, D>(
         leading,
     });
     let (perms_for_users, perms_by_user) = (caches.permissions, caches.permission_index);
+    let (perms_for_grants, perms_into) = (perms_for_users.clone(), perms_by_user.clone());
     let (rooms_for_claims, rooms_by_alias) = (caches.rooms.clone(), caches.room_index);
     let spaces = std::sync::Mutex::new(tree::SpaceIndex::default());
     let evict = ctx.clone();
@@ -85,16 +94,13 @@ pub async fn run<A, B, C, D>(
         })
         // A user changed (or went away): the rooms that reference it.
         .watches_shared_stream(triggers.users, move |u: Arc<MatrixUser>| {
-            let ns = u.namespace().unwrap_or_default();
-            let name = u.name_any();
-            let mut rooms: Vec<ObjectRef<MatrixRoom>> = perms_by_user
-                .get(&perms_for_users, &keys::permissions_of_user(&ns, &name))
-                .iter()
-                .map(|p| ObjectRef::new(&p.spec.room_ref.name).within(&ns))
-                .collect();
-            rooms.sort_by(|a, b| a.name.cmp(&b.name));
-            rooms.dedup();
-            rooms
+            let key = keys::permissions_of_user(&u.namespace().unwrap_or_default(), &u.name_any());
+            rooms_of(&perms_by_user.get(&perms_for_users, &key))
+        })
+        // A grant changed or went away: the rooms it may admit users to.
+        .watches_shared_stream(triggers.grants, move |g: Arc<MatrixUserGrant>| {
+            let key = keys::permissions_into(&g.namespace().unwrap_or_default());
+            rooms_of(&perms_into.get(&perms_for_grants, &key))
         })
         // A room changed: its parents (old and new) and children see it;
         // when it went away, the others claiming its alias decide again.
@@ -134,4 +140,15 @@ pub async fn run<A, B, C, D>(
         .run(super::reconcile, super::error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
+}
+
+/// The rooms `permissions` name (each in its permission's namespace), once each.
+fn rooms_of(permissions: &[Arc<RoomPermission>]) -> Vec<ObjectRef<MatrixRoom>> {
+    let mut rooms: Vec<ObjectRef<MatrixRoom>> = permissions
+        .iter()
+        .map(|p| ObjectRef::new(&p.spec.room_ref.name).within(&p.namespace().unwrap_or_default()))
+        .collect();
+    rooms.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    rooms.dedup();
+    rooms
 }

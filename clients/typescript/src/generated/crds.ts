@@ -6,7 +6,7 @@ import type {V1ObjectMeta} from "@kubernetes/client-node";
 /**
  * Any object of the operator's kinds.
  */
-export type MatrixResource = MatrixRoom | MatrixUser | RoomPermission;
+export type MatrixResource = MatrixRoom | MatrixUser | MatrixUserGrant | RoomPermission;
 /**
  * Observed state of a `MatrixRoom`.
  *
@@ -101,6 +101,44 @@ export type MatrixUserStatus = {
    * Full Matrix user id, set once the account is the operator's.
    */
   userId?: string | null;
+} | null;
+/**
+ * How a grant is used. Counts only: the names of the rooms and permissions
+ * belong to the other tenant.
+ *
+ * Default: `{"observedGeneration":0}`.
+ */
+export type MatrixUserGrantStatus = {
+  /**
+   * Conditions keyed by type: `Ready` (the grant is in effect).
+   *
+   * Default: `[]`.
+   */
+  conditions?: Condition[];
+  /**
+   * The `metadata.generation` last acted upon (0: not yet).
+   */
+  observedGeneration?: number | null;
+  /**
+   * How many `RoomPermission`s use this grant, in all.
+   *
+   * Default: `0`.
+   */
+  permissions?: number;
+  /**
+   * Each namespace whose `RoomPermission`s use this grant, with how many.
+   *
+   * Default: `[]`.
+   *
+   * Items: One namespace's use of a grant.
+   */
+  usedBy?: {
+    namespace: string;
+    /**
+     * Its `RoomPermission`s that name a user this grant covers.
+     */
+    permissions: number;
+  }[];
 } | null;
 /**
  * Observed state of a `RoomPermission`.
@@ -452,6 +490,112 @@ export interface MatrixUserSpec {
   subject?: string | null;
 }
 /**
+ * Lets RoomPermissions of other namespaces name MatrixUsers of this namespace.
+ */
+export interface MatrixUserGrant {
+  /**
+   * Always `matrix.openmeet.net/v1alpha1`.
+   */
+  apiVersion: "matrix.openmeet.net/v1alpha1";
+  /**
+   * Always `MatrixUserGrant`.
+   */
+  kind: "MatrixUserGrant";
+  /**
+   * Standard object metadata.
+   */
+  metadata: V1ObjectMeta;
+  spec: MatrixUserGrantSpec;
+  status?: MatrixUserGrantStatus;
+}
+/**
+ * Which `RoomPermission`s of other namespaces may name which `MatrixUser`s
+ * of this namespace, and with what role at most.
+ */
+export interface MatrixUserGrantSpec {
+  /**
+   * The namespaces whose `RoomPermission`s may name the users below.
+   *
+   * @minItems 1
+   * @maxItems 64
+   *
+   * Items: One namespace a grant admits references from.
+   */
+  from: [
+    {
+      /**
+       * A namespace other than this one (references within a namespace need
+       * no grant).
+       *
+       * Length: 1 to 63.
+       * Pattern: `^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`.
+       */
+      namespace: string;
+    },
+    ...{
+      /**
+       * A namespace other than this one (references within a namespace need
+       * no grant).
+       *
+       * Length: 1 to 63.
+       * Pattern: `^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`.
+       */
+      namespace: string;
+    }[],
+  ];
+  /**
+   * The highest role a permission from those namespaces may give:
+   * `Member` (power level 0), `Moderator` (50) or `Admin` (100, the
+   * default). A permission asking for more is refused (`RoleNotPermitted`).
+   */
+  maxRole?: "Member" | "Moderator" | "Admin" | null;
+  /**
+   * Which `MatrixUser`s of this namespace: by name or by label. Omitted:
+   * every one of them.
+   *
+   * Rule: set either names or selector, not both.
+   */
+  users?: {
+    /**
+     * `MatrixUser` names in this namespace.
+     *
+     * @minItems 1
+     * @maxItems 1000
+     */
+    names?: [string, ...string[]] | null;
+    /**
+     * The `MatrixUser`s of this namespace whose labels match.
+     */
+    selector?: {
+      /**
+       * matchExpressions is a list of label selector requirements. The requirements are ANDed.
+       *
+       * Items: A label selector requirement is a selector that contains values, a key, and an operator that relates the key and values.
+       */
+      matchExpressions?: {
+        /**
+         * key is the label key that the selector applies to.
+         */
+        key: string;
+        /**
+         * operator represents a key's relationship to a set of values. Valid operators are In, NotIn, Exists and DoesNotExist.
+         */
+        operator: string;
+        /**
+         * values is an array of string values. If the operator is In or NotIn, the values array must be non-empty. If the operator is Exists or DoesNotExist, the values array must be empty. This array is replaced during a strategic merge patch.
+         */
+        values?: string[];
+      }[];
+      /**
+       * matchLabels is a map of {key,value} pairs. A single {key,value} in the matchLabels map is equivalent to an element of matchExpressions, whose key field is "key", the operator is "In", and the values array contains only "value". The requirements are ANDed.
+       */
+      matchLabels?: {
+        [k: string]: string | undefined;
+      };
+    } | null;
+  } | null;
+}
+/**
  * One user's membership and power level in one room of the same namespace.
  */
 export interface RoomPermission {
@@ -471,7 +615,9 @@ export interface RoomPermission {
   status?: RoomPermissionStatus;
 }
 /**
- * One user's membership and power in one room of the same namespace.
+ * One user's membership and power in one room of the same namespace. The
+ * user is of the same namespace too, unless `userRef.namespace` names
+ * another whose `MatrixUserGrant` admits this one.
  *
  * Rule: set either role or powerLevel, not both.
  */
@@ -510,18 +656,27 @@ export interface RoomPermissionSpec {
     name: string;
   };
   /**
-   * The `MatrixUser` in this namespace. Immutable.
+   * The `MatrixUser`: in this namespace, or in the one `namespace` names
+   * when a `MatrixUserGrant` there admits this namespace. Immutable.
    *
    * Rule: userRef is immutable.
    */
   userRef: {
     /**
-     * Name of the object, in the same namespace as the referring one.
+     * Name of the `MatrixUser`.
      *
      * Length: 1 to 253.
      * Pattern: `^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`.
      */
     name: string;
+    /**
+     * The user's namespace, when not this one: a `MatrixUserGrant` there
+     * must admit this namespace (`ReferenceNotPermitted` until one does).
+     *
+     * Length: 1 to 63.
+     * Pattern: `^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`.
+     */
+    namespace?: string | null;
   };
 }
 
@@ -529,6 +684,7 @@ export interface RoomPermissionSpec {
 export const RESOURCES = {
   MatrixRoom: { apiVersion: "matrix.openmeet.net/v1alpha1", group: "matrix.openmeet.net", version: "v1alpha1", kind: "MatrixRoom", plural: "matrixrooms", namespaced: true },
   MatrixUser: { apiVersion: "matrix.openmeet.net/v1alpha1", group: "matrix.openmeet.net", version: "v1alpha1", kind: "MatrixUser", plural: "matrixusers", namespaced: true },
+  MatrixUserGrant: { apiVersion: "matrix.openmeet.net/v1alpha1", group: "matrix.openmeet.net", version: "v1alpha1", kind: "MatrixUserGrant", plural: "matrixusergrants", namespaced: true },
   RoomPermission: { apiVersion: "matrix.openmeet.net/v1alpha1", group: "matrix.openmeet.net", version: "v1alpha1", kind: "RoomPermission", plural: "roompermissions", namespaced: true },
 } as const;
 
