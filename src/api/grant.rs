@@ -28,7 +28,8 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Max Role","type":"string","jsonPath":".spec.maxRole"}"#,
     printcolumn = r#"{"name":"Permissions","type":"integer","description":"RoomPermissions of other namespaces that use this grant","jsonPath":".status.permissions"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name":"Users","type":"string","priority":1,"jsonPath":".spec.users.names"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Users","type":"string","priority":1,"description":"The users covered by name, when named","jsonPath":".spec.users.names"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -99,6 +100,7 @@ pub struct MatrixUserGrantStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GrantUse {
+    /// A namespace the grant admits.
     pub namespace: String,
     /// Its `RoomPermission`s that name a user this grant covers.
     pub permissions: i64,

@@ -1039,6 +1039,7 @@ async fn platform_roles_grant_what_they_should() {
             "matrixusers.matrix.openmeet.net",
             "matrixrooms.matrix.openmeet.net",
             "roompermissions.matrix.openmeet.net",
+            "matrixusergrants.matrix.openmeet.net",
         ] {
             for verb in [
                 "get", "list", "watch", "create", "update", "patch", "delete",

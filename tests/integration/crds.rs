@@ -4,7 +4,7 @@
 use crate::harness::TestEnv;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::Api;
-use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
+use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, MatrixUserGrant, RoomPermission};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -14,6 +14,7 @@ fn resource_for(kind: &str) -> ApiResource {
         "MatrixUser" => ApiResource::erase::<MatrixUser>(&()),
         "MatrixRoom" => ApiResource::erase::<MatrixRoom>(&()),
         "RoomPermission" => ApiResource::erase::<RoomPermission>(&()),
+        "MatrixUserGrant" => ApiResource::erase::<MatrixUserGrant>(&()),
         other => panic!("unexpected kind {other}"),
     }
 }
@@ -385,7 +386,12 @@ async fn every_field_is_described_and_columns_explain() {
     )
     .await;
     let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
-    for plural in ["matrixusers", "matrixrooms", "roompermissions"] {
+    for plural in [
+        "matrixusers",
+        "matrixrooms",
+        "roompermissions",
+        "matrixusergrants",
+    ] {
         let crd = crds
             .get(&format!("{plural}.matrix.openmeet.net"))
             .await

@@ -133,6 +133,9 @@ export type MatrixUserGrantStatus = {
    * Items: One namespace's use of a grant.
    */
   usedBy?: {
+    /**
+     * A namespace the grant admits.
+     */
     namespace: string;
     /**
      * Its `RoomPermission`s that name a user this grant covers.
