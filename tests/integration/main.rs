@@ -7,6 +7,7 @@ mod chart;
 mod crds;
 mod direct;
 mod feed;
+mod grants;
 mod ha;
 mod hardening;
 mod harm;

@@ -19,12 +19,14 @@ import {
   type MatrixRoom,
   type MatrixRoomSpec,
   type MatrixUser,
+  type MatrixUserGrant,
+  type MatrixUserGrantSpec,
   type MatrixUserSpec,
   type RoomPermission,
   type RoomPermissionSpec,
 } from "./generated/crds.js";
 import { health, NotReadyError, type NotReady, type ObjectKey } from "./health.js";
-import { permissionObjectName, roomObjectName, ROOM_LABEL, USER_LABEL } from "./naming.js";
+import { permissionObjectName, roomObjectName, ROOM_LABEL, USER_LABEL, USER_NAMESPACE_LABEL } from "./naming.js";
 import {
   directRoom,
   eventRoomSpec,
@@ -60,6 +62,13 @@ export interface PlatformClientOptions {
 /** One member of a room: the `MatrixUser`'s object name and its place in the room. */
 export interface RoomMember {
   user: string;
+  /**
+   * The user's namespace, when not the room's: a `MatrixUserGrant` there
+   * must admit the room's namespace (the permission is
+   * `ReferenceNotPermitted` until one does, `RoleNotPermitted` above its
+   * `maxRole`).
+   */
+  namespace?: string;
   role?: RoomPermissionSpec["role"];
   powerLevel?: RoomPermissionSpec["powerLevel"];
   membership?: RoomPermissionSpec["membership"];
@@ -79,16 +88,9 @@ export interface RoomApplied {
   removed: string[];
 }
 
-type KindSpec<K extends MatrixKind> = K extends "MatrixUser"
-  ? MatrixUserSpec
-  : K extends "MatrixRoom"
-    ? MatrixRoomSpec
-    : RoomPermissionSpec;
-type KindObject<K extends MatrixKind> = K extends "MatrixUser"
-  ? MatrixUser
-  : K extends "MatrixRoom"
-    ? MatrixRoom
-    : RoomPermission;
+/** The object type of a kind, and its spec, from the generated types. */
+type KindObject<K extends MatrixKind> = Extract<MatrixResource, { kind: K }>;
+type KindSpec<K extends MatrixKind> = KindObject<K>["spec"];
 
 /** The object to apply: only what the platform declares (no status, no server fields). */
 export function desiredObject<K extends MatrixKind>(
@@ -170,19 +172,46 @@ export class MatrixPlatformClient {
     return this.apply("MatrixRoom", namespace, name, spec);
   }
 
-  /** The permission `<room>.<user>`, labelled with its room and user. */
+  /**
+   * A `MatrixUserGrant` in `namespace`, the namespace of the users it opens
+   * to the namespaces in `spec.from` (`userGrantSpec` builds the spec).
+   * Withdrawing it (deleting it, or applying it narrower) takes the users
+   * it no longer covers out of those namespaces' rooms. Refuses a grant
+   * listing its own namespace: references within a namespace need none, so
+   * that grant is on the wrong side.
+   */
+  async applyUserGrant(namespace: string, name: string, spec: MatrixUserGrantSpec): Promise<MatrixUserGrant> {
+    if (spec.from.some((f) => f.namespace === namespace)) {
+      throw new Error(
+        `a grant in ${namespace} admitting ${namespace}: a grant lives in the users' namespace and lists the others`,
+      );
+    }
+    return this.apply("MatrixUserGrant", namespace, name, spec);
+  }
+
+  /**
+   * The permission `<room>.<user>` (`<room>.<user namespace>.<user>` for a
+   * user of another namespace), labelled with its room and user (and the
+   * user's namespace when it is another).
+   */
   applyPermission(namespace: string, room: string, member: RoomMember): Promise<RoomPermission> {
+    const userNamespace = member.namespace === namespace ? undefined : member.namespace;
     const spec: RoomPermissionSpec = {
       roomRef: { name: room },
-      userRef: { name: member.user },
+      userRef: { name: member.user, namespace: userNamespace },
       role: member.role,
       powerLevel: member.powerLevel,
       membership: member.membership,
     };
-    return this.apply("RoomPermission", namespace, permissionObjectName(room, member.user), spec, {
-      [ROOM_LABEL]: room,
-      [USER_LABEL]: member.user,
-    });
+    const labels: Record<string, string> = { [ROOM_LABEL]: room, [USER_LABEL]: member.user };
+    if (userNamespace !== undefined) labels[USER_NAMESPACE_LABEL] = userNamespace;
+    return this.apply(
+      "RoomPermission",
+      namespace,
+      permissionObjectName(room, member.user, userNamespace),
+      spec,
+      labels,
+    );
   }
 
   /**
@@ -204,7 +233,7 @@ export class MatrixPlatformClient {
     }
     const keep = new Set(permissions.map((p) => p.metadata.name));
     const removed = [];
-    for (const name of await this.permissionNames(namespace, ROOM_LABEL, room)) {
+    for (const name of await this.permissionNames(namespace, `${ROOM_LABEL}=${room}`)) {
       if (!keep.has(name) && (await this.delete("RoomPermission", namespace, name))) {
         removed.push(name);
       }
@@ -334,23 +363,36 @@ export class MatrixPlatformClient {
    */
   async deleteRoom(namespace: string, room: string): Promise<void> {
     await this.delete("MatrixRoom", namespace, room);
-    for (const name of await this.permissionNames(namespace, ROOM_LABEL, room)) {
+    for (const name of await this.permissionNames(namespace, `${ROOM_LABEL}=${room}`)) {
       await this.delete("RoomPermission", namespace, name);
     }
   }
 
-  /** Deletes a user (its `deletionPolicy` applies), then this writer's permissions of it. */
-  async deleteUser(namespace: string, user: string): Promise<void> {
+  /**
+   * Deletes a user (its `deletionPolicy` applies), then this writer's
+   * permissions of it: those of its namespace and, in each namespace of
+   * `options.referencedFrom` (where its grants let rooms name it), those
+   * naming it from there.
+   */
+  async deleteUser(namespace: string, user: string, options: { referencedFrom?: string[] } = {}): Promise<void> {
     await this.delete("MatrixUser", namespace, user);
-    for (const name of await this.permissionNames(namespace, USER_LABEL, user)) {
+    const own = `${USER_LABEL}=${user},!${USER_NAMESPACE_LABEL}`;
+    for (const name of await this.permissionNames(namespace, own)) {
       await this.delete("RoomPermission", namespace, name);
+    }
+    const guest = `${USER_LABEL}=${user},${USER_NAMESPACE_LABEL}=${namespace}`;
+    for (const other of options.referencedFrom ?? []) {
+      if (other === namespace) continue;
+      for (const name of await this.permissionNames(other, guest)) {
+        await this.delete("RoomPermission", other, name);
+      }
     }
   }
 
-  /** Names of this writer's permissions carrying `label=value`. */
-  private async permissionNames(namespace: string, label: string, value: string): Promise<string[]> {
+  /** Names of this writer's permissions matching the label selector `labels`. */
+  private async permissionNames(namespace: string, labels: string): Promise<string[]> {
     const { apiVersion } = RESOURCES.RoomPermission;
-    const selector = `${label}=${value},${MANAGED_BY_LABEL}=${this.fieldManager}`;
+    const selector = `${labels},${MANAGED_BY_LABEL}=${this.fieldManager}`;
     const list = await this.api.list<RoomPermission>(
       apiVersion,
       "RoomPermission",

@@ -21,6 +21,8 @@ export const TENANT_LABEL = "matrix.openmeet.net/tenant";
 /** Labels the kit puts on permissions, so a room's or user's can be listed. */
 export const ROOM_LABEL = "matrix.openmeet.net/room";
 export const USER_LABEL = "matrix.openmeet.net/user";
+/** On a permission naming a user of another namespace: that namespace. */
+export const USER_NAMESPACE_LABEL = "matrix.openmeet.net/user-namespace";
 
 /** The platform entity a room belongs to. */
 export type SourceKind = "Event" | "Group" | "Direct";
@@ -97,17 +99,33 @@ export function directRoomObjectName(userA: string, userB: string): string {
   return `dm-${directPairKey(userA, userB)}`;
 }
 
-/** `<room>.<user>`: one user's `RoomPermission` in one room. */
-export function permissionObjectName(roomName: string, userName: string): string {
-  for (const [what, name] of [
+/**
+ * `<room>.<user>`: one user's `RoomPermission` in one room. A user of
+ * another namespace (`userNamespace`, admitted there by a `MatrixUserGrant`)
+ * gives `<room>.<user namespace>.<user>`: three parts, so it never meets the
+ * name of a permission for a user of the room's own namespace.
+ */
+export function permissionObjectName(roomName: string, userName: string, userNamespace?: string): string {
+  const parts: [string, string][] = [
     ["room name", roomName],
     ["user name", userName],
-  ] as const) {
+  ];
+  if (userNamespace !== undefined) parts.push(["user namespace", userNamespace]);
+  for (const [what, name] of parts) {
     if (!/^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/.test(name) || name.length > MAX_OBJECT_NAME) {
       throw new Error(`${what} ${JSON.stringify(name)} is not a DNS label (use the naming helpers)`);
     }
   }
-  return `${roomName}.${userName}`;
+  return userNamespace === undefined ? `${roomName}.${userName}` : `${roomName}.${userNamespace}.${userName}`;
+}
+
+/**
+ * `grant-<slug>`: a `MatrixUserGrant`, in the namespace of the users it
+ * opens to others; the slug says what for (e.g. the inviting tenant and its
+ * event: `acme-rust-meetup-2026`).
+ */
+export function userGrantObjectName(slug: string): string {
+  return fit("grant-", required("slug", slug), MAX_OBJECT_NAME);
 }
 
 /**

@@ -1,7 +1,7 @@
 // Unit tests of reading an object's health as kstatus does.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { health, type MatrixRoom } from "../src/index.js";
+import { health, type MatrixRoom, type MatrixUserGrant } from "../src/index.js";
 
 function room(generation: number, status?: object, deleting = false): MatrixRoom {
   return {
@@ -60,4 +60,29 @@ test("Reconciling is InProgress, and deletion Terminating", () => {
   assert.equal(health(r).status, "InProgress");
   assert.equal(health(r).reason, "SynapseUnavailable");
   assert.equal(health(room(1, undefined, true)).status, "Terminating");
+});
+
+test("a grant in effect is Current; a refused reference is Failed with its reason", () => {
+  const grant: MatrixUserGrant = {
+    apiVersion: "matrix.openmeet.net/v1alpha1",
+    kind: "MatrixUserGrant",
+    metadata: { name: "grant-acme", namespace: "openmeet-partner", generation: 1 },
+    spec: { from: [{ namespace: "openmeet-acme" }] },
+    status: {
+      observedGeneration: 1,
+      permissions: 2,
+      usedBy: [{ namespace: "openmeet-acme", permissions: 2 }],
+      conditions: [ready(1, true, "Granted")],
+    },
+  };
+  assert.deepEqual(health(grant), { status: "Current", reason: "Granted", message: "Granted message" });
+  const refused = room(1, {
+    observedGeneration: 1,
+    conditions: [
+      ready(1, false, "ReferenceNotPermitted"),
+      { type: "Stalled", status: "True", reason: "ReferenceNotPermitted", observedGeneration: 1 },
+    ],
+  });
+  assert.equal(health(refused).status, "Failed");
+  assert.equal(health(refused).reason, "ReferenceNotPermitted");
 });
