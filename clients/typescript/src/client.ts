@@ -164,8 +164,19 @@ export class MatrixPlatformClient {
     )) as KindObject<K>;
   }
 
-  applyUser(namespace: string, name: string, spec: MatrixUserSpec): Promise<MatrixUser> {
-    return this.apply("MatrixUser", namespace, name, spec);
+  /**
+   * A user, with `labels` of its own besides the client's: e.g. the label a
+   * `MatrixUserGrant`'s selector matches. Like every field this writer sets,
+   * a label left out of a later apply is removed (and a grant selecting it
+   * stops covering the user).
+   */
+  applyUser(
+    namespace: string,
+    name: string,
+    spec: MatrixUserSpec,
+    labels: Record<string, string> = {},
+  ): Promise<MatrixUser> {
+    return this.apply("MatrixUser", namespace, name, spec, labels);
   }
 
   applyRoom(namespace: string, name: string, spec: MatrixRoomSpec): Promise<MatrixRoom> {

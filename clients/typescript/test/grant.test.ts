@@ -119,6 +119,15 @@ test("a member of another namespace is named with it, and labelled so", async ()
   assert.equal(own?.metadata?.labels?.[USER_NAMESPACE_LABEL], undefined);
 });
 
+test("a user carries the labels a grant's selector matches", async () => {
+  const { calls, client } = recording();
+  await client.applyUser("openmeet-partner", "user-dana", { localpart: "dana" }, { "openmeet.net/speaker": "true" });
+  assert.deepEqual(calls[0]?.object?.metadata?.labels, {
+    "openmeet.net/speaker": "true",
+    "app.kubernetes.io/managed-by": "openmeet-platform",
+  });
+});
+
 test("a grant is applied in the users' namespace, never admitting its own", async () => {
   const { calls, client } = recording();
   const spec = userGrantSpec({ from: ["openmeet-acme"], users: { names: ["user-dana"] }, maxRole: "Moderator" });
