@@ -11,15 +11,19 @@ all: build
 build:
 	$(CARGO) build --bins
 
-## Regenerate crds/ from the Rust types, and the TypeScript kit's types from them.
+## Regenerate crds/ (and the chart's copy) from the Rust types, and the
+## TypeScript kit's types from them.
 crds:
 	$(CARGO) run --quiet -- crd > crds/crds.yaml
+	cp crds/crds.yaml $(CHART)/files/crds.yaml
 	$(MAKE) --no-print-directory ts-types
 
 ## Fail when crds/ is stale.
 crd-check:
 	@$(CARGO) run --quiet -- crd | diff -u crds/crds.yaml - \
 	  || { echo "crds/ is stale: run 'make crds' and commit the result" >&2; exit 1; }
+	@cmp -s crds/crds.yaml $(CHART)/files/crds.yaml \
+	  || { echo "$(CHART)/files/crds.yaml is stale: run 'make crds' and commit the result" >&2; exit 1; }
 
 TS := clients/typescript
 NPM ?= npm

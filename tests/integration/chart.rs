@@ -19,12 +19,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-const CHART: &str = concat!(
+pub(crate) const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+pub(crate) const CHART: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/charts/openmeet-matrix-operator"
 );
-const CI_VALUES: &str = concat!(
+pub(crate) const CI_VALUES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/charts/openmeet-matrix-operator/ci/test-values.yaml"
 );
@@ -38,7 +38,7 @@ const RBAC_KINDS: [&str; 5] = [
 ];
 
 /// The pinned helm, built once (cached by version) by `tests/stack/build-helm.sh`.
-fn helm() -> &'static Path {
+pub(crate) fn helm() -> &'static Path {
     static HELM: OnceLock<PathBuf> = OnceLock::new();
     HELM.get_or_init(|| {
         let out = Command::new("bash")
@@ -53,7 +53,7 @@ fn helm() -> &'static Path {
 }
 
 /// A scratch directory for one test's files.
-fn scratch(name: &str) -> PathBuf {
+pub(crate) fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(unique(name));
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -65,7 +65,8 @@ fn template(dir: &Path, release: &str, ns: &str, overrides: &Value) -> Result<St
     let file = dir.join(format!("{}.yaml", unique("values")));
     std::fs::write(&file, serde_yaml::to_string(overrides).unwrap()).unwrap();
     let out = Command::new(helm())
-        .args(["template", release, CHART, "--namespace", ns, "--skip-crds"])
+        .args(["template", release, CHART, "--namespace", ns])
+        .args(["--set", "crds.install=false"])
         .args(["-f", CI_VALUES, "-f"])
         .arg(&file)
         .output()
@@ -135,7 +136,11 @@ fn container<'a>(deployment: &'a Value, name: &str) -> &'a Value {
 }
 
 /// `kubectl` against the stack (as `kubeconfig`), `stdin` piped in.
-async fn kubectl(kubeconfig: &str, args: &[&str], stdin: Option<String>) -> (bool, String) {
+pub(crate) async fn kubectl(
+    kubeconfig: &str,
+    args: &[&str],
+    stdin: Option<String>,
+) -> (bool, String) {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(Stack::get().var("KUBECTL"))
         .args(args)
@@ -351,11 +356,11 @@ fn mas_values() -> Value {
 #[test]
 fn chart_crds_match_the_generated_ones() {
     let generated = std::fs::read(format!("{ROOT}/crds/crds.yaml")).unwrap();
-    let shipped = std::fs::read(format!("{CHART}/crds/crds.yaml")).unwrap();
+    let shipped = std::fs::read(format!("{CHART}/files/crds.yaml")).unwrap();
     assert!(
         generated == shipped,
-        "charts/openmeet-matrix-operator/crds/crds.yaml differs from crds/crds.yaml: \
-         copy it (cp crds/crds.yaml charts/openmeet-matrix-operator/crds/)"
+        "charts/openmeet-matrix-operator/files/crds.yaml differs from crds/crds.yaml: \
+         run 'make crds'"
     );
 }
 

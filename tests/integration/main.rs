@@ -4,6 +4,7 @@
 mod binary;
 mod browser;
 mod chart;
+mod chart_upgrade;
 mod crds;
 mod direct;
 mod feed;

@@ -95,7 +95,7 @@ wait_for() { # description, seconds, command...
   return 1
 }
 
-etcd_port="$(free_port)"; etcd_peer_port="$(free_port)"; api_port="$(free_port)"; synapse_port="$(free_port)"; appservice_port="$(free_port)"; sidecar_port="$(free_port)"
+api_port="$(free_port)"; synapse_port="$(free_port)"; appservice_port="$(free_port)"; sidecar_port="$(free_port)"
 if [[ "$matrix_auth" == mas ]]; then mas_port="$(free_port)"; fi
 server_name="openmeet.test"
 
@@ -116,55 +116,14 @@ openssl_quiet x509 -req -in "$pki/sidecar.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca
 openssl_quiet genrsa -out "$pki/sa.key" 2048
 openssl_quiet rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
 
-control_plane=()
 if [[ -n "${STACK_CONTROL_PLANE_CPUS:-}" ]]; then
-  control_plane=(taskset -c "$STACK_CONTROL_PLANE_CPUS")
   log "etcd and kube-apiserver pinned to CPUs $STACK_CONTROL_PLANE_CPUS"
 fi
 
-# --- etcd ---
-"${control_plane[@]}" "$bin/etcd" --name stack --data-dir "$dir/etcd" \
-  --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-  --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
-  --initial-cluster "stack=http://127.0.0.1:$etcd_peer_port" \
-  --unsafe-no-fsync --log-level warn > "$dir/etcd.log" 2>&1 &
+# --- etcd and kube-apiserver ---
+"$here/control-plane.sh" "$dir" "$pki" "$api_port" &
 pids+=($!)
-
-# --- kube-apiserver ---
-"${control_plane[@]}" "$bin/kube-apiserver" \
-  --etcd-servers "http://127.0.0.1:$etcd_port" \
-  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
-  --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
-  --client-ca-file "$pki/ca.crt" \
-  --service-account-issuer https://kubernetes.default.svc \
-  --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
-  --service-cluster-ip-range 10.96.0.0/16 \
-  --authorization-mode RBAC \
-  --disable-admission-plugins ServiceAccount \
-  --enable-priority-and-fairness=false \
-  --profiling=false \
-  --v 1 > "$dir/kube-apiserver.log" 2>&1 &
-pids+=($!)
-
 kubeconfig="$dir/kubeconfig"
-cat > "$kubeconfig" <<KCFG
-apiVersion: v1
-kind: Config
-clusters:
-- name: stack
-  cluster:
-    server: https://127.0.0.1:$api_port
-    certificate-authority: $pki/ca.crt
-users:
-- name: stack-admin
-  user:
-    client-certificate: $pki/admin.crt
-    client-key: $pki/admin.key
-contexts:
-- name: stack
-  context: {cluster: stack, user: stack-admin}
-current-context: stack
-KCFG
 export KUBECONFIG="$kubeconfig"
 
 # --- OIDC: the sidecar's signing key, its client (Synapse) and the platform's HS256 secret ---
