@@ -1,7 +1,7 @@
 # The operator image: one binary, the subcommand picks the role
 # (`controller` or `sidecar`; the Helm chart passes it as the container args).
 #
-#   docker build -t openmeet-matrix-operator:0.2.0 .
+#   docker build -t openmeet-matrix-operator:0.3.0 .
 
 # ---- build ------------------------------------------------------------------
 FROM rust:1.95-bookworm AS builder
