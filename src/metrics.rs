@@ -403,15 +403,15 @@ mod tests {
             kube: None,
         };
         use crate::controller::outcome::Outcome;
-        let timer = sources.reconciles.start("MatrixUser");
+        let timer = sources.reconciles.start("MatrixUser", "t/alice");
         timer.finish(Outcome::Ready);
         sources
             .reconciles
-            .start("MatrixRoom")
+            .start("MatrixRoom", "t/a")
             .finish(Outcome::Error);
         sources
             .reconciles
-            .start("MatrixRoom")
+            .start("MatrixRoom", "t/b")
             .finish(Outcome::Stalled);
         sources.synapse.record(
             crate::synapse::RequestKind::GetUser,

@@ -13,7 +13,10 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+const KIND: &str = "MatrixUserGrant";
 
 struct Ctx {
     client: Client,
@@ -21,6 +24,7 @@ struct Ctx {
     permissions: Store<RoomPermission>,
     permission_index: Arc<Index<RoomPermission>>,
     users: Store<MatrixUser>,
+    synced: Arc<AtomicBool>,
     stats: Arc<ReconcileStats>,
     leading: super::Leading,
 }
@@ -32,6 +36,9 @@ pub struct Caches {
     pub permissions: Store<RoomPermission>,
     pub permission_index: Arc<Index<RoomPermission>>,
     pub users: Store<MatrixUser>,
+    /// Set once the caches above are complete: uses counted before would
+    /// be too few.
+    pub synced: Arc<AtomicBool>,
 }
 
 /// The shared watch subscriptions that trigger grant reconciles.
@@ -62,6 +69,7 @@ pub async fn run<A, B, C>(
         permissions,
         permission_index,
         users,
+        synced,
     } = caches;
     let grants_of = {
         let index = grant_index.clone();
@@ -69,11 +77,18 @@ pub async fn run<A, B, C>(
     };
     let grants_of_user_ns = grants_of.clone();
     let (perms_for_users, perms_by_user) = (permissions.clone(), permission_index.clone());
-    Controller::for_shared_stream(triggers.objects, grants.clone())
+    let (own, by_permission, by_user) =
+        (deps.stats.clone(), deps.stats.clone(), deps.stats.clone());
+    let objects = triggers
+        .objects
+        .inspect(move |g| own.queue.note_object(KIND, g.as_ref()));
+    Controller::for_shared_stream(objects, grants.clone())
         .watches_shared_stream(triggers.permissions, move |p: Arc<RoomPermission>| match p
             .crosses_namespaces()
         {
-            true => grants_of(p.user_namespace()),
+            true => by_permission
+                .queue
+                .note(KIND, grants_of(p.user_namespace())),
             false => Vec::new(),
         })
         .watches_shared_stream(triggers.users, move |u: Arc<MatrixUser>| {
@@ -86,7 +101,7 @@ pub async fn run<A, B, C>(
                 .iter()
                 .any(|p| p.crosses_namespaces());
             match named_from_elsewhere {
-                true => grants_of_user_ns(&ns),
+                true => by_user.queue.note(KIND, grants_of_user_ns(&ns)),
                 false => Vec::new(),
             }
         })
@@ -100,6 +115,7 @@ pub async fn run<A, B, C>(
                 permissions,
                 permission_index,
                 users,
+                synced,
                 stats: deps.stats,
                 leading: deps.leading,
             }),
@@ -112,7 +128,7 @@ async fn reconcile(grant: Arc<MatrixUserGrant>, ctx: Arc<Ctx>) -> Result<Action,
     let Some(grant) = ctx.leading.current(grant, &ctx.grants).await else {
         return Ok(Action::await_change());
     };
-    let timer = ctx.stats.start("MatrixUserGrant");
+    let timer = ctx.stats.start(KIND, &super::key(grant.as_ref()));
     let (result, written) = outcome::noting(write_uses(&grant, &ctx)).await;
     let before = grant
         .status
@@ -124,6 +140,9 @@ async fn reconcile(grant: Arc<MatrixUserGrant>, ctx: Arc<Ctx>) -> Result<Action,
 
 /// Counts the permissions the grant admits and writes them, when changed.
 async fn write_uses(grant: &MatrixUserGrant, ctx: &Ctx) -> Result<Action, Error> {
+    if !ctx.synced.load(Ordering::Acquire) {
+        return Ok(Action::requeue(std::time::Duration::from_secs(1)));
+    }
     let ns = grant.namespace().unwrap_or_default();
     let crossing = ctx
         .permission_index

@@ -14,6 +14,7 @@ pub mod memo;
 pub mod outcome;
 pub mod own_joins;
 pub mod permission;
+pub mod queue;
 pub mod reference;
 pub mod room;
 #[cfg(test)]
@@ -176,6 +177,8 @@ pub struct ReconcileStats {
     outcomes: Family<Labels, Counter>,
     durations: HistogramFamily,
     in_flight: Family<Labels, Gauge>,
+    /// Objects queued for a reconcile that has not started.
+    pub queue: queue::Queued,
     /// Counts kept from the watches, once the controllers run: the objects
     /// gauge reads them.
     objects: std::sync::OnceLock<ObjectTallies>,
@@ -206,6 +209,7 @@ impl Default for ReconcileStats {
             outcomes: Default::default(),
             durations: crate::metrics::latency_family(),
             in_flight: Default::default(),
+            queue: Default::default(),
             objects: Default::default(),
         }
     }
@@ -254,8 +258,10 @@ impl ReconcileStats {
         self.room_reconciles.load(Ordering::Relaxed)
     }
 
-    /// Starts timing a reconcile of `kind`.
-    pub fn start(&self, kind: &'static str) -> ReconcileTimer<'_> {
+    /// Starts timing a reconcile of `kind`, the object `key`
+    /// (`namespace/name`), which leaves the queue.
+    pub fn start(&self, kind: &'static str, key: &str) -> ReconcileTimer<'_> {
+        self.queue.taken(kind, key);
         self.in_flight
             .get_or_create(&vec![("kind", kind.to_string())])
             .inc();
@@ -317,6 +323,17 @@ impl ReconcileStats {
             "openmeet_reconciles_in_flight",
             "Reconciles running now, by kind (the controllers' work in progress)",
             self.in_flight.clone(),
+        );
+        let depth = Family::<Labels, Gauge>::default();
+        for (kind, queued) in self.queue.depths() {
+            depth
+                .get_or_create(&vec![("kind", kind.to_string())])
+                .set(queued as i64);
+        }
+        registry.register(
+            "openmeet_reconcile_queue_depth",
+            "Objects a change has queued for a reconcile that has not started yet, by kind (a standby's are waiting for the lease)",
+            depth,
         );
     }
 }
@@ -525,6 +542,11 @@ impl Operator {
             permissions.store(),
             grants.store(),
         );
+        let queue = &self.stats.queue;
+        queue.watching("MatrixUser", users_store.clone());
+        queue.watching("MatrixRoom", rooms_store.clone());
+        queue.watching("RoomPermission", permissions_store.clone());
+        queue.watching("MatrixUserGrant", grants_store.clone());
         self.stats.count_objects(ObjectTallies {
             users: users.tally("MatrixUser", |u| {
                 ready_bucket(u.status.as_ref().map(|s| &s.conditions))
@@ -623,6 +645,7 @@ impl Operator {
                 permissions: permissions_store.clone(),
                 permission_index: permission_index.clone(),
                 users: users_store.clone(),
+                synced: self.synced.clone(),
             };
             grant::run(caches, grant_triggers, deps.clone(), shutdown.clone())
         };

@@ -16,6 +16,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+const KIND: &str = "RoomPermission";
+
 struct Ctx {
     client: Client,
     permissions: Store<RoomPermission>,
@@ -56,11 +58,16 @@ pub async fn run<A, B>(
         index,
         rooms,
     } = caches;
-    Controller::for_shared_stream(triggers.objects, permissions.clone())
+    let (own, by_room) = (deps.stats.clone(), deps.stats.clone());
+    let objects = triggers
+        .objects
+        .inspect(move |p| own.queue.note_object(KIND, p.as_ref()));
+    Controller::for_shared_stream(objects, permissions.clone())
         // A room appeared or went away: the permissions naming it.
         .watches_shared_stream(triggers.rooms, move |room: Arc<MatrixRoom>| {
             let ns = room.namespace().unwrap_or_default();
-            index.refs(&keys::permissions_of_room(&ns, &room.name_any()))
+            let refs = index.refs(&keys::permissions_of_room(&ns, &room.name_any()));
+            by_room.queue.note(KIND, refs)
         })
         .graceful_shutdown_on(shutdown)
         .run(
@@ -86,7 +93,7 @@ async fn reconcile(p: Arc<RoomPermission>, ctx: Arc<Ctx>) -> Result<Action, Erro
     ctx.stats
         .permission_reconciles
         .fetch_add(1, Ordering::Relaxed);
-    let timer = ctx.stats.start("RoomPermission");
+    let timer = ctx.stats.start(KIND, &super::key(p.as_ref()));
     let (result, written) = outcome::noting(mark_pending(&p, &ctx)).await;
     let before = p
         .status

@@ -1293,7 +1293,12 @@ async fn chart_renders_the_prometheus_rule_and_argocd_health_checks() {
         .iter()
         .find(|d| d["metadata"]["name"] == "obs-openmeet-matrix-operator-argocd-health")
         .expect("the Argo CD health ConfigMap");
-    for kind in ["MatrixUser", "MatrixRoom", "RoomPermission"] {
+    for kind in [
+        "MatrixUser",
+        "MatrixRoom",
+        "RoomPermission",
+        "MatrixUserGrant",
+    ] {
         let lua = std::fs::read_to_string(format!("{CHART}/argocd/health.lua")).unwrap();
         assert_eq!(
             health["data"][format!("resource.customizations.health.matrix.openmeet.net_{kind}")]

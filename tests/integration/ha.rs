@@ -119,6 +119,12 @@ async fn one_leader_reconciles_and_a_standby_takes_over() {
     })
     .await;
     assert_eq!(metric(&b, "openmeet_synapse_requests_total").await, 0);
+    // Its queue holds the user, waiting for the lease; the leader's is empty.
+    wait_for("the user in the standby's queue", || async {
+        (metric(&b, "openmeet_reconcile_queue_depth").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&a, "openmeet_reconcile_queue_depth").await, 0);
 
     // The leader dies without a word; the standby takes over once the lease
     // lapses, trusting what the leader converged: it reads nothing of it.
@@ -139,6 +145,10 @@ async fn one_leader_reconciles_and_a_standby_takes_over() {
         0,
         "the converged user is trusted from its status"
     );
+    wait_for("the new leader's queue to drain", || async {
+        (metric(&b, "openmeet_reconcile_queue_depth").await == 0).then_some(())
+    })
+    .await;
     env.create_user(0, "second", json!({"localpart": unique("second")}))
         .await;
     env.wait_ready(0, "second", true, "Converged").await;

@@ -87,7 +87,7 @@ pub async fn reconcile(room: Arc<MatrixRoom>, ctx: Arc<RoomContext>) -> Result<A
     let Some(room) = ctx.leading.current(room, &ctx.rooms).await else {
         return Ok(Action::await_change());
     };
-    let timer = ctx.stats.start("MatrixRoom");
+    let timer = ctx.stats.start(triggers::KIND, &key(room.as_ref()));
     let api: Api<MatrixRoom> = super::own_namespace(&ctx.client, room.as_ref())?;
     let (result, written) = outcome::noting(super::finalizer::reconcile(
         &api,

@@ -13,6 +13,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The kind, as the metrics name it.
+pub(super) const KIND: &str = "MatrixRoom";
+
 /// The shared caches the room controller reads.
 pub struct Caches {
     pub rooms: Store<MatrixRoom>,
@@ -87,20 +90,34 @@ pub async fn run<A, B, C, D, E>(
     let (rooms_for_claims, rooms_by_alias) = (caches.rooms.clone(), caches.room_index);
     let spaces = std::sync::Mutex::new(tree::SpaceIndex::default());
     let evict = ctx.clone();
-    Controller::for_shared_stream(triggers.objects, caches.rooms)
+    // Every trigger notes what it queues (the queue-depth gauge).
+    let noted = || ctx.stats.clone();
+    let (own, by_permission, by_user, by_grant, by_peer) =
+        (noted(), noted(), noted(), noted(), noted());
+    let objects = triggers
+        .objects
+        .inspect(move |r| own.queue.note_object(KIND, r.as_ref()));
+    Controller::for_shared_stream(objects, caches.rooms)
         // A permission changed or went away: its room folds it in.
-        .watches_shared_stream(triggers.permissions, |p: Arc<RoomPermission>| {
-            Some(ObjectRef::new(&p.spec.room_ref.name).within(&p.namespace().unwrap_or_default()))
+        .watches_shared_stream(triggers.permissions, move |p: Arc<RoomPermission>| {
+            let ns = p.namespace().unwrap_or_default();
+            by_permission
+                .queue
+                .note(KIND, [ObjectRef::new(&p.spec.room_ref.name).within(&ns)])
         })
         // A user changed (or went away): the rooms that reference it.
         .watches_shared_stream(triggers.users, move |u: Arc<MatrixUser>| {
             let key = keys::permissions_of_user(&u.namespace().unwrap_or_default(), &u.name_any());
-            rooms_of(&perms_by_user.get(&perms_for_users, &key))
+            by_user
+                .queue
+                .note(KIND, rooms_of(&perms_by_user.get(&perms_for_users, &key)))
         })
         // A grant changed or went away: the rooms it may admit users to.
         .watches_shared_stream(triggers.grants, move |g: Arc<MatrixUserGrant>| {
             let key = keys::permissions_into(&g.namespace().unwrap_or_default());
-            rooms_of(&perms_into.get(&perms_for_grants, &key))
+            by_grant
+                .queue
+                .note(KIND, rooms_of(&perms_into.get(&perms_for_grants, &key)))
         })
         // A room changed: its parents (old and new) and children see it;
         // when it went away, the others claiming its alias decide again.
@@ -130,7 +147,7 @@ pub async fn run<A, B, C, D, E>(
                         .filter(|o| *o != me),
                 );
             }
-            related
+            by_peer.queue.note(KIND, related)
         })
         .with_config(controller::controller_config(
             &ctx.config,

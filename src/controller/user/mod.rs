@@ -90,7 +90,11 @@ pub async fn run<A, B>(
     // Each object's email as last seen: a claimant that changes its address
     // frees the old one.
     let emails: std::sync::Mutex<std::collections::HashMap<String, String>> = Default::default();
-    Controller::for_shared_stream(triggers.objects, caches.users)
+    let (own, by_peer) = (ctx.stats.clone(), ctx.stats.clone());
+    let objects = triggers
+        .objects
+        .inspect(move |u| own.queue.note_object(KIND, u.as_ref()));
+    Controller::for_shared_stream(objects, caches.users)
         .watches_shared_stream(triggers.peers, move |changed: Arc<MatrixUser>| {
             let gone = peers.get(&ObjectRef::from_obj(changed.as_ref())).is_none();
             if gone {
@@ -104,7 +108,10 @@ pub async fn run<A, B>(
                 }
             };
             let rivals = |key: &str| index.get(&peers, key);
-            claim_peers(rivals, &changed, gone, previous.as_deref())
+            by_peer.queue.note(
+                KIND,
+                claim_peers(rivals, &changed, gone, previous.as_deref()),
+            )
         })
         .with_config(super::controller_config(&ctx.config, Duration::ZERO))
         .graceful_shutdown_on(shutdown)
@@ -155,7 +162,7 @@ pub async fn reconcile(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Actio
     let Some(user) = ctx.leading.current(user, &ctx.users).await else {
         return Ok(Action::await_change());
     };
-    let timer = ctx.stats.start("MatrixUser");
+    let timer = ctx.stats.start(KIND, &super::key(user.as_ref()));
     let api: Api<MatrixUser> = super::own_namespace(&ctx.client, user.as_ref())?;
     let (result, written) = outcome::noting(super::finalizer::reconcile(
         &api,
@@ -809,6 +816,9 @@ async fn write_status(
 }
 
 /// The condition recording that the account is locked, and since when.
+/// The kind, as the metrics name it.
+const KIND: &str = "MatrixUser";
+
 pub const LOCKED: &str = "Locked";
 /// The Ready reason of an account whose lock must stay a while longer.
 pub const UNLOCK_PENDING: &str = "UnlockPending";
