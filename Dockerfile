@@ -29,7 +29,12 @@ RUN cargo build --release --locked --bin openmeet-matrix-operator \
 # ---- runtime ----------------------------------------------------------------
 # distroless/cc: glibc and libgcc only (the binary links glibc dynamically;
 # TLS is rustls with ring, no OpenSSL), no shell, no package manager.
-FROM gcr.io/distroless/cc-debian12:nonroot
+# Pinned by digest, so a rebuild of the same source gets the same base. To
+# take a newer base (security updates), look the tag's digest up and replace
+# it here, in its own commit:
+#   crane digest gcr.io/distroless/cc-debian12:nonroot
+#   (or: docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot)
+FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
 COPY --from=builder /build/target/release/openmeet-matrix-operator /usr/local/bin/openmeet-matrix-operator
 # 65532 = nonroot. The binary writes nothing to disk: a read-only root
 # filesystem works as is.
