@@ -9,7 +9,7 @@
 
 use crate::harness::{https_client, python_venv, unique, wait_for, Stack, TestEnv};
 use crate::rooms::perm;
-use crate::sidecar::{credentials, platform_token, query, ready_user, whoami};
+use crate::sidecar::{credentials, platform_token, query, ready_user, refresh_of, whoami};
 use base64::Engine;
 use openmeet_matrix_operator::api::conditions::find;
 use openmeet_matrix_operator::api::{MatrixRoom, RoomPermission};
@@ -219,6 +219,23 @@ async fn json_of(r: reqwest::Response) -> (StatusCode, Value) {
 /// What Element X does to sign in: discovery, registration, authorization
 /// code with PKCE through the browser, token. Returns the token response.
 async fn sign_in(synapse: &str, subject: &str, tenant: &str, device: &str) -> Value {
+    let no_wait: Option<std::future::Ready<()>> = None;
+    let (token, waits) = sign_in_waiting(synapse, subject, tenant, device, no_wait).await;
+    assert_eq!(waits, 0, "the account was ready: no wait page");
+    token
+}
+
+/// [`sign_in`] for a user whose account may not be ready: while the sidecar
+/// holds the browser on its wait page (which refreshes itself), `prepare`
+/// runs once. Returns the token response and how many wait pages the
+/// browser was shown.
+async fn sign_in_waiting(
+    synapse: &str,
+    subject: &str,
+    tenant: &str,
+    device: &str,
+    mut prepare: Option<impl std::future::Future<Output = ()>>,
+) -> (Value, usize) {
     let stack = Stack::get();
     let sidecar = url::Url::parse(stack.sidecar().await).unwrap();
     let mas_url = url::Url::parse(stack.var("MAS_URL")).unwrap();
@@ -316,13 +333,27 @@ async fn sign_in(synapse: &str, subject: &str, tenant: &str, device: &str) -> Va
     let return_to = url::Url::parse(&query(&login)["return_to"]).unwrap();
     assert_eq!(return_to.origin(), sidecar.origin());
 
-    // The platform signs the user in and posts its token back.
-    let back = browser
+    // The platform signs the user in and posts its token back. The sidecar
+    // answers with the redirect to MAS's callback once the account is ready,
+    // and until then with its wait page.
+    let mut back = browser
         .send(
             &return_to,
             Some(&[("platform_token", &platform_token(subject, tenant))]),
         )
         .await;
+    let mut waits = 0;
+    while back.status == StatusCode::OK {
+        assert!(waits < 60, "still waiting: {}", back.excerpt());
+        assert!(back.body.contains("being prepared"), "{}", back.excerpt());
+        waits += 1;
+        let (seconds, again) = refresh_of(&back.body);
+        if let Some(prepare) = prepare.take() {
+            prepare.await;
+        }
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        back = browser.send(&again, None).await;
+    }
     let callback = back.redirect().clone();
     assert_eq!(
         (callback.origin(), callback.path()),
@@ -374,7 +405,7 @@ async fn sign_in(synapse: &str, subject: &str, tenant: &str, device: &str) -> Va
     let mut token = token;
     token["client_id"] = json!(client_id);
     token["token_endpoint"] = json!(endpoint("token_endpoint").as_str());
-    token
+    (token, waits)
 }
 
 /// Syncs and sends `body` into `room` with matrix-nio; the event id.
@@ -606,4 +637,47 @@ async fn a_matrix_2_client_signs_in_through_mas_and_a_lock_ends_every_session() 
 
 fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A first login right after sign-up, in MAS mode: the platform sends the
+/// browser back before the `MatrixUser` exists. The sidecar holds it on its
+/// wait page, so MAS gets its callback only once the operator has made the
+/// account and its upstream link: MAS signs the browser in to that account
+/// and makes none of its own.
+#[tokio::test]
+#[ignore = "MAS mode: make integration-mas"]
+async fn a_first_login_waits_for_the_account_before_mas_gets_its_callback() {
+    let env = TestEnv::new("mas-first-login").await;
+    let synapse = Stack::get().var("SYNAPSE_URL");
+    let (subject, localpart) = (unique("sub"), unique("newcomer"));
+    let tenant = env.ns(0).to_string();
+    let device = Alphanumeric.sample_string(&mut rand::rng(), 10);
+    assert!(mas().user_by_username(&localpart).await.unwrap().is_none());
+
+    // The platform writes the MatrixUser only while the browser waits.
+    let prepare = async {
+        env.create_user(
+            0,
+            "newcomer",
+            json!({"localpart": localpart, "displayName": "New Comer", "subject": subject}),
+        )
+        .await;
+    };
+    let (token, waits) = sign_in_waiting(synapse, &subject, &tenant, &device, Some(prepare)).await;
+    assert!(waits >= 1, "the browser waited");
+    let user_id = env.user_id(&localpart).to_string();
+    let (status, me) = whoami(synapse, token["access_token"].as_str().unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(me["user_id"], user_id.as_str(), "{me}");
+
+    // In MAS: the operator's account, with the one link to the tenant-qualified subject.
+    let account = mas().user_by_username(&localpart).await.unwrap().unwrap();
+    let links = mas().links_of(&account.id).await.unwrap();
+    assert_eq!(links.len(), 1, "{links:?}");
+    assert_eq!(links[0].subject, format!("{tenant}/{subject}"));
+    let user = env.wait_ready(0, "newcomer", true, "Converged").await;
+    assert_eq!(
+        user.status.unwrap().user_id.as_deref(),
+        Some(user_id.as_str())
+    );
 }

@@ -1339,7 +1339,7 @@ fn wait_ticket(r: &reqwest::Response) -> String {
 
 /// The address a wait page refreshes to (`<meta http-equiv="refresh">`),
 /// and after how many seconds.
-fn refresh_of(page: &str) -> (u64, url::Url) {
+pub(crate) fn refresh_of(page: &str) -> (u64, url::Url) {
     let start = page
         .find("http-equiv=\"refresh\" content=\"")
         .unwrap_or_else(|| panic!("no refresh in the page: {page}"))
