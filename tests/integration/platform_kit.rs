@@ -4,12 +4,13 @@
 //! (roles, members who left), `force` decides who wins a field, and deleting
 //! the event's room closes it. A group is applied as a space with its chat
 //! room and an event as children, and two members' direct conversation as a
-//! Direct room.
+//! Direct room. A member of another tenant is invited into a room (a grant in
+//! their tenant, a permission in the room's) and withdrawn.
 
-use crate::harness::{unique, wait_for, Stack, TestEnv, LABEL};
+use crate::harness::{unique, wait_for, Options, Stack, TestEnv, LABEL};
 use crate::rooms::{as_user, login_as, membership, state, urlencode};
 use kube::api::{Patch, PatchParams};
-use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, RoomPermission};
+use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, MatrixUserGrant, RoomPermission};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -565,6 +566,175 @@ async fn kit_applies_a_group_space_an_event_child_and_a_direct_room() {
         "join",
         "kept: a member of the space"
     );
+}
+
+/// A member of another tenant, as `examples/invite-guest.ts` invites one:
+/// a `MatrixUserGrant` in the guest's namespace admitting the room's, then
+/// the permission in the room's namespace naming the guest there. The guest
+/// joins at the role asked for; withdrawn, they leave the room.
+#[tokio::test]
+async fn kit_invites_a_guest_of_another_tenant_and_withdraws_them() {
+    let env = TestEnv::with(
+        "kitguest",
+        Options {
+            namespaces: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (host_ns, guest_ns) = (env.ns(0).to_string(), env.ns(1).to_string());
+
+    // The guest: a Ready user of namespace 1, their own tenant.
+    let guest = "user-dana";
+    let guest_localpart = unique("kit-dana");
+    env.create_user(1, guest, json!({"localpart": guest_localpart}))
+        .await;
+    env.wait_condition::<MatrixUser>(1, guest, true, "Converged")
+        .await;
+    let guest_id = env.user_id(&guest_localpart).to_string();
+
+    // The host tenant's event room, with its host, applied by the kit.
+    let (subject, handle) = (unique("subject-host"), unique("kit-host"));
+    let event = apply_event(
+        &env,
+        &[
+            "--event".into(),
+            unique("guest-talk"),
+            "--person".into(),
+            format!("{subject}:{handle}:host"),
+        ],
+    )
+    .await;
+    assert!(event.ok, "the kit failed: {}", event.stderr);
+    let room_name = names(&event, "MatrixRoom").remove(0);
+    for user in names(&event, "MatrixUser") {
+        env.wait_condition::<MatrixUser>(0, &user, true, "Converged")
+            .await;
+    }
+    env.wait_condition::<MatrixRoom>(0, &room_name, true, "Converged")
+        .await;
+    for perm in names(&event, "RoomPermission") {
+        env.wait_condition::<RoomPermission>(0, &perm, true, "Converged")
+            .await;
+    }
+    let host_id = env.user_id(&handle).to_string();
+
+    let invite = |extra: &[&str]| -> Vec<String> {
+        [
+            "--room",
+            &room_name,
+            "--guest-namespace",
+            &guest_ns,
+            "--guest",
+            guest,
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let invited = run_example(
+        &env,
+        "invite-guest",
+        &invite(&[
+            "--role",
+            "Moderator",
+            "--max-role",
+            "Moderator",
+            "--wait",
+            "60",
+        ]),
+    )
+    .await;
+    assert!(invited.ok, "the kit failed: {}", invited.stderr);
+    // The grant first, named for the inviting tenant (`--tenant`) and its
+    // room; then the guest's permission, named with their namespace.
+    let grant_name = format!("grant-{host_ns}-{room_name}");
+    let perm_name = format!("{room_name}.{guest_ns}.{guest}");
+    let kinds: Vec<(&str, &str)> = invited
+        .written
+        .iter()
+        .map(|((k, n), _)| (k.as_str(), n.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("MatrixUserGrant", grant_name.as_str()),
+            ("RoomPermission", perm_name.as_str())
+        ]
+    );
+    assert_eq!(invited.ready, Some(2), "the kit saw both Ready");
+
+    // Written where they belong, labelled for this test's operator.
+    let grant = env
+        .api::<MatrixUserGrant>(1)
+        .get(&grant_name)
+        .await
+        .expect("the grant, in the guest's namespace");
+    assert_eq!(
+        serde_json::to_value(&grant.spec).unwrap(),
+        json!({"from": [{"namespace": host_ns}], "users": {"names": [guest]}, "maxRole": "Moderator"})
+    );
+    let perm = env
+        .api::<RoomPermission>(0)
+        .get(&perm_name)
+        .await
+        .expect("the permission, in the room's namespace");
+    let spec = serde_json::to_value(&perm.spec).unwrap();
+    assert_eq!(spec["roomRef"], json!({"name": room_name}));
+    assert_eq!(
+        spec["userRef"],
+        json!({"name": guest, "namespace": guest_ns})
+    );
+    assert_eq!(spec["role"], "Moderator");
+    for labels in [&grant.metadata.labels, &perm.metadata.labels] {
+        let labels = labels.as_ref().unwrap();
+        assert_eq!(labels.get(LABEL), Some(&env.run_id), "{labels:?}");
+    }
+
+    // In Synapse: the guest joined at a moderator's power, beside the host.
+    let room = room_named(&env, &room_name).await;
+    let s = state(&env, &room).await;
+    assert_eq!(membership(&s, &guest_id), "join", "the guest");
+    assert_eq!(power(&s, &guest_id), 50, "the guest: Moderator");
+    assert_eq!(membership(&s, &host_id), "join", "the host");
+    assert_eq!(power(&s, &host_id), 100, "the host: Admin");
+
+    // The guest's tenant sees the grant used: one permission, from the host's namespace.
+    let grant = wait_for("the grant's use counted", || async {
+        let g = env.api::<MatrixUserGrant>(1).get(&grant_name).await.ok()?;
+        (g.status.as_ref()?.permissions == 1).then_some(g)
+    })
+    .await;
+    let status = grant.status.unwrap();
+    assert_eq!(status.used_by.len(), 1, "{:?}", status.used_by);
+    assert_eq!(status.used_by[0].namespace, host_ns);
+    assert_eq!(status.used_by[0].permissions, 1);
+
+    // Withdrawn: the grant and the permission deleted, the guest out of the
+    // room within seconds; the host stays.
+    let withdrawn = run_example(&env, "invite-guest", &invite(&["--withdraw"])).await;
+    assert!(withdrawn.ok, "the kit failed: {}", withdrawn.stderr);
+    assert_eq!(
+        withdrawn.removed,
+        vec![grant_name.clone(), perm_name.clone()]
+    );
+    assert!(withdrawn.written.is_empty());
+    wait_for("the guest to leave the room", || async {
+        let s = state(&env, &room).await;
+        (membership(&s, &guest_id) == "leave").then_some(())
+    })
+    .await;
+    env.wait_gone(&env.api::<MatrixUserGrant>(1), &grant_name)
+        .await;
+    env.wait_gone(&env.api::<RoomPermission>(0), &perm_name)
+        .await;
+    let s = state(&env, &room).await;
+    assert_eq!(membership(&s, &host_id), "join", "the host stays");
+    assert_eq!(power(&s, &guest_id), 0, "the guest's power gone");
+    // The guest's account is theirs, untouched.
+    env.wait_condition::<MatrixUser>(1, guest, true, "Converged")
+        .await;
 }
 
 /// The kit as the npm registry would serve it: `npm pack`, then installed
