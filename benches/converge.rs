@@ -884,6 +884,15 @@ async fn main() {
         }
         None => println!("failover: not measured (not converged)"),
     }
+    // A revert with no mark seen cannot be the operator's: say what it was.
+    for d in failover.iter().flat_map(|f| &f.drift) {
+        if d.marked_ms.is_none() {
+            println!(
+                "failover drift sample without a mark: {} reverted after {:.0} ms by {}",
+                d.change, d.reverted_ms, d.revert
+            );
+        }
+    }
     match &outage {
         Some(writes) => {
             let line: Vec<String> = writes.iter().map(|(k, n)| format!("{k} {n}")).collect();
@@ -1314,6 +1323,9 @@ const DRIFTED_NAME: &str = "Renamed in a client";
 struct DriftSample {
     reverted_ms: f64,
     marked_ms: Option<f64>,
+    /// The change and the event taken for its revert (sender, id, content).
+    change: String,
+    revert: String,
 }
 
 /// Out-of-band renames made by each room's admin in a client (power levels
@@ -1373,15 +1385,22 @@ async fn drift_samples(env: &TestEnv, run: &str, samples: usize) -> Vec<DriftSam
                 if event["event_id"] != event_id.as_str()
                     && event["content"]["name"] != DRIFTED_NAME
                 {
-                    break 'reverted Instant::now();
+                    let seen = format!(
+                        "{} {} {}",
+                        event["sender"], event["event_id"], event["content"]
+                    );
+                    break 'reverted (Instant::now(), seen);
                 }
             }
             since = batch["next_batch"].as_str().unwrap().to_string();
         };
+        let (reverted, revert) = reverted;
         let marked = marks.seen_at(&event_id);
         out.push(DriftSample {
             reverted_ms: (reverted - changed).as_secs_f64() * 1000.0,
             marked_ms: marked.map(|m| m.saturating_duration_since(changed).as_secs_f64() * 1000.0),
+            change: format!("{admin_user} {event_id} in {room_id}"),
+            revert,
         });
     }
     out
