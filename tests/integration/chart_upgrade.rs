@@ -302,6 +302,13 @@ async fn a_release_upgrades_its_crds_with_objects_in_place_and_uninstall_keeps_t
         );
         assert_eq!(
             annotations
+                .get("argocd.argoproj.io/sync-options")
+                .map(String::as_str),
+            Some("Delete=false,Prune=false"),
+            "{kind}: Argo CD keeps it too"
+        );
+        assert_eq!(
+            annotations
                 .get("meta.helm.sh/release-name")
                 .map(String::as_str),
             Some(release),
