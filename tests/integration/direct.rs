@@ -162,16 +162,13 @@ fn invited_as_direct_only(events: &[Value], view: Option<&ClientView>, user: &st
 
 /// A user's global account data, through the admin API.
 async fn account_data(user_id: &str) -> Value {
-    let stack = Stack::get();
-    let url = format!(
-        "{}/_synapse/admin/v1/users/{}/accountdata",
-        stack.var("SYNAPSE_URL"),
+    let path = format!(
+        "/_synapse/admin/v1/users/{}/accountdata",
         urlencode(user_id)
     );
-    let v: Value = reqwest::Client::new()
-        .get(url)
-        .query(&[("user_id", stack.admin_user_id())])
-        .bearer_auth(&stack.as_token)
+    let v: Value = Stack::get()
+        .admin_api(reqwest::Method::GET, &path)
+        .await
         .send()
         .await
         .unwrap()
@@ -183,20 +180,11 @@ async fn account_data(user_id: &str) -> Value {
 
 /// The room's events as the admin API lists them, oldest first.
 async fn room_events(room_id: &str) -> Vec<Value> {
-    let stack = Stack::get();
-    let url = format!(
-        "{}/_synapse/admin/v1/rooms/{}/messages",
-        stack.var("SYNAPSE_URL"),
-        urlencode(room_id)
-    );
-    let v: Value = reqwest::Client::new()
-        .get(url)
-        .query(&[
-            ("user_id", stack.admin_user_id().as_str()),
-            ("dir", "f"),
-            ("limit", "100"),
-        ])
-        .bearer_auth(&stack.as_token)
+    let path = format!("/_synapse/admin/v1/rooms/{}/messages", urlencode(room_id));
+    let v: Value = Stack::get()
+        .admin_api(reqwest::Method::GET, &path)
+        .await
+        .query(&[("dir", "f"), ("limit", "100")])
         .send()
         .await
         .unwrap()

@@ -16,17 +16,13 @@ const MESSAGE_BYTES: usize = 60_000;
 /// Lifts Synapse's message rate limit for one user (the admin API, as the
 /// operator's admin account), so the burst is sent at full speed.
 async fn unlimited(user_id: &str) {
-    let stack = Stack::get();
-    let admin = stack.admin_user_id();
-    let url = format!(
-        "{}/_synapse/admin/v1/users/{}/override_ratelimit",
-        stack.var("SYNAPSE_URL"),
+    let path = format!(
+        "/_synapse/admin/v1/users/{}/override_ratelimit",
         urlencode(user_id)
     );
-    let status = reqwest::Client::new()
-        .post(url)
-        .query(&[("user_id", admin.as_str())])
-        .bearer_auth(&stack.as_token)
+    let status = Stack::get()
+        .admin_api(reqwest::Method::POST, &path)
+        .await
         .json(&json!({"messages_per_second": 0, "burst_count": 0}))
         .send()
         .await

@@ -4,6 +4,7 @@
 use crate::harness::{unique, wait_for, Options, Stack, TestEnv};
 use crate::proxy::HttpProxy;
 use crate::rooms::{membership, perm, state, urlencode, users};
+use crate::users::{account, foreign_account, sso_holder, synapse_account, Foreign};
 use kube::api::{Patch, PatchParams};
 use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser};
 use openmeet_matrix_operator::synapse::ExternalId;
@@ -12,22 +13,15 @@ use std::collections::BTreeSet;
 
 /// Every membership event of a room, oldest first: (user, membership).
 async fn membership_history(room_id: &str) -> Vec<(String, String)> {
-    let stack = Stack::get();
-    let url = format!(
-        "{}/_synapse/admin/v1/rooms/{}/messages",
-        stack.var("SYNAPSE_URL"),
-        urlencode(room_id)
-    );
-    let admin = stack.admin_user_id();
-    let page: Value = reqwest::Client::new()
-        .get(url)
+    let path = format!("/_synapse/admin/v1/rooms/{}/messages", urlencode(room_id));
+    let page: Value = Stack::get()
+        .admin_api(reqwest::Method::GET, &path)
+        .await
         .query(&[
-            ("user_id", admin.as_str()),
             ("dir", "f"),
             ("limit", "1000"),
             ("filter", r#"{"types":["m.room.member"]}"#),
         ])
-        .bearer_auth(&stack.as_token)
         .send()
         .await
         .unwrap()
@@ -196,17 +190,16 @@ async fn a_recreated_object_never_revives_the_account_it_left() {
     for user in [&deactivated, &erased, &retained] {
         assert_eq!(user.status.as_ref().unwrap().user_id, None);
     }
-    let get = |i: usize| {
-        let id = env.user_id(&accounts[i].1);
-        let synapse = env.synapse.clone();
-        async move { synapse.get_user(&id).await.unwrap().unwrap() }
-    };
-    let account = get(0).await;
-    assert!(account.deactivated, "stays deactivated");
-    let account = get(1).await;
-    assert!(account.deactivated && account.erased, "stays erased");
-    let account = get(2).await;
-    assert!(!account.deactivated);
+    synapse_account(&env, &accounts[0].1, "it stays deactivated", |a| {
+        a.deactivated
+    })
+    .await;
+    synapse_account(&env, &accounts[1].1, "it stays erased", |a| {
+        a.deactivated && a.erased
+    })
+    .await;
+    let account =
+        synapse_account(&env, &accounts[2].1, "it stays active", |a| !a.deactivated).await;
     assert_eq!(
         account.displayname.as_deref(),
         Some("Retain"),
@@ -253,20 +246,10 @@ async fn an_email_is_never_taken_from_another_account() {
         taker.status.as_ref().unwrap().user_id.as_deref(),
         Some(env.user_id(&b).as_str())
     );
-    let owner = env
-        .synapse
-        .get_user(&env.user_id(&a))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(owner.emails(), std::slice::from_ref(&email));
-    let taken = env
-        .synapse
-        .get_user(&env.user_id(&b))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(taken.emails().is_empty());
+    let owner = account(&env, &a).await.unwrap();
+    assert_eq!(owner.emails, std::slice::from_ref(&email));
+    let taken = account(&env, &b).await.unwrap();
+    assert!(taken.emails.is_empty());
     // Refused only its email, the account still signs in (an older claim
     // elsewhere must not block anyone's sign-in).
     let sidecar = Stack::get().sidecar().await;
@@ -281,27 +264,17 @@ async fn an_email_is_never_taken_from_another_account() {
     env.patch_user(1, "taker", json!({"displayName": "Taker"}))
         .await;
     env.wait_ready(1, "taker", false, "EmailConflict").await;
-    let owner = env
-        .synapse
-        .get_user(&env.user_id(&a))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(owner.emails(), std::slice::from_ref(&email));
+    let owner = account(&env, &a).await.unwrap();
+    assert_eq!(owner.emails, std::slice::from_ref(&email));
 
     // An address held by an account the operator does not own is never moved.
-    let foreign = env.user_id(&unique("foreign"));
+    let foreign = unique("foreign");
     let foreign_email = format!("{}@example.org", unique("foreign"));
-    env.synapse
-        .upsert_user(
-            &foreign,
-            &openmeet_matrix_operator::synapse::UserUpsert {
-                emails: Some(vec![foreign_email.clone()]),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let holding = Foreign {
+        email: Some(&foreign_email),
+        ..Default::default()
+    };
+    foreign_account(&env, &foreign, holding).await;
     let c = unique("claimer");
     env.create_user(
         0,
@@ -310,20 +283,15 @@ async fn an_email_is_never_taken_from_another_account() {
     )
     .await;
     env.wait_ready(0, "claimer", false, "EmailConflict").await;
-    let held = env.synapse.get_user(&foreign).await.unwrap().unwrap();
-    assert_eq!(held.emails(), [foreign_email]);
+    let held = account(&env, &foreign).await.unwrap();
+    assert_eq!(held.emails, [foreign_email]);
 
     // The holder lets go: the other takes the address.
     env.patch_user(0, "owner", json!({"email": format!("new-{email}")}))
         .await;
     env.wait_ready(1, "taker", true, "Converged").await;
-    let taken = env
-        .synapse
-        .get_user(&env.user_id(&b))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(taken.emails(), [email]);
+    let taken = account(&env, &b).await.unwrap();
+    assert_eq!(taken.emails, [email]);
 }
 
 #[tokio::test]
@@ -346,24 +314,13 @@ async fn equal_subjects_in_two_tenants_are_two_identities() {
         .await;
     env.wait_ready(1, "user", true, "Converged").await;
     for (ns, localpart) in [(0, &a), (1, &b)] {
-        let account = env
-            .synapse
-            .get_user(&env.user_id(localpart))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(account.external_ids.contains(&ExternalId {
-            auth_provider: "oidc-openmeet".into(),
-            external_id: format!("{}/{subject}", env.ns(ns)),
-        }));
+        let account = account(&env, localpart).await.unwrap();
+        assert_eq!(account.sso, [format!("{}/{subject}", env.ns(ns))]);
     }
-    // Synapse maps each tenant's SSO subject to that tenant's account.
+    // Synapse (MAS in MAS mode) maps each tenant's SSO subject to that
+    // tenant's account.
     for (ns, localpart) in [(0, &a), (1, &b)] {
-        let holder = env
-            .synapse
-            .user_by_external_id("oidc-openmeet", &format!("{}/{subject}", env.ns(ns)))
-            .await
-            .unwrap();
+        let holder = sso_holder(&env, &format!("{}/{subject}", env.ns(ns))).await;
         assert_eq!(holder.as_deref(), Some(env.user_id(localpart).as_str()));
     }
 
@@ -383,21 +340,13 @@ async fn equal_subjects_in_two_tenants_are_two_identities() {
 
     // An external id held by an account the operator does not own: refused
     // before any write, no account left behind.
-    let foreign = env.user_id(&unique("foreign"));
     let taken_subject = unique("taken");
-    env.synapse
-        .upsert_user(
-            &foreign,
-            &openmeet_matrix_operator::synapse::UserUpsert {
-                external_ids: Some(vec![ExternalId {
-                    auth_provider: "oidc-openmeet".into(),
-                    external_id: format!("{}/{taken_subject}", env.ns(0)),
-                }]),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let link = format!("{}/{taken_subject}", env.ns(0));
+    let holding = Foreign {
+        sso: Some(&link),
+        ..Default::default()
+    };
+    foreign_account(&env, &unique("foreign"), holding).await;
     let d = unique("late");
     env.create_user(0, "late", json!({"localpart": d, "subject": taken_subject}))
         .await;
@@ -422,13 +371,8 @@ async fn deactivated_wins_over_locked() {
         .await;
     for (name, localpart) in [("fresh", &fresh), ("existing", &existing)] {
         env.wait_ready(0, name, true, "Converged").await;
-        let account = env
-            .synapse
-            .get_user(&env.user_id(localpart))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(account.deactivated, "{name} is deactivated in Synapse");
+        let account = account(&env, localpart).await.unwrap();
+        assert!(account.deactivated, "{name} is deactivated: {account:?}");
     }
 }
 
@@ -502,10 +446,7 @@ async fn an_account_whose_creation_was_cut_short_is_finished_not_blocked() {
         )
         .await
         .unwrap();
-    env.synapse
-        .upsert_user(&user_id, &Default::default())
-        .await
-        .unwrap();
+    foreign_account(&env, &localpart, Foreign::default()).await;
     let mut controller = crate::harness::controller_command(&env)
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -338,6 +338,116 @@ impl Stack {
             None => synapse,
         }
     }
+
+    /// A token Synapse's admin API takes as the operator's admin account's,
+    /// in the stack's auth mode: the application service's (which
+    /// masquerades as the admin account with `user_id`), or in MAS mode,
+    /// where Synapse takes only MAS-issued admin tokens, the admin
+    /// account's personal session with the admin scope, as the operator
+    /// holds it ([`MasClient::synapse_admin_token`]).
+    pub async fn synapse_admin_token(&'static self) -> String {
+        match self.shared_mas() {
+            Some(mas) => mas
+                .synapse_admin_token(self.var("MATRIX_ADMIN_LOCALPART"))
+                .await
+                .expect("a Synapse admin token from MAS"),
+            None => self.as_token.clone(),
+        }
+    }
+
+    /// A request to Synapse's admin API (`path` from `/_synapse/admin/`
+    /// on), as the operator's admin account in the stack's auth mode.
+    pub async fn admin_api(
+        &'static self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        reqwest::Client::new()
+            .request(method, format!("{}{path}", self.var("SYNAPSE_URL")))
+            .query(&[("user_id", self.admin_user_id())])
+            .bearer_auth(self.synapse_admin_token().await)
+    }
+
+    /// An access token of the local user `user_id`, with a device of its
+    /// own, valid for `valid`, minted as the stack's auth mode allows: by
+    /// Synapse's admin login-as-user, or in MAS mode (where Synapse has no
+    /// login-as) as a MAS personal session through MAS's admin API, as the
+    /// credential API mints them there.
+    pub async fn login_as(&'static self, user_id: &str, valid: Duration) -> String {
+        if let Some(mas) = self.shared_mas() {
+            let localpart = user_id
+                .strip_prefix('@')
+                .and_then(|u| u.split_once(':'))
+                .map(|(l, _)| l)
+                .unwrap_or_else(|| panic!("not a user id: {user_id}"));
+            let user = mas
+                .user_by_username(localpart)
+                .await
+                .expect("MAS answers")
+                .unwrap_or_else(|| panic!("{user_id} is not in MAS"));
+            let device = Alphanumeric
+                .sample_string(&mut rand::rng(), 10)
+                .to_uppercase();
+            return mas
+                .personal_session(&user.id, "integration test", &device, valid)
+                .await
+                .expect("a personal session from MAS")
+                .access_token;
+        }
+        let until = std::time::SystemTime::now() + valid;
+        let until_ms = until
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let path = format!(
+            "/_synapse/admin/v1/users/{}/login",
+            url::form_urlencoded::byte_serialize(user_id.as_bytes()).collect::<String>()
+        );
+        let response: serde_json::Value = self
+            .admin_api(reqwest::Method::POST, &path)
+            .await
+            .json(&serde_json::json!({"valid_until_ms": until_ms}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        response["access_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no access_token: {response}"))
+            .to_string()
+    }
+}
+
+/// Skips the rest of a test when the stack runs in MAS mode, saying why:
+/// the one way a test of the default mode's own paths (Synapse's SSO,
+/// login-as, its account store) stays out of the MAS-mode run.
+/// docs/development.md lists every such test and why.
+#[allow(unused_macros)] // the benches include this file too
+macro_rules! default_mode_only {
+    ($why:expr) => {
+        if $crate::harness::skipped_in_mas_mode(module_path!(), $why) {
+            return;
+        }
+    };
+}
+#[allow(unused_imports)] // the benches'
+pub(crate) use default_mode_only;
+
+/// Whether the stack runs in MAS mode, in which case the running test is
+/// skipped: said on stderr past the test harness's capture, so every run
+/// shows which tests it did not run, and why.
+pub fn skipped_in_mas_mode(module: &str, why: &str) -> bool {
+    if !Stack::get().is_mas() {
+        return false;
+    }
+    // The test harness names a test's thread after the test.
+    let thread = std::thread::current();
+    let test = thread.name().filter(|n| n.contains("::")).unwrap_or(module);
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "test {test}: skipped in MAS mode: {why}");
+    true
 }
 
 fn start_stack() -> (String, Option<Child>) {

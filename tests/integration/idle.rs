@@ -8,7 +8,7 @@ use crate::rooms::{login_as, perm, urlencode, users};
 use kube::api::{Patch, PatchParams};
 use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser};
 use openmeet_matrix_operator::controller::room::DRIFT_ANNOTATION;
-use openmeet_matrix_operator::synapse::{RequestKind, UserUpsert};
+use openmeet_matrix_operator::synapse::RequestKind;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -163,9 +163,6 @@ async fn a_converged_tenant_is_not_read_again_not_even_after_a_restart() {
 
 #[tokio::test]
 async fn an_account_changed_out_of_band_is_corrected_by_the_sweep() {
-    if Stack::get().is_mas() {
-        return; // Accounts in MAS mode: `mas::` covers their drift.
-    }
     let env = TestEnv::with(
         "sweep",
         Options {
@@ -183,17 +180,13 @@ async fn an_account_changed_out_of_band_is_corrected_by_the_sweep() {
     .await;
     env.wait_ready(0, "dan", true, "Converged").await;
     let user_id = env.user_id(&localpart);
-    // An admin renames and locks the account through Synapse's admin API:
-    // no event reaches the feed.
-    let change = UserUpsert {
-        displayname: Some("Renamed".into()),
-        locked: Some(true),
-        ..Default::default()
-    };
-    env.synapse.upsert_user(&user_id, &change).await.unwrap();
+    // An admin renames and locks the account through the admin APIs: no
+    // event reaches the feed.
+    crate::users::change_out_of_band(&env, &localpart, "Renamed", true).await;
     wait_for("the sweep restores the account", || async {
-        let account = env.synapse.get_user(&user_id).await.ok()??;
-        (account.displayname.as_deref() == Some("Dan") && !account.locked).then_some(())
+        let profile = env.synapse.get_user(&user_id).await.ok()??;
+        let account = crate::users::account(&env, &localpart).await?;
+        (profile.displayname.as_deref() == Some("Dan") && !account.locked).then_some(())
     })
     .await;
 }

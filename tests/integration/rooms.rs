@@ -90,40 +90,17 @@ pub(crate) async fn room_made_before(
     }
 }
 
-/// An access token for a local user, minted through the admin API.
+/// An access token for a local user, valid for an hour, minted as the
+/// stack's auth mode allows ([`Stack::login_as`]).
 pub(crate) async fn login_as(user_id: &str) -> String {
     login_as_for(user_id, 3_600_000).await
 }
 
 /// [`login_as`], valid for `valid_ms`.
 pub(crate) async fn login_as_for(user_id: &str, valid_ms: u64) -> String {
-    let stack = Stack::get();
-    let admin = stack.admin_user_id();
-    let url = format!(
-        "{}/_synapse/admin/v1/users/{}/login",
-        stack.var("SYNAPSE_URL"),
-        urlencode(user_id)
-    );
-    let until = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64)
-        + valid_ms;
-    let response: Value = reqwest::Client::new()
-        .post(url)
-        .query(&[("user_id", admin.as_str())])
-        .bearer_auth(&stack.as_token)
-        .json(&json!({"valid_until_ms": until}))
-        .send()
+    Stack::get()
+        .login_as(user_id, Duration::from_millis(valid_ms))
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    response["access_token"]
-        .as_str()
-        .expect("access_token")
-        .to_string()
 }
 
 pub(crate) fn urlencode(s: &str) -> String {
@@ -745,17 +722,10 @@ async fn deletion_closes_purges_or_retains() {
 }
 
 async fn admin_room_details(room_id: &str) -> reqwest::StatusCode {
-    let stack = Stack::get();
-    let admin = stack.admin_user_id();
-    let url = format!(
-        "{}/_synapse/admin/v1/rooms/{}",
-        stack.var("SYNAPSE_URL"),
-        urlencode(room_id)
-    );
-    reqwest::Client::new()
-        .get(url)
-        .query(&[("user_id", admin)])
-        .bearer_auth(&stack.as_token)
+    let path = format!("/_synapse/admin/v1/rooms/{}", urlencode(room_id));
+    Stack::get()
+        .admin_api(reqwest::Method::GET, &path)
+        .await
         .send()
         .await
         .unwrap()
@@ -862,12 +832,10 @@ async fn crash_between_create_and_status_leaves_one_room() {
     let _restarted = binary(None);
     env.wait_condition::<MatrixRoom>(0, "r", true, "Converged")
         .await;
-    let url = format!("{}/_synapse/admin/v1/rooms", stack.var("SYNAPSE_URL"));
-    let admin = stack.admin_user_id();
-    let listed: Value = reqwest::Client::new()
-        .get(url)
-        .query(&[("search_term", name.as_str()), ("user_id", admin.as_str())])
-        .bearer_auth(&stack.as_token)
+    let listed: Value = stack
+        .admin_api(reqwest::Method::GET, "/_synapse/admin/v1/rooms")
+        .await
+        .query(&[("search_term", name.as_str())])
         .send()
         .await
         .unwrap()

@@ -1,10 +1,13 @@
 //! The sidecar against the real stack: Synapse's SSO login through the
 //! sidecar as its OIDC provider, the credential API, and every refusal.
 
-use crate::harness::{free_port, https_client, unique, wait_for, Options, Stack, TestEnv};
+use crate::harness::{
+    default_mode_only, free_port, https_client, unique, wait_for, Options, Stack, TestEnv,
+};
 use base64::Engine;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use openmeet_matrix_operator::sidecar::config::{ClientConfig, SidecarConfig};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -47,11 +50,34 @@ pub(crate) fn client_secret() -> String {
     std::fs::read_to_string(path).unwrap().trim().to_string()
 }
 
+/// The stack's sidecar configuration (`sidecar.yaml`, written by `up.sh`).
+pub(crate) fn stack_sidecar_config() -> SidecarConfig {
+    let text = std::fs::read_to_string(Stack::get().var("SIDECAR_CONFIG")).expect("sidecar.yaml");
+    SidecarConfig::from_yaml(&text).expect("sidecar.yaml")
+}
+
+/// The one OIDC client of the stack's sidecar: Synapse (its
+/// `oidc_providers`), or in MAS mode MAS (its upstream provider). The
+/// sidecar's OIDC provider is the same for either: the tests of it play
+/// the client of the stack's auth mode.
+fn stack_client() -> &'static ClientConfig {
+    static CLIENT: std::sync::OnceLock<ClientConfig> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let mut clients = stack_sidecar_config().clients;
+        assert_eq!(clients.len(), 1, "the stack's sidecar has one client");
+        clients.remove(0)
+    })
+}
+
+/// That client's id (`synapse`, or `mas` in MAS mode).
+pub(crate) fn client_id() -> &'static str {
+    &stack_client().id
+}
+
+/// That client's redirect URI: Synapse's OIDC callback, or in MAS mode
+/// MAS's upstream callback.
 pub(crate) fn callback() -> String {
-    format!(
-        "{}/_synapse/client/oidc/callback",
-        Stack::get().var("SYNAPSE_URL")
-    )
+    stack_client().redirect_uris[0].clone()
 }
 
 fn pkce() -> (String, String) {
@@ -115,7 +141,7 @@ impl Authorization {
         let nonce = unique("nonce");
         let params = [
             ("response_type", "code"),
-            ("client_id", "synapse"),
+            ("client_id", client_id()),
             ("redirect_uri", callback().as_str()),
             ("scope", "openid profile email"),
             ("state", "state-123"),
@@ -171,7 +197,7 @@ pub(crate) async fn redeem(
 ) -> reqwest::Response {
     https_client()
         .post(format!("{base}/token"))
-        .basic_auth("synapse", Some(secret))
+        .basic_auth(client_id(), Some(secret))
         .form(&[
             ("grant_type", "authorization_code"),
             ("code", code),
@@ -204,7 +230,7 @@ async fn verify_id_token(base: &str, id_token: &str) -> Value {
         .expect("the kid is published");
     let mut validation = Validation::new(header.alg);
     validation.set_issuer(&[base]);
-    validation.set_audience(&["synapse"]);
+    validation.set_audience(&[client_id()]);
     validation.leeway = 0;
     jsonwebtoken::decode::<Value>(id_token, &DecodingKey::from_jwk(jwk).unwrap(), &validation)
         .expect("id_token verifies")
@@ -333,6 +359,10 @@ async fn sso_login(subject: &str, tenant: &str) -> Value {
 
 #[tokio::test]
 async fn sso_login_through_synapse_lands_on_the_operators_account() {
+    default_mode_only!(
+        "Synapse's own SSO (`oidc_providers`, its login/sso/redirect and OIDC callback), which \
+         Synapse has no longer under MAS; the sign-in through MAS is mas_signin::'s"
+    );
     let env = TestEnv::new("sso").await;
     let stack = Stack::get();
     let synapse = stack.var("SYNAPSE_URL");
@@ -480,7 +510,7 @@ async fn authorization_code_flow_enforces_every_binding() {
     let code = auth.code(sidecar, &token).await;
     let r = https_client()
         .post(format!("{sidecar}/token"))
-        .basic_auth("synapse", Some(&secret))
+        .basic_auth(client_id(), Some(&secret))
         .form(&[
             ("grant_type", "authorization_code"),
             ("code", code.as_str()),
@@ -811,13 +841,23 @@ pub(crate) async fn own_sidecar_with(
     let port = free_port();
     let metrics_port = free_port();
     let base = format!("https://127.0.0.1:{port}");
+    // The stack's sidecar's `mas` block, in MAS mode: tokens are MAS's.
+    let mas_yaml = match stack_sidecar_config().mas {
+        Some(mas) => format!(
+            "mas:\n  url: \"{}\"\n  clientId: \"{}\"\n  clientSecretFile: \"{}\"",
+            mas.url,
+            mas.client_id,
+            mas.client_secret_file.display()
+        ),
+        None => String::new(),
+    };
     let config = format!(
         r#"listen: "127.0.0.1:{port}"
 issuer: "{base}"
 tls: {{certFile: "{cert}", keyFile: "{key}"}}
 signingKeys: {{dir: "{keys}"}}
 clients:
-  - id: synapse
+  - id: {client_id}
     secretFile: "{client_secret}"
     redirectUris: ["{callback}"]
 platform:
@@ -830,11 +870,13 @@ homeserver:
 oidc: {{codeSeconds: 2}}
 reloadSeconds: 1
 metricsListen: "127.0.0.1:{metrics_port}"
+{mas_yaml}
 {extra_yaml}
 "#,
         cert = stack.var("SIDECAR_CERT"),
         key = stack.var("SIDECAR_KEY"),
         keys = keys.display(),
+        client_id = client_id(),
         client_secret = stack.var("OIDC_CLIENT_SECRET_FILE"),
         callback = callback(),
         synapse = stack.var("SYNAPSE_URL"),
@@ -1081,13 +1123,21 @@ async fn nothing_secret_reaches_the_log() {
         .text()
         .await
         .unwrap();
+    // The token is minted by Synapse's login-as, or in MAS mode by MAS.
+    let minted = if Stack::get().is_mas() {
+        "mas_add_personal_session"
+    } else {
+        "login_as_user"
+    };
     for expected in [
         "openmeet_sidecar_requests_total{endpoint=\"/api/v1/credentials\",status=\"2xx\"} 1",
         "openmeet_sidecar_requests_total{endpoint=\"/api/v1/credentials\",status=\"4xx\"} 1",
         "openmeet_sidecar_requests_total{endpoint=\"/token\",status=\"2xx\"} 1",
         "openmeet_sidecar_requests_total{endpoint=\"/token\",status=\"4xx\"} 1",
         "openmeet_sidecar_request_duration_seconds_count{endpoint=\"/authorize\"} 1",
-        "openmeet_synapse_requests_total{endpoint=\"login_as_user\",status=\"2xx\",write=\"true\"} 1",
+        &format!(
+            "openmeet_synapse_requests_total{{endpoint=\"{minted}\",status=\"2xx\",write=\"true\"}} 1"
+        ),
         &format!(
             "openmeet_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
@@ -1099,7 +1149,7 @@ async fn nothing_secret_reaches_the_log() {
     let log = own.log();
     assert!(log.contains("token: issued"), "the sidecar logs its work");
     assert!(log.contains("credentials: token minted"));
-    for (what, value) in [
+    let mut secrets = vec![
         ("platform token", platform.as_str()),
         ("expired platform token", expired.as_str()),
         ("client secret", secret.as_str()),
@@ -1109,7 +1159,16 @@ async fn nothing_secret_reaches_the_log() {
         ("id_token", id_token.as_str()),
         ("Matrix access token", matrix_token.as_str()),
         ("as_token", Stack::get().as_token.as_str()),
-    ] {
+    ];
+    // In MAS mode, the secret the sidecar holds for MAS too.
+    let mas_secret = (stack_sidecar_config().mas).map(|mas| {
+        let secret = std::fs::read_to_string(mas.client_secret_file).unwrap();
+        secret.trim().to_string()
+    });
+    if let Some(mas_secret) = &mas_secret {
+        secrets.push(("MAS client secret", mas_secret));
+    }
+    for (what, value) in secrets {
         assert!(!log.contains(value), "the {what} reached the log");
         assert!(!metrics.contains(value), "the {what} reached the metrics");
     }
@@ -1219,18 +1278,13 @@ async fn handle_availability_never_names_the_holder() {
             .then_some(())
     })
     .await;
-    // An account in Synapse that no MatrixUser declares.
+    // An account in Synapse (or MAS) that no MatrixUser declares.
     let outside = unique("outside");
-    env.synapse
-        .upsert_user(
-            &env.user_id(&outside),
-            &openmeet_matrix_operator::synapse::UserUpsert {
-                displayname: Some("Made by hand".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let by_hand = crate::users::Foreign {
+        displayname: Some("Made by hand"),
+        ..Default::default()
+    };
+    crate::users::foreign_account(&env, &outside, by_hand).await;
     assert_eq!(
         handle_status(sidecar, &caller, &outside).await,
         json!({"status": "taken"})
@@ -1294,6 +1348,10 @@ async fn handle_availability_never_names_the_holder() {
 /// SSO (devices), so they do not come back when the lock is lifted.
 #[tokio::test]
 async fn locking_ends_sso_sessions() {
+    default_mode_only!(
+        "Synapse's own SSO (`oidc_providers`) sessions; in MAS mode a lock ends every MAS \
+         session (mas_signin::a_matrix_2_client_signs_in_through_mas_and_a_lock_ends_every_session)"
+    );
     let env = TestEnv::new("sso-lock").await;
     let stack = Stack::get();
     let synapse = stack.var("SYNAPSE_URL");
@@ -1355,6 +1413,10 @@ pub(crate) fn refresh_of(page: &str) -> (u64, url::Url) {
 /// lets it through to Synapse as soon as the account is ready.
 #[tokio::test]
 async fn a_first_login_waits_for_the_account_being_prepared() {
+    default_mode_only!(
+        "the wait page in Synapse's own SSO (`oidc_providers`); in MAS mode \
+         mas_signin::a_first_login_waits_for_the_account_before_mas_gets_its_callback"
+    );
     let env = TestEnv::new("first-login").await;
     let stack = Stack::get();
     let sidecar = stack.sidecar().await;

@@ -1,11 +1,174 @@
 //! `MatrixUser` converging end to end against kube-apiserver and Synapse.
 
-use crate::harness::{wait_for, Options, Stack, TestEnv};
+use crate::harness::{default_mode_only, wait_for, Options, Stack, TestEnv};
 use crate::proxy;
 use kube::api::{Patch, PatchParams};
-use openmeet_matrix_operator::synapse::{ExternalId, UserUpsert};
+use openmeet_matrix_operator::synapse::{ExternalId, SynapseUser, UserUpsert};
 use serde_json::json;
 use std::time::Duration;
+
+/// The auth provider of the SSO links Synapse holds in the default mode.
+const SSO_PROVIDER: &str = "oidc-openmeet";
+
+/// An account as the stack's account store holds it: Synapse's admin API,
+/// or in MAS mode MAS's, which owns accounts there (Synapse mirrors its
+/// flags a moment later, and holds no SSO link or admin flag of its own).
+#[derive(Debug, Default)]
+pub(crate) struct Account {
+    pub(crate) locked: bool,
+    pub(crate) deactivated: bool,
+    pub(crate) admin: bool,
+    /// Email addresses, lowercase and sorted.
+    pub(crate) emails: Vec<String>,
+    /// SSO links to the sidecar's provider: `<tenant>/<subject>`, sorted.
+    pub(crate) sso: Vec<String>,
+}
+
+/// The account of `localpart`, if there is one.
+pub(crate) async fn account(env: &TestEnv, localpart: &str) -> Option<Account> {
+    let Some(mas) = Stack::get().shared_mas() else {
+        let user = env
+            .synapse
+            .get_user(&env.user_id(localpart))
+            .await
+            .unwrap()?;
+        let mut sso: Vec<String> = user
+            .external_ids
+            .iter()
+            .filter(|i| i.auth_provider == SSO_PROVIDER)
+            .map(|i| i.external_id.clone())
+            .collect();
+        sso.sort();
+        return Some(Account {
+            locked: user.locked,
+            deactivated: user.deactivated,
+            admin: user.admin,
+            emails: user.emails(),
+            sso,
+        });
+    };
+    let user = mas.user_by_username(localpart).await.unwrap()?;
+    let mut emails: Vec<String> = (mas.emails_of(&user.id).await.unwrap().into_iter())
+        .map(|e| e.email.to_lowercase())
+        .collect();
+    emails.sort();
+    let mut sso: Vec<String> = (mas.links_of(&user.id).await.unwrap().into_iter())
+        .map(|l| l.subject)
+        .collect();
+    sso.sort();
+    Some(Account {
+        locked: user.locked,
+        deactivated: user.deactivated,
+        admin: user.admin,
+        emails,
+        sso,
+    })
+}
+
+/// Synapse's account of `localpart`, which must satisfy `settled`: at once
+/// in the default mode (Synapse is the account store the operator wrote
+/// to), or in MAS mode once Synapse mirrors what MAS holds (MAS tells
+/// Synapse a moment after it answers, from its job queue).
+pub(crate) async fn synapse_account(
+    env: &TestEnv,
+    localpart: &str,
+    what: &str,
+    settled: impl Fn(&SynapseUser) -> bool,
+) -> SynapseUser {
+    let id = env.user_id(localpart);
+    if Stack::get().is_mas() {
+        return wait_for(&format!("Synapse to mirror that {what}"), || async {
+            let account = env.synapse.get_user(&id).await.ok()??;
+            settled(&account).then_some(account)
+        })
+        .await;
+    }
+    let account = env.synapse.get_user(&id).await.unwrap().expect("account");
+    assert!(settled(&account), "{what}: {account:?}");
+    account
+}
+
+/// The user id whose SSO link is `<tenant>/<subject>`, if any.
+pub(crate) async fn sso_holder(env: &TestEnv, link: &str) -> Option<String> {
+    let Some(mas) = Stack::get().shared_mas() else {
+        return env
+            .synapse
+            .user_by_external_id(SSO_PROVIDER, link)
+            .await
+            .unwrap();
+    };
+    let holder = mas.link_by_subject(link).await.unwrap()?.user_id?;
+    let user = mas.user(&holder).await.unwrap()?;
+    Some(env.user_id(&user.username).to_string())
+}
+
+/// An admin renames and locks (or unlocks) an account behind the
+/// operator's back: through Synapse's admin API, or in MAS mode the lock
+/// through MAS's (which owns it there; the profile stays Synapse's).
+pub(crate) async fn change_out_of_band(
+    env: &TestEnv,
+    localpart: &str,
+    displayname: &str,
+    locked: bool,
+) {
+    let mas = Stack::get().shared_mas();
+    let change = UserUpsert {
+        displayname: Some(displayname.into()),
+        locked: mas.is_none().then_some(locked),
+        ..Default::default()
+    };
+    env.synapse
+        .upsert_user(&env.user_id(localpart), &change)
+        .await
+        .unwrap();
+    if let Some(mas) = mas {
+        let user = mas.user_by_username(localpart).await.unwrap().unwrap();
+        mas.set_locked(&user.id, locked).await.unwrap();
+    }
+}
+
+/// What an account made outside the operator starts with.
+#[derive(Default)]
+pub(crate) struct Foreign<'a> {
+    pub(crate) displayname: Option<&'a str>,
+    pub(crate) email: Option<&'a str>,
+    /// An SSO link to the sidecar's provider: `<tenant>/<subject>`.
+    pub(crate) sso: Option<&'a str>,
+}
+
+/// Makes an account outside the operator (no owner marker), where the
+/// stack's auth mode makes accounts: Synapse's admin API, or MAS's (which
+/// provisions it in Synapse before it answers).
+pub(crate) async fn foreign_account(env: &TestEnv, localpart: &str, with: Foreign<'_>) {
+    let Some(mas) = Stack::get().shared_mas() else {
+        let change = UserUpsert {
+            displayname: with.displayname.map(str::to_string),
+            emails: with.email.map(|e| vec![e.to_string()]),
+            external_ids: with.sso.map(|s| {
+                vec![ExternalId {
+                    auth_provider: SSO_PROVIDER.into(),
+                    external_id: s.to_string(),
+                }]
+            }),
+            ..Default::default()
+        };
+        env.synapse
+            .upsert_user(&env.user_id(localpart), &change)
+            .await
+            .unwrap();
+        return;
+    };
+    let user = mas
+        .create_user(localpart, with.displayname, None, false)
+        .await
+        .unwrap();
+    if let Some(email) = with.email {
+        mas.add_email(&user.id, email).await.unwrap();
+    }
+    if let Some(link) = with.sso {
+        mas.add_link(&user.id, link).await.unwrap();
+    }
+}
 
 /// The owner marker of the object `name` in `ns`, as it is now (its uid).
 pub(crate) async fn marker(env: &TestEnv, ns: usize, name: &str) -> ExternalId {
@@ -45,15 +208,13 @@ async fn creates_account_with_profile_sso_link_and_event() {
         account.avatar_url.as_deref(),
         Some("mxc://openmeet.test/abc123")
     );
-    assert_eq!(account.emails(), ["alice@example.org"]);
-    assert!(account.external_ids.contains(&ExternalId {
-        auth_provider: "oidc-openmeet".into(),
-        external_id: format!("{}/platform-user-1", env.ns(0))
-    }));
     assert!(account
         .external_ids
         .contains(&marker(&env, 0, "alice").await));
-    assert!(!account.admin && !account.locked && !account.deactivated);
+    let held = self::account(&env, &localpart).await.unwrap();
+    assert_eq!(held.emails, ["alice@example.org"]);
+    assert_eq!(held.sso, [format!("{}/platform-user-1", env.ns(0))]);
+    assert!(!held.admin && !held.locked && !held.deactivated, "{held:?}");
 
     env.wait_event(0, "alice", "AccountCreated", 1).await;
 }
@@ -71,22 +232,8 @@ async fn created_locked_and_deactivated_accounts_are_so_in_synapse() {
         .await;
     env.wait_ready(0, "locked", true, "Converged").await;
     env.wait_ready(0, "gone", true, "Converged").await;
-    assert!(
-        env.synapse
-            .get_user(&env.user_id(&locked))
-            .await
-            .unwrap()
-            .unwrap()
-            .locked
-    );
-    assert!(
-        env.synapse
-            .get_user(&env.user_id(&gone))
-            .await
-            .unwrap()
-            .unwrap()
-            .deactivated
-    );
+    assert!(account(&env, &locked).await.unwrap().locked);
+    assert!(account(&env, &gone).await.unwrap().deactivated);
 }
 
 #[tokio::test]
@@ -115,32 +262,20 @@ async fn updates_profile_then_locks_then_deactivates() {
         account.avatar_url.as_deref(),
         Some("mxc://openmeet.test/new")
     );
-    assert_eq!(account.emails(), ["rob@example.org"]);
-    let sso: Vec<_> = account
-        .external_ids
-        .iter()
-        .filter(|i| i.auth_provider == "oidc-openmeet")
-        .collect();
-    assert_eq!(sso.len(), 1);
-    assert_eq!(sso[0].external_id, format!("{}/s-2", env.ns(0)));
+    let held = self::account(&env, &localpart).await.unwrap();
+    assert_eq!(held.emails, ["rob@example.org"]);
+    assert_eq!(held.sso, [format!("{}/s-2", env.ns(0))]);
 
     env.patch_user(0, "bob", json!({"locked": true})).await;
     env.wait_ready(0, "bob", true, "Converged").await;
-    assert!(
-        env.synapse
-            .get_user(&user_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .locked
-    );
+    assert!(self::account(&env, &localpart).await.unwrap().locked);
 
     env.patch_user(0, "bob", json!({"locked": false, "deactivated": true}))
         .await;
     env.wait_ready(0, "bob", true, "Converged").await;
-    let account = env.synapse.get_user(&user_id).await.unwrap().unwrap();
-    assert!(account.deactivated);
-    assert!(!account.locked);
+    let held = self::account(&env, &localpart).await.unwrap();
+    assert!(held.deactivated);
+    assert!(!held.locked);
     env.wait_event(0, "bob", "AccountUpdated", 3).await;
 }
 
@@ -207,14 +342,11 @@ async fn existing_account_is_adopted_only_where_allowed() {
         crate::harness::unique("legacy"),
     );
     for localpart in [&foreign_a, &foreign_b] {
-        let change = UserUpsert {
-            displayname: Some("Original".into()),
+        let original = Foreign {
+            displayname: Some("Original"),
             ..Default::default()
         };
-        env.synapse
-            .upsert_user(&env.user_id(localpart), &change)
-            .await
-            .unwrap();
+        foreign_account(&env, localpart, original).await;
     }
 
     env.create_user(
@@ -284,25 +416,11 @@ async fn admin_is_honoured_only_in_allowed_namespaces() {
     );
 
     env.wait_ready(1, "boss", true, "Converged").await;
-    assert!(
-        env.synapse
-            .get_user(&env.user_id(&allowed))
-            .await
-            .unwrap()
-            .unwrap()
-            .admin
-    );
+    assert!(account(&env, &allowed).await.unwrap().admin);
 
     env.patch_user(1, "boss", json!({"admin": false})).await;
     env.wait_ready(1, "boss", true, "Converged").await;
-    assert!(
-        !env.synapse
-            .get_user(&env.user_id(&allowed))
-            .await
-            .unwrap()
-            .unwrap()
-            .admin
-    );
+    assert!(!account(&env, &allowed).await.unwrap().admin);
 }
 
 #[tokio::test]
@@ -427,23 +545,27 @@ async fn deletion_policies_deactivate_erase_or_retain() {
     for (name, _) in &accounts {
         env.wait_gone(&env.users(0), name).await;
     }
-    let get = |i: usize| {
-        let id = env.user_id(&accounts[i].1);
-        let synapse = env.synapse.clone();
-        async move { synapse.get_user(&id).await.unwrap().unwrap() }
-    };
-    let deactivated = get(0).await;
-    assert!(deactivated.deactivated && !deactivated.erased);
-    let erased = get(1).await;
-    assert!(erased.deactivated && erased.erased);
+    synapse_account(&env, &accounts[0].1, "it is deactivated, not erased", |a| {
+        a.deactivated && !a.erased
+    })
+    .await;
+    let erased = synapse_account(&env, &accounts[1].1, "it is erased", |a| {
+        a.deactivated && a.erased
+    })
+    .await;
     assert_eq!(erased.displayname, None);
-    let retained = get(2).await;
-    assert!(!retained.deactivated);
+    let retained =
+        synapse_account(&env, &accounts[2].1, "it is retained", |a| !a.deactivated).await;
     assert_eq!(retained.displayname.as_deref(), Some("Retain"));
 }
 
 #[tokio::test]
 async fn synapse_outage_is_reported_and_recovers() {
+    default_mode_only!(
+        "PRODUCT BUG in MAS mode, to re-enable once fixed: MAS makes the account while Synapse is \
+         unreachable to the operator, the failed owner-marker write's status write drops \
+         status.pendingAccount, and the object stalls at AccountExists (see docs/development.md)"
+    );
     let port = proxy::closed_port();
     let env = TestEnv::with(
         "outage",
@@ -502,6 +624,11 @@ async fn synapse_outage_is_reported_and_recovers() {
 /// account stays locked in Synapse until then.
 #[tokio::test]
 async fn a_token_from_before_a_lock_never_works_after_the_unlock() {
+    default_mode_only!(
+        "Synapse mode's UnlockPending: a lock lifts only once every token from before it has \
+         expired; in MAS mode a lock ends every session at once and the unlock does not wait \
+         (mas::credentials_are_mas_personal_sessions_that_a_lock_ends_for_good)"
+    );
     let env = TestEnv::new("lock-final").await;
     let localpart = crate::harness::unique("locked");
     env.create_user(0, "u", json!({"localpart": localpart}))
