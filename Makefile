@@ -115,8 +115,8 @@ chart:
 	  && echo "chart: lint and template clean"
 
 ## Everything CI runs: fmt, clippy, CRD and TypeScript-type drift, unit tests, the
-## integration suite twice (Synapse on SQLite, then on PostgreSQL), and the
-## MAS-mode tests (Synapse with MAS).
+## integration suite three times (Synapse on SQLite, then on PostgreSQL, then in
+## MAS mode: Synapse with MAS).
 test: lint unit integration integration-postgres integration-mas
 
 ## Run the operator against a local stack with the samples applied.

@@ -318,7 +318,20 @@ async fn apply(user: &MatrixUser, api: &Api<MatrixUser>, ctx: &Context) -> Resul
         ));
     }
 
-    let outcome = converge(user, api, &user_id, &mut desired, ctx).await;
+    let mut recorded = None;
+    let outcome = converge(user, api, &user_id, &mut desired, ctx, &mut recorded).await;
+    // A create recorded on the way stays recorded, whatever comes next: the
+    // status writes below start from the object as it now stands, or a
+    // failure after the create would erase the record and leave the
+    // account looking like someone else's (`AccountExists`).
+    let current;
+    let user = match recorded {
+        Some(user_id) => {
+            current = with_pending_account(user, user_id);
+            &current
+        }
+        None => user,
+    };
     match outcome {
         Ok(Ok(Converged {
             unlock_waits,
@@ -402,14 +415,15 @@ async fn apply(user: &MatrixUser, api: &Api<MatrixUser>, ctx: &Context) -> Resul
 /// Observe, plan, check global claims in Synapse, and apply. An email held by
 /// another account is dropped from the plan (`desired.email_held` turns
 /// false); an SSO link held by another account blocks every write, so no
-/// half-made account is left behind. Returns the resourceVersion of the
-/// pending-create record it wrote, if any (our own write, to be remembered).
+/// half-made account is left behind. A pending create it records in the
+/// status is noted in `recorded`, even when a later step fails.
 async fn converge(
     user: &MatrixUser,
     api: &Api<MatrixUser>,
     user_id: &ruma::UserId,
     desired: &mut Desired<'_>,
     ctx: &Context,
+    recorded: &mut Option<String>,
 ) -> Result<Result<Converged, Blocked>, Error> {
     let accounts = Accounts::of(&ctx.synapse);
     let observed = account::observe(accounts, user_id, desired.sso_provider).await?;
@@ -446,7 +460,9 @@ async fn converge(
         UserPlan::Converge { actions, adopts } => {
             for action in actions {
                 if let UserAction::Create(_) = &action {
-                    record_pending_create(user, api, user_id).await?;
+                    if record_pending_create(user, api, user_id).await? {
+                        *recorded = Some(user_id.to_string());
+                    }
                 }
                 let (verb, change) = match &action {
                     UserAction::Create(change) => ("AccountCreated", change),
@@ -869,19 +885,29 @@ fn pending_account(user: &MatrixUser) -> Option<String> {
 }
 
 /// Records in the status, before Synapse is asked, that this object is
-/// creating `user_id`: the intent outlives a crash of either side.
+/// creating `user_id`: the intent outlives a crash of either side. Whether
+/// it wrote the record (false: the object already carried it).
 async fn record_pending_create(
     user: &MatrixUser,
     api: &Api<MatrixUser>,
     user_id: &ruma::UserId,
-) -> Result<Option<String>, Error> {
+) -> Result<bool, Error> {
     if pending_account(user).as_deref() == Some(user_id.as_str()) {
-        return Ok(None);
+        return Ok(false);
     }
-    let mut status = user.status.clone().unwrap_or_default();
-    status.pending_account = Some(user_id.to_string());
-    // Its resourceVersion is ours: the event it causes needs no reconcile.
-    super::apply_status(api, user, &status).await
+    let status = with_pending_account(user, user_id.to_string()).status;
+    super::apply_status(api, user, &status.unwrap_or_default()).await?;
+    Ok(true)
+}
+
+/// The object as its status stands once a pending create of `user_id` is
+/// recorded.
+fn with_pending_account(user: &MatrixUser, user_id: String) -> MatrixUser {
+    let mut user = user.clone();
+    user.status
+        .get_or_insert_with(Default::default)
+        .pending_account = Some(user_id);
+    user
 }
 
 /// Every Synapse mutation leaves an Event on the object and an audit log line.
