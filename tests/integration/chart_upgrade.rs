@@ -86,37 +86,43 @@ async fn helm_at(kubeconfig: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// The chart of the latest release before this commit (its `v*` tag), in `dir`.
-fn previous_chart(dir: &Path) -> (String, PathBuf) {
-    let tag = std::process::Command::new("git")
-        .args([
-            "-C",
-            ROOT,
-            "describe",
-            "--tags",
-            "--abbrev=0",
-            "--match",
-            "v*",
-            "HEAD^",
-        ])
-        .output()
-        .expect("running git");
-    assert!(
-        tag.status.success(),
-        "no release tag before HEAD (a shallow clone? git fetch --tags --unshallow): {}",
-        String::from_utf8_lossy(&tag.stderr)
-    );
-    let tag = String::from_utf8(tag.stdout).unwrap().trim().to_string();
+/// The chart of the latest release before this commit, in `dir`: its `v*`
+/// tag, or in a clone without tags, the commit before the chart's version
+/// last moved. Returns the revision and the chart's version.
+fn previous_chart(dir: &Path) -> (String, String, PathBuf) {
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(["-C", ROOT])
+            .args(args)
+            .output()
+            .expect("running git");
+        out.status
+            .success()
+            .then(|| String::from_utf8(out.stdout).unwrap().trim().to_string())
+    };
+    let chart_yaml = "charts/openmeet-matrix-operator/Chart.yaml";
+    let rev = git(&["describe", "--tags", "--abbrev=0", "--match", "v*", "HEAD^"])
+        .or_else(|| {
+            let bump = git(&["log", "-1", "--format=%H", "-G^version: ", "--", chart_yaml])?;
+            Some(format!("{bump}^"))
+        })
+        .expect(
+            "no earlier release in this clone's history (a shallow clone? git fetch --unshallow)",
+        );
     let extracted = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "git -C '{ROOT}' archive '{tag}' charts/openmeet-matrix-operator | tar -x -C '{}'",
+            "git -C '{ROOT}' archive '{rev}' charts/openmeet-matrix-operator | tar -x -C '{}'",
             dir.display()
         ))
         .status()
         .expect("git archive");
-    assert!(extracted.success(), "extracting the chart of {tag}");
-    (tag, dir.join("charts/openmeet-matrix-operator"))
+    assert!(extracted.success(), "extracting the chart of {rev}");
+    let chart = dir.join("charts/openmeet-matrix-operator");
+    let meta: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart.join("Chart.yaml")).unwrap()).unwrap();
+    let version = meta["version"].as_str().expect("version").to_string();
+    (rev, version, chart)
 }
 
 /// This chart with one more printer column on `MatrixRoom`, as a newer one.
@@ -213,7 +219,7 @@ async fn a_release_upgrades_its_crds_with_objects_in_place_and_uninstall_keeps_t
     let (release, release_ns) = ("omo", "openmeet-system");
 
     // The previous release, as its chart installs it (CRDs from crds/).
-    let (tag, previous) = previous_chart(&dir);
+    let (tag, previous_version, previous) = previous_chart(&dir);
     let previous_values = previous.join("ci/test-values.yaml");
     let (ok, out) = helm_at(
         &kubeconfig,
@@ -451,7 +457,7 @@ async fn a_release_upgrades_its_crds_with_objects_in_place_and_uninstall_keeps_t
     assert_eq!(
         charts,
         [
-            format!("openmeet-matrix-operator-{}", tag.trim_start_matches('v')),
+            format!("openmeet-matrix-operator-{previous_version}"),
             format!("openmeet-matrix-operator-{version}"),
             "openmeet-matrix-operator-99.0.0".to_string(),
         ]
