@@ -5,6 +5,7 @@
 
 use crate::harness::{unique, wait_for, Options, TestEnv};
 use crate::rooms::{as_user, login_as, membership, urlencode};
+use crate::spaces::state_of;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use openmeet_matrix_operator::api::{MatrixRoom, MatrixUser, MatrixUserGrant, RoomPermission};
 use openmeet_matrix_operator::synapse::rooms::RoomState;
@@ -61,14 +62,6 @@ where
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect("patch");
-}
-
-async fn state_of(env: &TestEnv, room_id: &str) -> RoomState {
-    env.synapse
-        .room_state(room_id)
-        .await
-        .unwrap()
-        .expect("room readable")
 }
 
 /// Waits until `user` has `want` membership in the room.

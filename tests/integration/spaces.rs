@@ -22,7 +22,8 @@ async fn converged_id(env: &TestEnv, name: &str) -> String {
     )
 }
 
-async fn state_of(env: &TestEnv, room_id: &str) -> RoomState {
+/// The room's state, read from Synapse.
+pub(crate) async fn state_of(env: &TestEnv, room_id: &str) -> RoomState {
     env.synapse
         .room_state(room_id)
         .await
