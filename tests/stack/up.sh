@@ -355,6 +355,11 @@ media_store_path: "$syn/media"
 signing_key_path: "$syn/signing.key"
 registration_shared_secret: "$shared_secret"
 report_stats: false
+# Synapse's own defaults unless set: SYNAPSE_EVENT_CACHE_SIZE and
+# SYNAPSE_CACHE_FACTOR size its caches for a larger tenant (docs/benchmarks.md).
+event_cache_size: "${SYNAPSE_EVENT_CACHE_SIZE:-10K}"
+caches:
+  global_factor: ${SYNAPSE_CACHE_FACTOR:-0.5}
 trusted_key_servers: []
 suppress_key_server_warning: true
 enable_registration: false
