@@ -792,17 +792,15 @@ async fn main() {
     if let Ok(cpus) = std::env::var("STACK_CONTROL_PLANE_CPUS") {
         println!("etcd and kube-apiserver pinned to CPUs {cpus} (STACK_CONTROL_PLANE_CPUS); everything else unpinned");
     }
-    if declare_first {
-        println!(
-            "objects created in the API server in {:.2}s, before the controller started and the clock ran (BENCH_DECLARE_FIRST=1)",
-            created.as_secs_f64()
-        );
+    let declared = if declare_first {
+        ", before the controller started and the clock ran (BENCH_DECLARE_FIRST=1)"
     } else {
-        println!(
-            "objects created in the API server in {:.2}s",
-            created.as_secs_f64()
-        );
-    }
+        ""
+    };
+    println!(
+        "objects created in the API server in {:.2}s{declared}",
+        created.as_secs_f64()
+    );
     match shortfall {
         None => println!(
             "operator: all Ready after {:.2}s",
