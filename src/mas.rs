@@ -297,6 +297,15 @@ impl MasClient {
         })
     }
 
+    /// The same client (and its cached tokens) over `http`: for a handle
+    /// shared by more than one tokio runtime, which wants a client that
+    /// keeps no idle connections, since a pooled connection dies with the
+    /// runtime that opened it.
+    pub fn with_http(mut self, http: reqwest::Client) -> Self {
+        self.http = http;
+        self
+    }
+
     /// The same client, counting into `stats`, writing through `gate` and
     /// holding a slot of `in_flight` per request (the Synapse client's).
     pub(crate) fn sharing(

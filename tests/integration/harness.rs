@@ -326,9 +326,20 @@ impl Stack {
 
     /// One MAS client for a whole process (so one Synapse admin token), in
     /// MAS mode: what the benches' own reads of Synapse's admin API use.
+    /// Each test runs its own tokio runtime, and a pooled connection dies
+    /// with the runtime that opened it ("dispatch task is gone" in the
+    /// next test), so this client opens a connection per request.
     pub fn shared_mas(&'static self) -> Option<&'static MasClient> {
         static MAS: OnceLock<Option<MasClient>> = OnceLock::new();
-        MAS.get_or_init(|| self.mas()).as_ref()
+        MAS.get_or_init(|| {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .pool_max_idle_per_host(0)
+                .build()
+                .expect("an HTTP client");
+            self.mas().map(|mas| mas.with_http(http))
+        })
+        .as_ref()
     }
 
     /// `synapse` as the operator holds it in the stack's auth mode.
