@@ -17,6 +17,8 @@
 //! standby waits), and a Synapse outage met by a controller taking over.
 //! `STACK_CONTROL_PLANE_CPUS=1` pins etcd and kube-apiserver to CPU 1, so
 //! they cannot take Synapse's core; the header says so when it is set.
+//! `STACK_CONTROL_PLANE_NICE=19` runs them at that nice level instead: they
+//! get only the CPU the rest leaves, as a control plane on other machines.
 
 #[allow(dead_code)]
 #[path = "../tests/integration/harness.rs"]
@@ -214,13 +216,15 @@ impl Controller {
 }
 
 /// CPU-seconds used so far by the stack's processes, by part: Synapse,
-/// PostgreSQL, and the API server with etcd. They share the machine's cores
-/// with the operator: what the API server spends, Synapse may lack.
+/// PostgreSQL, the API server with etcd, and this bench (its watches and
+/// its replay). They share the machine's cores with the operator: what the
+/// others spend, Synapse may lack.
 #[derive(Clone, Copy, Debug, Default)]
 struct StackCpu {
     synapse: f64,
     postgres: f64,
     api_server: f64,
+    bench: f64,
 }
 
 impl StackCpu {
@@ -236,7 +240,9 @@ impl StackCpu {
                 continue;
             };
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            let part = if cmdline.contains("synapse.app.homeserver") {
+            let part = if entry.file_name().to_str() == Some(&std::process::id().to_string()) {
+                &mut cpu.bench
+            } else if cmdline.contains("synapse.app.homeserver") {
                 &mut cpu.synapse
             } else if cmdline.starts_with("postgres") || cmdline.contains("/bin/postgres ") {
                 &mut cpu.postgres
@@ -262,13 +268,14 @@ impl StackCpu {
             synapse: self.synapse - earlier.synapse,
             postgres: self.postgres - earlier.postgres,
             api_server: self.api_server - earlier.api_server,
+            bench: self.bench - earlier.bench,
         }
     }
 
     fn line(&self, what: &str, seconds: f64) -> String {
         format!(
-            "  {what:<26} Synapse {:>6.1} s   API server + etcd {:>6.1} s   PostgreSQL {:>6.1} s   (of {:.0} s x 2 cores)",
-            self.synapse, self.api_server, self.postgres, seconds
+            "  {what:<26} Synapse {:>6.1} s   API server + etcd {:>6.1} s   PostgreSQL {:>6.1} s   bench {:>5.1} s   (of {:.0} s x 2 cores)",
+            self.synapse, self.api_server, self.postgres, self.bench, seconds
         )
     }
 }
@@ -401,6 +408,7 @@ fn tenth_cpu(seconds: impl Iterator<Item = StackCpu>) -> String {
         sum.synapse += s.synapse;
         sum.api_server += s.api_server;
         sum.postgres += s.postgres;
+        sum.bench += s.bench;
         n += 1.0;
     }
     let n = f64::max(n, 1.0);
@@ -412,7 +420,7 @@ fn tenth_cpu(seconds: impl Iterator<Item = StackCpu>) -> String {
     if sum.postgres > 0.0 {
         line += &format!(", PostgreSQL {:>3.0} %", sum.postgres * 100.0 / n);
     }
-    line
+    line + &format!(", bench {:>3.0} %", sum.bench * 100.0 / n)
 }
 
 /// The stack's CPU each second until `done`: the minimal sequence's profile,
@@ -791,6 +799,9 @@ async fn main() {
     }
     if let Ok(cpus) = std::env::var("STACK_CONTROL_PLANE_CPUS") {
         println!("etcd and kube-apiserver pinned to CPUs {cpus} (STACK_CONTROL_PLANE_CPUS); everything else unpinned");
+    }
+    if let Ok(level) = std::env::var("STACK_CONTROL_PLANE_NICE") {
+        println!("etcd and kube-apiserver at nice level {level} (STACK_CONTROL_PLANE_NICE)");
     }
     let declared = if declare_first {
         ", before the controller started and the clock ran (BENCH_DECLARE_FIRST=1)"

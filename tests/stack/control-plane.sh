@@ -9,7 +9,9 @@
 # sa.{key,pub} (tests/stack/up.sh makes them). Writes <dir>/kubeconfig (the
 # admin, a system:masters client certificate) at once, and logs and etcd's
 # data to <dir>; returns when the API server stops. STACK_CONTROL_PLANE_CPUS
-# pins both to those CPUs.
+# pins both to those CPUs; STACK_CONTROL_PLANE_NICE runs both at that nice
+# level (a control plane on other machines, as in production, takes no CPU
+# from Synapse).
 set -euo pipefail
 dir="$1" pki="$2" api_port="$3"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,6 +38,7 @@ trap 'exit 143' TERM INT
 
 pinned=()
 if [[ -n "${STACK_CONTROL_PLANE_CPUS:-}" ]]; then pinned=(taskset -c "$STACK_CONTROL_PLANE_CPUS"); fi
+if [[ -n "${STACK_CONTROL_PLANE_NICE:-}" ]]; then pinned=(nice -n "$STACK_CONTROL_PLANE_NICE" "${pinned[@]}"); fi
 
 "${pinned[@]}" "$bin/etcd" --name stack --data-dir "$dir/etcd" \
   --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \

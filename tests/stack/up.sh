@@ -21,6 +21,9 @@
 # (taskset), as a cluster keeps its control plane off Synapse's machine; the
 # bench uses it to measure the operator without the control plane taking
 # Synapse's core. Unset by default: everything shares every CPU.
+# STACK_CONTROL_PLANE_NICE=<n> runs etcd and kube-apiserver at nice level n:
+# they take only the CPU Synapse, PostgreSQL and the operator leave. Unset
+# by default.
 # Needs OPERATOR_BIN (the built openmeet-matrix-operator binary).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -118,6 +121,9 @@ openssl_quiet rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub"
 
 if [[ -n "${STACK_CONTROL_PLANE_CPUS:-}" ]]; then
   log "etcd and kube-apiserver pinned to CPUs $STACK_CONTROL_PLANE_CPUS"
+fi
+if [[ -n "${STACK_CONTROL_PLANE_NICE:-}" ]]; then
+  log "etcd and kube-apiserver at nice level $STACK_CONTROL_PLANE_NICE"
 fi
 
 # --- etcd and kube-apiserver ---
