@@ -234,13 +234,14 @@ impl StackCpu {
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return cpu;
         };
+        let own = std::process::id().to_string();
         for entry in entries.flatten() {
             let dir = entry.path();
             let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
                 continue;
             };
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            let part = if entry.file_name().to_str() == Some(&std::process::id().to_string()) {
+            let part = if entry.file_name().to_str() == Some(own.as_str()) {
                 &mut cpu.bench
             } else if cmdline.contains("synapse.app.homeserver") {
                 &mut cpu.synapse
