@@ -105,6 +105,10 @@ pub async fn run<A, B, C>(
                 false => Vec::new(),
             }
         })
+        .with_config(super::controller_config(
+            &deps.config,
+            std::time::Duration::ZERO,
+        ))
         .graceful_shutdown_on(shutdown)
         .run(
             reconcile,

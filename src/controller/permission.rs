@@ -69,6 +69,10 @@ pub async fn run<A, B>(
             let refs = index.refs(&keys::permissions_of_room(&ns, &room.name_any()));
             by_room.queue.note(KIND, refs)
         })
+        // Bounded as every kind: a controller starting on a declared tenant
+        // is handed every permission at once, and an unbounded runner holds
+        // a task for each until they have run.
+        .with_config(super::controller_config(&deps.config, Duration::ZERO))
         .graceful_shutdown_on(shutdown)
         .run(
             reconcile,
@@ -231,6 +235,63 @@ spec: {roomRef: {name: r}, userRef: {name: alice}}
             .unwrap();
         assert_eq!(action, Action::await_change());
         recorded.expect(2).await;
+    }
+
+    /// A controller starting on a declared tenant is handed every
+    /// permission at once: it reconciles `CONCURRENCY` of them at a time,
+    /// not one task per permission.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_permissions_is_reconciled_a_bounded_few_at_a_time() {
+        let burst: Vec<RoomPermission> = (0..20)
+            .map(|i| {
+                let mut p = permission(None);
+                p.metadata.name = Some(format!("p-{i}"));
+                p
+            })
+            .collect();
+        // A complete list: the controller starts once its cache is ready.
+        let (permissions, mut writer) = reflector::store();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for p in &burst {
+            writer.apply_watcher_event(&watcher::Event::InitApply(p.clone()));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        // Every status write of a missing room is held at the gate: the
+        // writes that arrive meanwhile are the reconciles running at once.
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let answer = serde_json::to_value(permission(None)).unwrap();
+        let (client, recorded) =
+            scripted::gated_client(status_server(move |_| answer.clone()), Some(gate.clone()));
+        let deps = Deps {
+            client: client.clone(),
+            synapse: scripted::unreachable_synapse(),
+            config: scripted::config(),
+            recorder: scripted::recorder(client),
+            stats: Default::default(),
+            own_joins: Default::default(),
+            sweep: Arc::new(crate::controller::sweep::Sweep::new(
+                Duration::from_secs(3600),
+                1.0,
+            )),
+            leading: crate::controller::Leading::always(),
+        };
+        assert_eq!(deps.config.concurrency, 1);
+        let caches = Caches {
+            permissions,
+            index: Index::new(keys::permission),
+            rooms: reflector::store().0,
+        };
+        let triggers = Triggers {
+            objects: futures::stream::iter(burst.into_iter().map(Arc::new))
+                .chain(futures::stream::pending()),
+            rooms: futures::stream::pending::<Arc<MatrixRoom>>(),
+        };
+        let controller = tokio::spawn(run(caches, triggers, deps, futures::future::pending()));
+        // One reconcile: its Event and its status write, both held.
+        let held = recorded.expect(2).await;
+        let statuses = held.iter().filter(|x| x.path.ends_with("/status"));
+        assert_eq!(statuses.count(), 1, "{held:#?}");
+        controller.abort();
     }
 
     #[tokio::test]

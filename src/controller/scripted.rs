@@ -89,11 +89,21 @@ async fn settle() {
 pub fn client(
     answer: impl Fn(&Exchange) -> (StatusCode, Value) + Send + Sync + 'static,
 ) -> (Client, Recorded) {
+    gated_client(answer, None)
+}
+
+/// A client whose requests are recorded on arrival and answered only as
+/// `gate` hands out permits (every request at once without one): what is
+/// recorded while the gate stays shut is what was sent concurrently.
+pub fn gated_client(
+    answer: impl Fn(&Exchange) -> (StatusCode, Value) + Send + Sync + 'static,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+) -> (Client, Recorded) {
     let answer: Arc<Answer> = Arc::new(answer);
     let recorded = Recorded::default();
     let log = recorded.clone();
     let service = tower::service_fn(move |request: Request<Body>| {
-        let (answer, log) = (answer.clone(), log.clone());
+        let (answer, log, gate) = (answer.clone(), log.clone(), gate.clone());
         async move {
             let (parts, body) = request.into_parts();
             let bytes = body.collect_bytes().await.unwrap_or_default();
@@ -114,6 +124,9 @@ pub fn client(
             };
             let (status, reply) = answer(&exchange);
             log.0.lock().unwrap().push(exchange);
+            if let Some(gate) = gate {
+                gate.acquire().await.expect("gate open").forget();
+            }
             let response = Response::builder()
                 .status(status)
                 .header(http::header::CONTENT_TYPE, "application/json")
