@@ -23,9 +23,78 @@ pub struct Index<K> {
     state: RwLock<State>,
 }
 
+/// Keys holding at most this many objects keep them in a sorted vector.
+const FEW: usize = 8;
+
+/// The objects under one key, in order. Most keys hold one object (a
+/// localpart, an email, a user's permissions): a sorted vector costs what it
+/// holds, where a B-tree allocates a node of eleven for the first. A key
+/// that grows past `FEW` (a room's permissions) moves to a B-tree, so an
+/// insert stays logarithmic.
+enum Members {
+    Few(Vec<ObjectKey>),
+    Many(BTreeSet<ObjectKey>),
+}
+
+impl Default for Members {
+    fn default() -> Self {
+        Members::Few(Vec::new())
+    }
+}
+
+impl Members {
+    fn insert(&mut self, object: ObjectKey) {
+        match self {
+            Members::Few(few) => match few.binary_search(&object) {
+                Ok(_) => {}
+                Err(at) if few.len() < FEW => {
+                    few.reserve_exact(1);
+                    few.insert(at, object);
+                }
+                Err(_) => {
+                    let mut many: BTreeSet<ObjectKey> = std::mem::take(few).into_iter().collect();
+                    many.insert(object);
+                    *self = Members::Many(many);
+                }
+            },
+            Members::Many(many) => {
+                many.insert(object);
+            }
+        }
+    }
+
+    fn remove(&mut self, object: &ObjectKey) {
+        match self {
+            Members::Few(few) => {
+                if let Ok(at) = few.binary_search(object) {
+                    few.remove(at);
+                }
+            }
+            Members::Many(many) => {
+                many.remove(object);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Members::Few(few) => few.is_empty(),
+            Members::Many(many) => many.is_empty(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &ObjectKey> {
+        let (few, many) = match self {
+            Members::Few(few) => (Some(few.iter()), None),
+            Members::Many(many) => (None, Some(many.iter())),
+        };
+        few.into_iter().flatten().chain(many.into_iter().flatten())
+    }
+}
+
 #[derive(Default)]
 struct State {
-    objects: HashMap<String, BTreeSet<ObjectKey>>,
+    objects: HashMap<String, Members>,
     keys: HashMap<ObjectKey, Vec<String>>,
     /// A relist in progress: the objects it has delivered so far. The
     /// current entries stay readable until it is done, as the store's do.
@@ -106,7 +175,7 @@ where
             .objects
             .get(key)
             .into_iter()
-            .flatten()
+            .flat_map(Members::iter)
             .map(|(ns, name)| {
                 let r = ObjectRef::new(name);
                 if ns.is_empty() {
@@ -296,6 +365,30 @@ mod tests {
 
     fn names(index: &Index<RoomPermission>, key: &str) -> Vec<String> {
         index.refs(key).into_iter().map(|r| r.name).collect()
+    }
+
+    #[test]
+    fn a_key_keeps_its_objects_in_order_as_it_grows_past_a_few_and_shrinks() {
+        let index = Index::new(by_room);
+        let many: Vec<String> = (0..3 * FEW).rev().map(|i| format!("p{i:02}")).collect();
+        for name in &many {
+            index.observe(&watcher::Event::Apply(perm(name, "r")));
+            // Applied again: still once.
+            index.observe(&watcher::Event::Apply(perm(name, "r")));
+        }
+        let mut sorted = many.clone();
+        sorted.sort();
+        assert_eq!(names(&index, "room/r"), sorted);
+        for name in &many {
+            index.observe(&watcher::Event::Delete(perm(name, "r")));
+        }
+        assert!(names(&index, "room/r").is_empty());
+        assert!(index.is_empty());
+
+        index.observe(&watcher::Event::Apply(perm("b", "r")));
+        index.observe(&watcher::Event::Apply(perm("a", "r")));
+        index.observe(&watcher::Event::Delete(perm("b", "r")));
+        assert_eq!(names(&index, "room/r"), ["a"]);
     }
 
     #[test]
